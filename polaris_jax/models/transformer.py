@@ -1,0 +1,127 @@
+"""The Qwen-family decoder as a pure function of (config, params, tokens, positions, segments, cache).
+
+Layers are stacked per kind (dense / moe) and run with `lax.scan`; a config whose kinds interleave
+(`mlp_only_layers`, `decoder_sparse_step`) is run as consecutive scans over contiguous runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from polaris_jax.models import attention as attn_lib
+from polaris_jax.models.layers import decoder_layer, rms_norm
+from polaris_jax.models.rope import rope_cos_sin
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _run_params(config, params, kind: str, first: int, count: int):
+    """The stacked params of one run, sliced out of its kind's stack when kinds interleave."""
+    stack = params[kind + "_layers"]
+    offset = sum(c for k, f, c in config.layer_runs() if k == kind and f < first)
+    if offset == 0 and count == config.num_layers_of(kind):
+        return stack
+    return jax.tree.map(lambda p: p[offset:offset + count], stack)
+
+
+def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta):
+    def body(x, xs):
+        layer, kv = xs
+        x, new_kv, stats = decoder_layer(config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta)
+        return x, (new_kv, stats)
+
+    if config.remat_policy != "none":
+        body = jax.checkpoint(body, policy=_REMAT[config.remat_policy], prevent_cse=False)
+    return jax.lax.scan(body, x_btd, (stack, cache_kv))
+
+
+def lm_head(config, params, hidden_btd) -> jnp.ndarray:
+    """Final projection to float32 logits [B, T, V]."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(hidden_btd.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def router_aux_loss(config, stats_list) -> jnp.ndarray:
+    """transformers' `load_balancing_loss_func` over all MoE layers: E · Σ_ke f_ke · P_e (masked means)."""
+    dispatch_ke = sum(jnp.sum(s["dispatch_ke"], axis=0) for s in stats_list)
+    prob_e = sum(jnp.sum(s["prob_e"], axis=0) for s in stats_list)
+    tokens = sum(jnp.sum(s["tokens"]) for s in stats_list)
+    denom = jnp.maximum(tokens, 1.0)
+    return config.num_experts * jnp.sum((dispatch_ke / denom) * (prob_e / denom)[None, :])
+
+
+def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cache=None,
+            return_hidden: bool = False, return_aux: bool = False):
+    """Runs the decoder.
+
+    Args:
+      tokens_bt, positions_bt: int32 [B, T]; positions are explicit (left padding, packing, decode).
+      segment_ids_bt: int32 [B, T]; attention stays within equal non-zero ids, 0 marks padding.
+        Defaults to all ones.
+      cache: from `init_cache`; if given, the T tokens are written at `cache["end"]` and attend to every
+        valid earlier slot (segments are then only a validity mask).
+    Returns:
+      (logits_btv float32, new_cache) — hidden states instead of logits if `return_hidden` — plus an aux
+      dict {"router_aux_loss"} when `return_aux`.
+    """
+    if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
+    x_btd = params["embed"][tokens_bt].astype(config.dtype)
+    cos, sin = rope_cos_sin(config, positions_bt)
+    cache_meta, new_cache = None, None
+    if cache is not None:
+        valid_bs, new_end = attn_lib.advance_cache_validity(cache, segment_ids_bt)
+        cache_meta = {"end": cache["end"],
+                      "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1])}
+    new_k, new_v, stats_list = [], [], []
+    for kind, first, count in config.layer_runs():
+        stack = _run_params(config, params, kind, first, count)
+        kv = None
+        if cache is not None:
+            kv = (cache["k"], cache["v"]) if count == config.num_layers else (
+                cache["k"][first:first + count], cache["v"][first:first + count])
+        x_btd, (run_kv, stats) = _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
+        if cache is not None:
+            new_k.append(run_kv[0])
+            new_v.append(run_kv[1])
+        if stats is not None:
+            stats_list.append(stats)
+    if cache is not None:
+        cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
+        new_cache = dict(k=cat(new_k), v=cat(new_v), valid_bs=valid_bs, end=new_end)
+    hidden_btd = rms_norm(x_btd, params["final_norm"], config.rms_norm_eps)
+    out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)
+    if not return_aux:
+        return out, new_cache
+    aux = {"router_aux_loss": router_aux_loss(config, stats_list) if stats_list else jnp.zeros((), jnp.float32)}
+    return out, new_cache, aux
+
+
+def positions_from_mask(attention_mask_bt) -> jnp.ndarray:
+    """Hugging Face's convention: positions count real tokens only (cumsum(mask) - 1, clipped at 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def logits(config, params, input_ids, attention_mask=None) -> jax.Array:
+    """[batch, length, vocab] float32 logits with transformers' semantics (left padding allowed)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    out, _ = _jit_forward(config, params, input_ids, positions_from_mask(attention_mask), attention_mask)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(config, params, tokens_bt, positions_bt, segment_ids_bt):
+    return forward(config, params, tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt)
