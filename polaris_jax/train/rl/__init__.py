@@ -1,0 +1,96 @@
+"""GRPO-family RL objective: advantage estimators, policy losses, aggregation, KL and
+entropy regularisers, truncated importance sampling, batch shaping and diversity tools.
+
+Everything pluggable is selected by name from a registry (see `registry.py`):
+
+    from polaris_jax.train import rl
+    adv_b = rl.compute_advantages(rewards_b, group_size=8, estimator="grpo")
+    loss, metrics = rl.rl_loss(logprobs_bt, old_logprobs_bt, adv_b, mask_bt,
+                               policy_loss="ppo_clip", clip_low=0.2, clip_high=0.28)
+"""
+
+from polaris_jax.train.rl.advantages import (
+    compute_advantages,
+    dr_grpo,
+    grpo,
+    reinforce_pp_baseline,
+    rloo,
+)
+from polaris_jax.train.rl.aggregation import aggregate_loss, masked_mean
+from polaris_jax.train.rl.batch_shaping import (
+    DynamicSamplingAccumulator,
+    group_stats,
+    informative_groups,
+    overlong_filter_mask,
+    polaris_substitute,
+    select_groups,
+    soft_overlong_penalty,
+)
+from polaris_jax.train.rl.diversity import (
+    distinct_4,
+    distinct_n,
+    group_distinct_n,
+    search_temperature,
+)
+from polaris_jax.train.rl.importance import apply_tis, tis_weights
+from polaris_jax.train.rl.kl import entropy_bonus, kl_penalty, token_entropy
+from polaris_jax.train.rl.loss import rl_loss
+from polaris_jax.train.rl.policy_losses import cispo, gspo, ppo_clip
+from polaris_jax.train.rl.registry import (
+    ADVANTAGES,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    get_advantage,
+    get_kl_estimator,
+    get_loss_aggregation,
+    get_policy_loss,
+    register_advantage,
+    register_kl_estimator,
+    register_loss_aggregation,
+    register_policy_loss,
+)
+from polaris_jax.train.rl.rollout_rescue import RolloutRescueBuffer
+
+__all__ = [
+    "ADVANTAGES",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "DynamicSamplingAccumulator",
+    "RolloutRescueBuffer",
+    "aggregate_loss",
+    "apply_tis",
+    "cispo",
+    "compute_advantages",
+    "distinct_4",
+    "distinct_n",
+    "dr_grpo",
+    "entropy_bonus",
+    "get_advantage",
+    "get_kl_estimator",
+    "get_loss_aggregation",
+    "get_policy_loss",
+    "group_distinct_n",
+    "group_stats",
+    "grpo",
+    "gspo",
+    "informative_groups",
+    "kl_penalty",
+    "masked_mean",
+    "overlong_filter_mask",
+    "polaris_substitute",
+    "ppo_clip",
+    "register_advantage",
+    "register_kl_estimator",
+    "register_loss_aggregation",
+    "register_policy_loss",
+    "reinforce_pp_baseline",
+    "rl_loss",
+    "rloo",
+    "search_temperature",
+    "select_groups",
+    "soft_overlong_penalty",
+    "tis_weights",
+    "token_entropy",
+]

@@ -1,0 +1,191 @@
+"""The pieces of `rl_loss` beyond the four parity cases: dual-clip, CISPO, TIS, KL
+estimators, entropy, metrics, jit and bad input."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from rl_reference_batch import make_batch, numpy_grpo_advantages
+
+from polaris_jax.train import rl
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    b = make_batch(seed=3, logprob_noise=0.6)
+    b["adv_b"] = numpy_grpo_advantages(b["rewards_b"])
+    return b
+
+
+def _args(b):
+    keys = ("logprobs_bt", "old_logprobs_bt", "adv_b", "mask_bt")
+    return tuple(_f32(b[k]) for k in keys)
+
+
+def _valid(b):
+    return [(i, t) for i in range(b["mask_bt"].shape[0]) for t in range(int(b["mask_bt"][i].sum()))]
+
+
+def test_dual_clip_matches_ye_et_al(batch):
+    """Dual-clip PPO (Ye et al. 2020, arXiv:1912.09729, eq. 6): for A < 0 the objective is
+    max(min(r A, clip(r) A), c A)."""
+    c, eps = 2.0, 0.2
+    lp, old, adv = batch["logprobs_bt"], batch["old_logprobs_bt"], batch["adv_b"]
+    total = 0.0
+    for i, t in _valid(batch):
+        r = math.exp(lp[i, t] - old[i, t])
+        obj = min(r * adv[i], min(max(r, 1 - eps), 1 + eps) * adv[i])
+        if adv[i] < 0:
+            obj = max(obj, c * adv[i])
+        total += obj
+    want = -total / len(_valid(batch))
+    ratio = np.exp(lp - old)
+    assert ((adv[:, None] < 0) & (ratio > c) & (batch["mask_bt"] > 0)).any()  # case exercised
+    got, _ = rl.rl_loss(*_args(batch), clip_low=eps, clip_high=eps, clip_ratio_c=c)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_cispo_gradient_is_clipped_weight_times_score(batch):
+    """MiniMax-M1 (arXiv:2506.13585) eq. 4: grad = -1/N sum sg(clip(r)) A grad log pi."""
+    lp, old = batch["logprobs_bt"], batch["old_logprobs_bt"]
+    adv, mask = batch["adv_b"], batch["mask_bt"]
+    r = np.exp(lp - old)
+    w = np.clip(r, 1 - 1.0, 1 + 0.28)
+    want = -(w * adv[:, None] * mask) / mask.sum()
+    loss_fn = functools.partial(rl.rl_loss, policy_loss="cispo", clip_low=1.0, clip_high=0.28)
+    got = jax.grad(lambda x: loss_fn(x, *_args(batch)[1:])[0])(_f32(lp))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    _, metrics = loss_fn(*_args(batch))
+    np.testing.assert_allclose(
+        float(metrics["clip_fraction"]), ((r > 1.28) * mask).sum() / mask.sum(), rtol=1e-6
+    )
+
+
+def test_tis_reweights_each_token(batch):
+    """Yao et al. 2025 (fengyao.notion.site/off-policy-rl): w = min(pi_old / pi_sampler, C)."""
+    cap = 2.0
+    lp, old, samp = batch["logprobs_bt"], batch["old_logprobs_bt"], batch["sampler_logprobs_bt"]
+    adv, valid = batch["adv_b"], _valid(batch)
+    total = 0.0
+    for i, t in valid:
+        r = math.exp(lp[i, t] - old[i, t])
+        pg = -min(r * adv[i], min(max(r, 0.8), 1.2) * adv[i])
+        total += min(math.exp(old[i, t] - samp[i, t]), cap) * pg
+    got, metrics = rl.rl_loss(*_args(batch), sampler_logprobs_bt=_f32(samp), tis_cap=cap)
+    np.testing.assert_allclose(float(got), total / len(valid), rtol=1e-5)
+    assert 0.0 < float(metrics["tis_capped_fraction"]) < 1.0
+
+
+def test_kl_estimators_match_schulman(batch):
+    lp, ref, mask = batch["logprobs_bt"], batch["ref_logprobs_bt"], batch["mask_bt"]
+    log_r = ref - lp  # log(pi_ref / pi)
+    want = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": np.exp(log_r) - log_r - 1}
+    for name, value in want.items():
+        got = rl.kl_penalty(_f32(lp), _f32(ref), _f32(mask), name)
+        np.testing.assert_allclose(np.asarray(got), value * mask, rtol=1e-5, atol=1e-6)
+    # low_var_kl is k3, clamped to [-10, 10] for extreme tokens (verl's low_var_kl).
+    extreme = rl.kl_penalty(
+        _f32([[0.0, -30.0]]), _f32([[-30.0, 0.0]]), _f32([[1, 1]]), "low_var_kl"
+    )
+    assert np.asarray(extreme).max() <= 10.0 and np.isfinite(np.asarray(extreme)).all()
+
+
+def test_entropy_matches_numpy_and_bonus_lowers_loss(batch):
+    rng = np.random.default_rng(0)
+    b, t = batch["mask_bt"].shape
+    logits = rng.normal(size=(b, t, 5)) * 2.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = -(p * np.log(p)).sum(-1)
+    np.testing.assert_allclose(np.asarray(rl.token_entropy(_f32(logits))), want, rtol=1e-5)
+    base, _ = rl.rl_loss(*_args(batch))
+    bonus, metrics = rl.rl_loss(*_args(batch), logits_btv=_f32(logits), entropy_coef=0.01)
+    mask = batch["mask_bt"]
+    mean_entropy = (want * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(metrics["entropy"]), mean_entropy, rtol=1e-5)
+    np.testing.assert_allclose(float(base) - float(bonus), 0.01 * mean_entropy, rtol=1e-4)
+
+
+def test_approx_kl_metric_is_k3_old_to_new(batch):
+    lp, old, mask = batch["logprobs_bt"], batch["old_logprobs_bt"], batch["mask_bt"]
+    log_r = lp - old
+    want = ((np.exp(log_r) - 1 - log_r) * mask).sum() / mask.sum()
+    _, metrics = rl.rl_loss(*_args(batch))
+    np.testing.assert_allclose(float(metrics["approx_kl"]), want, rtol=1e-5)
+
+
+def test_on_policy_first_step_is_plain_policy_gradient(batch):
+    """At ratio 1 (first update on fresh rollouts) every loss here reduces to the plain
+    policy gradient -A grad log pi, averaged over tokens."""
+    mask, adv = batch["mask_bt"], batch["adv_b"]
+    want = -(adv[:, None] * mask) / mask.sum()
+    old = _f32(batch["old_logprobs_bt"])
+    for name in ("ppo_clip", "gspo", "cispo"):
+        def loss(x, name=name):
+            return rl.rl_loss(x, old, _f32(adv), _f32(mask), policy_loss=name)[0]
+
+        grad = jax.grad(loss)(old)
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_rl_loss_jits_and_matches_eager(batch):
+    kwargs = dict(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.28,
+                  loss_agg_mode="seq-mean-token-sum-norm", kl_coef=0.01, kl_type="k3",
+                  tis_cap=2.0)
+    args = _args(batch)
+    extra = dict(ref_logprobs_bt=_f32(batch["ref_logprobs_bt"]),
+                 sampler_logprobs_bt=_f32(batch["sampler_logprobs_bt"]))
+    eager_loss, eager_metrics = rl.rl_loss(*args, **extra, **kwargs)
+    jitted = jax.jit(functools.partial(rl.rl_loss, **kwargs))
+    loss, metrics = jitted(*args, **extra)
+    np.testing.assert_allclose(float(loss), float(eager_loss), rtol=1e-6)
+    assert set(metrics) == set(eager_metrics)
+    # A traced kl_coef (e.g. a schedule) works too.
+    traced = jax.jit(lambda coef: rl.rl_loss(*args, **extra, **{**kwargs, "kl_coef": coef})[0])
+    np.testing.assert_allclose(float(traced(0.01)), float(eager_loss), rtol=1e-6)
+
+
+def test_bad_input_is_named(batch):
+    args = _args(batch)
+    with pytest.raises(KeyError, match="available: cispo, gspo, ppo_clip"):
+        rl.rl_loss(*args, policy_loss="ppo")
+    with pytest.raises(KeyError, match="seq-mean-token-mean"):
+        rl.rl_loss(*args, loss_agg_mode="mean")
+    with pytest.raises(KeyError, match="low_var_kl"):
+        rl.rl_loss(*args, ref_logprobs_bt=args[0], kl_coef=0.1, kl_type="k4")
+    with pytest.raises(ValueError, match="needs ref_logprobs_bt"):
+        rl.rl_loss(*args, kl_coef=0.1)
+    with pytest.raises(ValueError, match="needs logits_btv or entropy_bt"):
+        rl.rl_loss(*args, entropy_coef=0.1)
+    with pytest.raises(ValueError, match="both sampler_logprobs_bt and tis_cap"):
+        rl.rl_loss(*args, tis_cap=2.0)
+    with pytest.raises(ValueError, match="only defined for ppo_clip"):
+        rl.rl_loss(*args, policy_loss="gspo", clip_ratio_c=3.0)
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        rl.rl_loss(*args, clip_ratio_c=0.5)
+    with pytest.raises(ValueError, match="clip_low must be in"):
+        rl.rl_loss(*args, clip_low=1.5)
+    with pytest.raises(ValueError, match="old_logprobs shape"):
+        rl.rl_loss(args[0], args[1][:, :-1], args[2], args[3])
+    with pytest.raises(ValueError, match="advantages must be"):
+        rl.rl_loss(args[0], args[1], args[2][:-1], args[3])
+
+
+def test_registry_accepts_new_losses_and_refuses_clashes():
+    @rl.register_policy_loss("test_only_vanilla_pg")
+    def vanilla(logprobs_bt, old_logprobs_bt, advantages, mask_bt, **unused):
+        adv_bt = jnp.broadcast_to(advantages[:, None], mask_bt.shape)
+        return -adv_bt * logprobs_bt * mask_bt, {}
+
+    assert rl.get_policy_loss("test_only_vanilla_pg") is vanilla
+    with pytest.raises(ValueError, match="already registered"):
+        rl.register_policy_loss("ppo_clip")(vanilla)
