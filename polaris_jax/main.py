@@ -1,0 +1,50 @@
+"""`python -m polaris_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--config.key=value ...]`.
+
+The config's `job` field picks the entry point; each returns a dict of final metrics, printed as one
+JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+
+# job name -> "module:function"; each function takes (config, workdir) and returns a metrics dict.
+JOBS = {
+    "sft": "polaris_jax.train.sft_loop:run",
+    "grpo": "polaris_jax.train.grpo_loop:run",
+    "eval": "polaris_jax.evals:run_eval",
+    "demo": "polaris_jax.train.demo:run",
+    "merge": "polaris_jax.train.merge:run",
+    "difficulty_filter": "polaris_jax.train.difficulty_filter:run",
+}
+
+
+def resolve_job(name: str):
+    if name not in JOBS:
+        raise ValueError(f"config.job={name!r} is not one of {sorted(JOBS)}")
+    module, fn = JOBS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    from polaris_jax.distributed import maybe_initialize_distributed
+    maybe_initialize_distributed(config)
+    result = resolve_job(config.job)(config, _WORKDIR.value)
+    print(json.dumps(result, sort_keys=True, default=float))
+
+
+if __name__ == "__main__":
+    app.run(main)
