@@ -1,0 +1,63 @@
+r"""Math benchmark evaluation: avg@n, pass@k, cons@n with the training verifier.
+
+    python -m polaris_jax.main --config=configs/eval_math.py --workdir=DIR
+
+Variants (the text after `:`):
+    polaris (default)  Polaris' protocol: n=32, T=1.4, top_k=20, top_p=1.0.
+    r1                 DeepSeek-R1's protocol: T=0.6, top_p=0.95; n=16 (R1 used 4 to 64 by set size).
+    tiny               CPU smoke run: a random tiny model with the offline Qwen tokenizer,
+                       4 MATH-500 problems, n=2, 16 new tokens.
+
+Point it at a checkpoint and benchmark on the command line, e.g.
+
+    python -m polaris_jax.main --config=configs/eval_math.py:r1 --workdir=runs/eval \
+        --config.checkpoint=/ckpt/DeepSeek-R1-Distill-Qwen-1.5B \
+        --config.benchmark=../shared/data/aime_2024.jsonl
+
+Outputs: DIR/eval/<benchmark>/samples.jsonl and summary.json.
+"""
+
+import ml_collections
+
+_SHARED_DATA = "../shared/data"
+
+
+def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
+    variant = arg or "polaris"
+    if variant not in ("polaris", "r1", "tiny"):
+        raise ValueError(f"unknown eval_math variant {variant!r}; use polaris, r1 or tiny")
+    config = ml_collections.ConfigDict()
+    config.job = "eval"
+    config.checkpoint = ""  # Hugging Face layout directory (config.json, safetensors, tokenizer), or "tiny"
+    config.tokenizer = ""  # defaults to the checkpoint directory ("tiny": an offline flavor, qwen3)
+    config.dtype = "bfloat16"
+    config.benchmark = f"{_SHARED_DATA}/aime_2024.jsonl"
+    config.num_problems = 0  # 0 = all
+    config.n = 32
+    config.temperature = 1.4
+    config.top_p = 1.0
+    config.top_k = 20
+    config.max_new_tokens = 32768
+    config.seed = 0
+    config.force_think = False  # end the prompt with "<think>\n"
+    config.think_policy = "strip"  # answer after </think>; see rewards.ExtractionConfig
+    config.problems_per_batch = 8  # sampled together; verified while the next batch samples
+    config.verifier_workers = 0  # 0 = one per CPU core
+    config.verifier_timeout_s = 5.0
+
+    if variant == "r1":
+        config.n = 16
+        config.temperature = 0.6
+        config.top_p = 0.95
+        config.top_k = 0
+    elif variant == "tiny":
+        config.checkpoint = "tiny"
+        config.dtype = "float32"
+        config.benchmark = f"{_SHARED_DATA}/math500.jsonl"
+        config.num_problems = 4
+        config.n = 2
+        config.max_new_tokens = 16
+        config.problems_per_batch = 2
+        config.verifier_workers = 1
+    config.lock()
+    return config

@@ -1,0 +1,147 @@
+"""Evaluate a checkpoint on a math benchmark: sample n completions per problem, verify them
+with the same VerifierPool the trainer uses, and write per-sample jsonl plus a summary JSON.
+
+Problems are processed in chunks; each chunk's completions go to the verifier pool
+asynchronously while the next chunk samples, so verification overlaps generation.
+
+Outputs under `{workdir}/eval/{benchmark name}/`:
+    samples.jsonl   one record per sample (problem id, sample index, gold, extracted answer,
+                    reward and reason, tokens, finish reason, answer group, completion);
+    summary.json    the config used and the metrics (avg@n, pass@k, cons@n, mean response
+                    tokens, truncation rate).
+Both are written atomically (temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from polaris_jax.data.benchmarks import build_math_prompt, load_benchmark
+from polaris_jax.evals import metrics as metrics_lib
+from polaris_jax.rewards import ExtractionConfig, VerifierPool, scoring
+
+
+def write_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Write text lines to `path` through a temp file in the same directory and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_model(config):
+    """(model_config, params, tokenizer) for `config.checkpoint`, or a random tiny model with
+    the offline Qwen tokenizer when `config.checkpoint == "tiny"` (CPU smoke runs)."""
+    import jax
+
+    from polaris_jax.data.tokenizer import Tokenizer, qwen_tokenizer_offline
+    from polaris_jax.models import ModelConfig, init_params, load_hf
+
+    if config.checkpoint == "tiny":
+        tokenizer = qwen_tokenizer_offline(config.tokenizer or "qwen3")
+        model_config = ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
+        return model_config, init_params(model_config, jax.random.key(config.seed)), tokenizer
+    if not config.checkpoint:
+        raise ValueError("config.checkpoint is empty: name a Hugging Face checkpoint directory or 'tiny'")
+    tokenizer = Tokenizer.from_dir(config.tokenizer or config.checkpoint)
+    model_config, params = load_hf(config.checkpoint, dtype=config.dtype or None)
+    return model_config, params, tokenizer
+
+
+def _strip_stop(tokens: list[int], finish_reason: str, eos_ids: tuple[int, ...]) -> list[int]:
+    return tokens[:-1] if finish_reason == "eos" and tokens and tokens[-1] in eos_ids else tokens
+
+
+def _sample_chunks(config, model_config, params, tokenizer, problems, pool):
+    """Yield (chunk problems, sampler output, completion texts, scores future) per chunk."""
+    from polaris_jax.sampling import generate
+
+    eos_ids = tuple(tokenizer.eos_token_ids)
+    per_chunk = max(1, int(config.problems_per_batch))
+    for start in range(0, len(problems), per_chunk):
+        chunk = problems[start:start + per_chunk]
+        prompts = [
+            tokenizer.encode(build_math_prompt(p["problem"], tokenizer, force_think=config.force_think))
+            for p in chunk
+        ]
+        out = generate(
+            model_config, params, prompts,
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, top_k=config.top_k, n=config.n,
+            eos_token_ids=eos_ids, seed=(config.seed + start) % 2**31,
+        )
+        texts = [
+            tokenizer.decode(_strip_stop(list(tokens), reason, eos_ids))
+            for tokens, reason in zip(out.tokens, out.finish_reasons)
+        ]
+        golds = [p["answer"] for p in chunk for _ in range(config.n)]
+        yield chunk, out, texts, pool.score_async(texts, golds)
+
+
+def _equivalent_pairs(pool: VerifierPool):
+    def check(pairs: list[tuple[str, str]]) -> list[bool]:
+        return pool.map_async(scoring.equivalent, pairs, on_failure=lambda reason: False).result()
+
+    return check
+
+
+def run_eval(config, workdir: str) -> dict[str, Any]:
+    """Sample, verify and score `config.benchmark`; returns the summary metrics."""
+    started = time.time()
+    problems = load_benchmark(config.benchmark)
+    if config.num_problems:
+        problems = problems[: config.num_problems]
+    model_config, params, tokenizer = load_model(config)
+    extraction = ExtractionConfig(think=config.think_policy)
+    n = int(config.n)
+    records: list[dict[str, Any]] = []
+    with VerifierPool(
+        num_workers=config.verifier_workers or None, timeout_s=config.verifier_timeout_s, extraction=extraction
+    ) as pool:
+        chunks = list(_sample_chunks(config, model_config, params, tokenizer, problems, pool))
+        for chunk, out, texts, scores_future in chunks:
+            scores = scores_future.result()
+            for row, (tokens, reason, text, score) in enumerate(zip(out.tokens, out.finish_reasons, texts, scores)):
+                problem = chunk[row // n]
+                records.append({
+                    "id": problem["id"], "sample": row % n, "gold": problem["answer"],
+                    "answer": score.answer, "reward": score.reward, "reason": score.reason,
+                    "num_tokens": len(tokens), "finish_reason": reason, "completion": text,
+                })
+        answers_pn = [[r["answer"] for r in records[i:i + n]] for i in range(0, len(records), n)]
+        labels_pn = metrics_lib.group_answers(answers_pn, _equivalent_pairs(pool))
+        verifier_failures = dict(pool.failures)
+    for i, record in enumerate(records):
+        record["group"] = labels_pn[i // n][i % n]
+
+    shape = (len(problems), n)
+    correct_pn = np.asarray([r["reward"] for r in records]).reshape(shape)
+    num_tokens_pn = np.asarray([r["num_tokens"] for r in records]).reshape(shape)
+    truncated_pn = np.asarray([r["finish_reason"] == "length" for r in records]).reshape(shape)
+    metrics = metrics_lib.summarize(correct_pn, labels_pn, num_tokens_pn, truncated_pn)
+
+    out_dir = Path(workdir) / "eval" / Path(str(config.benchmark).rstrip("/")).stem
+    summary = {
+        "benchmark": str(config.benchmark), "checkpoint": str(config.checkpoint),
+        "num_problems": len(problems), "n": n, "temperature": config.temperature,
+        "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed, "force_think": config.force_think, "think_policy": config.think_policy,
+        "metrics": metrics, "verifier_failures": verifier_failures, "wall_s": time.time() - started,
+    }
+    write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(out_dir / "summary.json", [json.dumps(summary, indent=2, sort_keys=True) + "\n"])
+    return {**metrics, "num_problems": len(problems), "samples_path": str(out_dir / "samples.jsonl"),
+            "summary_path": str(out_dir / "summary.json")}

@@ -1,0 +1,150 @@
+"""Benchmark metrics over n scored samples per problem.
+
+avg@n   mean over problems of the fraction of correct samples (the pass@1 estimate);
+pass@k  the unbiased estimator of Chen et al. 2021, 1 - C(n-c, k) / C(n, k), averaged;
+cons@n  majority vote: the most common final answer, answers grouped by mathematical
+        equivalence (so "1/2" and "0.5" vote together), scored by the verifier;
+plus mean response length in tokens and the fraction of samples cut off at the token limit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from polaris_jax.rewards.equivalence import string_key
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with c correct out of n samples (Chen et al. 2021).
+
+    1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) so large n
+    does not overflow.
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or int(value) != value:
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    n, c, k = int(n), int(c), int(k)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"c must be in [0, n={n}], got {c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def default_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def avg_at_n(correct_pn: np.ndarray) -> float:
+    """Mean correctness over problems P and their n samples; correct_pn is 0/1 [P, n]."""
+    correct_pn = np.asarray(correct_pn, np.float64)
+    if correct_pn.ndim != 2 or correct_pn.size == 0:
+        raise ValueError(f"correct_pn must be a non-empty [P, n] array, got shape {correct_pn.shape}")
+    return float(correct_pn.mean())
+
+
+def mean_pass_at_k(correct_pn: np.ndarray, k: int) -> float:
+    correct_pn = np.asarray(correct_pn)
+    n = correct_pn.shape[1]
+    return float(np.mean([pass_at_k(n, int(c), k) for c in correct_pn.sum(axis=1)]))
+
+
+def group_answers(
+    answers_pn: Sequence[Sequence[str | None]],
+    equivalent_pairs: Callable[[list[tuple[str, str]]], list[bool]],
+) -> list[list[int | None]]:
+    """Per problem, a group label per answer (None: no answer); equal labels = equivalent.
+
+    Answers that agree as normalised strings share a group at once; the remaining distinct
+    representatives are compared pairwise with `equivalent_pairs`, called once for all
+    problems (so it can fan out over a VerifierPool), and groups merge transitively.
+    """
+    first_labels, representatives, pairs = [], [], []
+    for answers in answers_pn:
+        keys: dict[str, int] = {}
+        reps: list[str] = []
+        labels: list[int | None] = []
+        for answer in answers:
+            if answer is None:
+                labels.append(None)
+                continue
+            key = string_key(answer)
+            if key not in keys:
+                keys[key] = len(reps)
+                reps.append(answer)
+            labels.append(keys[key])
+        first_labels.append(labels)
+        representatives.append(reps)
+        pairs.append([(i, j) for i in range(len(reps)) for j in range(i + 1, len(reps))])
+    flat = [(reps[i], reps[j]) for reps, problem_pairs in zip(representatives, pairs) for i, j in problem_pairs]
+    verdicts = iter(equivalent_pairs(flat) if flat else [])
+    grouped = []
+    for labels, reps, problem_pairs in zip(first_labels, representatives, pairs):
+        parent = list(range(len(reps)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, j in problem_pairs:
+            if next(verdicts):
+                parent[root(j)] = root(i)
+        grouped.append([None if label is None else root(label) for label in labels])
+    return grouped
+
+
+def majority_index(labels: Sequence[int | None]) -> int | None:
+    """Index of a sample from the largest answer group (ties: the group seen first)."""
+    counts: dict[int, int] = {}
+    first_index: dict[int, int] = {}
+    for index, label in enumerate(labels):
+        if label is None:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        first_index.setdefault(label, index)
+    if not counts:
+        return None
+    best = max(counts, key=lambda label: (counts[label], -first_index[label]))
+    return first_index[best]
+
+
+def cons_at_n(correct_pn: np.ndarray, labels_pn: Sequence[Sequence[int | None]]) -> float:
+    """Fraction of problems whose majority answer group is correct (no answer: wrong)."""
+    correct_pn = np.asarray(correct_pn)
+    hits = []
+    for correct_n, labels in zip(correct_pn, labels_pn):
+        winner = majority_index(labels)
+        hits.append(0.0 if winner is None else float(correct_n[winner]))
+    return float(np.mean(hits))
+
+
+def summarize(
+    correct_pn: np.ndarray,
+    labels_pn: Sequence[Sequence[int | None]],
+    num_tokens_pn: np.ndarray,
+    truncated_pn: np.ndarray,
+    ks: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """All benchmark metrics as a flat dict of floats."""
+    correct_pn = np.asarray(correct_pn, np.float64)
+    n = correct_pn.shape[1]
+    metrics = {f"avg@{n}": avg_at_n(correct_pn)}
+    for k in ks or default_ks(n):
+        metrics[f"pass@{k}"] = mean_pass_at_k(correct_pn, k)
+    metrics[f"cons@{n}"] = cons_at_n(correct_pn, labels_pn)
+    metrics["mean_response_tokens"] = float(np.mean(num_tokens_pn))
+    metrics["truncation_rate"] = float(np.mean(truncated_pn))
+    return metrics

@@ -1,0 +1,320 @@
+"""A process pool for verification with a wall-clock timeout on every item.
+
+Why not `concurrent.futures.ProcessPoolExecutor`: it has no per-task timeout and one dead
+worker breaks the whole pool. Why not math-verify's own timeout: it is `signal.alarm`, which
+only works on the main thread (verl scored every sample 0 when it ran off the main thread)
+and cannot interrupt a long big-integer operation in C anyway. Killing the process is the
+only timeout that always works, so each worker runs one item at a time; a worker that
+overruns its deadline is killed, one that dies is noticed when its pipe closes, and either
+way it is replaced and its item gets the caller's failure value with a logged reason.
+
+Workers are fresh interpreters (`python -m polaris_jax.rewards.worker`): the pool never
+forks the multithreaded JAX parent and never re-runs the caller's `__main__`, so it works
+from scripts, notebooks and threads alike. Batches go to a dispatcher thread and come back
+as futures, so scoring overlaps with whatever the caller does next.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing.connection
+import os
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Sequence
+
+import polaris_jax
+from polaris_jax.rewards import scoring
+from polaris_jax.rewards.extraction import ExtractionConfig
+
+logger = logging.getLogger(__name__)
+
+# The worker's first message; not imported from worker.py, which must stay out of
+# sys.modules until `python -m` runs it.
+READY = "ready"
+# A worker gets this long to import sympy and math-verify and report ready.
+_STARTUP_TIMEOUT_S = 120.0
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(polaris_jax.__file__)))
+
+
+class _Batch:
+    def __init__(self, size: int, on_failure: Callable[[str], Any]):
+        self.results: list[Any] = [None] * size
+        self.remaining = size
+        self.on_failure = on_failure
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()
+
+    def finish(self, index: int, value: Any) -> None:
+        self.results[index] = value
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(self.results)
+
+
+class _Worker:
+    """One worker process and the two pipes to it."""
+
+    def __init__(self, memory_limit_mb: int | None):
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        env.setdefault("JAX_PLATFORMS", "cpu")  # in case anything imports jax; workers never need a GPU
+        command = [sys.executable, "-m", "polaris_jax.rewards.worker", str(to_child_r), str(from_child_w)]
+        command.append(str(memory_limit_mb or 0))
+        try:
+            self.process = subprocess.Popen(
+                command, pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL
+            )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.sender = Connection(to_child_w, readable=False)
+        self.receiver = Connection(from_child_r, writable=False)
+        self.ready = False
+        self.started = time.monotonic()
+        self.task = None  # (task_id, batch, index, deadline)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, kill: bool) -> None:
+        if not kill:
+            try:
+                self.sender.send(None)
+            except OSError:
+                kill = True
+        if kill and self.alive():
+            self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.sender.close()
+        self.receiver.close()
+
+
+class VerifierPool:
+    """Runs verification items in worker processes, each item under a wall-clock timeout.
+
+    `map_async(fn, args_list, on_failure)` is the general form (fn must be a module-level
+    function); `score_async` / `score` grade completions against gold answers.
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        timeout_s: float = 5.0,
+        extraction: ExtractionConfig = ExtractionConfig(),
+        memory_limit_mb: int | None = 4096,
+    ):
+        num_workers = num_workers or os.cpu_count() or 1
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = float(timeout_s)
+        self.extraction = extraction
+        self._memory_limit_mb = memory_limit_mb
+        self._workers = [_Worker(memory_limit_mb) for _ in range(num_workers)]
+        self._pending: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
+        self._task_ids = itertools.count()
+        self._closing = False
+        self.failures: collections.Counter = collections.Counter()
+        self._thread = threading.Thread(target=self._dispatch, name="verifier-pool", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def map_async(
+        self,
+        fn: Callable,
+        args_list: Sequence[tuple],
+        on_failure: Callable[[str], Any],
+    ) -> concurrent.futures.Future:
+        """Future of [fn(*args) for args in args_list]; a timed-out, crashed or raising
+        item gets on_failure(reason) instead."""
+        if self._closing:
+            raise RuntimeError("VerifierPool is closed")
+        batch = _Batch(len(args_list), on_failure)
+        if not args_list:
+            batch.future.set_result([])
+            return batch.future
+        with self._lock:
+            self._pending.extend((batch, i, fn, tuple(args)) for i, args in enumerate(args_list))
+        self._wake_writer.send_bytes(b"x")
+        if self._closing and not self._thread.is_alive():  # closed while we were enqueuing
+            self._fail_all("VerifierPool is closed")
+        return batch.future
+
+    def score_async(
+        self, completions: Sequence[str], golds: Sequence[str]
+    ) -> concurrent.futures.Future:
+        """Future of one `Score` per (completion, gold) pair."""
+        if len(completions) != len(golds):
+            raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
+        for i, (completion, gold) in enumerate(zip(completions, golds)):
+            if not isinstance(completion, str) or not isinstance(gold, str):
+                raise TypeError(
+                    f"item {i}: completion and gold must be str, got "
+                    f"{type(completion).__name__} and {type(gold).__name__}"
+                )
+            if not gold.strip():
+                raise ValueError(f"item {i}: gold answer is empty")
+        args = [(c, g, self.extraction) for c, g in zip(completions, golds)]
+        return self.map_async(scoring.score_completion, args, _failed_score)
+
+    def score(self, completions: Sequence[str], golds: Sequence[str]) -> list[scoring.Score]:
+        return self.score_async(completions, golds).result()
+
+    def close(self) -> None:
+        """Stop the workers; batches still pending fail with RuntimeError."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake_writer.send_bytes(b"x")
+        self._thread.join()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def __enter__(self) -> "VerifierPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- dispatcher thread ----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        try:
+            while not self._closing:
+                self._assign()
+                self._wait_and_collect()
+        except BaseException as error:  # never leave callers waiting on futures forever
+            logger.exception("verifier pool dispatcher failed")
+            self._closing = True
+            self._fail_all(f"dispatcher failed: {error!r}")
+        else:
+            self._fail_all("VerifierPool was closed")
+        for worker in self._workers:
+            worker.stop(kill=worker.task is not None or not worker.ready)
+
+    def _assign(self) -> None:
+        for position, worker in enumerate(self._workers):
+            if not worker.ready or worker.task is not None:
+                continue
+            with self._lock:
+                if not self._pending:
+                    return
+                batch, index, fn, args = self._pending.popleft()
+            task_id = next(self._task_ids)
+            try:
+                worker.sender.send((task_id, fn, args))
+            except Exception as error:  # unpicklable args, or the worker died meanwhile
+                self._fail(batch, index, "send", f"could not send item: {type(error).__name__}: {error}")
+                if not worker.alive():
+                    self._replace(position, kill=False)
+                continue
+            worker.task = (task_id, batch, index, time.monotonic() + self.timeout_s)
+
+    def _deadline(self, worker: _Worker) -> float | None:
+        if not worker.ready:
+            return worker.started + _STARTUP_TIMEOUT_S
+        return worker.task[3] if worker.task is not None else None
+
+    def _wait_and_collect(self) -> None:
+        deadlines = [d for w in self._workers if (d := self._deadline(w)) is not None]
+        wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        watched = [w.receiver for w in self._workers if not w.ready or w.task is not None]
+        ready = set(multiprocessing.connection.wait([self._wake_reader, *watched], timeout=wait_s))
+        if self._wake_reader in ready:
+            while self._wake_reader.poll():
+                self._wake_reader.recv_bytes()
+        now = time.monotonic()
+        for position, worker in enumerate(self._workers):
+            deadline = self._deadline(worker)
+            if deadline is None:
+                continue
+            if worker.receiver in ready:
+                try:
+                    message = worker.receiver.recv()
+                except (EOFError, OSError):  # the pipe closed: the worker died
+                    self._worker_died(position)
+                    continue
+                self._handle(worker, message)
+            elif now >= deadline:
+                if not worker.ready:
+                    raise RuntimeError(f"verifier worker did not start in {_STARTUP_TIMEOUT_S:g}s")
+                _, batch, index, _ = worker.task
+                self._fail(batch, index, "timeout", f"timeout after {self.timeout_s:g}s")
+                self._replace(position, kill=True)
+
+    def _handle(self, worker: _Worker, message) -> None:
+        if not worker.ready:
+            if message != READY:
+                raise RuntimeError(f"verifier worker sent {message!r} before ready")
+            worker.ready = True
+            return
+        task_id, batch, index, _ = worker.task
+        got_id, ok, value = message
+        if got_id != task_id:
+            raise RuntimeError(f"verifier worker replied to task {got_id}, expected {task_id}")
+        worker.task = None
+        if ok:
+            batch.finish(index, value)
+        else:
+            self._fail(batch, index, "error", f"error: {value}")
+
+    def _worker_died(self, position: int) -> None:
+        worker = self._workers[position]
+        try:
+            code = worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = "unknown"
+        if not worker.ready:
+            raise RuntimeError(
+                f"verifier worker failed to start (exit code {code}); run "
+                "`python -m polaris_jax.rewards.worker` to see the import error"
+            )
+        if worker.task is not None:
+            _, batch, index, _ = worker.task
+            self._fail(batch, index, "crashed", f"worker crashed (exit code {code})")
+        else:
+            logger.warning("verifier worker exited while idle (exit code %s)", code)
+        self._replace(position, kill=False)
+
+    def _replace(self, position: int, kill: bool) -> None:
+        old = self._workers[position]
+        old.task = None
+        old.stop(kill=kill or old.alive())
+        self._workers[position] = _Worker(self._memory_limit_mb)
+
+    def _fail(self, batch: _Batch, index: int, kind: str, reason: str) -> None:
+        self.failures[kind] += 1
+        logger.warning("verifier item scored as failure: %s", reason)
+        batch.finish(index, batch.on_failure(reason))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending), collections.deque()
+        batches = {id(b): b for b, *_ in pending}
+        batches.update({id(w.task[1]): w.task[1] for w in self._workers if w.task is not None})
+        for batch in batches.values():
+            if not batch.future.done():
+                batch.future.set_exception(RuntimeError(reason))
+
+
+def _failed_score(reason: str) -> scoring.Score:
+    return scoring.Score(0.0, reason)

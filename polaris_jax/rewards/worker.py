@@ -1,0 +1,61 @@
+"""The verifier worker process: `python -m polaris_jax.rewards.worker READ_FD WRITE_FD [MB]`.
+
+Started by VerifierPool as a fresh interpreter (not a fork of the multithreaded JAX parent,
+and not a multiprocessing child, which would re-run the caller's `__main__`). It imports the
+scorer, says it is ready, then answers (task_id, fn, args) messages one at a time with
+(task_id, ok, value-or-error-text).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+
+def serve(conn: Connection) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, fn, args = message
+        try:
+            reply = (task_id, True, fn(*args))
+        except BaseException as error:  # report anything the item raises, never die of it
+            reply = (task_id, False, f"{type(error).__name__}: {str(error)[:200]}")
+        try:
+            conn.send(reply)
+        except Exception as error:  # e.g. an unpicklable result
+            conn.send((task_id, False, f"unsendable result: {type(error).__name__}"))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) not in (2, 3):
+        raise SystemExit("usage: python -m polaris_jax.rewards.worker READ_FD WRITE_FD [MEMORY_MB]")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
+    reader = Connection(int(argv[0]), writable=False)
+    writer = Connection(int(argv[1]), readable=False)
+    from polaris_jax.rewards.pool import READY  # imports the scorer: the slow part
+
+    if len(argv) == 3 and int(argv[2]) > 0:
+        import resource
+
+        limit = int(argv[2]) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    writer.send(READY)
+    serve(_Duplex(reader, writer))
+
+
+class _Duplex:
+    """One object with recv/send over two one-way pipes."""
+
+    def __init__(self, reader: Connection, writer: Connection):
+        self.recv = reader.recv
+        self.send = writer.send
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
