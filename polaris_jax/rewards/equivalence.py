@@ -55,8 +55,12 @@ class Verdict(NamedTuple):
 
 def normalize_answer(text: str) -> str:
     """Surface clean-up applied to gold and prediction alike before parsing."""
-    text = text.strip().strip("$").strip()
-    text = text.rstrip(".").strip() if not text.endswith("..") else text
+    previous = None
+    while text != previous:  # "$x$." and "x.$" alike
+        previous = text
+        text = text.strip().strip("$")
+        if text.endswith(".") and not text.endswith(".."):
+            text = text[:-1]
     while (inner := _WRAPPER.match(text)) is not None and _balanced(inner.group(1)):
         text = inner.group(1).strip()
     text = _ROMAN_CONST.sub(r"\1", text)

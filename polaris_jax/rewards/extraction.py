@@ -5,8 +5,8 @@ to run on hostile text (megabyte completions, thousands of unclosed boxes) in an
 
 Order of preference: the last `\\boxed{...}` / `\\fbox{...}` (math-verify takes the first,
 which rewards a model for hedging early); then GSM8K's `#### N`; then, if enabled, the last
-"the answer is ..." sentence. An unbalanced final box is malformed output and yields no
-answer rather than falling back to an earlier box.
+"the answer is ..." sentence. A box left unclosed in the answer region is malformed output
+and yields no answer rather than a fall back to an earlier box.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 THINK_POLICIES = ("strip", "require", "ignore")
 
-_BOX_OPENER = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A box opener, an escaped character, or a brace: everything the box scanner looks at.
+_BRACE_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
 # `\boxed 5` (no braces) is valid TeX for a single token and some models write it.
 _BOX_BARE = re.compile(r"\\boxed[ \t]+([^\s$]+)")
 _HASH_ANSWER = re.compile(r"####[ \t]*([^\n]+)")
@@ -75,48 +76,36 @@ def answer_region(completion: str, think: str) -> str | None:
     return completion
 
 
-def matching_brace(text: str, open_at: int) -> int:
-    """Index of the `}` closing the `{` at `open_at`, or -1 if it is never closed.
-
-    Escaped braces (`\\{`, `\\}`) do not count: they are literal set braces in LaTeX.
-    """
-    if text[open_at] != "{":
-        raise ValueError(f"expected '{{' at index {open_at}, found {text[open_at]!r}")
-    depth = 0
-    i = open_at
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character, whatever it is
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
-
-
 def last_boxed(text: str) -> Extraction:
-    """Contents of the last `\\boxed{}`/`\\fbox{}` (nested braces kept), or why there is none."""
-    last = None
-    # rfind-style scan: the regex is anchored on a literal backslash, so finditer is linear.
-    for last in _BOX_OPENER.finditer(text):
-        pass
+    """Contents of the last `\\boxed{}`/`\\fbox{}` (nested braces kept), or why there is none.
+
+    One left-to-right pass over braces only (a regex jumps between them, so long plain text
+    costs nothing). Escaped braces (`\\{`) are literal. Any box left unclosed makes the
+    whole answer unbalanced: the output is malformed, whatever came before.
+    """
+    open_boxes: list[int | None] = []  # per open brace: where its box content starts, or None
+    last: tuple[int, int] | None = None
+    for token in _BRACE_TOKEN.finditer(text):
+        piece = token.group()
+        if piece == "{":
+            open_boxes.append(None)
+        elif piece == "}":
+            if open_boxes:  # a stray closer at depth 0 is just text
+                content_start = open_boxes.pop()
+                if content_start is not None and (last is None or content_start > last[0]):
+                    last = (content_start, token.start())
+        elif piece.endswith("{") and len(piece) > 2:
+            open_boxes.append(token.end())
+    if any(start is not None for start in open_boxes):
+        return Extraction(None, "unbalanced_box")
     bare = None
     for bare in _BOX_BARE.finditer(text):
         pass
-    if last is None and bare is None:
-        return Extraction(None, "no_box")
-    if bare is not None and (last is None or bare.start() > last.start()):
+    if bare is not None and (last is None or bare.start() > last[0]):
         return Extraction(bare.group(1).strip(), "boxed")
-    close_at = matching_brace(text, last.end() - 1)
-    if close_at < 0:
-        return Extraction(None, "unbalanced_box")
-    return Extraction(text[last.end():close_at].strip(), "boxed")
+    if last is None:
+        return Extraction(None, "no_box")
+    return Extraction(text[last[0]:last[1]].strip(), "boxed")
 
 
 def hash_answer(text: str) -> str | None:

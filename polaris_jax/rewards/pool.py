@@ -85,19 +85,11 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, kill: bool) -> None:
-        if not kill:
-            try:
-                self.sender.send(None)
-            except OSError:
-                kill = True
-        if kill and self.alive():
+    def stop(self) -> None:
+        """Kill and reap the process: workers hold no state worth a graceful exit."""
+        if self.alive():
             self.process.kill()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.wait()
         self.sender.close()
         self.receiver.close()
 
@@ -209,7 +201,7 @@ class VerifierPool:
         else:
             self._fail_all("VerifierPool was closed")
         for worker in self._workers:
-            worker.stop(kill=worker.task is not None or not worker.ready)
+            worker.stop()
 
     def _assign(self) -> None:
         for position, worker in enumerate(self._workers):
@@ -225,7 +217,7 @@ class VerifierPool:
             except Exception as error:  # unpicklable args, or the worker died meanwhile
                 self._fail(batch, index, "send", f"could not send item: {type(error).__name__}: {error}")
                 if not worker.alive():
-                    self._replace(position, kill=False)
+                    self._replace(position)
                 continue
             worker.task = (task_id, batch, index, time.monotonic() + self.timeout_s)
 
@@ -259,7 +251,7 @@ class VerifierPool:
                     raise RuntimeError(f"verifier worker did not start in {_STARTUP_TIMEOUT_S:g}s")
                 _, batch, index, _ = worker.task
                 self._fail(batch, index, "timeout", f"timeout after {self.timeout_s:g}s")
-                self._replace(position, kill=True)
+                self._replace(position)
 
     def _handle(self, worker: _Worker, message) -> None:
         if not worker.ready:
@@ -293,12 +285,10 @@ class VerifierPool:
             self._fail(batch, index, "crashed", f"worker crashed (exit code {code})")
         else:
             logger.warning("verifier worker exited while idle (exit code %s)", code)
-        self._replace(position, kill=False)
+        self._replace(position)
 
-    def _replace(self, position: int, kill: bool) -> None:
-        old = self._workers[position]
-        old.task = None
-        old.stop(kill=kill or old.alive())
+    def _replace(self, position: int) -> None:
+        self._workers[position].stop()
         self._workers[position] = _Worker(self._memory_limit_mb)
 
     def _fail(self, batch: _Batch, index: int, kind: str, reason: str) -> None:

@@ -1,0 +1,120 @@
+"""End to end: a tiny saved checkpoint, 8 MATH-500 problems, n=4, both output files."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+sampling = pytest.importorskip("polaris_jax.sampling")
+
+import jax  # noqa: E402
+import tokenizers  # noqa: E402
+
+from polaris_jax.data.chat_template import builtin_template  # noqa: E402
+from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
+from polaris_jax.evals import run_eval  # noqa: E402
+from polaris_jax.models import ModelConfig, init_params, save_hf  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MATH500 = REPO.parent / "shared" / "data" / "math500.jsonl"
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A 261-token byte-level tokenizer with Qwen's chat specials, so the model can stay tiny."""
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    backend.add_tokens(["<think>", "</think>"])
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": builtin_template("qwen3")}
+    return Tokenizer(backend, config)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tokenizer = byte_tokenizer()
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save(tokenizer_dir)
+    model_config = ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_hf(model_config, init_params(model_config, jax.random.key(0)), path, tokenizer_dir=tokenizer_dir)
+    return path
+
+
+def eval_config(checkpoint):
+    spec = importlib.util.spec_from_file_location("eval_math", REPO / "configs" / "eval_math.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.checkpoint = str(checkpoint)
+    config.benchmark = str(MATH500)
+    config.num_problems = 8
+    config.n = 4
+    config.max_new_tokens = 8
+    config.problems_per_batch = 4  # two chunks: the first is verified while the second samples
+    return config
+
+
+def read_outputs(result):
+    samples = [json.loads(line) for line in pathlib.Path(result["samples_path"]).read_text().splitlines()]
+    summary = json.loads(pathlib.Path(result["summary_path"]).read_text())
+    return samples, summary
+
+
+def test_eval_on_a_tiny_model_writes_samples_and_summary(checkpoint, tmp_path):
+    result = run_eval(eval_config(checkpoint), str(tmp_path))
+    samples, summary = read_outputs(result)
+    assert len(samples) == 8 * 4
+    problems = [json.loads(line) for line in MATH500.read_text().splitlines()[:8]]
+    assert [s["id"] for s in samples] == [p["unique_id"] for p in problems for _ in range(4)]
+    assert [s["sample"] for s in samples] == [0, 1, 2, 3] * 8
+    assert all(1 <= s["num_tokens"] <= 8 and s["finish_reason"] in ("eos", "stop", "length") for s in samples)
+    assert summary["n"] == 4 and summary["num_problems"] == 8
+    rewards = np.array([s["reward"] for s in samples])
+    assert summary["metrics"]["avg@4"] == pytest.approx(rewards.mean())
+    assert summary["metrics"]["mean_response_tokens"] == pytest.approx(np.mean([s["num_tokens"] for s in samples]))
+    assert set(summary["metrics"]) >= {"avg@4", "pass@1", "pass@2", "pass@4", "cons@4", "truncation_rate"}
+    leftovers = [p.name for p in pathlib.Path(result["samples_path"]).parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers  # atomic writes leave no temp files
+
+
+def test_eval_scores_and_votes_with_the_verifier(checkpoint, tmp_path, monkeypatch):
+    """A scripted sampler (known completions) checks scoring, voting and the metrics."""
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    eos = tokenizer.eos_token_ids[0]
+    golds = [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()[:8]]
+    script = [
+        ("<think>\nok\n</think>\nSo \\boxed{%s}.", "eos"),  # right
+        ("<think>\nhmm\n</think>\n\\boxed{-12345}", "eos"),  # wrong
+        ("\\boxed{%s}", "eos"),  # right again: the majority
+        ("<think>\nrunning out of tok", "length"),  # truncated, no answer
+    ]
+    seen_batches = []
+
+    def scripted_generate(config, params, prompts, *, n, **kwargs):
+        seen_batches.append(len(prompts))
+        start = sum(seen_batches[:-1])
+        tokens, reasons = [], []
+        for i in range(len(prompts)):
+            for template, reason in script[:n]:
+                text = template % golds[start + i] if "%s" in template else template
+                tokens.append(tokenizer.encode(text) + ([eos] if reason == "eos" else []))
+                reasons.append(reason)
+        return sampling.SampleOutput(tokens=tokens, logprobs=[[0.0] * len(t) for t in tokens], finish_reasons=reasons)
+
+    monkeypatch.setattr(sampling, "generate", scripted_generate)
+    samples, summary = read_outputs(run_eval(eval_config(checkpoint), str(tmp_path)))
+    assert seen_batches == [4, 4]
+    assert [s["reward"] for s in samples] == [1.0, 0.0, 1.0, 0.0] * 8
+    assert all(not s["completion"].endswith("<|im_end|>") for s in samples)
+    assert samples[0]["group"] == samples[2]["group"] != samples[1]["group"] and samples[3]["group"] is None
+    metrics = summary["metrics"]
+    assert metrics["avg@4"] == pytest.approx(0.5)
+    assert metrics["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert metrics["cons@4"] == 1.0
+    assert metrics["truncation_rate"] == pytest.approx(0.25)
