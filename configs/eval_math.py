@@ -40,7 +40,9 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     config.max_new_tokens = 32768
     config.seed = 0
     config.force_think = False  # end the prompt with "<think>\n"
-    config.think_policy = "strip"  # answer after </think>; see rewards.ExtractionConfig
+    # Where the answer may be: "auto" = "require" a </think> when the prompt opens the think
+    # block (R1 template, force_think), else "strip"; see rewards.ExtractionConfig.
+    config.think_policy = "auto"
     config.problems_per_batch = 8  # sampled together; verified while the next batch samples
     config.verifier_workers = 0  # 0 = one per CPU core
     config.verifier_timeout_s = 5.0

@@ -61,6 +61,16 @@ def load_model(config):
     return model_config, params, tokenizer
 
 
+def resolve_think_policy(config, tokenizer) -> str:
+    """`config.think_policy`, with "auto" meaning "require" when the prompt itself opens the
+    think block (R1 template or force_think: the completion is reasoning until `</think>`,
+    so a truncated one has no answer) and "strip" otherwise."""
+    if config.think_policy != "auto":
+        return config.think_policy
+    probe = build_math_prompt("1+1", tokenizer, force_think=config.force_think)
+    return "require" if probe.endswith("<think>\n") else "strip"
+
+
 def _strip_stop(tokens: list[int], finish_reason: str, eos_ids: tuple[int, ...]) -> list[int]:
     return tokens[:-1] if finish_reason == "eos" and tokens and tokens[-1] in eos_ids else tokens
 
@@ -105,7 +115,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     if config.num_problems:
         problems = problems[: config.num_problems]
     model_config, params, tokenizer = load_model(config)
-    extraction = ExtractionConfig(think=config.think_policy)
+    extraction = ExtractionConfig(think=resolve_think_policy(config, tokenizer))
     n = int(config.n)
     records: list[dict[str, Any]] = []
     with VerifierPool(
@@ -138,7 +148,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         "benchmark": str(config.benchmark), "checkpoint": str(config.checkpoint),
         "num_problems": len(problems), "n": n, "temperature": config.temperature,
         "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed, "force_think": config.force_think, "think_policy": config.think_policy,
+        "seed": config.seed, "force_think": config.force_think, "think_policy": extraction.think,
         "metrics": metrics, "verifier_failures": verifier_failures, "wall_s": time.time() - started,
     }
     write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -8,6 +8,11 @@ only timeout that always works, so each worker runs one item at a time; a worker
 overruns its deadline is killed, one that dies is noticed when its pipe closes, and either
 way it is replaced and its item gets the caller's failure value with a logged reason.
 
+To keep hand-offs off the critical path on busy machines, each worker is sent a few small
+items ahead (bounded so they always fit in the pipe, so a send never blocks the dispatcher);
+the timeout clock of an item starts when the worker finishes the previous one, and items
+queued behind a killed worker go back to the front of the queue, not to the failure value.
+
 Workers are fresh interpreters (`python -m polaris_jax.rewards.worker`): the pool never
 forks the multithreaded JAX parent and never re-runs the caller's `__main__`, so it works
 from scripts, notebooks and threads alike. Batches go to a dispatcher thread and come back
@@ -22,6 +27,7 @@ import itertools
 import logging
 import multiprocessing.connection
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -40,6 +46,12 @@ logger = logging.getLogger(__name__)
 READY = "ready"
 # A worker gets this long to import sympy and math-verify and report ready.
 _STARTUP_TIMEOUT_S = 120.0
+# Items sent ahead to a busy worker: at most this many, and this many unread bytes in total
+# (a Linux pipe holds 64 KiB, so these sends never block).
+_PREFETCH_ITEMS = 8
+_PREFETCH_BYTES = 32 * 1024
+# Default pool size: one worker per core, but a 200-core host does not need 200 sympy processes.
+_DEFAULT_MAX_WORKERS = 8
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(polaris_jax.__file__)))
 
 
@@ -58,8 +70,18 @@ class _Batch:
             self.future.set_result(self.results)
 
 
+class _Item:
+    """One queued call; its pickled (fn, args) is built once, when first needed."""
+
+    __slots__ = ("batch", "index", "fn", "args", "payload")
+
+    def __init__(self, batch: _Batch, index: int, fn: Callable, args: tuple):
+        self.batch, self.index, self.fn, self.args = batch, index, fn, args
+        self.payload: bytes | None = None
+
+
 class _Worker:
-    """One worker process and the two pipes to it."""
+    """One worker process, the two pipes to it, and the items sent to it in order."""
 
     def __init__(self, memory_limit_mb: int | None):
         to_child_r, to_child_w = os.pipe()
@@ -80,7 +102,11 @@ class _Worker:
         self.receiver = Connection(from_child_r, writable=False)
         self.ready = False
         self.started = time.monotonic()
-        self.task = None  # (task_id, batch, index, deadline)
+        self.inflight: collections.deque = collections.deque()  # (task_id, _Item), head is running
+        self.head_started = 0.0  # when the head item began: its send, or the previous reply
+
+    def unread_bytes(self) -> int:
+        return sum(len(item.payload) for _, item in itertools.islice(self.inflight, 1, None))
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -99,6 +125,11 @@ class VerifierPool:
 
     `map_async(fn, args_list, on_failure)` is the general form (fn must be a module-level
     function); `score_async` / `score` grade completions against gold answers.
+
+    num_workers: worker processes (default: one per core, at most 8).
+    timeout_s: wall-clock limit per item, from when its worker starts on it.
+    extraction: how `score_async` finds the final answer (think policy, fallbacks).
+    memory_limit_mb: address-space limit per worker (RLIMIT_AS); None for no limit.
     """
 
     def __init__(
@@ -108,7 +139,7 @@ class VerifierPool:
         extraction: ExtractionConfig = ExtractionConfig(),
         memory_limit_mb: int | None = 4096,
     ):
-        num_workers = num_workers or os.cpu_count() or 1
+        num_workers = num_workers or min(_DEFAULT_MAX_WORKERS, os.cpu_count() or 1)
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
@@ -143,7 +174,7 @@ class VerifierPool:
             batch.future.set_result([])
             return batch.future
         with self._lock:
-            self._pending.extend((batch, i, fn, tuple(args)) for i, args in enumerate(args_list))
+            self._pending.extend(_Item(batch, i, fn, tuple(args)) for i, args in enumerate(args_list))
         self._wake_writer.send_bytes(b"x")
         if self._closing and not self._thread.is_alive():  # closed while we were enqueuing
             self._fail_all("VerifierPool is closed")
@@ -203,54 +234,77 @@ class VerifierPool:
         for worker in self._workers:
             worker.stop()
 
+    def _next_item(self, worker: _Worker) -> _Item | None:
+        """Pop the next pending item if it may be sent to `worker` now."""
+        with self._lock:
+            if not self._pending:
+                return None
+            item = self._pending[0]
+            if item.payload is None:
+                try:
+                    item.payload = pickle.dumps((item.fn, item.args), pickle.HIGHEST_PROTOCOL)
+                except Exception as error:  # e.g. a lambda: fail this item, never the pool
+                    self._pending.popleft()
+                    item.payload = repr(error).encode()
+                    item.fn = None
+                    return item
+            if worker.inflight and (
+                len(worker.inflight) >= _PREFETCH_ITEMS
+                or worker.unread_bytes() + len(item.payload) > _PREFETCH_BYTES
+            ):
+                return None
+            return self._pending.popleft()
+
     def _assign(self) -> None:
         for position, worker in enumerate(self._workers):
-            if not worker.ready or worker.task is not None:
-                continue
-            with self._lock:
-                if not self._pending:
-                    return
-                batch, index, fn, args = self._pending.popleft()
-            task_id = next(self._task_ids)
-            try:
-                worker.sender.send((task_id, fn, args))
-            except Exception as error:  # unpicklable args, or the worker died meanwhile
-                self._fail(batch, index, "send", f"could not send item: {type(error).__name__}: {error}")
-                if not worker.alive():
-                    self._replace(position)
-                continue
-            worker.task = (task_id, batch, index, time.monotonic() + self.timeout_s)
+            while worker.ready and (item := self._next_item(worker)) is not None:
+                if item.fn is None:
+                    self._fail(item, "send", f"could not pickle item: {item.payload.decode()}")
+                    continue
+                task_id = next(self._task_ids)
+                try:
+                    worker.sender.send_bytes(task_id.to_bytes(8, "little") + item.payload)
+                except Exception as error:  # unpicklable args, or the worker died meanwhile
+                    if worker.alive():
+                        self._fail(item, "send", f"could not send item: {type(error).__name__}: {error}")
+                        continue
+                    self._requeue([item])
+                    self._worker_died(position)
+                    break
+                if not worker.inflight:
+                    worker.head_started = time.monotonic()
+                worker.inflight.append((task_id, item))
 
     def _deadline(self, worker: _Worker) -> float | None:
         if not worker.ready:
             return worker.started + _STARTUP_TIMEOUT_S
-        return worker.task[3] if worker.task is not None else None
+        return worker.head_started + self.timeout_s if worker.inflight else None
 
     def _wait_and_collect(self) -> None:
         deadlines = [d for w in self._workers if (d := self._deadline(w)) is not None]
         wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        watched = [w.receiver for w in self._workers if not w.ready or w.task is not None]
+        watched = [w.receiver for w in self._workers if not w.ready or w.inflight]
         ready = set(multiprocessing.connection.wait([self._wake_reader, *watched], timeout=wait_s))
         if self._wake_reader in ready:
             while self._wake_reader.poll():
                 self._wake_reader.recv_bytes()
-        now = time.monotonic()
         for position, worker in enumerate(self._workers):
-            deadline = self._deadline(worker)
-            if deadline is None:
-                continue
             if worker.receiver in ready:
                 try:
-                    message = worker.receiver.recv()
+                    while True:  # drain every reply already in the pipe
+                        self._handle(worker, worker.receiver.recv())
+                        if not (worker.inflight and worker.receiver.poll()):
+                            break
                 except (EOFError, OSError):  # the pipe closed: the worker died
                     self._worker_died(position)
                     continue
-                self._handle(worker, message)
-            elif now >= deadline:
+            deadline = self._deadline(worker)
+            if deadline is not None and time.monotonic() >= deadline:
                 if not worker.ready:
                     raise RuntimeError(f"verifier worker did not start in {_STARTUP_TIMEOUT_S:g}s")
-                _, batch, index, _ = worker.task
-                self._fail(batch, index, "timeout", f"timeout after {self.timeout_s:g}s")
+                _, item = worker.inflight.popleft()
+                self._fail(item, "timeout", f"timeout after {self.timeout_s:g}s")
+                self._requeue([queued for _, queued in worker.inflight])
                 self._replace(position)
 
     def _handle(self, worker: _Worker, message) -> None:
@@ -259,15 +313,15 @@ class VerifierPool:
                 raise RuntimeError(f"verifier worker sent {message!r} before ready")
             worker.ready = True
             return
-        task_id, batch, index, _ = worker.task
+        task_id, item = worker.inflight.popleft()
+        worker.head_started = time.monotonic()
         got_id, ok, value = message
         if got_id != task_id:
             raise RuntimeError(f"verifier worker replied to task {got_id}, expected {task_id}")
-        worker.task = None
         if ok:
-            batch.finish(index, value)
+            item.batch.finish(item.index, value)
         else:
-            self._fail(batch, index, "error", f"error: {value}")
+            self._fail(item, "error", f"error: {value}")
 
     def _worker_died(self, position: int) -> None:
         worker = self._workers[position]
@@ -280,28 +334,33 @@ class VerifierPool:
                 f"verifier worker failed to start (exit code {code}); run "
                 "`python -m polaris_jax.rewards.worker` to see the import error"
             )
-        if worker.task is not None:
-            _, batch, index, _ = worker.task
-            self._fail(batch, index, "crashed", f"worker crashed (exit code {code})")
+        if worker.inflight:
+            _, item = worker.inflight.popleft()
+            self._fail(item, "crashed", f"worker crashed (exit code {code})")
+            self._requeue([queued for _, queued in worker.inflight])
         else:
             logger.warning("verifier worker exited while idle (exit code %s)", code)
         self._replace(position)
 
+    def _requeue(self, items: list[_Item]) -> None:
+        with self._lock:
+            self._pending.extendleft(reversed(items))
+
     def _replace(self, position: int) -> None:
+        self._workers[position].inflight.clear()
         self._workers[position].stop()
         self._workers[position] = _Worker(self._memory_limit_mb)
 
-    def _fail(self, batch: _Batch, index: int, kind: str, reason: str) -> None:
+    def _fail(self, item: _Item, kind: str, reason: str) -> None:
         self.failures[kind] += 1
         logger.warning("verifier item scored as failure: %s", reason)
-        batch.finish(index, batch.on_failure(reason))
+        item.batch.finish(item.index, item.batch.on_failure(reason))
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
-            pending, self._pending = list(self._pending), collections.deque()
-        batches = {id(b): b for b, *_ in pending}
-        batches.update({id(w.task[1]): w.task[1] for w in self._workers if w.task is not None})
-        for batch in batches.values():
+            items, self._pending = list(self._pending), collections.deque()
+        items += [item for worker in self._workers for _, item in worker.inflight]
+        for batch in {id(item.batch): item.batch for item in items}.values():
             if not batch.future.done():
                 batch.future.set_exception(RuntimeError(reason))
 

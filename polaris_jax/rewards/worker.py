@@ -2,27 +2,28 @@
 
 Started by VerifierPool as a fresh interpreter (not a fork of the multithreaded JAX parent,
 and not a multiprocessing child, which would re-run the caller's `__main__`). It imports the
-scorer, says it is ready, then answers (task_id, fn, args) messages one at a time with
-(task_id, ok, value-or-error-text).
+scorer, says it is ready, then runs (task_id, fn, args) messages one at a time, in order,
+answering each with (task_id, ok, value-or-error-text).
 """
 
 from __future__ import annotations
 
+import pickle
 import signal
 import sys
 from multiprocessing.connection import Connection
 
 
-def serve(conn: Connection) -> None:
+def serve(conn) -> None:
+    """Answer messages until the pipe closes: 8 bytes of task id, then pickled (fn, args)."""
     while True:
         try:
-            message = conn.recv()
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        if message is None:
-            return
-        task_id, fn, args = message
+        task_id = int.from_bytes(message[:8], "little")
         try:
+            fn, args = pickle.loads(message[8:])
             reply = (task_id, True, fn(*args))
         except BaseException as error:  # report anything the item raises, never die of it
             reply = (task_id, False, f"{type(error).__name__}: {str(error)[:200]}")
@@ -53,7 +54,7 @@ class _Duplex:
     """One object with recv/send over two one-way pipes."""
 
     def __init__(self, reader: Connection, writer: Connection):
-        self.recv = reader.recv
+        self.recv_bytes = reader.recv_bytes
         self.send = writer.send
 
 

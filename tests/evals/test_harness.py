@@ -118,3 +118,15 @@ def test_eval_scores_and_votes_with_the_verifier(checkpoint, tmp_path, monkeypat
     assert metrics["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
     assert metrics["cons@4"] == 1.0
     assert metrics["truncation_rate"] == pytest.approx(0.25)
+
+
+def test_auto_think_policy_requires_a_close_tag_when_the_prompt_opens_the_block(checkpoint):
+    from polaris_jax.evals.harness import resolve_think_policy
+
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    config = eval_config(checkpoint)
+    assert resolve_think_policy(config, tokenizer) == "strip"
+    config.force_think = True
+    assert resolve_think_policy(config, tokenizer) == "require"
+    config.think_policy = "ignore"
+    assert resolve_think_policy(config, tokenizer) == "ignore"

@@ -78,3 +78,21 @@ def test_closed_pool_refuses_work_and_fails_pending_batches():
         pending.result(timeout=30)
     with pytest.raises(RuntimeError, match="closed"):
         small_pool.score([r"\boxed{1}"], ["1"])
+
+
+def test_unpicklable_item_fails_alone(pool):
+    results = pool.map_async(len, [([1, 2],), (lambda: 0,)], on_failure=lambda reason: reason).result(timeout=60)
+    assert results[0] == 2
+    assert results[1].startswith("could not pickle item")
+
+
+def test_items_queued_behind_a_killed_worker_are_retried_not_failed():
+    with VerifierPool(num_workers=1, timeout_s=1.0) as small_pool:
+        # the sleep is killed at its timeout; the small items sent ahead of time must still run
+        results = small_pool.map_async(
+            abs, [(-1,), (-2,)], on_failure=lambda reason: reason
+        ), small_pool.map_async(time.sleep, [(30,)], on_failure=lambda reason: reason)
+        later = small_pool.map_async(abs, [(-i,) for i in range(20)], on_failure=lambda reason: reason)
+        assert results[0].result(timeout=60) == [1, 2]
+        assert results[1].result(timeout=60)[0].startswith("timeout")
+        assert later.result(timeout=60) == list(range(20))
