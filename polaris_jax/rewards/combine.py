@@ -24,6 +24,8 @@ from polaris_jax.rewards import shaped  # noqa: F401  (registers the shaped rewa
 from polaris_jax.rewards.registry import get_reward
 from polaris_jax.rewards.shaped import RewardBatch
 
+_SHAPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-shaping")
+
 
 def _as_dict(spec: Any) -> dict:
     return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
@@ -91,5 +93,7 @@ def score_and_shape_async(
         except BaseException as error:
             result.set_exception(error)
 
-    pool.score_async(completions, golds).add_done_callback(shape)
+    # Shape on our own thread: done-callbacks run on the pool's dispatcher thread, which must
+    # stay free to enforce timeouts.
+    pool.score_async(completions, golds).add_done_callback(lambda done: _SHAPER.submit(shape, done))
     return result

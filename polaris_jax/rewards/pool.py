@@ -147,7 +147,8 @@ class VerifierPool:
         self.timeout_s = float(timeout_s)
         self.extraction = extraction
         self._memory_limit_mb = memory_limit_mb
-        self._workers = [_Worker(memory_limit_mb) for _ in range(num_workers)]
+        self._num_workers = num_workers
+        self._workers: list[_Worker] = []  # started by the dispatcher thread, see _dispatch
         self._pending: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
@@ -222,6 +223,9 @@ class VerifierPool:
 
     def _dispatch(self) -> None:
         try:
+            # Workers die with the thread that started them (PR_SET_PDEATHSIG), so they are
+            # started here, on the thread that lives exactly as long as the pool.
+            self._workers = [_Worker(self._memory_limit_mb) for _ in range(self._num_workers)]
             while not self._closing:
                 self._assign()
                 self._wait_and_collect()

@@ -8,6 +8,7 @@ answering each with (task_id, ok, value-or-error-text).
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import sys
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> None:
     if len(argv) not in (2, 3):
         raise SystemExit("usage: python -m polaris_jax.rewards.worker READ_FD WRITE_FD [MEMORY_MB]")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
+    _die_with_parent()
     reader = Connection(int(argv[0]), writable=False)
     writer = Connection(int(argv[1]), readable=False)
     from polaris_jax.rewards.pool import READY  # imports the scorer: the slow part
@@ -48,6 +50,25 @@ def main(argv: list[str]) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     writer.send(READY)
     serve(_Duplex(reader, writer))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL us if the pool's process dies, even mid-item.
+
+    (Strictly: when the thread that started us exits; the pool starts workers from its
+    dispatcher thread, which lives as long as the pool.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # best effort; EOF on the pipe still stops an idle worker
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class _Duplex:

@@ -96,3 +96,14 @@ def test_items_queued_behind_a_killed_worker_are_retried_not_failed():
         assert results[0].result(timeout=60) == [1, 2]
         assert results[1].result(timeout=60)[0].startswith("timeout")
         assert later.result(timeout=60) == list(range(20))
+
+
+def test_pool_created_in_a_short_lived_thread_keeps_its_workers():
+    holder = []
+    creator = threading.Thread(target=lambda: holder.append(VerifierPool(num_workers=1, timeout_s=30.0)))
+    creator.start()
+    creator.join()
+    with holder[0] as created_pool:
+        results = created_pool.map_async(time.sleep, [(0.5,)], on_failure=lambda reason: reason).result(timeout=60)
+        assert results == [None]
+        assert not created_pool.failures
