@@ -16,7 +16,7 @@ demo: setup
 	$(PY) -m polaris_jax.main --config=configs/grpo_tiny.py --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest tests -x -q --timeout=900
+	$(PY) -m pytest tests --timeout=900 --durations=10
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b; done
