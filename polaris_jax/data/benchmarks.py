@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from polaris_jax.data import sources
+from polaris_jax.data.latex_box import last_boxed
 
 R1_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # Instructions that benchmark files append to the problem themselves; stripped on load so
@@ -116,9 +117,7 @@ def normalize_row(row: Mapping[str, Any], index: int) -> dict[str, str]:
     elif row.get("answer") is not None:
         answer = answer_to_str(row["answer"])
     elif isinstance(row.get("solution"), str):
-        # The reward's own box parser, so gold and prediction are read the same way.
-        from polaris_jax.rewards.extraction import last_boxed
-
+        # The same box parser the reward uses, so gold and prediction are read the same way.
         answer = last_boxed(row["solution"]).answer
         if not answer:
             raise ValueError("no answer field and no balanced \\boxed{} in the solution")
