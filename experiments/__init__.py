@@ -1,0 +1,1 @@
+"""Launch scripts and sweeps (run as `python experiments/launch.py` / `python experiments/sweep.py`)."""

@@ -1,0 +1,172 @@
+"""Launch a config: run it locally, or as an xmanager experiment (one work unit per run).
+
+    python experiments/launch.py --config=configs/sft_tiny.py --workdir=runs/sft_tiny
+    python experiments/launch.py --config=configs/sft_tiny.py:lora --workdir=runs/lora \
+        --set=train.steps=50 --set=optimizer.peak_lr=1e-2
+    python experiments/launch.py ... --dry_run            # print the exact command line, run nothing
+    python experiments/launch.py ... --launcher=xm        # needs the `xm` extra: pip install -e .[xm]
+
+A run is `python -m polaris_jax.main --config=C --workdir=W --config.k=v ...` started from the
+repository root. Its stdout and stderr go to W/stdout.log and W/stderr.log; the final JSON line the
+entry point prints is parsed into W/result.json with the exit status, which is what sweeps read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Mapping, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run: a config file (with optional `:arg`), its workdir and `--config.key=value` overrides."""
+
+    config: str
+    workdir: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    name: str = ""
+
+    def __post_init__(self):
+        path = self.config.split(":", 1)[0]
+        if not path.endswith(".py"):
+            raise ValueError(f"config {self.config!r} is not a configs/*.py file (optionally with :arg)")
+        if not self.workdir:
+            raise ValueError("workdir is empty")
+        for key, _ in self.overrides:
+            if not key or key.startswith("-") or " " in key:
+                raise ValueError(f"override key {key!r} must be a dotted config path like train.steps")
+
+
+def format_value(value) -> str:
+    """How a Python value is written on the command line for ml_collections' config flags."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'train.steps=50' -> ('train.steps', '50'); the value stays a string, parsed by config_flags."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not KEY=VALUE")
+    return key.strip(), value
+
+
+def command(run: RunSpec, python: str = sys.executable) -> list[str]:
+    """The exact argv of a run (run from the repository root)."""
+    argv = [python, "-m", "polaris_jax.main", f"--config={run.config}", f"--workdir={os.path.abspath(run.workdir)}"]
+    argv += [f"--config.{key}={format_value(value)}" for key, value in run.overrides]
+    return argv
+
+
+def shell_line(argv: Sequence[str]) -> str:
+    return f"cd {shlex.quote(REPO_ROOT)} && {shlex.join(argv)}"
+
+
+def final_json(stdout_text: str) -> dict | None:
+    """The last line of a run's stdout that is a JSON object: the entry point's final metrics."""
+    for line in reversed(stdout_text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def write_json_atomic(path: str, value) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def read_result(workdir: str) -> dict | None:
+    path = os.path.join(workdir, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None,
+              timeout_s: float | None = None) -> dict:
+    """Runs one config to completion in a subprocess; returns (and writes) its result record.
+
+    The record is {name, status: ok | failed | timeout, returncode, seconds, metrics, overrides,
+    command}; a failure never raises, so one bad run cannot stop its neighbours in a sweep."""
+    os.makedirs(run.workdir, exist_ok=True)
+    argv = command(run, python)
+    start = time.monotonic()
+    with open(os.path.join(run.workdir, "stdout.log"), "w") as out, \
+            open(os.path.join(run.workdir, "stderr.log"), "w") as err:
+        try:
+            proc = subprocess.run(argv, cwd=REPO_ROOT, stdout=out, stderr=err, timeout=timeout_s,
+                                  env=dict(os.environ if env is None else env))
+            status, returncode = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+        except subprocess.TimeoutExpired:
+            status, returncode = "timeout", None
+    with open(os.path.join(run.workdir, "stdout.log")) as f:
+        metrics = final_json(f.read())
+    if status == "ok" and metrics is None:
+        status = "failed"  # finished without its final metrics line
+    record = {"name": run.name or os.path.basename(os.path.normpath(run.workdir)), "status": status,
+              "returncode": returncode, "seconds": round(time.monotonic() - start, 1), "metrics": metrics or {},
+              "overrides": {k: format_value(v) for k, v in run.overrides}, "config": run.config,
+              "command": shlex.join(argv)}
+    if status != "ok":
+        record["error"] = _last_error_line(os.path.join(run.workdir, "stderr.log"))
+    write_json_atomic(os.path.join(run.workdir, RESULT_FILE), record)
+    return record
+
+
+def _last_error_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or [""])[-1][:500]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (becomes --config.KEY=VALUE)")
+    parser.add_argument("--launcher", choices=("local", "xm"), default="local")
+    parser.add_argument("--dry_run", action="store_true", help="print the command line and exit")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs polaris_jax.main")
+    args = parser.parse_args(argv)
+    run = RunSpec(config=args.config, workdir=args.workdir, overrides=tuple(parse_override(s) for s in args.set))
+    if args.dry_run:
+        print(shell_line(command(run, args.python)))
+        return 0
+    if args.launcher == "xm":
+        from experiments import xm_launch
+        xm_launch.launch([run], title=f"polaris_jax {os.path.basename(run.workdir)}", python=args.python)
+        record = read_result(run.workdir) or {"status": "failed", "metrics": {}}
+    else:
+        record = run_local(run, python=args.python)
+    print(json.dumps(record, sort_keys=True))
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    sys.exit(main())
