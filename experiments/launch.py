@@ -50,8 +50,8 @@ def format_value(value) -> str:
     """How a Python value is written on the command line for ml_collections' config flags."""
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, (tuple, list)):  # a Python literal: config_flags parses tuples with literal_eval
+        return repr(tuple(value))
     return str(value)
 
 

@@ -104,17 +104,23 @@ def model_config_for(config, model_preset: str):
                              f"to plan with that preset's shape")
     tokenizer = None
     if "overrides" in m and m.overrides.get("vocab_size", None) == 0:
-        if "synthetic" not in config or not config.synthetic.task:
-            raise app.UsageError("model.overrides.vocab_size=0 takes the tokenizer's size, which this config "
-                                 "only knows at run time; pass --model=PRESET or --config.model.overrides.vocab_size")
-        with tempfile.TemporaryDirectory() as tmp:  # the vocabulary comes from the synthetic task's tokenizer
-            tokenizer = sft_setup.load_tokenizer(config, tmp)[0]
+        # The vocabulary is the synthetic task's tokenizer's, which the run writes at start-up.
+        with tempfile.TemporaryDirectory() as tmp:
+            if "synthetic" in config and config.synthetic.task:
+                tokenizer = sft_setup.load_tokenizer(config, tmp)[0]
+            elif config.get("job", "") == "demo":
+                from polaris_jax.data import synthetic_arith
+                tokenizer = synthetic_arith.build_tokenizer(tmp)
+            else:
+                raise app.UsageError("model.overrides.vocab_size=0 takes the tokenizer's size, which this config "
+                                     "only knows at run time; pass --model=PRESET or "
+                                     "--config.model.overrides.vocab_size=N")
     return sft_setup.model_config_from(config, tokenizer)
 
 
 def shape_defaults(config) -> dict:
     """PlanRequest fields implied by an SFT or GRPO config (before flags)."""
-    if config.get("job", "sft") == "grpo":
+    if "rollout" in config and "schedule" in config:  # the GRPO schema (jobs grpo and demo)
         rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
         length = config.data.max_prompt_len + max(config.schedule.max_response_len)
         return dict(batch_size=rows // config.algo.minibatches, seq_len=length,

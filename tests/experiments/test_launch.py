@@ -1,0 +1,90 @@
+"""experiments/launch.py: exact command lines in dry-run, result parsing, failure records, xm argv."""
+
+import importlib.util
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from experiments import launch, xm_launch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_dry_run_prints_the_exact_command(tmp_path):
+    proc = subprocess.run([sys.executable, "experiments/launch.py", "--config=configs/sft_tiny.py:lora",
+                           f"--workdir={tmp_path}/run", "--set=train.steps=5",
+                           "--set=data.sources=('a b.jsonl',)", "--dry_run"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    cd, _, cmd = line.partition(" && ")
+    assert cd == f"cd {REPO_ROOT}"
+    assert shlex.split(cmd) == [sys.executable, "-m", "polaris_jax.main", "--config=configs/sft_tiny.py:lora",
+                                f"--workdir={tmp_path}/run", "--config.train.steps=5",
+                                "--config.data.sources=('a b.jsonl',)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_printed_command_is_what_main_accepts(tmp_path):
+    """The dry-run line, run through a shell, reaches polaris_jax.main's config parsing: a bad key is
+    refused by name (so the quoting and flag spelling survived the trip)."""
+    argv = ["--config=configs/sft_tiny.py", f"--workdir={tmp_path}", "--set=train.no_such_key=1", "--dry_run"]
+    line = subprocess.run([sys.executable, "experiments/launch.py", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr
+
+
+def test_final_json_is_the_last_json_object_line():
+    out = 'step 1/2 [###] loss=1\n{"a": 1}\nnoise {not json}\n{"loss": 0.5, "step": 2}\nI0000 log line\n'
+    assert launch.final_json(out) == {"loss": 0.5, "step": 2}
+    assert launch.final_json("no json here\n[1, 2]\n") is None
+
+
+def test_a_failing_run_is_recorded_not_raised(tmp_path):
+    run = launch.RunSpec(config="configs/sft_tiny.py", workdir=str(tmp_path / "bad"),
+                         overrides=(("train.no_such_key", 1),), name="bad")
+    record = launch.run_local(run, timeout_s=120)
+    assert record["status"] == "failed" and record["returncode"] not in (0, None)
+    assert "no_such_key" in record["error"]
+    assert json.loads((tmp_path / "bad" / "result.json").read_text()) == record
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(config="configs/sft_tiny", workdir="w"), "configs/\\*.py"),
+    (dict(config="configs/sft_tiny.py", workdir=""), "workdir is empty"),
+    (dict(config="configs/sft_tiny.py", workdir="w", overrides=(("--x", 1),)), "dotted config path"),
+])
+def test_bad_run_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        launch.RunSpec(**kwargs)
+
+
+def test_values_are_written_as_config_flags_parse_them():
+    assert launch.format_value(3e-4) == "0.0003"
+    assert launch.format_value(True) == "True"
+    assert launch.format_value((2, 2)) == "(2, 2)"
+    assert launch.format_value(["a.jsonl"]) == "('a.jsonl',)"  # quoted, or config_flags keeps one string
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        launch.parse_override("novalue")
+
+
+def test_xm_work_units_run_the_local_launcher():
+    run = launch.RunSpec(config="configs/grpo_tiny.py", workdir="/tmp/w", overrides=(("algo.clip_high", 0.28),))
+    assert xm_launch.work_unit_argv(run) == [str(REPO_ROOT / "experiments" / "launch.py"),
+                                             "--config=configs/grpo_tiny.py", "--workdir=/tmp/w",
+                                             "--set=algo.clip_high=0.28"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xmanager") is not None, reason="xmanager is installed")
+def test_xm_launcher_without_the_extra_names_it(tmp_path):
+    proc = subprocess.run([sys.executable, "experiments/launch.py", "--config=configs/sft_tiny.py",
+                           f"--workdir={tmp_path}", "--launcher=xm"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "pip install -e '.[xm]'" in proc.stderr
