@@ -1,0 +1,128 @@
+"""Token losses computed from hidden states in sequence chunks, shared by the SFT and GRPO steps.
+
+A 151k-entry vocabulary makes float32 logits [B, T, V] the largest tensor of a step (32K tokens ->
+20 GB). Here the final hidden states are scanned in chunks of `chunk_size` positions; each chunk goes
+through `lm_head`, is reduced to per-token numbers (target log-probability, log-normaliser, entropy)
+and dropped. The chunk body is rematerialised, so the backward pass also holds one chunk of logits.
+
+Conventions: `targets_bt[b, t]` is the token predicted at position t (the next token of the same
+sequence); `loss_mask_bt` (or `weights_bt`) is 1 where that prediction is trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from polaris_jax.models.transformer import forward, lm_head
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """How a token loss is computed; hashable, so it can be closed over by a jitted step."""
+
+    chunk_size: int = 512  # sequence positions per lm_head chunk
+    z_loss_coef: float = 0.0  # PaLM's z-loss: coef * mean(logsumexp(logits)^2)
+    router_aux_coef: float | None = None  # MoE load balancing; None takes the model config's coefficient
+    temperature: float = 1.0  # logits are divided by this before the softmax (GRPO samples at T != 1)
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def _chunk_stats(config, params, hidden_bcd, targets_bc, temperature: float, with_entropy: bool):
+    logits_bcv = lm_head(config, params, hidden_bcd)
+    if temperature != 1.0:
+        logits_bcv = logits_bcv / temperature
+    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+    out = {"logprobs": target_logit_bc - lse_bc, "lse": lse_bc}
+    if with_entropy:
+        probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
+        out["entropy"] = lse_bc - jnp.sum(probs_bcv * logits_bcv, axis=-1)
+    return out
+
+
+def hidden_token_stats(config, params, hidden_btd, targets_bt, *, chunk_size: int = 512,
+                       temperature: float = 1.0, with_entropy: bool = False) -> dict:
+    """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D]."""
+    b, t, d = hidden_btd.shape
+    chunk = min(chunk_size, t)
+    num_chunks = -(-t // chunk)
+    pad = num_chunks * chunk - t
+    if pad:
+        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    hidden_nbcd = hidden_btd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
+    targets_nbc = targets_bt.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        hidden_bcd, targets_bc = xs
+        return carry, _chunk_stats(config, params, hidden_bcd, targets_bc, temperature, with_entropy)
+
+    _, stats_nbc = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_nbc)
+
+
+def token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *, chunk_size: int = 512,
+                temperature: float = 1.0, with_entropy: bool = False) -> dict:
+    """Runs the model and returns per-token {logprobs, lse[, entropy]} [B, T] plus `router_aux_loss` (scalar)."""
+    hidden_btd, _, aux = forward(config, params, tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt,
+                                 return_hidden=True, return_aux=True)
+    stats = hidden_token_stats(config, params, hidden_btd, targets_bt, chunk_size=chunk_size,
+                               temperature=temperature, with_entropy=with_entropy)
+    stats["router_aux_loss"] = aux["router_aux_loss"]
+    return stats
+
+
+def token_logprobs(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *,
+                   chunk_size: int = 512, temperature: float = 1.0) -> jax.Array:
+    """log p(targets_bt[b, t] | tokens up to t), float32 [B, T]."""
+    return token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt,
+                       chunk_size=chunk_size, temperature=temperature)["logprobs"]
+
+
+def token_logprobs_and_entropy(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *,
+                               chunk_size: int = 512, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log-probabilities of the targets, entropy of the predictive distribution), both float32 [B, T]."""
+    stats = token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt,
+                        chunk_size=chunk_size, temperature=temperature, with_entropy=True)
+    return stats["logprobs"], stats["entropy"]
+
+
+def router_aux_coef(config, settings: LossSettings) -> float:
+    if not config.is_moe:
+        return 0.0
+    return config.router_aux_loss_coef if settings.router_aux_coef is None else settings.router_aux_coef
+
+
+def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(), *,
+             num_target_tokens=None, aux_weight: float = 1.0):
+    """Token-mean cross entropy over `loss_mask_bt`, plus optional z-loss and MoE router loss.
+
+    Args:
+      batch: tokens_bt, positions_bt, segment_ids_bt, targets_bt, loss_mask_bt ([B, T] each).
+      num_target_tokens: the denominator of the token mean. Gradient accumulation passes the count
+        over the whole batch so that summing microbatch losses gives the full-batch token mean.
+      aux_weight: scale of the router loss (1 / number of microbatches when accumulating).
+    Returns:
+      (loss, terms) where terms holds the summed numerators and the router loss for metrics.
+    """
+    mask_bt = batch["loss_mask_bt"].astype(jnp.float32)
+    stats = token_stats(config, params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"],
+                        batch["targets_bt"], chunk_size=settings.chunk_size, temperature=settings.temperature)
+    if num_target_tokens is None:
+        num_target_tokens = jnp.maximum(jnp.sum(mask_bt), 1.0)
+    ce_sum = -jnp.sum(stats["logprobs"] * mask_bt)
+    z_sum = jnp.sum(jnp.square(stats["lse"]) * mask_bt)
+    router = stats["router_aux_loss"]
+    loss = (ce_sum + settings.z_loss_coef * z_sum) / num_target_tokens
+    loss = loss + aux_weight * router_aux_coef(config, settings) * router
+    terms = {"ce_sum": ce_sum, "z_sum": z_sum, "router_aux_loss": aux_weight * router}
+    return loss, terms

@@ -1,0 +1,107 @@
+"""The SFT train step: a pure `step(state, batch, rng) -> (state, metrics)`, jitted over a Mesh.
+
+    step = make_sft_step(model_config, optimizer, schedule, mesh=mesh, rules=rules,
+                         state_shardings=shardings, loss_settings=LossSettings(), microbatches=4)
+    state, metrics = step(state, batch, rng)
+
+The state is donated. With `microbatches > 1` the batch is split along its rows and gradients are
+summed over a `lax.scan`; every microbatch divides by the token count of the whole batch, so the
+result is the full-batch token mean, not a mean of microbatch means. Mixed precision comes from the
+model config: params are kept in `param_dtype` (float32 masters) and cast to `compute_dtype` in
+every matmul; gradients and optimiser moments stay in `param_dtype`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.train import losses
+from polaris_jax.train import partitioning
+from polaris_jax.train import state as state_lib
+
+
+def split_microbatches(batch: dict, microbatches: int) -> dict:
+    """[B, T] -> [M, B/M, T]; microbatch m takes rows m, m+M, ... so each keeps every data shard busy."""
+    def split(x_bt):
+        b = x_bt.shape[0]
+        if b % microbatches:
+            raise ValueError(f"batch of {b} rows does not split into {microbatches} microbatches")
+        return x_bt.reshape(b // microbatches, microbatches, *x_bt.shape[1:]).swapaxes(0, 1)
+    return {key: split(batch[key]) for key in partitioning.BATCH_KEYS}
+
+
+def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, microbatch_sharding=None):
+    """Sum over microbatches of (grad, aux) of `loss_fn(trainable, microbatch) -> (loss, aux)`.
+
+    Gradients are accumulated in float32 and returned in the trainable dtype."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, aux), grads = grad_fn(trainable, batch)
+        return loss, aux, grads
+    micro = split_microbatches(batch, microbatches)
+    if microbatch_sharding is not None:
+        micro = jax.lax.with_sharding_constraint(micro, {k: microbatch_sharding for k in micro})
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    _, aux_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], micro)))
+    carry0 = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), zeros)
+
+    def body(carry, mb):
+        loss_acc, aux_acc, grad_acc = carry
+        (loss, aux), grads = grad_fn(trainable, mb)
+        grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+        return (loss_acc + loss, jax.tree.map(jnp.add, aux_acc, aux), grad_acc), None
+
+    (loss, aux, grads), _ = jax.lax.scan(body, carry0, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    return loss, aux, grads
+
+
+def sft_step_fn(model_config, optimizer, schedule, loss_settings: losses.LossSettings, microbatches: int = 1,
+                microbatch_sharding=None):
+    """The un-jitted step; `make_sft_step` wraps it with shardings and donation."""
+    def step(state, batch, rng):
+        del rng  # SFT has no stochastic layers; the argument keeps one signature for the SFT and GRPO steps
+        frozen = state["frozen"]
+        num_target_tokens = jnp.maximum(jnp.sum(batch["loss_mask_bt"].astype(jnp.float32)), 1.0)
+
+        def loss_fn(trainable, mb):
+            params = state_lib.combine(trainable, frozen)
+            return losses.sft_loss(model_config, params, mb, loss_settings, num_target_tokens=num_target_tokens,
+                                   aux_weight=1.0 / microbatches)
+
+        loss, terms, grads = accumulate_gradients(loss_fn, state["params"], batch, microbatches,
+                                                  microbatch_sharding)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "ce_loss": terms["ce_sum"] / num_target_tokens,
+            "z_loss": terms["z_sum"] / num_target_tokens,
+            "router_aux_loss": terms["router_aux_loss"],
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "learning_rate": schedule(state["step"]),
+            "target_tokens": num_target_tokens,
+        }
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    return step
+
+
+def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardings: dict, rules=DEFAULT_RULES,
+                  loss_settings: losses.LossSettings = losses.LossSettings(), microbatches: int = 1,
+                  batch_shape: tuple[int, int] | None = None):
+    """Jitted `step(state, batch, rng) -> (state, metrics)` with explicit shardings; the state is donated."""
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    micro_shape = None if batch_shape is None else (microbatches, batch_shape[0] // microbatches, batch_shape[1])
+    micro_sharding = NamedSharding(mesh, partitioning.batch_spec(mesh, rules, micro_shape, leading=1))
+    step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
+    rep = partitioning.replicated(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
