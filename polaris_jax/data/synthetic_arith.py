@@ -17,6 +17,7 @@ only reward can remove (the demo must show RL doing its job, not SFT):
   * `correct`: every step right;
   * `slip`: one step is off by 1 or 2 and later steps carry the wrong value on (a careless
     solver; the final answer is wrong);
+  * `skip`: one operation is forgotten (every line is right arithmetic, the procedure is not);
   * `lazy`: an empty think block and a guessed answer (a solver that skips the work).
 A policy fitted to such a mixture is right about as often as the share of correct traces;
 GRPO, rewarded by the math verifier, learns to always do the work and to stop slipping.
@@ -38,7 +39,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from polaris_jax.data import chat_template as chat_template_lib
 from polaris_jax.data.tokenizer import Tokenizer
 
-TRACE_KINDS = ("correct", "slip", "lazy")
+TRACE_KINDS = ("correct", "slip", "skip", "lazy")
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _WORD_TOKENS = ("<think>", "</think>", "\\boxed{", "user", "assistant", "system")
 _CHARS = tuple("0123456789+-*=()}{ \n")
@@ -126,9 +127,20 @@ def trace_text(problem: Problem, kind: str, rng: np.random.Generator, *, task: A
                 offsets = [d for d in (-2, -1, 1, 2) if 0 <= value + d <= task.max_value]
                 value += offsets[int(rng.integers(len(offsets)))]
             values.append(value)
+    elif kind == "skip":
+        drop = int(rng.integers(1, len(problem.operands)))
+        kept = [i for i in range(1, len(problem.operands)) if i != drop]
+        operands = (problem.operands[0],) + tuple(problem.operands[i] for i in kept)
+        ops = tuple(problem.ops[i - 1] for i in kept)
+        shortened = Problem(operands, ops)
+        if all(0 <= v <= task.max_value for v in shortened.running_values()):
+            values = shortened.running_values()
+            steps = _steps_text(operands, ops, values)
+            return f"<think>\n{steps}</think>\n\n\\boxed{{{values[-1]}}}"
+        values = problem.running_values()  # dropping that step leaves the task's range: no slip then
     elif kind == "lazy":
         guess = int(rng.integers(0, task.max_operands * task.max_operand + 1))
-        return f"<think>\n</think>\n\n\\boxed{{{guess}}}"
+        return f"<think>\n\n</think>\n\n\\boxed{{{guess}}}"
     else:
         raise ValueError(f"trace kind {kind!r} is not one of {TRACE_KINDS}")
     return f"<think>\n{_steps_text(problem.operands, problem.ops, values)}</think>\n\n\\boxed{{{values[-1]}}}"

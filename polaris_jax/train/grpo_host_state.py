@@ -1,0 +1,61 @@
+"""The host side of a GRPO run's state, saved inside each orbax checkpoint beside the train state.
+
+Everything else a step needs is a pure function of (config, step): sampler seeds, shuffling, the
+Polaris substitution draw. What is left is where the prompt stream stands and the rollout-rescue
+buffer; `HostState` carries both through the checkpoint's `data` item (grain's JSON handler, which
+accepts any object with get_state / set_state), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from polaris_jax.train.rl import RolloutRescueBuffer
+
+
+class PersistentRescueBuffer(RolloutRescueBuffer):
+    """A rollout-rescue buffer that can be written to and read from JSON."""
+
+    def to_json(self) -> list:
+        return [[prompt_id, {k: [v.dtype.str, v.tolist()] for k, v in row.items()}]
+                for prompt_id, row in self._store.items()]
+
+    def load_json(self, entries: list) -> None:
+        self._store.clear()
+        for prompt_id, row in entries:
+            self._store[prompt_id] = {k: np.asarray(values, dtype=np.dtype(dtype)) for k, (dtype, values) in row.items()}
+
+
+class HostState:
+    """Prompt-stream position and rescue buffer; `snapshot()` freezes them for an async save."""
+
+    def __init__(self, rescue: PersistentRescueBuffer | None = None):
+        self.stage = 0
+        self.position = 0
+        self.rescue = rescue
+        self._frozen: bytes | None = None
+
+    def to_bytes(self) -> bytes:
+        payload = {"stage": self.stage, "position": self.position,
+                   "rescue": None if self.rescue is None else self.rescue.to_json()}
+        return json.dumps(payload).encode()
+
+    def snapshot(self) -> "HostState":
+        copy = HostState()
+        copy._frozen = self.to_bytes()
+        return copy
+
+    # grain's checkpoint handler protocol --------------------------------------------------
+    def get_state(self) -> bytes:
+        return self._frozen if self._frozen is not None else self.to_bytes()
+
+    def set_state(self, state: bytes) -> None:
+        payload = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.stage, self.position = int(payload["stage"]), int(payload["position"])
+        if self.rescue is not None and payload.get("rescue") is not None:
+            self.rescue.load_json(payload["rescue"])
+
+    def start_prefetch(self) -> None:
+        """Nothing to prefetch; grain calls this after a restore."""
