@@ -4,9 +4,17 @@ The cache is a plain dict pytree, passed in and returned (never held by a module
   k, v:      [layers, batch, max_len, kv_heads, head_dim]
   valid_bs:  [batch, max_len] bool, True on slots that hold a real token
   end:       int32 scalar, the next slot to write (shared by the batch)
+
+`init_cache(..., per_layer=True)` builds the decode layout instead: k and v are tuples with one
+`HeadMajorKV` per layer, keys stored [batch, kv_heads, head_dim, max_len] and values
+[batch, kv_heads, max_len, head_dim]. Both attention products are then plain batched matmuls over
+(batch, kv_heads) with no transpose of the cache, and every layer is its own buffer, so a decode step
+updates the cache in place and never copies a layer out of a stack (which XLA on CPU does).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +22,40 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax instead of NaN
 
 
-def init_cache(config, batch: int, max_len: int, dtype=None) -> dict:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeadMajorKV:
+    """One layer's cached keys [B, K, H, S] (`keys=True`) or values [B, K, S, H], in the decode layout."""
+
+    data: jax.Array
+    keys: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def length_axis(self) -> int:
+        return 3 if self.keys else 2
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def astype(self, dtype) -> "HeadMajorKV":
+        return dataclasses.replace(self, data=self.data.astype(dtype))
+
+    def replace_data(self, data) -> "HeadMajorKV":
+        return dataclasses.replace(self, data=data)
+
+
+def init_cache(config, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> dict:
     dtype = dtype or config.dtype
+    meta = dict(valid_bs=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32))
+    if per_layer:
+        kv, h = config.num_kv_heads, config.head_dim
+        return dict(k=tuple(HeadMajorKV(jnp.zeros((batch, kv, h, max_len), dtype), True)
+                            for _ in range(config.num_layers)),
+                    v=tuple(HeadMajorKV(jnp.zeros((batch, kv, max_len, h), dtype), False)
+                            for _ in range(config.num_layers)), **meta)
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                valid_bs=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32))
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), **meta)
 
 
 def self_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
@@ -37,7 +74,11 @@ def cache_mask(valid_bs: jnp.ndarray, end: jnp.ndarray, num_new: int) -> jnp.nda
 
 
 def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jnp.ndarray:
-    """Softmax attention in float32 with GQA; returns [B, T, N, H] in q's dtype."""
+    """Softmax attention in float32 with GQA; returns [B, T, N, H] in q's dtype.
+
+    k and v are [B, S, K, H] arrays, or `HeadMajorKV` layers of the decode cache."""
+    if isinstance(k_bskh, HeadMajorKV):
+        return _head_major_attention(q_btnh, k_bskh.data, v_bskh.data, mask_bts)
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
@@ -49,8 +90,33 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jnp.ndarray:
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+def _head_major_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jnp.ndarray:
+    """`grouped_attention` over the decode layout. A single query token is computed as broadcast
+    multiply-and-reduce: on CPU that is one fused loop per product, where a batched dot of
+    [groups x head_dim] matrices costs more in overhead and relayouts than in arithmetic."""
+    b, t, n, h = q_btnh.shape
+    kv = k_bkhs.shape[1]
+    q_bktgh = jnp.swapaxes(q_btnh.reshape(b, t, kv, n // kv, h), 1, 2).astype(jnp.float32) * (h ** -0.5)
+    if t == 1:
+        scores = jnp.sum(q_bktgh[:, :, 0, :, :, None] * k_bkhs[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
+    else:
+        scores = jnp.einsum("bktgh,bkhs->bkgts", q_bktgh, k_bkhs, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if t == 1:
+        out = jnp.sum(probs[:, :, :, 0, :, None] * v_bksh[:, :, None].astype(jnp.float32), axis=3)[:, None]
+    else:
+        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
 def write_cache_layer(k_cache_bskh, v_cache_bskh, k_btkh, v_btkh, end):
-    """Writes this call's keys/values at slot `end` of one layer's cache."""
+    """Writes this call's keys/values at slot `end` of one layer's cache (either layout)."""
+    if isinstance(k_cache_bskh, HeadMajorKV):
+        k_bkht = jnp.transpose(k_btkh, (0, 2, 3, 1)).astype(k_cache_bskh.dtype)
+        v_bkth = jnp.transpose(v_btkh, (0, 2, 1, 3)).astype(v_cache_bskh.dtype)
+        return (k_cache_bskh.replace_data(jax.lax.dynamic_update_slice_in_dim(k_cache_bskh.data, k_bkht, end, axis=3)),
+                v_cache_bskh.replace_data(jax.lax.dynamic_update_slice_in_dim(v_cache_bskh.data, v_bkth, end, axis=2)))
     k_cache_bskh = jax.lax.dynamic_update_slice_in_dim(k_cache_bskh, k_btkh.astype(k_cache_bskh.dtype), end, axis=1)
     v_cache_bskh = jax.lax.dynamic_update_slice_in_dim(v_cache_bskh, v_btkh.astype(v_cache_bskh.dtype), end, axis=1)
     return k_cache_bskh, v_cache_bskh

@@ -2,6 +2,11 @@
 
 Layers are stacked per kind (dense / moe) and run with `lax.scan`; a config whose kinds interleave
 (`mlp_only_layers`, `decoder_sparse_step`) is run as consecutive scans over contiguous runs.
+
+Decode layout: when the params hold each kind's layers as a tuple of per-layer dicts
+(`unstack_layers`) or the cache is per-layer (`init_cache(per_layer=True)`), the layers run one by one
+instead. Every layer's weights and cache are then separate buffers: XLA on CPU otherwise copies each
+layer's slice out of the stack at every step, which dominates single-token decoding.
 """
 
 from __future__ import annotations
@@ -28,7 +33,41 @@ def _run_params(config, params, kind: str, first: int, count: int):
     offset = sum(c for k, f, c in config.layer_runs() if k == kind and f < first)
     if offset == 0 and count == config.num_layers_of(kind):
         return stack
+    if isinstance(stack, (list, tuple)):
+        return tuple(stack[offset:offset + count])
     return jax.tree.map(lambda p: p[offset:offset + count], stack)
+
+
+def unstack_layers(params) -> dict:
+    """The decode layout of the params: each `<kind>_layers` stack becomes a tuple of per-layer dicts."""
+    out = dict(params)
+    for name, stack in params.items():
+        if name.endswith("_layers") and not isinstance(stack, (list, tuple)):
+            count = jax.tree.leaves(stack)[0].shape[0]
+            out[name] = tuple(jax.tree.map(lambda p, i=i: p[i], stack) for i in range(count))
+    return out
+
+
+def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta):
+    """The same layers as `_scan_run`, one at a time, over per-layer params and caches."""
+    count = len(layers) if isinstance(layers, (list, tuple)) else jax.tree.leaves(layers)[0].shape[0]
+    layer_fn = functools.partial(decoder_layer, config, kind)
+    if config.remat_policy != "none":
+        layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[config.remat_policy], prevent_cse=False)
+    new_k, new_v, stats_list = [], [], []
+    for i in range(count):
+        layer = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda p: p[i], layers)
+        kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+        x_btd, new_kv, stats = layer_fn(layer, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
+        if new_kv is not None:
+            new_k.append(new_kv[0])
+            new_v.append(new_kv[1])
+        stats_list.append(stats)
+    stats = None if stats_list[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *stats_list)
+    if cache_kv is None:
+        return x_btd, (None, stats)
+    pack = tuple if isinstance(cache_kv[0], (list, tuple)) else jnp.stack
+    return x_btd, ((pack(new_k), pack(new_v)), stats)
 
 
 def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta):
@@ -83,6 +122,7 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
         valid_bs, new_end = attn_lib.advance_cache_validity(cache, segment_ids_bt)
         cache_meta = {"end": cache["end"],
                       "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1])}
+    per_layer_cache = cache is not None and isinstance(cache["k"], (list, tuple))
     new_k, new_v, stats_list = [], [], []
     for kind, first, count in config.layer_runs():
         stack = _run_params(config, params, kind, first, count)
@@ -90,14 +130,18 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
         if cache is not None:
             kv = (cache["k"], cache["v"]) if count == config.num_layers else (
                 cache["k"][first:first + count], cache["v"][first:first + count])
-        x_btd, (run_kv, stats) = _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
+        run = _unrolled_run if per_layer_cache or isinstance(stack, (list, tuple)) else _scan_run
+        x_btd, (run_kv, stats) = run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
         if cache is not None:
             new_k.append(run_kv[0])
             new_v.append(run_kv[1])
         if stats is not None:
             stats_list.append(stats)
     if cache is not None:
-        cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
+        if per_layer_cache:
+            cat = lambda xs: tuple(layer for run in xs for layer in run)
+        else:
+            cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
         new_cache = dict(k=cat(new_k), v=cat(new_v), valid_bs=valid_bs, end=new_end)
     hidden_btd = rms_norm(x_btd, params["final_norm"], config.rms_norm_eps)
     out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)

@@ -1,0 +1,53 @@
+"""Rollout sampler: bucketed KV cache, shared prefill, one jitted `while_loop` per cache bucket.
+
+    from polaris_jax.sampling import generate
+    out = generate(config, params, [[1, 2, 3], [4, 5]], max_new_tokens=256, temperature=0.6, top_p=0.95,
+                   n=8, eos_token_ids=(151645,), seed=step)
+    out.tokens[i * 8 + j], out.logprobs[i * 8 + j], out.finish_reasons[i * 8 + j]
+
+Design
+------
+Buckets. Prompts are left-padded to a prompt-length bucket P; the distinct prompts are padded with
+dummy rows to a batch bucket, and the decode rows (prompts x n) to another; the KV cache length runs
+through cache-length buckets (powers of two by default, `Buckets`). Every compiled program is keyed
+only by these bucketed shapes plus the static config and sampling mode, so after a warm-up over the
+buckets no call compiles anything; temperature, top_p, min_p, max_new_tokens, seeds, EOS ids and stop
+sequences are traced values (stop lists are padded to power-of-two shapes).
+
+Shared prefill. `decode_loop.start` runs the forward pass once per distinct prompt, gathers each
+prompt's cache into its n decode rows (row i*n+j reads prompt i) and samples every row's first token
+from the broadcast last-position logits.
+
+Decoding. `decode_loop.decode` is one `lax.while_loop` that feeds one token per row per iteration and
+exits when every row is done or the cache bucket is full; the host then copies the state into the next
+cache bucket (`grow`) and calls decode again. Attention therefore reads the current bucket, never the
+maximum length: at most `growth` (2) times the filled part. Rows finish individually on an EOS id
+("eos"), on the last token of a stop sequence ("stop") or at max_new_tokens ("length"); finished rows
+stop writing outputs and dummy rows start finished.
+
+Cache and weight layout. The cache is per layer and head-major (`models.attention.HeadMajorKV`): keys
+[B, kv_heads, head_dim, S], values [B, kv_heads, S, head_dim], so both attention products are plain
+batched matmuls and the new token is written in place. On CPU the stacked layer weights are first
+copied once per call into one buffer per layer (`unstack_params`): XLA CPU would otherwise copy each
+layer's weights out of the stack at every decode step, which costs more than the step itself.
+
+Sampling. Strategies live in `strategies.py`: greedy (temperature 0) or a categorical draw from the
+temperature-scaled logits after the registered truncations (top-k, top-p, min-p, applied in that
+order). Row r's randomness is `fold_in(fold_in(key(seed), r), t)` for its t-th token, so a row's
+sample depends on the seed and its index only, not on the batch or bucket it ran in.
+
+Log-probabilities. `logprobs[r][t]` is the log-probability of the sampled token under the
+temperature-scaled distribution before top-k/top-p/min-p truncation, which is what verl reports and
+what GRPO's recomputation compares against; for greedy it is under the unscaled distribution.
+
+Weights and sharding. Params are an argument of every call (no copy kept, no recompile when values
+change). With `mesh=`, params must already live on the mesh (`models.sharding.param_shardings`); the
+decode batch is split over the mesh's batch axes and the cache's kv heads over `tensor`, following
+the same logical-axis rules as training. YaRN and every other rope setting come from the model config.
+"""
+
+from polaris_jax.sampling.buckets import Buckets
+from polaris_jax.sampling.sampler import SampleOutput, generate
+from polaris_jax.sampling.strategies import TRUNCATIONS, SamplingSettings, register_truncation, sample
+
+__all__ = ["Buckets", "SampleOutput", "SamplingSettings", "TRUNCATIONS", "generate", "register_truncation", "sample"]

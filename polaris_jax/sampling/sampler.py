@@ -1,0 +1,166 @@
+"""`generate`: validates the request, pads it into buckets, drives the compiled loop, unpads the result."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
+from polaris_jax.models.transformer import unstack_layers
+from polaris_jax.sampling import decode_loop
+from polaris_jax.sampling.buckets import Buckets, round_up
+from polaris_jax.sampling.strategies import SamplingSettings
+
+PAD_ID = 0  # written into left-padding slots, which are masked out
+# Smallest stop-criteria shapes: typical requests (a few EOS ids, a few short stop sequences) share one
+# compiled program; larger ones round up to the next power of two.
+MIN_EOS_IDS, MIN_STOP_SEQUENCES, MIN_STOP_LENGTH = 4, 4, 8
+_unstack = jax.jit(unstack_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Sample j of prompt i is at index i·n + j of every field.
+
+    tokens: generated ids, up to and including the EOS id or the last token of the stop sequence.
+    logprobs: log-probability of each token under the temperature-scaled distribution before
+      top-k / top-p / min-p truncation (verl's convention); under temperature 1 for greedy.
+    finish_reasons: "eos", "stop" (a stop sequence) or "length" (max_new_tokens reached).
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+
+
+def _check_ids(name: str, ids, vocab_size: int) -> list[int]:
+    ids = list(ids)
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    for token in ids:
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+            raise ValueError(f"{name} holds {token!r}, not an integer token id")
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"{name} holds token id {token} outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]
+
+
+def _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens: int, vocab_size: int):
+    """Host arrays of `StopCriteria`, padded to power-of-two shapes so new stop lists rarely recompile."""
+    eos = _check_ids("eos_token_ids", eos_token_ids, vocab_size) if len(eos_token_ids) else []
+    stops = [_check_ids(f"stop_sequences[{i}]", s, vocab_size) for i, s in enumerate(stop_sequences)]
+    eos_e = np.full(round_up(max(len(eos), 1), None, MIN_EOS_IDS), -1, np.int32)
+    eos_e[:len(eos)] = eos
+    width = round_up(max([len(s) for s in stops] + [1]), None, MIN_STOP_LENGTH)
+    stop_sl = np.full((round_up(max(len(stops), 1), None, MIN_STOP_SEQUENCES), width), -1, np.int32)
+    stop_len_s = np.zeros(stop_sl.shape[0], np.int32)
+    for i, seq in enumerate(stops):
+        stop_sl[i, width - len(seq):] = seq
+        stop_len_s[i] = len(seq)
+    return decode_loop.StopCriteria(eos_e=eos_e, stop_sl=stop_sl, stop_len_s=stop_len_s,
+                                    max_new_tokens=np.int32(max_new_tokens))
+
+
+def _batch_shards(mesh, rules) -> int:
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch",), mesh, rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _put(tree, mesh, rules, *, rows: bool):
+    """Explicit host -> device transfer; with a mesh, `rows` arrays are split over the batch axes."""
+    if mesh is None:
+        return jax.device_put(tree)
+
+    def one(x):
+        axes = ("batch",) + (None,) * (np.ndim(x) - 1) if rows else (None,) * np.ndim(x)
+        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, np.shape(x))))
+    return jax.tree.map(one, tree)
+
+
+def _check_params_on_mesh(params, mesh):
+    devices = set(mesh.devices.flat)
+    for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.Array) and not leaf.sharding.device_set <= devices:
+            raise ValueError("params live outside the mesh passed as mesh=; place them with "
+                             "models.sharding.shard_params(params, param_shardings(config, mesh)) first")
+
+
+def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_ids: Sequence[int] = (), seed: int = 0,
+             min_p: float = 0.0, stop_sequences: Sequence[Sequence[int]] = (), mesh=None, rules=DEFAULT_RULES,
+             buckets: Buckets = Buckets(), unstack_params: bool | None = None) -> SampleOutput:
+    """Samples n continuations of every prompt; see the package docstring for the design.
+
+    Args:
+      prompts: token-id lists of any lengths (left-padded internally).
+      max_new_tokens: per-row cap on generated tokens.
+      temperature: 0 means greedy; top_p, top_k (0 = off), min_p (0 = off) truncate after scaling.
+      n: samples per prompt; they share one prefill.
+      eos_token_ids: ids that end a row (finish reason "eos"); none by default.
+      seed: row r of the output draws from fold_in(key(seed), r) whatever the batch around it.
+      stop_sequences: token sequences that end a row once generated (finish reason "stop").
+      mesh, rules: shard the decode batch over the mesh's batch axes; params must already be placed
+        on the mesh (models.sharding.param_shardings).
+      buckets: prompt-length, batch and cache-length buckets.
+      unstack_params: copy the stacked layer weights into one buffer per layer for this call (default:
+        on CPU, where XLA would otherwise copy every layer's weights out of the stack at every step).
+    """
+    if not prompts:
+        raise ValueError("prompts is empty")
+    prompts = [_check_ids(f"prompts[{i}]", p, config.vocab_size) for i, p in enumerate(prompts)]
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive integer")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n={n} must be a positive integer")
+    if int(seed) != seed or not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed={seed} must be an integer in [0, 2**31)")
+    if mesh is not None:
+        _check_params_on_mesh(params, mesh)
+    settings = SamplingSettings.create(temperature, top_p, top_k, min_p, vocab_size=config.vocab_size)
+    criteria = _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens, config.vocab_size)
+
+    num_prompts, rows = len(prompts), len(prompts) * n
+    shards = _batch_shards(mesh, rules)
+    prefill_batch, decode_batch = buckets.batch_size(num_prompts, shards), buckets.batch_size(rows, shards)
+    width = buckets.prompt_length(max(len(p) for p in prompts))
+    prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
+    prompt_len_b = np.zeros(prefill_batch, np.int32)
+    for i, prompt in enumerate(prompts):
+        prompt_bt[i, width - len(prompt):] = prompt
+        prompt_len_b[i] = len(prompt)
+    row_src_d = np.where(np.arange(decode_batch) < rows, np.arange(decode_batch) // n, 0).astype(np.int32)
+    row_live_d = np.arange(decode_batch) < rows
+
+    prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d = _put(
+        (prompt_bt, prompt_len_b, row_src_d, np.arange(decode_batch, dtype=np.int32), row_live_d),
+        mesh, rules, rows=True)
+    settings, criteria, seed_arr = _put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
+
+    if unstack_params is None:
+        unstack_params = jax.default_backend() == "cpu"
+    if unstack_params:
+        params = _unstack(params)
+    cache_len = buckets.cache_length(width + 1)
+    state = decode_loop.start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed_arr,
+                              settings, criteria, cache_len=cache_len, mesh=mesh, rules=rules)
+    while True:
+        state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
+        if bool(jax.device_get(state.done_d).all()):
+            break
+        cache_len = buckets.cache_length(cache_len + 1)
+        state = decode_loop.grow(state, cache_len=cache_len, mesh=mesh, rules=rules)
+
+    tokens_dc, logprobs_dc, num_new_d, reason_d = jax.device_get(
+        (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d))
+    first = width - 1
+    return SampleOutput(
+        tokens=[tokens_dc[r, first:first + num_new_d[r]].tolist() for r in range(rows)],
+        logprobs=[logprobs_dc[r, first:first + num_new_d[r]].tolist() for r in range(rows)],
+        finish_reasons=[decode_loop.FINISH_REASONS[int(reason_d[r])] for r in range(rows)])

@@ -1,0 +1,125 @@
+"""Sampling strategies: greedy, temperature, and the top-k / top-p / min-p truncations, by name.
+
+A strategy is a small function `(logits_bv, keys_b, settings) -> tokens_b`. Truncations are the
+pluggable part: each one is `(scaled_logits_bv, settings) -> scaled_logits_bv` with dropped tokens set
+to -inf, registered by name in `TRUNCATIONS` and applied in the order of `settings.truncations`
+(top-k, then top-p, then min-p, as transformers' warpers do). `sample` runs greedy or the
+temperature-scaled truncated categorical draw and returns the log-probability of each drawn token
+under the temperature-scaled distribution *before* truncation (verl's convention, which GRPO compares
+with its own recomputation); for greedy it is the unscaled (temperature 1) distribution.
+
+`SamplingSettings` is a pytree: temperature, top_p and min_p are traced leaves (changing them never
+recompiles); top_k and the names of the active truncations are static (they fix shapes and code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+TRUNCATIONS: dict[str, Callable] = {}
+# Application order when several truncations are active.
+TRUNCATION_ORDER = ("top_k", "top_p", "min_p")
+
+
+def register_truncation(name: str):
+    """Adds a truncation `(scaled_logits_bv, settings) -> scaled_logits_bv` to the registry."""
+    def wrap(fn):
+        if name in TRUNCATIONS:
+            raise ValueError(f"truncation {name!r} is already registered")
+        TRUNCATIONS[name] = fn
+        return fn
+    return wrap
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """What `sample` draws from; build with `SamplingSettings.create` (validates, picks truncations)."""
+
+    temperature: float | jax.Array = 1.0
+    top_p: float | jax.Array = 1.0
+    min_p: float | jax.Array = 0.0
+    top_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    truncations: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+               vocab_size: int | None = None) -> "SamplingSettings":
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if not 0.0 <= min_p < 1.0:
+            raise ValueError(f"min_p={min_p} must be in [0, 1)")
+        if int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k={top_k} must be a non-negative integer (0 disables it)")
+        if vocab_size is not None and top_k >= vocab_size:
+            top_k = 0  # keeping the whole vocabulary is no truncation
+        active = {"top_k": top_k > 0, "top_p": top_p < 1.0, "min_p": min_p > 0.0}
+        greedy = temperature == 0.0
+        return cls(temperature=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=int(top_k),
+                   greedy=greedy, truncations=() if greedy else tuple(n for n in TRUNCATION_ORDER if active[n]))
+
+
+@register_truncation("top_k")
+def top_k(logits_bv, settings: SamplingSettings):
+    """Keeps the k largest logits (ties with the k-th are kept too, as transformers does)."""
+    kth_b1 = jax.lax.top_k(logits_bv, settings.top_k)[0][:, -1:]
+    return jnp.where(logits_bv >= kth_b1, logits_bv, -jnp.inf)
+
+
+@register_truncation("top_p")
+def top_p(logits_bv, settings: SamplingSettings):
+    """Nucleus: keeps the smallest most-probable set whose probability reaches top_p."""
+    if settings.top_k:  # after top-k only k candidates are finite: sort those, not the vocabulary
+        sorted_bk = jax.lax.top_k(logits_bv, settings.top_k)[0]
+    else:
+        sorted_bk = -jnp.sort(-logits_bv, axis=-1)
+    probs_bk = jnp.exp(sorted_bk - jax.nn.logsumexp(logits_bv, axis=-1, keepdims=True))
+    mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+    kept_bk = mass_before_bk < settings.top_p  # the first token is always kept
+    threshold_b1 = jnp.min(jnp.where(kept_bk, sorted_bk, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
+
+
+@register_truncation("min_p")
+def min_p(logits_bv, settings: SamplingSettings):
+    """Keeps tokens whose probability is at least min_p times the most likely token's."""
+    threshold_b1 = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(settings.min_p)
+    return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
+
+
+def truncate(scaled_logits_bv, settings: SamplingSettings):
+    for name in settings.truncations:
+        if name not in TRUNCATIONS:
+            raise KeyError(f"unknown truncation {name!r}; registered: {sorted(TRUNCATIONS)}")
+        scaled_logits_bv = TRUNCATIONS[name](scaled_logits_bv, settings)
+    return scaled_logits_bv
+
+
+def greedy(logits_bv, keys_b, settings: SamplingSettings):
+    del keys_b, settings
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+
+def categorical(logits_bv, keys_b, settings: SamplingSettings):
+    """Temperature scaling, the active truncations, then one independent draw per row."""
+    scaled_bv = truncate(logits_bv / settings.temperature, settings)
+    return jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32)
+
+
+STRATEGIES: dict[str, Callable] = {"greedy": greedy, "categorical": categorical}
+
+
+def sample(logits_bv, keys_b, settings: SamplingSettings):
+    """Returns (tokens_b int32, logprobs_b float32); see the module docstring for the logprob convention."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    tokens_b = STRATEGIES["greedy" if settings.greedy else "categorical"](logits_bv, keys_b, settings)
+    scaled_bv = logits_bv if settings.greedy else logits_bv / settings.temperature
+    logprobs_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
+    return tokens_b, jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]

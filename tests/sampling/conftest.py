@@ -1,0 +1,33 @@
+"""Shared fixtures: golden tiny models (loaded once) and their greedy-generation references."""
+
+import numpy as np
+import pytest
+
+from polaris_jax.models import load_hf
+from tests.conftest import GOLDEN_DIR
+
+PARITY_MODELS = ("qwen2", "qwen3_tied", "qwen3_untied", "qwen3_moe", "qwen3_yarn")
+
+
+class Golden:
+    def __init__(self, name: str):
+        self.config, self.params = load_hf(GOLDEN_DIR / name, dtype="float32")
+        arrays = np.load(GOLDEN_DIR / name / "golden.npz")
+        mask_bt = arrays["gen_attention_mask"].astype(bool)
+        self.prompts = [row[m].tolist() for row, m in zip(arrays["gen_prompt_ids"], mask_bt)]
+        self.new_ids = [row.tolist() for row in arrays["gen_new_ids"]]  # transformers' greedy generate()
+
+
+_LOADED: dict = {}
+
+
+def golden(name: str) -> Golden:
+    if name not in _LOADED:
+        _LOADED[name] = Golden(name)
+    return _LOADED[name]
+
+
+@pytest.fixture(scope="session")
+def tied():
+    """The model most functional tests share, so they share compiled programs too."""
+    return golden("qwen3_tied")

@@ -1,0 +1,139 @@
+"""Finish reasons, stop sequences, shared prefill, logprobs and per-row randomness of `generate`.
+
+Expected token sequences come from transformers' greedy generate() (golden files) or from a full
+forward pass of the model, never from the sampler itself.
+"""
+
+import numpy as np
+import pytest
+
+from polaris_jax.models import logits
+from polaris_jax.sampling import generate
+
+
+def _first_end(tokens: list[int], is_end) -> int | None:
+    """Index of the first token at which `is_end(tokens[:i + 1])` holds."""
+    return next((i for i in range(len(tokens)) if is_end(tokens[:i + 1])), None)
+
+
+def _expected(reference: list[list[int]], max_new: int, eos=(), stops=()):
+    tokens, reasons = [], []
+    for row in reference:
+        row = row[:max_new]
+        at_eos = _first_end(row, lambda seq: seq[-1] in eos)
+        at_stop = _first_end(row, lambda seq: any(len(seq) >= len(s) and seq[-len(s):] == list(s) for s in stops))
+        ends = [(i, r) for i, r in ((at_eos, "eos"), (at_stop, "stop")) if i is not None]
+        if ends:
+            end, reason = min(ends, key=lambda e: (e[0], e[1] != "eos"))
+            tokens.append(row[:end + 1])
+            reasons.append(reason)
+        else:
+            tokens.append(row)
+            reasons.append("length")
+    return tokens, reasons
+
+
+def test_growing_cache_matches_golden(tied):
+    # Prompt bucket 16, cache buckets 64 -> 128: the loop exits, grows the cache and resumes.
+    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=64, temperature=0.0)
+    assert out.tokens == tied.new_ids
+    assert out.finish_reasons == ["length"] * 3
+
+
+def test_eos_and_length(tied):
+    eos = (tied.new_ids[0][9], tied.new_ids[2][30])
+    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=40, temperature=0.0, eos_token_ids=eos)
+    tokens, reasons = _expected(tied.new_ids, 40, eos=eos)
+    assert "eos" in reasons
+    assert out.tokens == tokens
+    assert out.finish_reasons == reasons
+    assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
+
+
+def test_stop_sequences(tied):
+    stops = (tied.new_ids[1][12:15], tied.new_ids[0][40:42], [255, 254, 253, 252, 251, 250, 249, 248])
+    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=64, temperature=0.0, stop_sequences=stops,
+                   eos_token_ids=(tied.new_ids[2][50],))
+    tokens, reasons = _expected(tied.new_ids, 64, eos=(tied.new_ids[2][50],), stops=stops)
+    assert reasons.count("stop") >= 2
+    assert out.tokens == tokens
+    assert out.finish_reasons == reasons
+
+
+def test_max_new_tokens_one(tied):
+    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=1, temperature=0.0)
+    assert out.tokens == [row[:1] for row in tied.new_ids]
+    assert out.finish_reasons == ["length"] * 3
+
+
+def test_shared_prefill_equals_repeated_prompts(tied):
+    prompts = tied.prompts[:2]
+    shared = generate(tied.config, tied.params, prompts, max_new_tokens=24, temperature=0.0, n=2)
+    repeated = generate(tied.config, tied.params, [p for p in prompts for _ in range(2)], max_new_tokens=24,
+                        temperature=0.0)
+    assert shared.tokens == repeated.tokens
+    assert shared.tokens[0] == tied.new_ids[0][:24] and shared.tokens[3] == tied.new_ids[1][:24]
+    np.testing.assert_allclose(np.array(shared.logprobs), np.array(repeated.logprobs), atol=1e-5)
+
+
+SAMPLING = dict(temperature=0.7, top_k=20, top_p=0.9)
+
+
+def _reference_logprobs(tied, prompts, completions, temperature):
+    """log_softmax(logits / T) at every completion position, from one right-padded full forward."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        ids[row, :len(p) + len(c)] = p + c
+        mask[row, :len(p) + len(c)] = 1
+    logits_btv = np.asarray(logits(tied.config, tied.params, ids, mask), np.float64) / temperature
+    logits_btv -= logits_btv.max(-1, keepdims=True)
+    logprob_btv = logits_btv - np.log(np.exp(logits_btv).sum(-1, keepdims=True))
+    return [logprob_btv[row, len(p) - 1:len(p) + len(c) - 1] for row, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def test_logprobs_are_temperature_scaled_before_truncation(tied):
+    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=20, seed=3, **SAMPLING)
+    references = _reference_logprobs(tied, tied.prompts, out.tokens, SAMPLING["temperature"])
+    for tokens, logprobs, logprob_tv in zip(out.tokens, out.logprobs, references):
+        np.testing.assert_allclose(logprobs, logprob_tv[np.arange(len(tokens)), tokens], atol=2e-4)
+        for t, token in enumerate(tokens):  # every drawn token survives top-k then top-p
+            order = np.argsort(-logprob_tv[t])[:SAMPLING["top_k"]]
+            probs = np.exp(logprob_tv[t][order])
+            probs /= probs.sum()
+            kept = order[np.concatenate([[0.0], np.cumsum(probs)[:-1]]) < SAMPLING["top_p"]]
+            assert token in kept
+
+
+def test_rows_depend_on_seed_and_index_only(tied):
+    base = generate(tied.config, tied.params, tied.prompts, max_new_tokens=20, seed=11, **SAMPLING)
+    again = generate(tied.config, tied.params, tied.prompts, max_new_tokens=20, seed=11, **SAMPLING)
+    assert base.tokens == again.tokens
+    # Other rows around row 0: row 0 still draws the same tokens.
+    batch = [tied.prompts[0], [5, 6, 7], tied.prompts[1][:2]]
+    others = generate(tied.config, tied.params, batch, max_new_tokens=20, seed=11, **SAMPLING)
+    assert others.tokens[0] == base.tokens[0]
+    reseeded = generate(tied.config, tied.params, tied.prompts, max_new_tokens=20, seed=12, **SAMPLING)
+    assert reseeded.tokens != base.tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+    (dict(prompts=[[1, 999]]), "outside the vocabulary"),
+    (dict(prompts=[[1, 2.5]]), "not an integer"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=1.0), "min_p"),
+    (dict(n=0), "n=0"),
+    (dict(eos_token_ids=(300,)), "eos_token_ids"),
+    (dict(stop_sequences=([],)), r"stop_sequences\[0\] is empty"),
+])
+def test_bad_input_is_named(tied, kwargs, message):
+    args = dict(prompts=[[1, 2]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate(tied.config, tied.params, args.pop("prompts"), **args)

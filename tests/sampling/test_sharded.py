@@ -1,0 +1,57 @@
+"""Params and batch sharded on a mesh of 8 fake CPU devices (in a subprocess: the suite runs on 1)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def sharded_run() -> dict:
+    """Runs inside the subprocess: greedy and sampled generation on a data x fsdp x tensor mesh."""
+    import jax
+    from polaris_jax.models import make_mesh, param_shardings
+    from polaris_jax.models.sharding import shard_params
+    from polaris_jax.sampling import decode_loop, generate
+    from tests.sampling.conftest import golden
+
+    model = golden("qwen3_tied")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = shard_params(model.params, param_shardings(model.config, mesh))
+    seen = {}
+    original = decode_loop.decode
+
+    def spec(x):  # JSON-friendly PartitionSpec, padded with None to the array's rank
+        axes = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+        return axes + [None] * (x.ndim - len(axes))
+
+    def spy(*args, **kwargs):
+        state = original(*args, **kwargs)
+        seen["cache_k"] = spec(state.cache["k"][0].data)
+        seen["tokens"] = spec(state.tokens_dc)
+        return state
+
+    decode_loop.decode = spy
+    greedy = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, mesh=mesh)
+    sampled = generate(model.config, params, model.prompts, max_new_tokens=16, temperature=1.0, n=2, seed=4,
+                       mesh=mesh)
+    return dict(devices=jax.device_count(), greedy=greedy.tokens, sampled=sampled.tokens, expected=model.new_ids,
+                **seen)
+
+
+def test_generate_on_eight_device_mesh():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    code = "import json, tests.sampling.test_sharded as t; print('RESULT', json.dumps(t.sharded_run()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["devices"] == 8
+    assert result["greedy"] == result["expected"]
+    assert len(result["sampled"]) == 6 and all(len(t) == 16 for t in result["sampled"])
+    # Batch over (data, fsdp), kv heads over tensor; the decode batch was padded to a multiple of 4.
+    assert result["cache_k"] == [["data", "fsdp"], "tensor", None, None]
+    assert result["tokens"] == [["data", "fsdp"], None]
