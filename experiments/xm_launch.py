@@ -32,6 +32,9 @@ def _import_xmanager():
         from xmanager import xm, xm_local
     except ImportError as e:
         raise SystemExit("--launcher=xm needs xmanager: pip install -e '.[xm]' (the optional `xm` extra)") from e
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # xmanager reads its own absl flags (database, ...); use their defaults
+        flags.FLAGS([sys.argv[0]])
     return xm, xm_local
 
 

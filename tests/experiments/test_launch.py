@@ -88,3 +88,19 @@ def test_xm_launcher_without_the_extra_names_it(tmp_path):
                           timeout=60)
     assert proc.returncode != 0
     assert "pip install -e '.[xm]'" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xmanager") is None, reason="needs the optional `xm` extra")
+def test_xm_sweep_runs_as_one_local_experiment(tmp_path):
+    sweep_file = tmp_path / "s.py"
+    sweep_file.write_text(
+        "def get_sweep(arg=''):\n"
+        "    return dict(config='configs/sft_tiny.py', grid={'optimizer.peak_lr': [0.001, 0.004]},\n"
+        "                base={'train.steps': 1, 'synthetic.num_examples': 32, 'data.batch_size': 4,\n"
+        "                      'data.seq_len': 64, 'export.hf': False, 'checkpoint.async_save': False},\n"
+        "                metrics=('loss',))\n")
+    proc = subprocess.run([sys.executable, "experiments/sweep.py", f"--sweep={sweep_file}", f"--root={tmp_path}/r",
+                           "--launcher=xm"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "r" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and all(",ok," in line for line in summary[1:])
