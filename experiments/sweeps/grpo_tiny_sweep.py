@@ -7,7 +7,8 @@
 Each point is one full demo run (SFT warm start, GRPO, held-out evaluation before and after); the
 summary table lists held-out pass@1 before and after GRPO with the final training reward. The
 `smoke` variant shortens every run (20 SFT steps, 2 + 2 GRPO steps, 16 held-out problems) to check
-the plumbing in minutes; its accuracies mean nothing.
+the plumbing; its accuracies mean nothing. On the 2-core CPU box of this repository (shared with other
+jobs) the 8 smoke points took 20 minutes with --parallel=2, 5-10 minutes each.
 Group size is `rollout.samples_per_prompt` (G in the GRPO paper); clip_high is DAPO's upper clip.
 """
 

@@ -135,3 +135,20 @@ def test_dry_run_prints_one_exact_command_per_point(tmp_path):
     assert f"--workdir={tmp_path}/r/000-peak_lr=0.001-microbatches=1 " in lines[0]
     assert lines[0].endswith("--config.optimizer.peak_lr=0.001 --config.train.microbatches=1 --config.seed=3")
     assert not (tmp_path / "r").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("spec", ["experiments/sweeps/grpo_tiny_sweep.py", "experiments/sweeps/grpo_tiny_sweep.py:smoke"])
+def test_grpo_tiny_sweep_overrides_exist_in_its_config(spec):
+    """Every key the example sweep sets is a field of configs/grpo_tiny.py (a locked config refuses others)."""
+    import importlib.util
+    s = sweep_lib.load_sweep(str(REPO_ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec else ""))
+    assert len(s.points()) >= 4
+    module_spec = importlib.util.spec_from_file_location("grpo_tiny", REPO_ROOT / s.config)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config()
+    for key in {k for point in s.points() for k in point}:
+        node = config
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        assert key.rsplit(".", 1)[-1] in node, key
