@@ -128,7 +128,9 @@ def run(config, workdir: str) -> dict:
         window["steps"] += 1
         ckpt.maybe_save(step, state, iterator, last=step == config.train.steps)
         if step % config.train.log_every == 0 or step == config.train.steps:
-            final = _log(writer, step, accumulator, window, iterator, peak, mesh.devices.size)
+            final = _log(writer, step, accumulator, window, iterator, peak)
+    if window["steps"]:  # the data ran out between two log steps
+        final = _log(writer, step, accumulator, window, iterator, peak)
     ckpt.maybe_save(step, state, iterator, last=True)
     ckpt.close()
     writer.close()
@@ -140,13 +142,15 @@ def run(config, workdir: str) -> dict:
     return final
 
 
-def _log(writer, step, accumulator, window, iterator, peak, num_devices) -> dict:
+def _log(writer, step, accumulator, window, iterator, peak) -> dict:
+    """Averages since the last log; tokens and FLOPs are this host's, so MFU uses this host's devices and
+    tokens/s is scaled by the process count (hosts read equal row counts)."""
     scalars = accumulator.compute()  # fetching the averages waits for the steps to finish
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
-    scalars["tokens_per_s"] = window["tokens"] / elapsed
+    scalars["tokens_per_s"] = window["tokens"] * jax.process_count() / elapsed
     scalars["steps_per_s"] = window["steps"] / elapsed
     if peak:
-        scalars["mfu"] = window["flops"] / elapsed / (peak * num_devices)
+        scalars["mfu"] = window["flops"] / elapsed / (peak * jax.local_device_count())
     scalars.update({f"data/{k}": float(v) for k, v in iterator.stats.items()})
     writer.write_scalars(step, scalars)
     window.update(tokens=0, flops=0.0, steps=0, start=time.perf_counter())

@@ -95,8 +95,11 @@ def sft_step_fn(model_config, optimizer, schedule, loss_settings: losses.LossSet
 
 def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardings: dict, rules=DEFAULT_RULES,
                   loss_settings: losses.LossSettings = losses.LossSettings(), microbatches: int = 1,
-                  batch_shape: tuple[int, int] | None = None):
-    """Jitted `step(state, batch, rng) -> (state, metrics)` with explicit shardings; the state is donated."""
+                  batch_shape: tuple[int, int] | None = None, compiler_options: dict | None = None):
+    """Jitted `step(state, batch, rng) -> (state, metrics)` with explicit shardings; the state is donated.
+
+    `batch_shape` (rows, length) lets the rules skip mesh axes that do not divide the rows;
+    `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} for quick CPU tests)."""
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     micro_shape = None if batch_shape is None else (microbatches, batch_shape[0] // microbatches, batch_shape[1])
@@ -104,4 +107,4 @@ def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardi
     step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
     rep = partitioning.replicated(mesh)
     return jax.jit(step, in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,), compiler_options=compiler_options)

@@ -21,10 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge")
     config = ModelConfig.tiny(vocab_size=32, num_layers=1)
-    paths = []
-    for seed in range(3):
-        params = jax.jit(lambda k: init_params(config, k))(jax.random.PRNGKey(seed))
-        paths.append(save_hf(config, params, tmp / f"ckpt{seed}"))
+    init = jax.jit(lambda k: init_params(config, k))
+    paths = [save_hf(config, init(jax.random.PRNGKey(seed)), tmp / f"ckpt{seed}") for seed in range(3)]
     return tmp, paths
 
 
@@ -56,9 +54,8 @@ def test_merge_refuses_bad_inputs(checkpoints, tmp_path):
         merge_checkpoints([paths[0], str(tmp_path / "missing")], [0.5, 0.5], tmp_path / "out")
     with pytest.raises(ValueError, match="2 checkpoints but 3 weights"):
         merge_checkpoints(paths[:2], [0.2, 0.3, 0.5], tmp_path / "out")
-    other = save_hf(ModelConfig.tiny(vocab_size=32, num_layers=2),
-                    init_params(ModelConfig.tiny(vocab_size=32, num_layers=2), jax.random.PRNGKey(0)),
-                    tmp_path / "deeper")
+    deeper = ModelConfig.tiny(vocab_size=32, num_layers=2)
+    other = save_hf(deeper, jax.jit(lambda k: init_params(deeper, k))(jax.random.PRNGKey(0)), tmp_path / "deeper")
     with pytest.raises(ValueError, match="different architecture"):
         merge_checkpoints([paths[0], other], [0.5, 0.5], tmp_path / "out")
     with pytest.raises(FileExistsError):

@@ -7,7 +7,7 @@ import textwrap
 
 _SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     import jax, numpy as np
     from polaris_jax.models import ModelConfig, make_mesh
     from polaris_jax.models.params import param_shapes
