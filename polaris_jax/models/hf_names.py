@@ -80,7 +80,7 @@ def read_layer_tensor(config, reader, layer: int, kind: str, name: str) -> np.nd
 def _layer_names(config, layer: int) -> list[tuple[str, str, tuple]]:
     """[(hf name, our name, hf shape)] for one layer; experts expand to one entry each."""
     prefix = f"model.layers.{layer}."
-    d, h, n, kv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    d, h, n = config.hidden_size, config.head_dim, config.num_heads
     out = [(prefix + _NORMS["attn_norm"], "attn_norm", (d,)), (prefix + _NORMS["mlp_norm"], "mlp_norm", (d,))]
     out += [(prefix + _ATTN[x] + ".weight", x, (_heads(config, x) * h, d)) for x in ("q", "k", "v")]
     out.append((prefix + _ATTN["o"] + ".weight", "o", (d, n * h)))
