@@ -1,13 +1,17 @@
 """SFT of a tiny Qwen3 on the synthetic arithmetic task, on CPU in about a minute.
 
     python -m polaris_jax.main --config=configs/sft_tiny.py --workdir=/tmp/sft_tiny
-    python -m polaris_jax.main --config=configs/sft_tiny.py:lora --workdir=/tmp/sft_tiny_lora
+    python -m polaris_jax.main --config=configs/sft_tiny.py:lora --workdir=/tmp/sft_tiny_lora \
+        --config.model.init_from=/tmp/sft_tiny/export/hf
 
 The run writes the task's jsonl and character tokenizer into WORKDIR/data, trains, checkpoints
 (orbax, async) and exports WORKDIR/export/hf, the warm start of the GRPO demo. Rerunning the same
 command resumes from the last checkpoint. Variants (the `:arg`):
   ""     full fine-tuning, float32
-  "lora" rank-8 LoRA on every projection with 10x the learning rate (models/lora.py: the ~10x rule)
+  "lora" rank-8 LoRA on every projection, continuing a finished run (init_from its export), at
+         3e-3: ~10x the 3e-4 that suits full fine-tuning of that checkpoint (models/lora.py: the
+         ~10x rule). Measured over 40 steps from a 60-step export: full FT at 3e-4 reached
+         ce 0.88, LoRA at 3e-3 0.89, LoRA at 3e-2 diverged to 2.3.
   "moe"  a tiny Qwen3-MoE with the router load-balancing loss
 """
 
@@ -46,6 +50,6 @@ def get_config(arg: str | None = None):
     if variant == "lora":
         c.lora.rank = 8
         c.lora.alpha = 32.0
-        c.optimizer.peak_lr = 3e-2  # ~10x the full fine-tuning rate
+        c.optimizer.peak_lr = 3e-3  # ~10x the 3e-4 full fine-tuning rate of a trained checkpoint
         c.checkpoint.lora_only = True
     return c.lock()
