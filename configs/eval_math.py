@@ -19,6 +19,8 @@ Outputs: DIR/eval/<benchmark>/samples.jsonl and summary.json.
 
 import ml_collections
 
+from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
+
 _SHARED_DATA = "../shared/data"
 
 
@@ -40,6 +42,8 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     config.max_new_tokens = 32768
     config.seed = 0
     config.force_think = False  # end the prompt with "<think>\n"
+    # Appended to every problem on its own line ("" for none, e.g. a model trained on bare problems).
+    config.instruction = R1_MATH_INSTRUCTION
     # Where the answer may be: "auto" = "require" a </think> when the prompt opens the think
     # block (R1 template, force_think), else "strip"; see rewards.ExtractionConfig.
     config.think_policy = "auto"

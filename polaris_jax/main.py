@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from polaris_jax import distributed  # defines --coordinator_address / --num_processes / --process_id
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -40,11 +43,21 @@ def main(argv):
         raise app.UsageError("--config is required")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    from polaris_jax.distributed import maybe_initialize_distributed
-    maybe_initialize_distributed(config)
+    distributed.maybe_initialize_distributed(config)
     result = resolve_job(config.job)(config, _WORKDIR.value)
     print(json.dumps(result, sort_keys=True, default=float))
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a clear message for a `--config.key` that the config does not have."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        print(f"error: unknown config override among {bad} ({e}); the config is locked, so only existing "
+              "keys can be overridden", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

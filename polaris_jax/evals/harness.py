@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from polaris_jax.data.benchmarks import build_math_prompt, load_benchmark
+from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, build_math_prompt, load_benchmark
 from polaris_jax.evals import metrics as metrics_lib
 from polaris_jax.rewards import ExtractionConfig, VerifierPool, scoring
 
@@ -67,8 +67,13 @@ def resolve_think_policy(config, tokenizer) -> str:
     so a truncated one has no answer) and "strip" otherwise."""
     if config.think_policy != "auto":
         return config.think_policy
-    probe = build_math_prompt("1+1", tokenizer, force_think=config.force_think)
+    probe = _prompt_text(config, "1+1", tokenizer)
     return "require" if probe.endswith("<think>\n") else "strip"
+
+
+def _prompt_text(config, problem: str, tokenizer) -> str:
+    instruction = config.get("instruction", R1_MATH_INSTRUCTION)
+    return build_math_prompt(problem, tokenizer, force_think=config.force_think, instruction=instruction)
 
 
 def _strip_stop(tokens: list[int], finish_reason: str, eos_ids: tuple[int, ...]) -> list[int]:
@@ -84,7 +89,7 @@ def _sample_chunks(config, model_config, params, tokenizer, problems, pool):
     for start in range(0, len(problems), per_chunk):
         chunk = problems[start:start + per_chunk]
         prompts = [
-            tokenizer.encode(build_math_prompt(p["problem"], tokenizer, force_think=config.force_think))
+            tokenizer.encode(_prompt_text(config, p["problem"], tokenizer))
             for p in chunk
         ]
         out = generate(

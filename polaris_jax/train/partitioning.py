@@ -64,9 +64,10 @@ def init_sharded_state(params, optimizer, rng, trainable_mask, shardings: dict) 
     """`state.init_state` with the optimiser state created in its shards; `params` should already be sharded."""
     trainable, frozen = state_lib.partition(params, trainable_mask)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
-    step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings["step"])
-    return {"params": trainable, "frozen": frozen, "opt_state": opt_state, "step": step,
-            "rng": jax.device_put(rng, shardings["rng"])}
+    # jit with out_shardings (not device_put) so this also works when the mesh spans several processes.
+    step, rng = jax.jit(lambda r: (jax.numpy.zeros((), jax.numpy.int32), r),
+                        out_shardings=(shardings["step"], shardings["rng"]))(rng)
+    return {"params": trainable, "frozen": frozen, "opt_state": opt_state, "step": step, "rng": rng}
 
 
 def put_batch(batch: dict, shardings: dict) -> dict:
