@@ -7,6 +7,8 @@ most once per array, so one table serves every mesh from 1 CPU to a pod slice.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterable, Sequence
 
 import jax
@@ -79,3 +81,28 @@ def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
 
 def shard_params(params, shardings):
     return jax.tree.map(jax.device_put, params, shardings)
+
+
+# Activation constraints, set around tracing (like flax's logical_axis_rules context): the model
+# calls `constrain(x, axes)` on its residual stream, which is a no-op outside the context.
+_ACTIVATION_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+    """While tracing inside this context, `constrain` pins activations to the mesh via the rules."""
+    previous = getattr(_ACTIVATION_CONTEXT, "value", None)
+    _ACTIVATION_CONTEXT.value = (mesh, rules)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.value = previous
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    """`with_sharding_constraint` by logical axis names; identity outside `activation_sharding`."""
+    context = getattr(_ACTIVATION_CONTEXT, "value", None)
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape)))

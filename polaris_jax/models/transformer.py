@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from polaris_jax.models import attention as attn_lib
 from polaris_jax.models.layers import decoder_layer, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
+from polaris_jax.models.sharding import constrain
+
+_RESIDUAL_AXES = ("batch", "length", "embed")
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -74,7 +77,7 @@ def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, ca
     def body(x, xs):
         layer, kv = xs
         x, new_kv, stats = decoder_layer(config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta)
-        return x, (new_kv, stats)
+        return constrain(x, _RESIDUAL_AXES), (new_kv, stats)
 
     if config.remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat_policy], prevent_cse=False)
@@ -115,7 +118,7 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
     """
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
-    x_btd = params["embed"][tokens_bt].astype(config.dtype)
+    x_btd = constrain(params["embed"][tokens_bt].astype(config.dtype), _RESIDUAL_AXES)
     cos, sin = rope_cos_sin(config, positions_bt)
     cache_meta, new_cache = None, None
     if cache is not None:
@@ -143,7 +146,7 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
         else:
             cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
         new_cache = dict(k=cat(new_k), v=cat(new_v), valid_bs=valid_bs, end=new_end)
-    hidden_btd = rms_norm(x_btd, params["final_norm"], config.rms_norm_eps)
+    hidden_btd = constrain(rms_norm(x_btd, params["final_norm"], config.rms_norm_eps), _RESIDUAL_AXES)
     out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)
     if not return_aux:
         return out, new_cache

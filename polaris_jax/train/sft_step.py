@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
 from polaris_jax.train import losses
 from polaris_jax.train import partitioning
 from polaris_jax.train import state as state_lib
@@ -104,7 +104,13 @@ def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardi
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     micro_shape = None if batch_shape is None else (microbatches, batch_shape[0] // microbatches, batch_shape[1])
     micro_sharding = NamedSharding(mesh, partitioning.batch_spec(mesh, rules, micro_shape, leading=1))
-    step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
+    unconstrained_step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
+
+    def step(state, batch, rng):
+        # Pins the residual stream to the batch sharding, so XLA does not all-gather activations.
+        with activation_sharding(mesh, rules):
+            return unconstrained_step(state, batch, rng)
+
     rep = partitioning.replicated(mesh)
     return jax.jit(step, in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,), compiler_options=compiler_options)
