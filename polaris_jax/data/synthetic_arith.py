@@ -99,15 +99,18 @@ def sample_problems(seed: int, count: int, task: ArithTask, *, exclude: Sequence
     """`count` distinct problems whose text is not in `exclude` (held-out splits stay disjoint)."""
     rng = np.random.default_rng(seed)
     seen = set(exclude)
-    out = []
-    for _ in range(count * 1000):
-        if len(out) == count:
-            return out
+    out, misses = [], 0
+    while len(out) < count:
         problem = sample_problem(rng, task)
-        if problem.text not in seen:
-            seen.add(problem.text)
-            out.append(problem)
-    raise ValueError(f"could not draw {count} distinct problems from {task} (the task has too few)")
+        if problem.text in seen:
+            misses += 1
+            if misses > 20_000:  # many draws in a row found nothing new: the space is used up
+                raise ValueError(f"could not draw {count} distinct problems from {task} (the task has too few)")
+            continue
+        misses = 0
+        seen.add(problem.text)
+        out.append(problem)
+    return out
 
 
 def _steps_text(operands, ops, values) -> str:
@@ -193,3 +196,23 @@ def problems_as_records(problems: Sequence[Problem]) -> Iterator[dict]:
     """Dataset records in the RL data format: {"problem": ..., "answer": ...} (answer as a string)."""
     for problem in problems:
         yield {"problem": problem.text, "answer": str(problem.answer)}
+
+
+# ------------------------------------------------------------------------------ dataset specs
+
+DATASET_PREFIX = "synthetic_arith:"
+_SPLIT_SEEDS = {"eval": 1, "train": 2}
+_HELD_OUT = 1024  # the first eval problems, never drawn for train
+
+
+def dataset_records(spec: str, task: ArithTask = ArithTask()) -> list[dict]:
+    """`synthetic_arith:SPLIT:COUNT` (SPLIT train or eval) as {"id", "problem", "answer"} rows, so any
+    RL config can name the task without files. Train never holds one of the first 1024 eval problems."""
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] + ":" != DATASET_PREFIX or parts[1] not in _SPLIT_SEEDS or not parts[2].isdigit():
+        raise ValueError(f"bad synthetic dataset {spec!r}; expected {DATASET_PREFIX}train:COUNT or "
+                         f"{DATASET_PREFIX}eval:COUNT")
+    split, count = parts[1], int(parts[2])
+    exclude = () if split == "eval" else [p.text for p in sample_problems(_SPLIT_SEEDS["eval"], _HELD_OUT, task)]
+    problems = sample_problems(_SPLIT_SEEDS[split], count, task, exclude=exclude)
+    return [{"id": f"{split}-{i}", **record} for i, record in enumerate(problems_as_records(problems))]

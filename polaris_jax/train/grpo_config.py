@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 32.0
     c.lora.targets = LORA_TARGETS
 
-    c.tokenizer_dir = ""  # "" = model.init_from
+    c.tokenizer_dir = ""  # "" = model.init_from; "synthetic_arith" = the arithmetic task's tokenizer
 
     c.data = ml_collections.ConfigDict()  # jsonl / parquet rows {problem_key, answer_key}
     c.data.problem_key = "problem"
@@ -134,6 +134,44 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def make_tiny(c: ml_collections.ConfigDict, stage_lengths=(32, 40, 48)) -> ml_collections.ConfigDict:
+    """Turns a recipe into its CPU smoke variant in place: the same algorithm and stage structure on a
+    random tiny Qwen3, the synthetic arithmetic task (no files needed) and a few steps per stage.
+    A random model never answers right, so DAPO's soft overlong penalty is added to the rewards: its
+    groups then differ in reward and every update path (substitution included) really runs."""
+    c.model.init_from = ""
+    c.model.preset = "tiny"
+    c.model.overrides = ml_collections.ConfigDict(dict(vocab_size=0, hidden_size=64, num_layers=2,
+                                                       intermediate_size=128))
+    c.model.compute_dtype = "float32"
+    c.model.remat_policy = "none"
+    if c.lora.rank:
+        c.lora.rank = min(c.lora.rank, 4)
+    c.tokenizer_dir = "synthetic_arith"
+    c.data.instruction = ""
+    c.data.max_prompt_len = 32
+    stages_n = len(c.schedule.steps)
+    c.schedule.max_response_len = tuple(stage_lengths[:stages_n])
+    c.schedule.steps = (2,) * stages_n
+    c.schedule.datasets = ("synthetic_arith:train:256",) * stages_n
+    c.rewards.soft_overlong = ml_collections.ConfigDict(dict(weight=1.0, max_tokens=min(stage_lengths[:stages_n]),
+                                                             cache_tokens=16))
+    c.rollout.prompts_per_step = 4
+    c.rollout.samples_per_prompt = min(c.rollout.samples_per_prompt, 4)
+    c.rollout.chunks = 2
+    c.algo.minibatches = min(c.algo.minibatches, 2)
+    c.algo.microbatches = 1
+    c.train.loss_chunk_size = 64
+    c.eval.dataset = "synthetic_arith:eval:8"
+    c.eval.samples_per_problem = 2
+    c.eval.max_response_len = 0
+    c.reward_workers = 1
+    c.checkpoint.every = 2
+    c.export.hf = False
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    return c
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     index: int
@@ -171,7 +209,7 @@ class ConfigError(ValueError):
 
 
 def _dataset_exists(path: str) -> bool:
-    return bool(path) and (os.path.exists(path) or path.startswith(("gs://", "tfds:")))
+    return bool(path) and (os.path.exists(path) or path.startswith(("gs://", "tfds:", "synthetic_arith:")))
 
 
 def validate_config(config, *, check_files: bool = True) -> None:

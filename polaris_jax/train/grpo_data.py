@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from polaris_jax.data import synthetic_arith
 from polaris_jax.data.benchmarks import build_math_prompt, load_benchmark
 
 logger = logging.getLogger(__name__)
@@ -24,10 +25,18 @@ class Problem:
     answer: str
 
 
-def load_problems(path: str, tokenizer, data_config) -> list[Problem]:
-    """Rows of `path` (any layout `data.benchmarks.load_benchmark` reads) as prompts; too-long ones are
-    skipped with a warning, and a file with no usable prompt is refused."""
-    rows = load_benchmark(path)
+def load_rows(path: str) -> list[dict[str, str]]:
+    """{"id", "problem", "answer"} rows of any layout `data.benchmarks.load_benchmark` reads, or of a
+    `synthetic_arith:SPLIT:COUNT` spec."""
+    if path.startswith(synthetic_arith.DATASET_PREFIX):
+        return synthetic_arith.dataset_records(path)
+    return load_benchmark(path)
+
+
+def load_problems(path: str, tokenizer, data_config, rows: list[dict] | None = None) -> list[Problem]:
+    """The rows of `path` as prompts; too-long ones are skipped with a warning, and a file with no
+    usable prompt is refused."""
+    rows = load_rows(path) if rows is None else rows
     kwargs = dict(data_config.template_kwargs.to_dict()) if "template_kwargs" in data_config else {}
     texts = [build_math_prompt(row["problem"], tokenizer, instruction=data_config.instruction, **kwargs)
              for row in rows]

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.rewards import VerifierPool
 from polaris_jax.train import checkpoint as checkpoint_lib
@@ -62,6 +63,10 @@ class Run:
         self.tokenizer_dir = config.tokenizer_dir or config.model.init_from
         if not self.tokenizer_dir:
             raise ValueError("no tokenizer: set tokenizer_dir or model.init_from")
+        if self.tokenizer_dir == "synthetic_arith":
+            self.tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
+            if jax.process_index() == 0:
+                synthetic_arith.build_tokenizer(self.tokenizer_dir)
         self.tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
         rng = jax.random.PRNGKey(config.seed)
         model_rng, state_rng = jax.random.split(rng)

@@ -210,14 +210,14 @@ def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None) ->
 
 
 def make_grpo_update(model_config, optimizer, schedule, settings: UpdateSettings, *, mesh: Mesh,
-                     state_shardings: dict, rules=DEFAULT_RULES, rows: int | None = None):
+                     state_shardings: dict, rules=DEFAULT_RULES, rows: int | None = None, compiler_options=None):
     """Jitted `update(state, batch, rng, ref_params) -> (state, metrics)`; the state is donated.
     `ref_params` is None unless `settings.use_reference`."""
     fn = grpo_update_fn(model_config, optimizer, schedule, settings)
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
     return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, rules, rows), replicated, ref_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,), compiler_options=compiler_options)
 
 
 def update_batch(rollout_batch: dict, advantages_b: np.ndarray, mask_br: np.ndarray) -> dict:
