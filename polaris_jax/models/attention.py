@@ -91,35 +91,48 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jnp.ndarray:
 
 
 def _head_major_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jnp.ndarray:
-    """`grouped_attention` over the decode layout. A single query token is computed as broadcast
-    multiply-and-reduce: on CPU that is one fused loop per product, where a batched dot of
-    [groups x head_dim] matrices costs more in overhead and relayouts than in arithmetic."""
+    """`grouped_attention` over the decode layout, accumulating in float32.
+
+    A single query token is computed as broadcast multiply-and-reduce in the cache's dtype with a
+    float32 sum: on CPU that is one fused loop per product, where a batched dot of [groups x head_dim]
+    matrices costs more in overhead and relayouts than in arithmetic, and a float32 copy of a bf16
+    cache would be written at every step."""
     b, t, n, h = q_btnh.shape
     kv = k_bkhs.shape[1]
-    q_bktgh = jnp.swapaxes(q_btnh.reshape(b, t, kv, n // kv, h), 1, 2).astype(jnp.float32) * (h ** -0.5)
+    q_bktgh = jnp.swapaxes(q_btnh.reshape(b, t, kv, n // kv, h), 1, 2) * jnp.asarray(h ** -0.5, q_btnh.dtype)
+    q_bktgh = q_bktgh.astype(k_bkhs.dtype)
     if t == 1:
-        scores = jnp.sum(q_bktgh[:, :, 0, :, :, None] * k_bkhs[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
+        scores = jnp.sum(q_bktgh[:, :, 0, :, :, None] * k_bkhs[:, :, None], axis=3, dtype=jnp.float32)[:, :, :, None]
     else:
-        scores = jnp.einsum("bktgh,bkhs->bkgts", q_bktgh, k_bkhs, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bktgh,bkhs->bkgts", q_bktgh.astype(jnp.float32), k_bkhs.astype(jnp.float32))
     scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     if t == 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v_bksh[:, :, None].astype(jnp.float32), axis=3)[:, None]
+        out = jnp.sum(probs[:, :, :, 0, :, None].astype(v_bksh.dtype) * v_bksh[:, :, None], axis=3,
+                      dtype=jnp.float32)[:, None]
     else:
-        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh.astype(jnp.float32))
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def _write_slots(cache, update, end, axis: int):
+    """`dynamic_update_slice` at `end` along `axis`. 16-bit floats go through a uint16 view: XLA on CPU
+    otherwise widens the whole bf16 cache to float32 and back at every write."""
+    update = update.astype(cache.dtype)
+    if jnp.dtype(cache.dtype).itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice_in_dim(cache, update, end, axis=axis)
+    as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    written = jax.lax.dynamic_update_slice_in_dim(as_bits(cache), as_bits(update), end, axis=axis)
+    return jax.lax.bitcast_convert_type(written, cache.dtype)
 
 
 def write_cache_layer(k_cache_bskh, v_cache_bskh, k_btkh, v_btkh, end):
     """Writes this call's keys/values at slot `end` of one layer's cache (either layout)."""
     if isinstance(k_cache_bskh, HeadMajorKV):
-        k_bkht = jnp.transpose(k_btkh, (0, 2, 3, 1)).astype(k_cache_bskh.dtype)
-        v_bkth = jnp.transpose(v_btkh, (0, 2, 1, 3)).astype(v_cache_bskh.dtype)
-        return (k_cache_bskh.replace_data(jax.lax.dynamic_update_slice_in_dim(k_cache_bskh.data, k_bkht, end, axis=3)),
-                v_cache_bskh.replace_data(jax.lax.dynamic_update_slice_in_dim(v_cache_bskh.data, v_bkth, end, axis=2)))
-    k_cache_bskh = jax.lax.dynamic_update_slice_in_dim(k_cache_bskh, k_btkh.astype(k_cache_bskh.dtype), end, axis=1)
-    v_cache_bskh = jax.lax.dynamic_update_slice_in_dim(v_cache_bskh, v_btkh.astype(v_cache_bskh.dtype), end, axis=1)
-    return k_cache_bskh, v_cache_bskh
+        k_bkht, v_bkth = jnp.transpose(k_btkh, (0, 2, 3, 1)), jnp.transpose(v_btkh, (0, 2, 1, 3))
+        return (k_cache_bskh.replace_data(_write_slots(k_cache_bskh.data, k_bkht, end, axis=3)),
+                v_cache_bskh.replace_data(_write_slots(v_cache_bskh.data, v_bkth, end, axis=2)))
+    return _write_slots(k_cache_bskh, k_btkh, end, axis=1), _write_slots(v_cache_bskh, v_btkh, end, axis=1)
 
 
 def advance_cache_validity(cache: dict, segment_ids_bt: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -130,6 +130,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     shards = _batch_shards(mesh, rules)
     prefill_batch, decode_batch = buckets.batch_size(num_prompts, shards), buckets.batch_size(rows, shards)
     width = buckets.prompt_length(max(len(p) for p in prompts))
+    buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
     prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
     prompt_len_b = np.zeros(prefill_batch, np.int32)
     for i, prompt in enumerate(prompts):

@@ -1,0 +1,170 @@
+"""Sampler throughput side by side with transformers' generate() on identical weights.
+
+    .venv/bin/python benchmarks/sampler.py [--rows tiny,fp32_b1,fp32_b8,bf16_b8,bf16_b8_f32acc] [--repeats 3]
+
+Prints one JSON object per row. Both sides decode greedily with no EOS, so both generate exactly
+`new_tokens` per row and the tokens can be compared. Our weights come from `init_params`, are
+exported with `save_hf` and loaded by transformers, so both run the same numbers. Times are the best
+of `--repeats` calls after a warm-up call (which compiles); transformers is timed with torch's default
+thread count and with one thread, and its faster setting is reported (on a shared machine torch's
+thread pool can stall badly). At batch 1 the row also reports the bytes of params plus KV cache read
+per decode step over the decode step time, next to the machine's bandwidth from a copy test and a
+read (sum) test.
+
+Row `bf16_b8_f32acc` patches `models.layers.project` in this process only, to show what the
+projections gain from float32 accumulation (`preferred_element_type`) and a storage-order contraction
+for `o`; see BENCHMARKS.md for why XLA on CPU needs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polaris_jax.models import ModelConfig, init_params, layers, save_hf
+from polaris_jax.sampling import Buckets, generate
+
+ROWS = {
+    "tiny": dict(model="tiny qwen3", dtype="float32", batch=8, prompt=32, new=128),
+    "fp32_b1": dict(model="qwen3-0.6B shape, vocab 32000", dtype="float32", batch=1, prompt=32, new=64),
+    "fp32_b8": dict(model="qwen3-0.6B shape, vocab 32000", dtype="float32", batch=8, prompt=32, new=64),
+    "bf16_b8": dict(model="qwen3-0.6B shape, vocab 32000", dtype="bfloat16", batch=8, prompt=32, new=64),
+    "bf16_b8_f32acc": dict(model="qwen3-0.6B shape, vocab 32000", dtype="bfloat16", batch=8, prompt=32, new=64,
+                           patch_project=True),
+}
+
+
+def model_config(row: dict) -> ModelConfig:
+    dtypes = dict(param_dtype=row["dtype"], compute_dtype=row["dtype"])
+    if row["model"] == "tiny qwen3":
+        return ModelConfig.tiny("qwen3", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                                head_dim=64, intermediate_size=768, tie_word_embeddings=True, **dtypes)
+    return ModelConfig.qwen3_0p6b(vocab_size=32000, **dtypes)
+
+
+_PROJ_STORAGE_ORDER = dict(layers._PROJ, o=("btah,ahd->btd", "btah,ahr->btr", "btr,rd->btd"))
+
+
+def _project_f32_accumulation(config, layer, name, x):
+    """`layers.project` with float32 accumulation and (n, h) contracted in storage order."""
+    dtype = config.dtype
+    base_eq, a_eq, b_eq = _PROJ_STORAGE_ORDER[name]
+    dot = lambda eq, a, b: jnp.einsum(eq, a, b.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    y = dot(base_eq, x, layer[name])
+    if name + "_lora_a" in layer:
+        y = y + layers.lora_scale(config) * dot(b_eq, dot(a_eq, x, layer[name + "_lora_a"]), layer[name + "_lora_b"])
+    return y
+
+
+def _best_time(fn, repeats: int):
+    """(best wall time of `repeats` calls after a warm-up call, the warm-up call's result)."""
+    first = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), first
+
+
+def copy_bandwidth_gbps() -> dict:
+    """Host memory bandwidth: a 1 GiB numpy copy (bytes read + written per second) and a jitted sum (read)."""
+    src = np.ones(2 ** 28, np.float32)
+    dst = np.ones_like(src)
+    copy_s, _ = _best_time(lambda: np.copyto(dst, src), 5)
+    big = jnp.ones((2 ** 28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    read_s, _ = _best_time(lambda: total(big).block_until_ready(), 5)
+    return dict(copy_read_plus_write_gbps=round(2 * src.nbytes / copy_s / 1e9, 1),
+                read_gbps=round(big.nbytes / read_s / 1e9, 1))
+
+
+def _hf_generate(model, prompts, new_tokens: int):
+    import torch
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def transformers_side(path: str, row: dict, prompts, repeats: int):
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, row["dtype"])).eval()
+    default_threads = torch.get_num_threads()
+    timings, tokens = {}, None
+    for threads in sorted({default_threads, 1}):
+        torch.set_num_threads(threads)
+        timings[threads], tokens = _best_time(lambda: _hf_generate(model, prompts, row["new"]), repeats)
+    torch.set_num_threads(default_threads)
+    threads = min(timings, key=timings.get)
+    return timings[threads], threads, tokens
+
+
+def kv_bytes_read(config, row: dict) -> int:
+    """Mean bytes of K and V a decode step reads: the step writing slot `end` attends over its whole
+    cache bucket, the smallest bucket above `end` (prompts fill slots [0, prompt bucket))."""
+    buckets = Buckets()
+    itemsize = jnp.dtype(config.dtype).itemsize
+    per_slot = 2 * config.num_layers * row["batch"] * config.num_kv_heads * config.head_dim * itemsize
+    first = buckets.prompt_length(row["prompt"])
+    ends = range(first, first + row["new"] - 1)
+    return sum(per_slot * buckets.cache_length(end + 1) for end in ends) // len(ends)
+
+
+def run_row(name: str, repeats: int) -> dict:
+    row = ROWS[name]
+    config = model_config(row)
+    params = init_params(config, jax.random.key(0))
+    prompts = np.random.default_rng(0).integers(1, config.vocab_size, (row["batch"], row["prompt"])).tolist()
+    original_project = layers.project
+    if row.get("patch_project"):
+        layers.project = _project_f32_accumulation
+    jax.clear_caches()  # compiled programs of other rows may have traced another `project`
+    try:
+        ours = lambda new: generate(config, params, prompts, max_new_tokens=new, temperature=0.0)
+        ours_s, out = _best_time(lambda: ours(row["new"]), repeats)
+        prefill_s, _ = _best_time(lambda: ours(1), repeats)
+        tokens = out.tokens
+    finally:
+        layers.project = original_project
+        jax.clear_caches()
+    with tempfile.TemporaryDirectory() as path:
+        save_hf(config, params, os.path.join(path, "model"))
+        hf_s, hf_threads, hf_tokens = transformers_side(os.path.join(path, "model"), row, prompts, repeats)
+    generated = row["batch"] * row["new"]
+    result = dict(benchmark="sampler", row=name, **{k: v for k, v in row.items() if k != "patch_project"},
+                  ours_tok_s=round(generated / ours_s, 1), transformers_tok_s=round(generated / hf_s, 1),
+                  ratio=round(hf_s / ours_s, 2), transformers_threads=hf_threads,
+                  ours_decode_step_ms=round(1e3 * (ours_s - prefill_s) / (row["new"] - 1), 2),
+                  same_tokens_rows=sum(a == b for a, b in zip(tokens, hf_tokens)))
+    if row["batch"] == 1:
+        step_s = (ours_s - prefill_s) / (row["new"] - 1)
+        read = sum(x.nbytes for x in jax.tree.leaves(params)) + kv_bytes_read(config, row)
+        result.update(bytes_read_per_step=read, achieved_gbps=round(read / step_s / 1e9, 1), **copy_bandwidth_gbps())
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="tiny,fp32_b1,fp32_b8,bf16_b8,bf16_b8_f32acc")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {sorted(ROWS)}")
+        result = run_row(name, args.repeats)
+        result.update(device=jax.devices()[0].device_kind, xla_flags=os.environ.get("XLA_FLAGS", ""))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
