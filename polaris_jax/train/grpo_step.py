@@ -103,7 +103,7 @@ def _micro_weight(mask_br, total_mask_br, mode: str):
     if kind == "rows_with_tokens":
         has = lambda m: jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
         return has(mask_br) / jnp.maximum(has(total_mask_br), 1.0)
-    return mask_br.shape[0] / total_mask_br.shape[0] / 1.0
+    return mask_br.shape[0] / total_mask_br.shape[0]
 
 
 def _rl_loss(logprobs_br, mb, mask_br, entropy_br, settings: UpdateSettings):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polaris_jax.models import logits
+from polaris_jax.models import init_params, logits
 from polaris_jax.train import grpo_step
 from polaris_jax.train import state as state_lib
 from tests.train import grpo_helpers
@@ -29,7 +29,7 @@ def _copy(tree):
 def test_response_logprobs_align_with_model_logits():
     """Response token j is scored from position P-1+j; compare with the model's HF-semantics logits."""
     config = grpo_helpers.tiny_config()
-    params = __import__("polaris_jax.models", fromlist=["init_params"]).init_params(config, jax.random.PRNGKey(0))
+    params = init_params(config, jax.random.PRNGKey(0))
     batch = grpo_helpers.host_update_batch(3)
     stats = jax.jit(lambda p, b: grpo_step.response_stats(config, p, b, _settings(temperature=0.7)))(params, batch)
     full = np.asarray(logits(config, params, batch["tokens_bt"], batch["segment_ids_bt"]), np.float64) / 0.7
