@@ -20,7 +20,9 @@ only reward can remove (the demo must show RL doing its job, not SFT):
   * `skip`: one operation is forgotten (every line is right arithmetic, the procedure is not);
   * `lazy`: an empty think block and a guessed answer (a solver that skips the work).
 A policy fitted to such a mixture is right about as often as the share of correct traces;
-GRPO, rewarded by the math verifier, learns to always do the work and to stop slipping.
+GRPO, rewarded by the math verifier, learns to always do the work and to take every step. The
+demo uses `skip` rather than `slip` noise: its arithmetic lines are all true, so a short SFT learns
+the arithmetic cleanly and the headroom lies in the procedure, which is what the reward can fix.
 
 The tokenizer is a real `tokenizers` tokenizer.json (one token per character, plus the chat
 and reasoning markers as added tokens), saved and loaded like any checkpoint tokenizer.

@@ -189,3 +189,25 @@ def test_a_reward_that_raises_is_logged_and_scores_zero(caplog):
     np.testing.assert_allclose(total, [1.5, 0.0, 1.5, 0.0])
     assert failures == 2
     assert "seven is unlucky" in caplog.text and "test_raises_on_seven" in caplog.text
+
+
+def test_rescue_buffer_survives_the_checkpoint_round_trip():
+    from polaris_jax.train.grpo_host_state import HostState, PersistentRescueBuffer
+
+    rows = {"response_br": np.arange(12, dtype=np.int32).reshape(4, 3),
+            "correct_b": np.array([0.0, 1.0, 0.0, 0.0], np.float32),
+            "sampler_logprobs_br": np.linspace(-1, 0, 12, dtype=np.float32).reshape(4, 3)}
+    host = HostState(PersistentRescueBuffer(2, rewards_key="correct_b"))
+    host.position, host.stage = 17, 1
+    host.rescue.update(rows, ["a", "b"])  # group "a" has a correct answer (row 1), "b" has none
+    restored = HostState(PersistentRescueBuffer(2, rewards_key="correct_b"))
+    restored.set_state(host.snapshot().get_state())
+    assert (restored.position, restored.stage) == (17, 1)
+    all_wrong = {k: v.copy() for k, v in rows.items()}
+    all_wrong["correct_b"][:] = 0.0
+    want, _ = host.rescue.rescue(all_wrong, ["a", "b"], np.random.default_rng(0))
+    got, info = restored.rescue.rescue(all_wrong, ["a", "b"], np.random.default_rng(0))
+    assert info["rescued_groups"] == 1
+    for key in rows:
+        np.testing.assert_array_equal(got[key], want[key])
+        assert got[key].dtype == rows[key].dtype
