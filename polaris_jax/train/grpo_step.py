@@ -31,6 +31,7 @@ from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_sh
 from polaris_jax.models.transformer import forward
 from polaris_jax.train import losses, rl
 from polaris_jax.train import state as state_lib
+from polaris_jax.train.sft_step import accumulate_gradients, split_microbatches
 
 UPDATE_KEYS = ("tokens_bt", "positions_bt", "segment_ids_bt", "response_br", "mask_br", "sampler_logprobs_br",
                "advantages_b")
@@ -80,17 +81,10 @@ def response_stats(model_config, params, batch: dict, settings: UpdateSettings) 
                                      with_entropy=True)
 
 
-def split_rows(batch: dict, parts: int) -> dict:
-    """[B, ...] -> [parts, B / parts, ...]; part m holds rows m, m + parts, ... (every data shard busy)."""
-    def split(x):
-        return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
-    return {k: split(v) for k, v in batch.items()}
-
-
 def _no_grad_logprobs(model_config, params, batch, settings):
     """Log-probs of the whole batch, microbatch by microbatch (bounded activation memory)."""
     keys = ("tokens_bt", "positions_bt", "segment_ids_bt", "response_br")
-    micro = split_rows({k: batch[k] for k in keys}, settings.microbatches * settings.minibatches)
+    micro = split_microbatches({k: batch[k] for k in keys}, settings.microbatches * settings.minibatches)
     lp = jax.lax.map(lambda mb: response_stats(model_config, params, mb, settings)["logprobs"], micro)
     rows = batch["response_br"].shape[0]
     return jax.lax.stop_gradient(lp.swapaxes(0, 1).reshape(rows, -1))
@@ -136,24 +130,9 @@ def minibatch_loss(model_config, trainable, frozen, mb: dict, settings: UpdateSe
 def _minibatch_grads(model_config, trainable, frozen, mb: dict, settings: UpdateSettings):
     """(loss, metrics, grads) of one minibatch, accumulated over its microbatches in float32."""
     total_mask_br = mb["mask_br"].astype(jnp.float32)
-    grad_fn = jax.value_and_grad(
-        lambda t, m: minibatch_loss(model_config, t, frozen, m, settings, total_mask_br), has_aux=True)
-    if settings.microbatches == 1:
-        (loss, metrics), grads = grad_fn(trainable, mb)
-        return loss, metrics, grads
-    micro = split_rows(mb, settings.microbatches)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-    _, metrics_shape = jax.eval_shape(lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro))[0])
-    carry0 = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape), zeros)
-
-    def body(carry, one):
-        loss_acc, metrics_acc, grad_acc = carry
-        (loss, metrics), grads = grad_fn(trainable, one)
-        grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
-        return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics), grad_acc), None
-
-    (loss, metrics, grads), _ = jax.lax.scan(body, carry0, micro)
-    return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    return accumulate_gradients(
+        lambda t, m: minibatch_loss(model_config, t, frozen, m, settings, total_mask_br),
+        trainable, mb, settings.microbatches)
 
 
 def _finite(tree) -> jax.Array:
@@ -168,7 +147,7 @@ def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
         batch["old_logprobs_br"] = _no_grad_logprobs(model_config, state_lib.full_params(state), batch, settings)
         if settings.use_reference:
             batch["ref_logprobs_br"] = _no_grad_logprobs(model_config, ref_params, batch, settings)
-        minis = split_rows(batch, settings.minibatches)
+        minis = split_microbatches(batch, settings.minibatches)
 
         def one_update(state, index):
             mb = jax.tree.map(lambda x: x[index % settings.minibatches], minis)

@@ -25,13 +25,14 @@ from polaris_jax.train import state as state_lib
 
 
 def split_microbatches(batch: dict, microbatches: int) -> dict:
-    """[B, T] -> [M, B/M, T]; microbatch m takes rows m, m+M, ... so each keeps every data shard busy."""
+    """[B, ...] -> [M, B/M, ...] for every array; microbatch m takes rows m, m+M, ... so each keeps
+    every data shard busy."""
     def split(x_bt):
         b = x_bt.shape[0]
         if b % microbatches:
             raise ValueError(f"batch of {b} rows does not split into {microbatches} microbatches")
         return x_bt.reshape(b // microbatches, microbatches, *x_bt.shape[1:]).swapaxes(0, 1)
-    return {key: split(batch[key]) for key in partitioning.BATCH_KEYS}
+    return {key: split(value) for key, value in batch.items()}
 
 
 def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, microbatch_sharding=None):
