@@ -92,6 +92,21 @@ def _check_params_on_mesh(params, mesh):
                              "models.sharding.shard_params(params, param_shardings(config, mesh)) first")
 
 
+def _pack_batch(prompts, n: int, width: int, buckets: Buckets, shards: int):
+    """Host arrays: left-padded prompts (padded with dummy rows to a batch bucket), and for each decode
+    row (prompts x n, padded to its own bucket) its prompt, its id and whether it is real."""
+    rows = len(prompts) * n
+    prefill_batch, decode_batch = buckets.batch_size(len(prompts), shards), buckets.batch_size(rows, shards)
+    prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
+    prompt_len_b = np.zeros(prefill_batch, np.int32)
+    for i, prompt in enumerate(prompts):
+        prompt_bt[i, width - len(prompt):] = prompt
+        prompt_len_b[i] = len(prompt)
+    row_d = np.arange(decode_batch, dtype=np.int32)
+    row_src_d = np.where(row_d < rows, row_d // n, 0).astype(np.int32)
+    return prompt_bt, prompt_len_b, row_src_d, row_d, row_d < rows
+
+
 def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_ids: Sequence[int] = (), seed: int = 0,
              min_p: float = 0.0, stop_sequences: Sequence[Sequence[int]] = (), mesh=None, rules=DEFAULT_RULES,
@@ -126,23 +141,13 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     settings = SamplingSettings.create(temperature, top_p, top_k, min_p, vocab_size=config.vocab_size)
     criteria = _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens, config.vocab_size)
 
-    num_prompts, rows = len(prompts), len(prompts) * n
     shards = _batch_shards(mesh, rules)
-    prefill_batch, decode_batch = buckets.batch_size(num_prompts, shards), buckets.batch_size(rows, shards)
     width = buckets.prompt_length(max(len(p) for p in prompts))
     buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
-    prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
-    prompt_len_b = np.zeros(prefill_batch, np.int32)
-    for i, prompt in enumerate(prompts):
-        prompt_bt[i, width - len(prompt):] = prompt
-        prompt_len_b[i] = len(prompt)
-    row_src_d = np.where(np.arange(decode_batch) < rows, np.arange(decode_batch) // n, 0).astype(np.int32)
-    row_live_d = np.arange(decode_batch) < rows
-
-    prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d = _put(
-        (prompt_bt, prompt_len_b, row_src_d, np.arange(decode_batch, dtype=np.int32), row_live_d),
-        mesh, rules, rows=True)
+    batch = _pack_batch(prompts, n, width, buckets, shards)
+    prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d = _put(batch, mesh, rules, rows=True)
     settings, criteria, seed_arr = _put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
+    rows = len(prompts) * n
 
     if unstack_params is None:
         unstack_params = jax.default_backend() == "cpu"
