@@ -17,7 +17,7 @@ _PROJ = {
     "q": ("btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh"),
     "k": ("btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh"),
     "v": ("btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh"),
-    "o": ("btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd"),
+    "o": ("btah,ahd->btd", "btah,ahr->btr", "btr,rd->btd"),  # axes named to sort in storage order (no transpose)
     "gate": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
     "up": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
     "down": ("btf,fd->btd", "btf,fr->btr", "btr,rd->btd"),
@@ -37,11 +37,13 @@ def lora_scale(config) -> float:
 def project(config, layer: dict, name: str, x):
     dtype = config.dtype
     base_eq, a_eq, b_eq = _PROJ[name]
-    y = jnp.einsum(base_eq, x, layer[name].astype(dtype))
+    # fp32 accumulation: also the fast bf16 path on XLA CPU.
+    y = jnp.einsum(base_eq, x, layer[name].astype(dtype), preferred_element_type=jnp.float32)
     if name + "_lora_a" in layer:
-        low = jnp.einsum(a_eq, x, layer[name + "_lora_a"].astype(dtype))
-        y = y + lora_scale(config) * jnp.einsum(b_eq, low, layer[name + "_lora_b"].astype(dtype))
-    return y
+        low = jnp.einsum(a_eq, x, layer[name + "_lora_a"].astype(dtype), preferred_element_type=jnp.float32)
+        y = y + lora_scale(config) * jnp.einsum(b_eq, low.astype(dtype), layer[name + "_lora_b"].astype(dtype),
+                                                preferred_element_type=jnp.float32)
+    return y.astype(dtype)
 
 
 def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta):
