@@ -1,6 +1,6 @@
 """Sampler throughput side by side with transformers' generate() on identical weights.
 
-    .venv/bin/python benchmarks/sampler.py [--rows tiny,fp32_b1,fp32_b8,bf16_b8,bf16_b8_f32acc] [--repeats 3]
+    .venv/bin/python benchmarks/sampler.py [--rows tiny,fp32_b1,fp32_b8,bf16_b8] [--repeats 3]
 
 Prints one JSON object per row. Both sides decode greedily with no EOS, so both generate exactly
 `new_tokens` per row and the tokens can be compared. Our weights come from `init_params`, are
@@ -11,9 +11,9 @@ thread pool can stall badly). At batch 1 the row also reports the bytes of param
 per decode step over the decode step time, next to the machine's bandwidth from a copy test and a
 read (sum) test.
 
-Row `bf16_b8_f32acc` patches `models.layers.project` in this process only, to show what the
-projections gain from float32 accumulation (`preferred_element_type`) and a storage-order contraction
-for `o`; see BENCHMARKS.md for why XLA on CPU needs both.
+Where Tunix is installed in its own venv (`python3 -m venv .venv-tunix && .venv-tunix/bin/pip install
+google-tunix==0.1.7`; or pass --tunix-python), each row also runs benchmarks/sampler_tunix.py on the same
+checkpoint and prompts, in a subprocess after the other two sides have finished.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 import time
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polaris_jax.models import ModelConfig, init_params, layers, save_hf
+from polaris_jax.models import ModelConfig, init_params, save_hf
 from polaris_jax.sampling import Buckets, generate
 
 ROWS = {
@@ -36,8 +37,6 @@ ROWS = {
     "fp32_b1": dict(model="qwen3-0.6B shape, vocab 32000", dtype="float32", batch=1, prompt=32, new=64),
     "fp32_b8": dict(model="qwen3-0.6B shape, vocab 32000", dtype="float32", batch=8, prompt=32, new=64),
     "bf16_b8": dict(model="qwen3-0.6B shape, vocab 32000", dtype="bfloat16", batch=8, prompt=32, new=64),
-    "bf16_b8_f32acc": dict(model="qwen3-0.6B shape, vocab 32000", dtype="bfloat16", batch=8, prompt=32, new=64,
-                           patch_project=True),
 }
 
 
@@ -47,20 +46,6 @@ def model_config(row: dict) -> ModelConfig:
         return ModelConfig.tiny("qwen3", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                 head_dim=64, intermediate_size=768, tie_word_embeddings=True, **dtypes)
     return ModelConfig.qwen3_0p6b(vocab_size=32000, **dtypes)
-
-
-_PROJ_STORAGE_ORDER = dict(layers._PROJ, o=("btah,ahd->btd", "btah,ahr->btr", "btr,rd->btd"))
-
-
-def _project_f32_accumulation(config, layer, name, x):
-    """`layers.project` with float32 accumulation and (n, h) contracted in storage order."""
-    dtype = config.dtype
-    base_eq, a_eq, b_eq = _PROJ_STORAGE_ORDER[name]
-    dot = lambda eq, a, b: jnp.einsum(eq, a, b.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    y = dot(base_eq, x, layer[name])
-    if name + "_lora_a" in layer:
-        y = y + layers.lora_scale(config) * dot(b_eq, dot(a_eq, x, layer[name + "_lora_a"]), layer[name + "_lora_b"])
-    return y
 
 
 def _best_time(fn, repeats: int):
@@ -109,6 +94,20 @@ def transformers_side(path: str, row: dict, prompts, repeats: int):
     return timings[threads], threads, tokens
 
 
+def tunix_side(python: str, model_dir: str, row: dict, prompts, repeats: int) -> dict:
+    """Runs benchmarks/sampler_tunix.py with Tunix's own interpreter; returns its JSON line."""
+    prompts_path = os.path.join(model_dir, "prompts.json")
+    with open(prompts_path, "w") as f:
+        json.dump(prompts, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix.py")
+    done = subprocess.run([python, script, "--model-dir", model_dir, "--prompts-json", prompts_path, "--new-tokens",
+                           str(row["new"]), "--repeats", str(repeats), "--dtype", row["dtype"]],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the Tunix side failed ({python} {script}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def kv_bytes_read(config, row: dict) -> int:
     """Mean bytes of K and V a decode step reads: the step writing slot `end` attends over its whole
     cache bucket, the smallest bucket above `end` (prompts fill slots [0, prompt bucket))."""
@@ -120,32 +119,32 @@ def kv_bytes_read(config, row: dict) -> int:
     return sum(per_slot * buckets.cache_length(end + 1) for end in ends) // len(ends)
 
 
-def run_row(name: str, repeats: int) -> dict:
+def run_row(name: str, repeats: int, tunix_python: str | None) -> dict:
     row = ROWS[name]
     config = model_config(row)
     params = init_params(config, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(1, config.vocab_size, (row["batch"], row["prompt"])).tolist()
-    original_project = layers.project
-    if row.get("patch_project"):
-        layers.project = _project_f32_accumulation
-    jax.clear_caches()  # compiled programs of other rows may have traced another `project`
-    try:
-        ours = lambda new: generate(config, params, prompts, max_new_tokens=new, temperature=0.0)
-        ours_s, out = _best_time(lambda: ours(row["new"]), repeats)
-        prefill_s, _ = _best_time(lambda: ours(1), repeats)
-        tokens = out.tokens
-    finally:
-        layers.project = original_project
-        jax.clear_caches()
+    ours = lambda new: generate(config, params, prompts, max_new_tokens=new, temperature=0.0)
+    ours_s, out = _best_time(lambda: ours(row["new"]), repeats)
+    prefill_s, _ = _best_time(lambda: ours(1), repeats)
+    tokens = out.tokens
+    tunix = None
     with tempfile.TemporaryDirectory() as path:
-        save_hf(config, params, os.path.join(path, "model"))
-        hf_s, hf_threads, hf_tokens = transformers_side(os.path.join(path, "model"), row, prompts, repeats)
+        model_dir = os.path.join(path, "model")
+        save_hf(config, params, model_dir)
+        hf_s, hf_threads, hf_tokens = transformers_side(model_dir, row, prompts, repeats)
+        if tunix_python:
+            tunix = tunix_side(tunix_python, model_dir, row, prompts, repeats)
     generated = row["batch"] * row["new"]
-    result = dict(benchmark="sampler", row=name, **{k: v for k, v in row.items() if k != "patch_project"},
+    result = dict(benchmark="sampler", row=name, **row,
                   ours_tok_s=round(generated / ours_s, 1), transformers_tok_s=round(generated / hf_s, 1),
                   ratio=round(hf_s / ours_s, 2), transformers_threads=hf_threads,
                   ours_decode_step_ms=round(1e3 * (ours_s - prefill_s) / (row["new"] - 1), 2),
                   same_tokens_rows=sum(a == b for a, b in zip(tokens, hf_tokens)))
+    if tunix:
+        result.update(tunix_tok_s=round(tunix["tok_s"], 1), ratio_vs_tunix=round(tunix["best_s"] / ours_s, 2),
+                      tunix_same_tokens_rows=sum(a == b for a, b in zip(tokens, tunix["tokens"])),
+                      tunix_version=tunix["tunix_version"])
     if row["batch"] == 1:
         step_s = (ours_s - prefill_s) / (row["new"] - 1)
         read = sum(x.nbytes for x in jax.tree.leaves(params)) + kv_bytes_read(config, row)
@@ -155,13 +154,19 @@ def run_row(name: str, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="tiny,fp32_b1,fp32_b8,bf16_b8,bf16_b8_f32acc")
+    parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=3)
+    default_tunix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-tunix", "bin",
+                                 "python")
+    parser.add_argument("--tunix-python", default=default_tunix if os.path.exists(default_tunix) else None,
+                        help="interpreter of a venv with google-tunix (default: .venv-tunix/bin/python if present)")
     args = parser.parse_args()
+    if args.tunix_python and not os.path.exists(args.tunix_python):
+        raise SystemExit(f"--tunix-python {args.tunix_python!r} does not exist")
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {sorted(ROWS)}")
-        result = run_row(name, args.repeats)
+        result = run_row(name, args.repeats, args.tunix_python)
         result.update(device=jax.devices()[0].device_kind, xla_flags=os.environ.get("XLA_FLAGS", ""))
         print(json.dumps(result), flush=True)
 

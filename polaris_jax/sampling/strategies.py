@@ -102,15 +102,28 @@ def truncate(scaled_logits_bv, settings: SamplingSettings):
     return scaled_logits_bv
 
 
+def first_argmax(x_bv):
+    """`jnp.argmax` over the last axis as two plain reductions (max, then the first index holding it).
+
+    XLA on CPU lowers argmax to a (value, index) tuple reduction that is not vectorised: 4x slower at a
+    vocabulary of 32K, 7.5 ms a step at 152K and batch 8."""
+    vocab = x_bv.shape[-1]
+    max_b1 = jnp.max(x_bv, axis=-1, keepdims=True)
+    index_bv = jnp.where(x_bv == max_b1, jnp.arange(vocab, dtype=jnp.int32), vocab)
+    return jnp.minimum(jnp.min(index_bv, axis=-1), vocab - 1)  # an all-NaN row picks the last id
+
+
 def greedy(logits_bv, keys_b, settings: SamplingSettings):
     del keys_b, settings
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return first_argmax(logits_bv)
 
 
 def categorical(logits_bv, keys_b, settings: SamplingSettings):
-    """Temperature scaling, the active truncations, then one independent draw per row."""
+    """Temperature scaling, the active truncations, then one independent draw per row: the Gumbel-max
+    draw of `jax.random.categorical` (same noise, same tokens) with the fast argmax."""
     scaled_bv = truncate(logits_bv / settings.temperature, settings)
-    return jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32)
+    noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[-1:], scaled_bv.dtype))(keys_b)
+    return first_argmax(scaled_bv + noise_bv)
 
 
 STRATEGIES: dict[str, Callable] = {"greedy": greedy, "categorical": categorical}
@@ -121,5 +134,7 @@ def sample(logits_bv, keys_b, settings: SamplingSettings):
     logits_bv = logits_bv.astype(jnp.float32)
     tokens_b = STRATEGIES["greedy" if settings.greedy else "categorical"](logits_bv, keys_b, settings)
     scaled_bv = logits_bv if settings.greedy else logits_bv / settings.temperature
-    logprobs_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
-    return tokens_b, jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
+    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)  # the same reduction as greedy's: XLA computes it once
+    log_mass_b = jnp.log(jnp.sum(jnp.exp(scaled_bv - max_b1), axis=-1))
+    chosen_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return tokens_b, chosen_b - max_b1[:, 0] - log_mass_b

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from polaris_jax.sampling import SamplingSettings, sample
-from polaris_jax.sampling.strategies import TRUNCATIONS
+from polaris_jax.sampling.strategies import TRUNCATIONS, first_argmax
 
 LOGITS_V = np.array([2.0, 1.5, 1.2, 0.4, 0.0, -0.3, -1.0, -2.5], np.float32)
 DRAWS = 60_000
@@ -86,6 +86,22 @@ def test_greedy_is_argmax_and_logprob_is_unscaled():
     tokens_b, logprobs_b = sample(logits_bv, jax.random.split(jax.random.key(0), 5), settings)
     np.testing.assert_array_equal(tokens_b, np.argmax(logits_bv, -1))
     np.testing.assert_allclose(logprobs_b, np.max(jax.nn.log_softmax(logits_bv), -1), atol=1e-6)
+
+
+def test_first_argmax_matches_numpy_on_ties_and_inf():
+    rng = np.random.RandomState(3)
+    x_bv = rng.randint(-3, 4, size=(64, 37)).astype(np.float32)  # many ties
+    x_bv[0] = -np.inf
+    x_bv[1, 5] = np.inf
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x_bv)), np.argmax(x_bv, -1))
+
+
+def test_categorical_draws_the_same_tokens_as_jax_random_categorical():
+    logits_bv = jnp.asarray(np.random.RandomState(4).randn(16, 50).astype(np.float32))
+    keys_b = jax.random.split(jax.random.key(7), 16)
+    settings = SamplingSettings.create(temperature=0.7)
+    tokens_b, _ = sample(logits_bv, keys_b, settings)
+    np.testing.assert_array_equal(tokens_b, jax.vmap(jax.random.categorical)(keys_b, logits_bv / 0.7))
 
 
 def test_logprob_is_before_truncation():
