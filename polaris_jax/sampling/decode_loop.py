@@ -127,15 +127,17 @@ def _pad_length(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "mesh", "rules"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "cache_dtype", "mesh", "rules"))
 def start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed, settings, criteria, *,
-          cache_len: int, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
-    """Prefills each distinct prompt once, broadcasts its cache to its n rows, samples the first token."""
+          cache_len: int, cache_dtype=None, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
+    """Prefills each distinct prompt once, broadcasts its cache to its n rows, samples the first token.
+
+    cache_dtype: the KV cache's dtype (None: the model's compute dtype)."""
     b, p = prompt_bt.shape
     segment_bt = (jnp.arange(p)[None, :] >= p - prompt_len_b[:, None]).astype(jnp.int32)
     positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0).astype(jnp.int32)
     hidden_btd, cache = forward(config, params, prompt_bt, positions_bt, segment_ids_bt=segment_bt,
-                                cache=init_cache(config, b, p, per_layer=True), return_hidden=True)
+                                cache=init_cache(config, b, p, cache_dtype, per_layer=True), return_hidden=True)
     last_logits_bv = lm_head(config, params, hidden_btd[:, -1:])[:, 0]
     rows = functools.partial(jnp.take, indices=row_src_d, axis=0)
     cache = _map_kv(cache, lambda x, length_axis: _pad_length(rows(x), length_axis, cache_len))

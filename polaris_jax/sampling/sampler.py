@@ -6,6 +6,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -149,13 +150,16 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     settings, criteria, seed_arr = _put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
     rows = len(prompts) * n
 
+    on_cpu = jax.default_backend() == "cpu"
     if unstack_params is None:
-        unstack_params = jax.default_backend() == "cpu"
+        unstack_params = on_cpu
     if unstack_params:
         params = _unstack(params)
+    # On CPU a 16-bit cache costs more than its bytes save: XLA copies it at every write (BENCHMARKS.md).
+    cache_dtype = jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize < 4 else None
     cache_len = buckets.cache_length(width + 1)
     state = decode_loop.start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed_arr,
-                              settings, criteria, cache_len=cache_len, mesh=mesh, rules=rules)
+                              settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype, mesh=mesh, rules=rules)
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
         if bool(jax.device_get(state.done_d).all()):
