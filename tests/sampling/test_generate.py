@@ -154,3 +154,27 @@ def test_bfloat16_model_decodes_like_its_full_forward(tied):
         chosen_t = logprob_tv[np.arange(len(tokens)), tokens]
         assert np.all(chosen_t >= logprob_tv.max(-1) - 0.1), (chosen_t, logprob_tv.max(-1))
         np.testing.assert_allclose(logprobs, chosen_t, atol=0.1)
+
+
+def test_new_params_are_never_served_from_the_per_layer_copy(tied):
+    """generate keeps the per-layer copy of the last params (CPU): new weights must bypass it, and the
+    copy must go away with the params it came from."""
+    import gc
+
+    import jax
+
+    from polaris_jax.sampling import sampler
+    perturbed = jax.tree.map(lambda x: x * 1.5, tied.params)
+    kwargs = dict(max_new_tokens=8, temperature=0.0)
+    assert generate(tied.config, tied.params, tied.prompts, **kwargs).tokens == [r[:8] for r in tied.new_ids]
+    expected = generate(tied.config, perturbed, tied.prompts, unstack_params=False, **kwargs).tokens
+    assert expected != [r[:8] for r in tied.new_ids]  # the perturbation changes the greedy tokens
+    assert generate(tied.config, perturbed, tied.prompts, **kwargs).tokens == expected
+    copy = sampler._last_unstacked["entry"][1]
+    assert generate(tied.config, perturbed, tied.prompts, **kwargs).tokens == expected
+    assert sampler._last_unstacked["entry"][1] is copy  # same params: the copy is reused
+    assert generate(tied.config, tied.params, tied.prompts, **kwargs).tokens == [r[:8] for r in tied.new_ids]
+    del perturbed, copy
+    generate(tied.config, jax.tree.map(lambda x: x + 0, tied.params), tied.prompts, **kwargs)
+    gc.collect()
+    assert not sampler._last_unstacked  # those params are gone, so is their copy
