@@ -7,7 +7,8 @@ Prints one JSON object per row. Both sides decode greedily with no EOS, so both 
 exported with `save_hf` and loaded by transformers, so both run the same numbers. Times are the best
 of `--repeats` calls after a warm-up call (which compiles); transformers is timed with torch's default
 thread count and with one thread, and its faster setting is reported (on a shared machine torch's
-thread pool can stall badly). At batch 1 the row also reports the bytes of params plus KV cache read
+thread pool can stall badly). The sides' calls are interleaved (one call of each side per round), so
+a machine whose speed drifts slows every side alike. At batch 1 the row also reports the bytes of params plus KV cache read
 per decode step over the decode step time, next to the machine's bandwidth from a copy test and a
 read (sum) test.
 
@@ -80,32 +81,70 @@ def _hf_generate(model, prompts, new_tokens: int):
     return out[:, ids.shape[1]:].tolist()
 
 
-def transformers_side(path: str, row: dict, prompts, repeats: int):
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def transformers_sides(path: str, row: dict, prompts):
+    """({"transformers@T threads": timed call} for torch's default thread count and 1, greedy tokens)."""
     import torch
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, row["dtype"])).eval()
-    default_threads = torch.get_num_threads()
-    timings, tokens = {}, None
-    for threads in sorted({default_threads, 1}):
-        torch.set_num_threads(threads)
-        timings[threads], tokens = _best_time(lambda: _hf_generate(model, prompts, row["new"]), repeats)
-    torch.set_num_threads(default_threads)
-    threads = min(timings, key=timings.get)
-    return timings[threads], threads, tokens
+    tokens = _hf_generate(model, prompts, row["new"])  # warm-up
+
+    def side(threads: int):
+        def call() -> float:
+            default = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return _timed(lambda: _hf_generate(model, prompts, row["new"]))
+            finally:
+                torch.set_num_threads(default)
+        return call
+    return {f"transformers@{t}": side(t) for t in sorted({torch.get_num_threads(), 1})}, tokens
 
 
-def tunix_side(python: str, model_dir: str, row: dict, prompts, repeats: int) -> dict:
-    """Runs benchmarks/sampler_tunix.py with Tunix's own interpreter; returns its JSON line."""
-    prompts_path = os.path.join(model_dir, "prompts.json")
-    with open(prompts_path, "w") as f:
-        json.dump(prompts, f)
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix.py")
-    done = subprocess.run([python, script, "--model-dir", model_dir, "--prompts-json", prompts_path, "--new-tokens",
-                           str(row["new"]), "--repeats", str(repeats), "--dtype", row["dtype"]],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"the Tunix side failed ({python} {script}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class TunixSide:
+    """benchmarks/sampler_tunix.py --serve in Tunix's own interpreter: warmed up once, then one timed
+    call per `()`, so its calls can be interleaved with the other sides'."""
+
+    def __init__(self, python: str, model_dir: str, row: dict, prompts):
+        prompts_path = os.path.join(model_dir, "prompts.json")
+        with open(prompts_path, "w") as f:
+            json.dump(prompts, f)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix.py")
+        self.proc = subprocess.Popen(
+            [python, script, "--serve", "--model-dir", model_dir, "--prompts-json", prompts_path,
+             "--new-tokens", str(row["new"]), "--dtype", row["dtype"]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.ready = self._reply()  # tunix_version, jax_version, tokens
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the Tunix side failed:\n{self.proc.stderr.read()[-2000:]}")
+        return json.loads(line)
+
+    def __call__(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._reply()["seconds"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def interleaved_best(sides: dict, repeats: int) -> dict:
+    """Best time of each side over `repeats` rounds; a round times every side once, in turn, so the
+    machine's drifting speed (2x over minutes on a shared VM) hits every side alike."""
+    best = {name: float("inf") for name in sides}
+    for _ in range(repeats):
+        for name, call in sides.items():
+            best[name] = min(best[name], call())
+    return best
 
 
 def kv_bytes_read(config, row: dict) -> int:
@@ -125,26 +164,37 @@ def run_row(name: str, repeats: int, tunix_python: str | None) -> dict:
     params = init_params(config, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(1, config.vocab_size, (row["batch"], row["prompt"])).tolist()
     ours = lambda new: generate(config, params, prompts, max_new_tokens=new, temperature=0.0)
-    ours_s, out = _best_time(lambda: ours(row["new"]), repeats)
-    prefill_s, _ = _best_time(lambda: ours(1), repeats)
-    tokens = out.tokens
+    tokens = ours(row["new"]).tokens  # warm-up (compiles)
+    ours(1)
     tunix = None
     with tempfile.TemporaryDirectory() as path:
         model_dir = os.path.join(path, "model")
         save_hf(config, params, model_dir)
-        hf_s, hf_threads, hf_tokens = transformers_side(model_dir, row, prompts, repeats)
+        sides, hf_tokens = transformers_sides(model_dir, row, prompts)
+        sides = {"ours": lambda: _timed(lambda: ours(row["new"])), **sides}
         if tunix_python:
-            tunix = tunix_side(tunix_python, model_dir, row, prompts, repeats)
+            tunix = TunixSide(tunix_python, model_dir, row, prompts)
+            sides["tunix"] = tunix
+        try:
+            best = interleaved_best(sides, repeats)
+        finally:
+            if tunix:
+                tunix.close()
+    prefill_s = min(_timed(lambda: ours(1)) for _ in range(repeats))
+    ours_s = best.pop("ours")
+    tunix_s = best.pop("tunix", None)
+    hf_side = min(best, key=best.get)
+    hf_s = best[hf_side]
     generated = row["batch"] * row["new"]
     result = dict(benchmark="sampler", row=name, **row,
                   ours_tok_s=round(generated / ours_s, 1), transformers_tok_s=round(generated / hf_s, 1),
-                  ratio=round(hf_s / ours_s, 2), transformers_threads=hf_threads,
+                  ratio=round(hf_s / ours_s, 2), transformers_threads=int(hf_side.split("@")[1]),
                   ours_decode_step_ms=round(1e3 * (ours_s - prefill_s) / (row["new"] - 1), 2),
                   same_tokens_rows=sum(a == b for a, b in zip(tokens, hf_tokens)))
     if tunix:
-        result.update(tunix_tok_s=round(tunix["tok_s"], 1), ratio_vs_tunix=round(tunix["best_s"] / ours_s, 2),
-                      tunix_same_tokens_rows=sum(a == b for a, b in zip(tokens, tunix["tokens"])),
-                      tunix_version=tunix["tunix_version"])
+        result.update(tunix_tok_s=round(generated / tunix_s, 1), ratio_vs_tunix=round(tunix_s / ours_s, 2),
+                      tunix_same_tokens_rows=sum(a == b for a, b in zip(tokens, tunix.ready["tokens"])),
+                      tunix_version=tunix.ready["tunix_version"])
     if row["batch"] == 1:
         step_s = (ours_s - prefill_s) / (row["new"] - 1)
         read = sum(x.nbytes for x in jax.tree.leaves(params)) + kv_bytes_read(config, row)

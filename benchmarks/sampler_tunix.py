@@ -9,7 +9,7 @@ Command line (DIR holds config.json + *.safetensors, e.g. written by polaris_jax
 JSON list of equal-length token-id lists):
 
     .venv-tunix/bin/python benchmarks/sampler_tunix.py --model-dir DIR --prompts-json FILE \
-        --new-tokens N --repeats R --dtype float32|bfloat16
+        --new-tokens N --repeats R --dtype float32|bfloat16 [--serve]
 
 The checkpoint is loaded with tunix.models.qwen3.params.create_model_from_safe_tensors and decoded with
 tunix.generate.sampler.Sampler (temperature 0 = greedy), exactly N new tokens per row: the EOS id is -1,
@@ -18,6 +18,8 @@ and back; its pad id is -1 too, so no real token is ever treated as padding (Tun
 to pad_id out of attention, generated ones included). Timing: one warm-up call (compiles), then the best
 of R calls; each call prefills the prompts and runs Tunix's jitted decode loop, then copies the tokens to
 the host. Prints one JSON line: tunix_version, jax_version, tok_s (= batch * N / best_s), best_s, tokens.
+With --serve (how benchmarks/sampler.py drives it), it prints versions and tokens after the warm-up,
+then one {"seconds": ...} line per "run" line read from stdin, until any other line or EOF.
 
 Caveat: tunix 0.1.7's Qwen3 attention calls apply_rope without config.rope_theta, so RoPE always uses
 theta 1e6; for a checkpoint with another rope_theta this script rebinds tunix.models.qwen3.model.apply_rope
@@ -42,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--serve", action="store_true",
+                   help="after the warm-up print the tokens, then time one call per 'run' line on stdin")
     args = p.parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1:
         raise SystemExit("--new-tokens and --repeats must be positive")
@@ -135,14 +139,23 @@ def main(argv=None):
     tokens = call()
     if any(len(t) != n for t in tokens):
         raise SystemExit(f"tunix returned {[len(t) for t in tokens]} tokens per row, expected {n}")
+    versions = {"tunix_version": importlib.metadata.version("google-tunix"), "jax_version": jax.__version__}
+    if args.serve:  # benchmarks/sampler.py interleaves these calls with its other sides'
+        print(json.dumps({**versions, "tokens": tokens}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            start = time.perf_counter()
+            call()
+            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        return
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
     best = min(times)
-    print(json.dumps({"tunix_version": importlib.metadata.version("google-tunix"), "jax_version": jax.__version__,
-                      "tok_s": len(prompts) * n / best, "best_s": best, "tokens": tokens}))
+    print(json.dumps({**versions, "tok_s": len(prompts) * n / best, "best_s": best, "tokens": tokens}))
 
 
 if __name__ == "__main__":
