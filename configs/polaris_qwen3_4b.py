@@ -15,74 +15,27 @@ Between stages Polaris drops problems the current policy already solves 8/8:
 and the filtered file becomes the next stage's dataset (--config.schedule.datasets=...).
 
 Paths: MODEL_DIR is the Hugging Face Qwen/Qwen3-4B download, DATA the Polaris-Dataset-53K file.
-The mesh is FSDP over every device; responses are split into microbatches of one row per device.
+The recipe itself is `polaris_jax.train.grpo_config.polaris_recipe`. The mesh is FSDP over every
+device; responses are split into microbatches of one row per device.
 """
 
-import ml_collections
-
-from polaris_jax.train.grpo_config import default_config, make_tiny
+from polaris_jax.train.grpo_config import default_config, make_tiny, polaris_recipe
 
 MODEL_DIR = "checkpoints/Qwen3-4B"
 DATA = "data/polaris/polaris-data-53K.jsonl"
 EVAL = "data/aime_2025.jsonl"
-INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
 def get_config(arg: str | None = None):
     variant = arg or ""
     if variant not in ("", "tiny", "filter"):
         raise ValueError(f"unknown polaris_qwen3_4b variant {variant!r}; choose '', 'tiny' or 'filter'")
-    c = default_config()
-    c.model.init_from = MODEL_DIR
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = "dots_no_batch"
-    c.data.instruction = INSTRUCTION
-    c.data.max_prompt_len = 1024
-
-    c.schedule.max_response_len = (39_936, 48_128, 52_224)
-    c.schedule.temperature = (1.4, 1.45, 1.5)
-    c.schedule.steps = (400, 200, 100)
-    c.schedule.datasets = (DATA, DATA, DATA)
-
-    c.rollout.prompts_per_step = 128
-    c.rollout.samples_per_prompt = 8
-    c.rollout.top_p = 1.0
-    c.rollout.chunks = 4
-
-    c.algo.advantage = "grpo"
-    c.algo.policy_loss = "ppo_clip"
-    c.algo.clip_low = 0.2
-    c.algo.clip_high = 0.28
-    c.algo.loss_agg_mode = "token-mean"
-    c.algo.kl_coef = 0.0
-    c.algo.use_reference = False
-    c.algo.entropy_coef = 0.0
-    c.algo.num_iterations = 1
-    c.algo.minibatches = 1
-    c.algo.microbatches = 16
-
-    c.shaping.polaris_substitution = True
-    c.shaping.rollout_rescue = True
-    c.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0}})
-
-    c.optimizer.peak_lr = 1e-6
-    c.optimizer.warmup_ratio = 0.0
-    c.optimizer.min_lr_ratio = 1.0
-    c.optimizer.weight_decay = 0.0
-
-    c.train.loss_chunk_size = 1024
-    c.eval.dataset = EVAL
-    c.eval.every = 50
-    c.eval.samples_per_problem = 4
-    c.eval.temperature = 1.4
-    c.checkpoint.every = 25
-    c.checkpoint.lora_only = False
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-
+    c = polaris_recipe(default_config(), model_dir=MODEL_DIR, dataset=DATA, eval_dataset=EVAL,
+                       response_lens=(39_936, 48_128, 52_224), temperatures=(1.4, 1.45, 1.5))
     if variant == "tiny":
         make_tiny(c)
     if variant == "filter":  # the between-stage difficulty filter over this recipe's data
         from polaris_jax.train.difficulty_filter import filter_config
         return filter_config(model_dir=MODEL_DIR, dataset=DATA, samples=8, temperature=1.4,
-                             max_response_len=39_936, instruction=INSTRUCTION, mesh=c.mesh).lock()
+                             max_response_len=39_936, instruction=c.data.instruction, mesh=c.mesh).lock()
     return c.lock()

@@ -134,6 +134,64 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+POLARIS_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def polaris_recipe(c: ml_collections.ConfigDict, *, model_dir: str, dataset: str, eval_dataset: str,
+                   response_lens: tuple[int, ...], temperatures: tuple[float, ...],
+                   steps: tuple[int, ...] = (400, 200, 100)) -> ml_collections.ConfigDict:
+    """The Polaris recipe (An et al. 2025) in place, shared by configs/polaris_*.py, which pick the model
+    and its stage schedule: lr 1e-6 constant, 128 prompts x 8 samples, PPO-clip 0.2 / 0.28 (DAPO
+    clip-higher), token-mean loss, no KL, no entropy bonus, top_p 1.0, in-batch substitution of
+    uninformative groups, rollout rescue; evaluation at the first stage's temperature."""
+    c.model.init_from = model_dir
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat_policy = "dots_no_batch"
+    c.data.instruction = POLARIS_INSTRUCTION
+    c.data.max_prompt_len = 1024
+
+    c.schedule.max_response_len = tuple(response_lens)
+    c.schedule.temperature = tuple(temperatures)
+    c.schedule.steps = tuple(steps)
+    c.schedule.datasets = (dataset,) * len(steps)
+
+    c.rollout.prompts_per_step = 128
+    c.rollout.samples_per_prompt = 8
+    c.rollout.top_p = 1.0
+    c.rollout.chunks = 4
+
+    c.algo.advantage = "grpo"
+    c.algo.policy_loss = "ppo_clip"
+    c.algo.clip_low = 0.2
+    c.algo.clip_high = 0.28
+    c.algo.loss_agg_mode = "token-mean"
+    c.algo.kl_coef = 0.0
+    c.algo.use_reference = False
+    c.algo.entropy_coef = 0.0
+    c.algo.num_iterations = 1
+    c.algo.minibatches = 1
+    c.algo.microbatches = 16
+
+    c.shaping.polaris_substitution = True
+    c.shaping.rollout_rescue = True
+    c.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0}})
+
+    c.optimizer.peak_lr = 1e-6
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.min_lr_ratio = 1.0
+    c.optimizer.weight_decay = 0.0
+
+    c.train.loss_chunk_size = 1024
+    c.eval.dataset = eval_dataset
+    c.eval.every = 50
+    c.eval.samples_per_problem = 4
+    c.eval.temperature = temperatures[0]
+    c.checkpoint.every = 25
+    c.checkpoint.lora_only = False
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    return c
+
+
 def make_tiny(c: ml_collections.ConfigDict, stage_lengths=(32, 40, 48)) -> ml_collections.ConfigDict:
     """Turns a recipe into its CPU smoke variant in place: the same algorithm and stage structure on a
     random tiny Qwen3, the synthetic arithmetic task (no files needed) and a few steps per stage.
