@@ -6,6 +6,8 @@ optimised HLO text instead (`compiled.as_text()`), counts 2 * |output| * |contra
 `dot`, and multiplies each while body by the `known_trip_count` XLA annotates it with. Only dots
 are counted: elementwise work is small next to them at real sizes, and the figure is then directly
 comparable with the 6·N·D convention. Remat recomputation is included, since it is in the program.
+A loop without a known trip count (causal flash attention's inner loops, whose bounds depend on the
+block) is counted once, so long-sequence attention FLOPs are under-counted there.
 """
 
 from __future__ import annotations

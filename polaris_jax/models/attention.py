@@ -115,6 +115,13 @@ def _head_major_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jnp.ndarray:
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+def length_major(cache_layer) -> jnp.ndarray:
+    """One layer's cached keys or values as [B, S, K, H], whichever layout holds them."""
+    if not isinstance(cache_layer, HeadMajorKV):
+        return cache_layer
+    return jnp.transpose(cache_layer.data, (0, 3, 1, 2) if cache_layer.keys else (0, 2, 1, 3))
+
+
 def _write_slots(cache, update, end, axis: int):
     """`dynamic_update_slice` at `end` along `axis`. 16-bit floats go through a uint16 view: XLA on CPU
     otherwise widens the whole bf16 cache to float32 and back at every write."""

@@ -16,6 +16,7 @@ ARCHITECTURES = {
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "dense", "flash")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -56,6 +57,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention over T > 1 queries: dense [T, S] scores, or blockwise (models.flash_attention) with
+    # O(T·block) memory. auto = flash once T·S exceeds flash_min_scores (dense is faster when small).
+    attention_impl: str = "auto"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    flash_min_scores: int = 1024 * 1024
     eos_token_ids: tuple[int, ...] = ()
     # LoRA adapters (0 = none): x@W + (alpha/rank)*(x@A)@B on the named projections.
     lora_rank: int = 0
@@ -70,6 +77,10 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if min(self.attention_block_q, self.attention_block_kv) < 1:
+            raise ConfigError(f"attention blocks ({self.attention_block_q}, {self.attention_block_kv}) must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                     f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
@@ -94,6 +105,12 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    def use_flash_attention(self, num_queries: int, num_keys: int) -> bool:
+        """Whether attention of `num_queries` over `num_keys` runs blockwise (see `attention_impl`)."""
+        if self.attention_impl == "auto":
+            return num_queries > 1 and num_queries * num_keys > self.flash_min_scores
+        return self.attention_impl == "flash" and num_queries > 1
 
     def layer_is_moe(self, layer: int) -> bool:
         """Transformers' rule for which decoder layers use the sparse MoE block."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
+from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
 # einsum of the base weight, then of the LoRA A and B factors (rank axis "r").
@@ -57,12 +58,24 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q, k = apply_rope(q, cos_btd, sin_btd), apply_rope(k, cos_btd, sin_btd)
+    blocks = dict(block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+    b, t = segment_ids_bt.shape
     if cache_layer is None:
-        out = attn_lib.grouped_attention(q, k, v, attn_lib.self_mask(segment_ids_bt))
+        if config.use_flash_attention(t, t):
+            out = flash_attention(q, k, v, segment_ids_bt, segment_ids_bt, **blocks)
+        else:
+            out = attn_lib.grouped_attention(q, k, v, attn_lib.self_mask(segment_ids_bt))
         new_cache_layer = None
     else:
         k_cache, v_cache = attn_lib.write_cache_layer(*cache_layer, k, v, cache_meta["end"])
-        out = attn_lib.grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), cache_meta["mask_bts"])
+        valid_bs = cache_meta["valid_bs"]
+        if config.use_flash_attention(t, valid_bs.shape[1]):
+            # The cache's validity is the key mask; every query counts as segment 1 (see flash_attention).
+            out = flash_attention(q, attn_lib.length_major(k_cache).astype(q.dtype),
+                                  attn_lib.length_major(v_cache).astype(q.dtype), jnp.ones((b, t), jnp.int32),
+                                  valid_bs, cache_meta["end"], **blocks)
+        else:
+            out = attn_lib.grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), cache_meta["mask_bts"])
         new_cache_layer = (k_cache, v_cache)
     return project(config, layer, "o", out), new_cache_layer
 

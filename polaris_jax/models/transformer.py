@@ -123,7 +123,7 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
     cache_meta, new_cache = None, None
     if cache is not None:
         valid_bs, new_end = attn_lib.advance_cache_validity(cache, segment_ids_bt)
-        cache_meta = {"end": cache["end"],
+        cache_meta = {"end": cache["end"], "valid_bs": valid_bs,
                       "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1])}
     per_layer_cache = cache is not None and isinstance(cache["k"], (list, tuple))
     new_k, new_v, stats_list = [], [], []
