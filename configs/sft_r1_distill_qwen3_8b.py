@@ -18,7 +18,10 @@ below is a placeholder, not derived from a dataset; `data/examples` in the metri
 
 Memory: bf16 compute with float32 master weights and Adam moments (16 bytes/param = 131 GB for
 8B) FSDP-sharded over every device; full remat of each layer at 32K tokens per row; the loss
-never materialises [T, V] logits (train/losses.py chunks the vocabulary projection).
+never materialises [T, V] logits (train/losses.py chunks the vocabulary projection) nor [T, T]
+attention scores (attention_impl auto runs models/flash_attention.py at this length). The planner
+(`python -m polaris_jax.plan --config=configs/sft_r1_distill_qwen3_8b.py --model=qwen3_8b
+--mesh=fsdp=64`) gives a 36.7 GiB peak per device on 64 devices.
 
 LoRA: "LoRA Without Regret" (see polaris_jax/models/lora.py) wants ~10x the full fine-tuning
 learning rate, so the lora variant uses 4e-4 with alpha 32.
