@@ -15,11 +15,17 @@ Point it at a checkpoint and benchmark on the command line, e.g.
         --config.benchmark=../shared/data/aime_2024.jsonl
 
 Outputs: DIR/eval/<benchmark>/samples.jsonl and summary.json.
+
+Mesh: data-parallel by default (`data=-1`): every device holds the whole model and decodes its share
+of the n x problems_per_batch rows. A model too big for one device takes `tensor` (e.g.
+`--config.mesh.data=-1 --config.mesh.tensor=4`); `fsdp` also works but gathers the weights at every
+decode step.
 """
 
 import ml_collections
 
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
+from polaris_jax.models.sharding import DEFAULT_RULES
 
 _SHARED_DATA = "../shared/data"
 
@@ -50,6 +56,8 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     config.problems_per_batch = 8  # sampled together; verified while the next batch samples
     config.verifier_workers = 0  # 0 = one per CPU core
     config.verifier_timeout_s = 5.0
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.sharding_rules = tuple(DEFAULT_RULES)
 
     if variant == "r1":
         config.n = 16

@@ -42,23 +42,39 @@ def write_atomic(path: Path, lines: Iterable[str]) -> None:
             os.remove(tmp)
 
 
-def load_model(config):
+def load_model(config, mesh=None, rules=None):
     """(model_config, params, tokenizer) for `config.checkpoint`, or a random tiny model with
-    the offline Qwen tokenizer when `config.checkpoint == "tiny"` (CPU smoke runs)."""
+    the offline Qwen tokenizer when `config.checkpoint == "tiny"` (CPU smoke runs). With a mesh,
+    the params are placed in their shards (`models.sharding.param_shardings`)."""
     import jax
 
     from polaris_jax.data.tokenizer import Tokenizer, qwen_tokenizer_offline
-    from polaris_jax.models import ModelConfig, init_params, load_hf
+    from polaris_jax.models import ModelConfig, init_params, load_hf, param_shardings
 
     if config.checkpoint == "tiny":
         tokenizer = qwen_tokenizer_offline(config.tokenizer or "qwen3")
         model_config = ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
-        return model_config, init_params(model_config, jax.random.key(config.seed)), tokenizer
+        params = init_params(model_config, jax.random.key(config.seed))
+        if mesh is not None:
+            params = jax.device_put(params, param_shardings(model_config, mesh, rules))
+        return model_config, params, tokenizer
     if not config.checkpoint:
         raise ValueError("config.checkpoint is empty: name a Hugging Face checkpoint directory or 'tiny'")
     tokenizer = Tokenizer.from_dir(config.tokenizer or config.checkpoint)
-    model_config, params = load_hf(config.checkpoint, dtype=config.dtype or None)
+    shardings = None
+    if mesh is not None:
+        shardings = param_shardings(ModelConfig.from_hf(config.checkpoint), mesh, rules)
+    model_config, params = load_hf(config.checkpoint, dtype=config.dtype or None, shardings=shardings)
     return model_config, params, tokenizer
+
+
+def mesh_and_rules(config):
+    """The config's device mesh and logical-axis rules; no mesh (one device) for a config without one."""
+    from polaris_jax.models.sharding import DEFAULT_RULES
+    if "mesh" not in config:
+        return None, DEFAULT_RULES
+    from polaris_jax.train.sft_loop import mesh_from_config, sharding_rules
+    return mesh_from_config(config), sharding_rules(config)
 
 
 def resolve_think_policy(config, tokenizer) -> str:
@@ -80,7 +96,7 @@ def _strip_stop(tokens: list[int], finish_reason: str, eos_ids: tuple[int, ...])
     return tokens[:-1] if finish_reason == "eos" and tokens and tokens[-1] in eos_ids else tokens
 
 
-def _sample_chunks(config, model_config, params, tokenizer, problems, pool):
+def _sample_chunks(config, model_config, params, tokenizer, problems, pool, mesh, rules):
     """Yield (chunk problems, sampler output, completion texts, scores future) per chunk."""
     from polaris_jax.sampling import generate
 
@@ -97,6 +113,7 @@ def _sample_chunks(config, model_config, params, tokenizer, problems, pool):
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, top_k=config.top_k, n=config.n,
             eos_token_ids=eos_ids, seed=(config.seed + start) % 2**31,
+            mesh=mesh, rules=rules,
         )
         texts = [
             tokenizer.decode(_strip_stop(list(tokens), reason, eos_ids))
@@ -119,14 +136,15 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     problems = load_benchmark(config.benchmark)
     if config.num_problems:
         problems = problems[: config.num_problems]
-    model_config, params, tokenizer = load_model(config)
+    mesh, rules = mesh_and_rules(config)
+    model_config, params, tokenizer = load_model(config, mesh, rules)
     extraction = ExtractionConfig(think=resolve_think_policy(config, tokenizer))
     n = int(config.n)
     records: list[dict[str, Any]] = []
     with VerifierPool(
         num_workers=config.verifier_workers or None, timeout_s=config.verifier_timeout_s, extraction=extraction
     ) as pool:
-        chunks = list(_sample_chunks(config, model_config, params, tokenizer, problems, pool))
+        chunks = list(_sample_chunks(config, model_config, params, tokenizer, problems, pool, mesh, rules))
         for chunk, out, texts, scores_future in chunks:
             scores = scores_future.result()
             for row, (tokens, reason, text, score) in enumerate(zip(out.tokens, out.finish_reasons, texts, scores)):

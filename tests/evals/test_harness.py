@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +133,39 @@ def test_auto_think_policy_requires_a_close_tag_when_the_prompt_opens_the_block(
     assert resolve_think_policy(config, tokenizer) == "require"
     config.think_policy = "ignore"
     assert resolve_think_policy(config, tokenizer) == "ignore"
+
+
+_SHARDED_EVAL = """
+import json, sys
+from tests.evals.test_harness import eval_config
+from polaris_jax.evals import run_eval
+from polaris_jax.evals.harness import mesh_and_rules
+config = eval_config(sys.argv[1])
+config.mesh.data = -1
+mesh, _ = mesh_and_rules(config)
+import polaris_jax.sampling as sampling
+original, meshes = sampling.generate, []
+def spy(*args, mesh, **kwargs):
+    meshes.append(mesh.devices.size)
+    return original(*args, mesh=mesh, **kwargs)
+sampling.generate = spy
+result = run_eval(config, sys.argv[2])
+print(json.dumps(dict(mesh=dict(mesh.shape), generate_meshes=meshes, samples=result["samples_path"])))
+"""
+
+
+def test_eval_on_a_four_device_data_mesh_gives_the_same_samples(checkpoint, tmp_path):
+    """Rows are split over a 4-device mesh (fake CPU devices, in a subprocess); each row's sample
+    depends on the seed and its index only, so every completion must equal the one-device run's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_EVAL, str(checkpoint), str(tmp_path / "sharded")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report["generate_meshes"] == [4, 4]  # both chunks sampled on the mesh
+    sharded = [json.loads(line) for line in pathlib.Path(report["samples"]).read_text().splitlines()]
+    single, _ = read_outputs(run_eval(eval_config(checkpoint), str(tmp_path / "single")))
+    assert len(sharded) == len(single) == 32
+    assert [s["completion"] for s in sharded] == [s["completion"] for s in single]
+    assert [s["reward"] for s in sharded] == [s["reward"] for s in single]
