@@ -102,6 +102,9 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
     LoRA adapters, if present, are merged into the base weights. Tensors are fetched to the host one
     at a time. An existing non-empty `path` is kept unless `overwrite`; on any failure nothing is left
     behind and an overwritten directory is restored.
+
+    Multi-host: every process calls this (tensors sharded over several hosts are all-gathered one at
+    a time), process 0 alone writes, and all return once the export is in place.
     """
     from polaris_jax.models.lora import merge_lora
     path = os.path.abspath(os.fspath(path))
@@ -112,6 +115,21 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
     names = hf_names.export_names(config)
     sizes = [(n, int(np.prod(shape)) * jnp.dtype(config.weight_dtype).itemsize) for n, shape in names]
     plan = _shard_plan(sizes, max_shard_bytes)
+    if jax.process_count() == 1:
+        return _write_hf(config, params, path, plan, sizes, tokenizer_dir)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        _write_hf(config, params, path, plan, sizes, tokenizer_dir)
+    else:
+        for shard_names in plan:  # take part in the same all-gathers, in the same order
+            for name in shard_names:
+                hf_names.export_tensor(config, params, name)
+    multihost_utils.sync_global_devices(f"save_hf {path}")
+    return path
+
+
+def _write_hf(config, params, path: str, plan, sizes, tokenizer_dir) -> str:
+    """Writes the export into a temp directory next to `path`, then renames it into place."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)

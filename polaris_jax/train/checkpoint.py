@@ -102,7 +102,6 @@ def open_existing(directory: str, **kwargs) -> Checkpointer:
 
 
 def export_hf(model_config, params, path: str, *, tokenizer_dir: str | None = None) -> str:
-    """Hugging Face layout via `save_hf` (LoRA adapters merged in); only process 0 writes."""
-    if jax.process_index() != 0:
-        return os.path.abspath(path)
+    """Hugging Face layout via `save_hf` (LoRA adapters merged in). Every process calls it (sharded
+    tensors are all-gathered); only process 0 writes."""
     return save_hf(model_config, params, path, tokenizer_dir=tokenizer_dir, overwrite=True)

@@ -5,7 +5,8 @@
 Run alone it is the single-process reference (LOCAL_DEVICES = the whole mesh). With
 POLARIS_COORDINATOR_ADDRESS / POLARIS_NUM_PROCESSES / POLARIS_PROCESS_ID set, several copies form
 one mesh over all their devices through `polaris_jax.distributed` (gloo collectives on CPU); each
-feeds only its own rows of the global batch. Process 0 writes the losses and the final params.
+feeds only its own rows of the global batch. Process 0 writes the losses and the final params, and
+every process takes part in the Hugging Face export to OUT.npz.hf (process 0 writes it).
 """
 
 import os
@@ -25,6 +26,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from polaris_jax.models import DEFAULT_RULES, ModelConfig, make_mesh, param_shapes  # noqa: E402
 from polaris_jax.train import partitioning  # noqa: E402
+from polaris_jax.train.checkpoint import export_hf  # noqa: E402
 from polaris_jax.train import state as state_lib  # noqa: E402
 from polaris_jax.train.optimizer import make_optimizer  # noqa: E402
 from polaris_jax.train.sft_step import make_sft_step  # noqa: E402
@@ -74,6 +76,7 @@ def main():
         step_rng = jax.random.fold_in(state["rng"], step)
         state, metrics = step_fn(state, partitioning.put_batch(batch, batch_shardings), step_rng)
         losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+    export_hf(config, state["params"], OUT + ".hf")  # every process; process 0 writes
     gathered = multihost_utils.process_allgather(state["params"], tiled=True)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(path): np.asarray(leaf)

@@ -1,6 +1,7 @@
 """Multi-host: 2 CPU processes on localhost (jax.distributed, gloo) run the sharded SFT step as one mesh.
 
-The 2-process run must give the losses and parameters of the same 4-device mesh in one process.
+The 2-process run must give the losses, parameters and Hugging Face export of the same 4-device mesh
+in one process.
 Also: how `polaris_jax.distributed` resolves its settings from flags, config and environment.
 """
 
@@ -13,6 +14,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from polaris_jax import distributed
 
@@ -64,6 +66,13 @@ def test_two_processes_match_one_process(tmp_path):
     assert names and sorted(names) == sorted(k for k in multi.files if k.startswith("["))
     for name in names:
         np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The HF export of params spread over both processes equals the one-process export.
+    single_hf, multi_hf = (safetensors.numpy.load_file(tmp_path / f"{n}.npz.hf" / "model.safetensors")
+                           for n in ("single", "multi"))
+    assert sorted(multi_hf) == sorted(single_hf) and len(single_hf) > 10
+    for name, want in single_hf.items():
+        np.testing.assert_allclose(multi_hf[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_settings_come_from_env_config_and_flags_in_that_order():
