@@ -21,7 +21,11 @@ from the broadcast last-position logits.
 Decoding. `decode_loop.decode` is one `lax.while_loop` that feeds one token per row per iteration and
 exits when every row is done or the cache bucket is full; the host then copies the state into the next
 cache bucket (`grow`) and calls decode again. Attention therefore reads the current bucket, never the
-maximum length: at most `growth` (2) times the filled part. Rows finish individually on an EOS id
+maximum length: at most `growth` (2) times the filled part. At each growth the finished rows are
+dropped (`compact_rows`): their outputs are fetched, and the live ones move into the smallest batch
+bucket that holds them, so a long tail of a few rows no longer reads and computes for the whole
+batch (each row keeps its PRNG key and token count, so its samples do not change). Rows finish
+individually on an EOS id
 ("eos"), on the last token of a stop sequence ("stop") or at max_new_tokens ("length"); finished rows
 stop writing outputs and dummy rows start finished.
 

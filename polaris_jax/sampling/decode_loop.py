@@ -3,7 +3,7 @@
 Three compiled functions, each keyed only by bucketed shapes (and the static config / settings):
   start(prefill batch, prompt bucket, decode batch, first cache bucket)
   decode(decode batch, cache bucket)
-  grow(decode batch, cache bucket -> next bucket)
+  grow(decode batch, cache bucket -> next bucket), optionally keeping only some rows (compaction)
 Slot layout: prompts are left-padded to width P, so slot s of every row holds prompt token s - (P - len)
 for s < P, and `tokens_dc[:, s]` holds the token *predicted* at slot s. Generated token g of a row is
 thus at slot P - 1 + g, and is fed to the model at slot P + g.
@@ -172,9 +172,21 @@ def decode(config, params, state: DecodeState, settings, criteria, *, mesh=None,
     return jax.lax.while_loop(running, step, _constrain(state, mesh, rules))
 
 
+def _take_rows(state: DecodeState, keep_d) -> DecodeState:
+    """The state of rows `keep_d` only, in that order (every field but the cache's `end` and `prompt_width`
+    has the batch first)."""
+    rows = functools.partial(jnp.take, indices=keep_d, axis=0)
+    cache = _map_kv(state.cache, lambda x, length_axis: rows(x))
+    per_row = {f.name: rows(getattr(state, f.name)) for f in dataclasses.fields(state)
+               if f.name not in ("cache", "prompt_width")}
+    return state.replace(cache=dict(cache, valid_bs=rows(cache["valid_bs"])), **per_row)
+
+
 @functools.partial(jax.jit, static_argnames=("cache_len", "mesh", "rules"))
-def grow(state: DecodeState, *, cache_len: int, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
-    """Copies the state into the next, larger cache bucket."""
+def grow(state: DecodeState, keep_d=None, *, cache_len: int, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
+    """Copies the state into the next, larger cache bucket; with `keep_d` (int32 [D']), only those rows."""
+    if keep_d is not None:
+        state = _take_rows(state, keep_d)
     cache = _map_kv(state.cache, lambda x, length_axis: _pad_length(x, length_axis, cache_len))
     state = state.replace(
         cache=dict(cache, valid_bs=_pad_length(cache["valid_bs"], 1, cache_len, False)),

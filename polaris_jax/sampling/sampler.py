@@ -135,7 +135,8 @@ def _pack_batch(prompts, n: int, width: int, buckets: Buckets, shards: int):
 def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_ids: Sequence[int] = (), seed: int = 0,
              min_p: float = 0.0, stop_sequences: Sequence[Sequence[int]] = (), mesh=None, rules=DEFAULT_RULES,
-             buckets: Buckets = Buckets(), unstack_params: bool | None = None) -> SampleOutput:
+             buckets: Buckets = Buckets(), unstack_params: bool | None = None,
+             compact_rows: bool = True) -> SampleOutput:
     """Samples n continuations of every prompt; see the package docstring for the design.
 
     Args:
@@ -149,6 +150,8 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
       mesh, rules: shard the decode batch over the mesh's batch axes; params must already be placed
         on the mesh (models.sharding.param_shardings).
       buckets: prompt-length, batch and cache-length buckets.
+      compact_rows: when the cache grows into its next bucket, drop finished rows into a smaller batch
+        bucket (their outputs are fetched first), so a long tail decodes with few rows.
       unstack_params: copy the stacked layer weights into one buffer per layer (default: on CPU, where
         XLA would otherwise copy every layer's weights out of the stack at every step). The copy of the
         latest params is kept for the next call until those params are garbage collected.
@@ -185,17 +188,34 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     cache_len = buckets.cache_length(width + 1)
     state = decode_loop.start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed_arr,
                               settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype, mesh=mesh, rules=rules)
+    row_of_d = np.arange(len(row_src_d))  # the output row each decode row holds; >= rows: a dummy
+    outputs: dict[int, tuple] = {}
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
-        if bool(jax.device_get(state.done_d).all()):
+        done_d = np.asarray(jax.device_get(state.done_d))
+        if done_d.all():
             break
         cache_len = buckets.cache_length(cache_len + 1)
-        state = decode_loop.grow(state, cache_len=cache_len, mesh=mesh, rules=rules)
+        live_d = np.flatnonzero(~done_d)
+        keep_d = None
+        if compact_rows and buckets.batch_size(len(live_d), shards) < len(done_d):
+            _collect_finished(state, row_of_d, rows, width - 1, outputs)
+            batch = buckets.batch_size(len(live_d), shards)
+            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[:batch - len(live_d)]]).astype(np.int32)
+            row_of_d = np.where(np.arange(batch) < len(live_d), row_of_d[keep_d], rows)  # finished fillers: dummies
+            keep_d = _put(keep_d, mesh, rules, rows=False)
+        state = decode_loop.grow(state, keep_d, cache_len=cache_len, mesh=mesh, rules=rules)
+    _collect_finished(state, row_of_d, rows, width - 1, outputs)
+    tokens, logprobs, reasons = zip(*(outputs[r] for r in range(rows)))
+    return SampleOutput(tokens=list(tokens), logprobs=list(logprobs), finish_reasons=list(reasons))
 
+
+def _collect_finished(state, row_of_d, rows: int, first: int, outputs: dict) -> None:
+    """Copies every finished real row's tokens, logprobs and finish reason into `outputs[row]`."""
     tokens_dc, logprobs_dc, num_new_d, reason_d = jax.device_get(
         (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d))
-    first = width - 1
-    return SampleOutput(
-        tokens=[tokens_dc[r, first:first + num_new_d[r]].tolist() for r in range(rows)],
-        logprobs=[logprobs_dc[r, first:first + num_new_d[r]].tolist() for r in range(rows)],
-        finish_reasons=[decode_loop.FINISH_REASONS[int(reason_d[r])] for r in range(rows)])
+    for d, row in enumerate(row_of_d):
+        if row < rows and row not in outputs and reason_d[d] != decode_loop.RUNNING:
+            end = first + num_new_d[d]
+            outputs[int(row)] = (tokens_dc[d, first:end].tolist(), logprobs_dc[d, first:end].tolist(),
+                                 decode_loop.FINISH_REASONS[int(reason_d[d])])

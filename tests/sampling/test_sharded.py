@@ -37,8 +37,20 @@ def sharded_run() -> dict:
     greedy = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, mesh=mesh)
     sampled = generate(model.config, params, model.prompts, max_new_tokens=16, temperature=1.0, n=2, seed=4,
                        mesh=mesh)
+    # Rows of prompts 0 and 1 end early (EOS), so the 12-row batch (bucket 16) is compacted to 4 rows.
+    batches = []
+    counting = decode_loop.decode
+
+    def count(config, params, state, *args, **kwargs):
+        batches.append(state.done_d.shape[0])
+        return counting(config, params, state, *args, **kwargs)
+
+    decode_loop.decode = count
+    eos = (model.new_ids[0][4], model.new_ids[1][6])
+    compacted = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, n=4,
+                         eos_token_ids=eos, mesh=mesh)
     return dict(devices=jax.device_count(), greedy=greedy.tokens, sampled=sampled.tokens, expected=model.new_ids,
-                **seen)
+                compacted=compacted.tokens, compacted_batches=batches, **seen)
 
 
 def test_generate_on_eight_device_mesh():
@@ -55,3 +67,7 @@ def test_generate_on_eight_device_mesh():
     # Batch over (data, fsdp), kv heads over tensor; the decode batch was padded to a multiple of 4.
     assert result["cache_k"] == [["data", "fsdp"], "tensor", None, None]
     assert result["tokens"] == [["data", "fsdp"], None]
+    assert result["compacted_batches"] == [16, 4]
+    expected = result["expected"]
+    ends = [expected[0].index(expected[0][4]) + 1, expected[1].index(expected[1][6]) + 1, 64]
+    assert result["compacted"] == [row[:end] for row, end in zip(expected, ends) for _ in range(4)]
