@@ -8,22 +8,14 @@ per-expert layout, which every transformers version loads.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
+
+from polaris_jax.models.sharding import to_host
 
 _ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 _NORMS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
           "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
-def _to_host(x) -> np.ndarray:
-    """The whole array on this host. One spread over other processes' devices is all-gathered: a
-    collective, so every process must fetch the same tensors in the same order."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def _heads(config, name: str) -> int:
@@ -139,19 +131,19 @@ def _stack_index(config, layer: int) -> tuple[str, int]:
 def export_tensor(config, params, hf_name: str) -> np.ndarray:
     """Fetches one HF tensor from (possibly sharded) params, converted to the HF layout."""
     if hf_name == "model.embed_tokens.weight":
-        return _to_host(params["embed"])
+        return to_host(params["embed"])
     if hf_name == "model.norm.weight":
-        return _to_host(params["final_norm"])
+        return to_host(params["final_norm"])
     if hf_name == "lm_head.weight":
-        return _to_host(params["lm_head"]).T.copy()
+        return to_host(params["lm_head"]).T.copy()
     layer = int(hf_name.split(".")[2])
     ours = {hf: name for hf, name, _ in _layer_names(config, layer)}[hf_name]
     kind, j = _stack_index(config, layer)
     stack = params[kind + "_layers"]
     if "@" in ours:
         name, expert = ours.split("@")
-        return _to_host(stack[name][j, int(expert)]).T.copy()
-    w = _to_host(stack[ours][j])
+        return to_host(stack[name][j, int(expert)]).T.copy()
+    w = to_host(stack[ours][j])
     if ours in _ATTN:
         return (w.reshape(-1, w.shape[-1]) if ours == "o" else w.reshape(w.shape[0], -1)).T.copy()
     if ours.endswith("_bias"):

@@ -79,6 +79,17 @@ def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
     return tree_shardings(param_axes(config), mesh, rules, param_shapes(config))
 
 
+def to_host(tree):
+    """Every array of `tree` whole on this host, as numpy. Arrays spread over other processes' devices are
+    all-gathered: a collective, so every process must fetch the same arrays in the same order."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
 def shard_params(params, shardings):
     return jax.tree.map(jax.device_put, params, shardings)
 

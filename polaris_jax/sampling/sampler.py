@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, to_host
 from polaris_jax.models.transformer import unstack_layers
 from polaris_jax.sampling import decode_loop
 from polaris_jax.sampling.buckets import Buckets, round_up
@@ -192,7 +192,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     outputs: dict[int, tuple] = {}
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
-        done_d = np.asarray(jax.device_get(state.done_d))
+        done_d = to_host(state.done_d)
         if done_d.all():
             break
         cache_len = buckets.cache_length(cache_len + 1)
@@ -212,7 +212,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
 def _collect_finished(state, row_of_d, rows: int, first: int, outputs: dict) -> None:
     """Copies every finished real row's tokens, logprobs and finish reason into `outputs[row]`."""
-    tokens_dc, logprobs_dc, num_new_d, reason_d = jax.device_get(
+    tokens_dc, logprobs_dc, num_new_d, reason_d = to_host(
         (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d))
     for d, row in enumerate(row_of_d):
         if row < rows and row not in outputs and reason_d[d] != decode_loop.RUNNING:

@@ -218,8 +218,8 @@ def update_batch(rollout_batch: dict, advantages_b: np.ndarray, mask_br: np.ndar
 
 
 def put_update_batch(batch: dict, shardings: dict) -> dict:
+    """The whole update batch (every process holds all of it: rollouts are gathered) in its shards."""
     if jax.process_count() == 1:
         return {k: jax.device_put(batch[k], shardings[k]) for k in UPDATE_KEYS}
-    from jax.experimental import multihost_utils
-    return {k: multihost_utils.host_local_array_to_global_array(batch[k], shardings[k].mesh, shardings[k].spec)
+    return {k: jax.make_array_from_callback(batch[k].shape, shardings[k], lambda index, x=batch[k]: x[index])
             for k in UPDATE_KEYS}

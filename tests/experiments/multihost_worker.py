@@ -6,7 +6,8 @@ Run alone it is the single-process reference (LOCAL_DEVICES = the whole mesh). W
 POLARIS_COORDINATOR_ADDRESS / POLARIS_NUM_PROCESSES / POLARIS_PROCESS_ID set, several copies form
 one mesh over all their devices through `polaris_jax.distributed` (gloo collectives on CPU); each
 feeds only its own rows of the global batch. Process 0 writes the losses and the final params, and
-every process takes part in the Hugging Face export to OUT.npz.hf (process 0 writes it).
+every process takes part in the Hugging Face export to OUT.npz.hf (process 0 writes it) and in
+sampling from the trained params on the same mesh.
 """
 
 import os
@@ -25,7 +26,8 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from polaris_jax.models import DEFAULT_RULES, ModelConfig, make_mesh, param_shapes  # noqa: E402
-from polaris_jax.train import partitioning  # noqa: E402
+from polaris_jax.sampling import generate  # noqa: E402
+from polaris_jax.train import grpo_step, partitioning  # noqa: E402
 from polaris_jax.train.checkpoint import export_hf  # noqa: E402
 from polaris_jax.train import state as state_lib  # noqa: E402
 from polaris_jax.train.optimizer import make_optimizer  # noqa: E402
@@ -77,11 +79,33 @@ def main():
         state, metrics = step_fn(state, partitioning.put_batch(batch, batch_shardings), step_rng)
         losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
     export_hf(config, state["params"], OUT + ".hf")  # every process; process 0 writes
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    greedy = generate(config, state["params"], prompts, max_new_tokens=12, temperature=0.0, mesh=mesh)
+    sampled = generate(config, state["params"], prompts, max_new_tokens=12, temperature=1.0, n=2, seed=7,
+                       eos_token_ids=(3, 4, 5, 6, 7, 8, 9, 10), mesh=mesh)
+    samples = {"greedy_tokens": np.asarray(greedy.tokens), "sampled_tokens": _ragged(sampled.tokens),
+               "sampled_reasons": np.asarray(sampled.finish_reasons)}
+    # A GRPO update batch is whole on every process (the rollout gathered it); in its shards it must hold
+    # exactly those values.
+    update = {k: np.arange(BATCH * (1 if k.endswith("_b") else LENGTH)).reshape((BATCH,) + (() if k.endswith("_b")
+              else (LENGTH,))).astype(np.float32) for k in grpo_step.UPDATE_KEYS}
+    placed = grpo_step.put_update_batch(update, grpo_step.batch_shardings(mesh, DEFAULT_RULES, BATCH))
+    for key, value in multihost_utils.process_allgather(placed, tiled=True).items():
+        if not np.array_equal(np.asarray(value), update[key]):
+            raise SystemExit(f"put_update_batch changed {key}")
     gathered = multihost_utils.process_allgather(state["params"], tiled=True)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(path): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_leaves_with_path(gathered)}
-        np.savez(OUT, losses=np.asarray(losses), process_count=jax.process_count(), **flat)
+        np.savez(OUT, losses=np.asarray(losses), process_count=jax.process_count(), **samples, **flat)
+
+
+def _ragged(rows: list[list[int]]) -> np.ndarray:
+    """Token lists padded with -1 into one array."""
+    out = np.full((len(rows), max(map(len, rows))), -1, np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
 
 
 if __name__ == "__main__":

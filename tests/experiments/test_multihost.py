@@ -1,7 +1,7 @@
 """Multi-host: 2 CPU processes on localhost (jax.distributed, gloo) run the sharded SFT step as one mesh.
 
-The 2-process run must give the losses, parameters and Hugging Face export of the same 4-device mesh
-in one process.
+The 2-process run must give the losses, parameters, Hugging Face export and sampled tokens of the same
+4-device mesh in one process.
 Also: how `polaris_jax.distributed` resolves its settings from flags, config and environment.
 """
 
@@ -66,6 +66,10 @@ def test_two_processes_match_one_process(tmp_path):
     assert names and sorted(names) == sorted(k for k in multi.files if k.startswith("["))
     for name in names:
         np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # Sampling on the 2-process mesh gives the one-process tokens.
+    for key in ("greedy_tokens", "sampled_tokens", "sampled_reasons"):
+        np.testing.assert_array_equal(multi[key], single[key], err_msg=key)
+    assert single["greedy_tokens"].shape == (3, 12) and single["sampled_tokens"].shape[0] == 6
     # The HF export of params spread over both processes equals the one-process export.
     single_hf, multi_hf = (safetensors.numpy.load_file(tmp_path / f"{n}.npz.hf" / "model.safetensors")
                            for n in ("single", "multi"))
