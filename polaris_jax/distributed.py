@@ -128,3 +128,11 @@ def maybe_initialize_distributed(config=None, environ=None) -> bool:
         jax.distributed.initialize(coordinator_address=settings.coordinator_address,
                                    num_processes=settings.num_processes, process_id=settings.process_id)
     return True
+
+
+def wait_for_process_zero(name: str) -> None:
+    """A barrier after files that process 0 alone writes into the (shared) workdir, before others read them."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -104,6 +104,10 @@ def _put(tree, mesh, rules, *, rows: bool):
         return jax.device_put(tree)
 
     def one(x):
+        # In JAX's dtype first: multi-process device_put checks that every process passed the same value,
+        # and a float64 1.4 differs from the float32 1.4 it would become.
+        x = np.asarray(x)
+        x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))
         axes = ("batch",) + (None,) * (np.ndim(x) - 1) if rows else (None,) * np.ndim(x)
         return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, np.shape(x))))
     return jax.tree.map(one, tree)

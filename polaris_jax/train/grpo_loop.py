@@ -25,6 +25,7 @@ import numpy as np
 
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.distributed import wait_for_process_zero
 from polaris_jax.rewards import VerifierPool
 from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train import grpo_batch, grpo_data, grpo_eval, grpo_step
@@ -67,6 +68,7 @@ class Run:
             self.tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
             if jax.process_index() == 0:
                 synthetic_arith.build_tokenizer(self.tokenizer_dir)
+            wait_for_process_zero("synthetic tokenizer")
         self.tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
         rng = jax.random.PRNGKey(config.seed)
         model_rng, state_rng = jax.random.split(rng)

@@ -20,6 +20,7 @@ import jax
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.sft_pipeline import SFTDataConfig, make_sft_iterator
 from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.distributed import wait_for_process_zero
 from polaris_jax.models import lora as lora_lib
 from polaris_jax.models.config import ConfigError, ModelConfig, preset
 from polaris_jax.models.hf_io import load_hf
@@ -56,6 +57,7 @@ def prepare_synthetic(config, workdir: str) -> tuple[tuple[str, ...], str] | Non
         traces = synthetic_arith.sft_traces(problems, _ARITH_MIX, config.synthetic.seed)
         records = ({"prompt": p.text, "response": text, "difficulty": len(p.operands)} for p, _, text in traces)
         _write_jsonl_atomic(path, records)
+    wait_for_process_zero("synthetic data")
     return (path,), tokenizer_dir
 
 

@@ -5,6 +5,7 @@ The 2-process run must give the losses, parameters, Hugging Face export and samp
 Also: how `polaris_jax.distributed` resolves its settings from flags, config and environment.
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -111,3 +112,26 @@ def test_bad_settings_are_refused(env, message):
 def test_off_disables_initialisation():
     env = {"POLARIS_DISTRIBUTED": "off", "POLARIS_COORDINATOR_ADDRESS": "h:1"}
     assert not distributed.maybe_initialize_distributed(None, env)
+
+
+def _grpo(workdir, local_devices, **env):
+    command = [sys.executable, "-m", "polaris_jax.main", "--config=configs/polaris_qwen3_4b.py:tiny",
+               f"--workdir={workdir}"]
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+                                     JAX_PLATFORMS="cpu", **env))
+
+
+def test_grpo_recipe_on_two_processes_matches_one_process(tmp_path):
+    """The Polaris recipe's CPU variant (rollouts, verifier rewards, updates, evaluations) on a
+    4-device mesh spread over 2 processes ends with the one-process run's metrics."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [_grpo(tmp_path / "single", 4)] + [
+        _grpo(tmp_path / "multi", 2, POLARIS_COORDINATOR_ADDRESS=address, POLARIS_NUM_PROCESSES="2",
+              POLARIS_PROCESS_ID=str(i)) for i in range(2)]
+    finals = [json.loads(_wait(proc, timeout=600).strip().splitlines()[-1]) for proc in procs]
+    single, multi0, multi1 = finals
+    for key in ("loss", "grad_norm", "reward_mean", "response_len_mean", "accuracy_after", "step"):
+        assert multi0[key] == pytest.approx(single[key], rel=1e-5), key
+        assert multi1[key] == multi0[key], key
+    assert multi0["param_norm"] == pytest.approx(single["param_norm"], rel=1e-5)
