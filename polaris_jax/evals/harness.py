@@ -42,6 +42,11 @@ def write_atomic(path: Path, lines: Iterable[str]) -> None:
             os.remove(tmp)
 
 
+def _is_writer() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
 def load_model(config, mesh=None, rules=None):
     """(model_config, params, tokenizer) for `config.checkpoint`, or a random tiny model with
     the offline Qwen tokenizer when `config.checkpoint == "tiny"` (CPU smoke runs). With a mesh,
@@ -174,7 +179,8 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         "seed": config.seed, "force_think": config.force_think, "think_policy": extraction.think,
         "metrics": metrics, "verifier_failures": verifier_failures, "wall_s": time.time() - started,
     }
-    write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_atomic(out_dir / "summary.json", [json.dumps(summary, indent=2, sort_keys=True) + "\n"])
+    if _is_writer():  # multi-host: every process holds every sample; one writes
+        write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(out_dir / "summary.json", [json.dumps(summary, indent=2, sort_keys=True) + "\n"])
     return {**metrics, "num_problems": len(problems), "samples_path": str(out_dir / "samples.jsonl"),
             "summary_path": str(out_dir / "summary.json")}
