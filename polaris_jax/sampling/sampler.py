@@ -201,12 +201,12 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
             break
         cache_len = buckets.cache_length(cache_len + 1)
         live_d = np.flatnonzero(~done_d)
+        live_batch = buckets.batch_size(len(live_d), shards)
         keep_d = None
-        if compact_rows and buckets.batch_size(len(live_d), shards) < len(done_d):
+        if compact_rows and live_batch < len(done_d):
             _collect_finished(state, row_of_d, rows, width - 1, outputs)
-            batch = buckets.batch_size(len(live_d), shards)
-            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[:batch - len(live_d)]]).astype(np.int32)
-            row_of_d = np.where(np.arange(batch) < len(live_d), row_of_d[keep_d], rows)  # finished fillers: dummies
+            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[:live_batch - len(live_d)]]).astype(np.int32)
+            row_of_d = np.where(np.arange(live_batch) < len(live_d), row_of_d[keep_d], rows)  # fillers: dummies
             keep_d = _put(keep_d, mesh, rules, rows=False)
         state = decode_loop.grow(state, keep_d, cache_len=cache_len, mesh=mesh, rules=rules)
     _collect_finished(state, row_of_d, rows, width - 1, outputs)
