@@ -7,8 +7,10 @@ mesh, and XLA's own analyses are read back:
   params, optimizer state   per-device bytes of the state's shards (exact, from the shardings)
   activations               `memory_analysis().temp_size_in_bytes` of the compiled train step
   kv cache                  per-device bytes of the sampler's cache shards for rollout_batch x rollout_len
-  rollout temp              temp bytes of the compiled sampler (`sampling.decode_loop` prefill and
-                            decode loop), which holds the cache
+  rollout state + temp      the larger of the sampler's two programs (`sampling.decode_loop.start`,
+                            then `decode` with its state donated), compiled separately as the
+                            sampler runs them: arguments + unaliased outputs + temps, less params;
+                            the cache is part of it
   flops                     matmul FLOPs of the compiled per-device program with scanned layers
                             counted once per layer (`hlo_flops`), XLA's own `cost_analysis()`
                             figure (which visits each loop body once), and the PaLM-convention
@@ -154,11 +156,12 @@ def abstract_cache(model_config, mesh: Mesh, rules, batch: int, length: int) -> 
 
 
 def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """Compiles the sampler's prefill + decode loop (`sampling.decode_loop.start` then `decode`).
+    """Compiles the sampler's two programs as it calls them: `sampling.decode_loop.start` (prefill, which
+    returns the cache) and `decode` (the loop, which takes the state donated).
 
     `rollout_batch` rows = rollout_batch / samples_per_prompt prompts of `rollout_prompt_len` tokens,
-    decoded into a cache of `rollout_len` slots. The cache lives inside the program, so it is part
-    of the XLA temp figure; its own size is reported beside it."""
+    decoded into a cache of `rollout_len` slots. Returns the cache's own size and, per program, the
+    bytes live beside the params (arguments + outputs not aliased + temps - params)."""
     from polaris_jax.sampling import decode_loop
     from polaris_jax.sampling.strategies import SamplingSettings
 
@@ -178,16 +181,17 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     criteria = decode_loop.StopCriteria(eos_e=np.zeros(1, np.int32), stop_sl=np.full((1, 1), -1, np.int32),
                                         stop_len_s=np.zeros(1, np.int32),
                                         max_new_tokens=np.int32(request.rollout_len - width))
-
-    def rollout(params_, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed):
-        state = decode_loop.start(cfg, params_, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed,
-                                  settings, criteria, cache_len=request.rollout_len, mesh=mesh, rules=rules)
-        state = decode_loop.decode(cfg, params_, state, settings, criteria, mesh=mesh, rules=rules)
-        return state.tokens_dc
-
-    compiled = jax.jit(rollout).lower(params, *inputs).compile()
+    statics = dict(mesh=mesh, rules=rules)
+    start = decode_loop.start.lower(cfg, params, *inputs, settings, criteria, cache_len=request.rollout_len,
+                                    **statics).compile()
+    state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                         start.out_info, start.output_shardings)
+    decode = decode_loop.decode.lower(cfg, params, state, settings, criteria, **statics).compile()
+    params_bytes = per_device_bytes(params)
+    live = {name: (lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"] - params_bytes)(_memory(c))
+            for name, c in (("start", start), ("decode", decode))}
     cache = abstract_cache(cfg, mesh, rules, rows, request.rollout_len)
-    return {"kv_cache": per_device_bytes(cache), "xla": _memory(compiled)}
+    return {"kv_cache": per_device_bytes(cache), "live_beside_params": live}
 
 
 def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
@@ -215,9 +219,10 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
         rollout = plan_rollout(request, mesh, rules)
         out.update(rollout_batch=request.rollout_batch, rollout_len=request.rollout_len,
                    rollout_prompt_len=request.rollout_prompt_len, kv_cache_bytes=rollout["kv_cache"],
-                   rollout_temp_bytes=rollout["xla"]["temp"],
-                   # The train state stays resident while the sampler runs; the cache is inside the temps.
-                   rollout_peak_bytes=train["params"] + train["optimizer_state"] + rollout["xla"]["temp"])
+                   rollout_temp_bytes=max(rollout["live_beside_params"].values()),
+                   # The train state stays resident while the sampler runs; the cache is in the programs' bytes.
+                   rollout_peak_bytes=train["params"] + train["optimizer_state"]
+                   + max(rollout["live_beside_params"].values()))
     return out
 
 
@@ -250,7 +255,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if "kv_cache_bytes" in result:
         rows += [(f"kv cache ({result['rollout_batch']} rows x {result['rollout_len']}) / device",
                   format_bytes(result["kv_cache_bytes"])),
-                 ("rollout temp (prefill + decode, cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
+                 ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
                  ("rollout peak (+ params, optimizer) / device", format_bytes(result["rollout_peak_bytes"]))]
     rows += [("compiled matmul flops / device / step", format_flops(result["matmul_flops_per_device"])),
              ("  x devices", format_flops(result["matmul_flops_per_device"] * result["devices"])),
