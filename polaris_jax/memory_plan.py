@@ -163,6 +163,7 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     decoded into a cache of `rollout_len` slots. Returns the cache's own size and, per program, the
     bytes live beside the params (arguments + outputs not aliased + temps - params)."""
     from polaris_jax.sampling import decode_loop
+    from polaris_jax.sampling.sampler import DEFAULT_PREFILL_CHUNK
     from polaris_jax.sampling.strategies import SamplingSettings
 
     cfg, rows, n = request.model_config, request.rollout_batch, request.samples_per_prompt
@@ -183,7 +184,7 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
                                         max_new_tokens=np.int32(request.rollout_len - width))
     statics = dict(mesh=mesh, rules=rules)
     start = decode_loop.start.lower(cfg, params, *inputs, settings, criteria, cache_len=request.rollout_len,
-                                    **statics).compile()
+                                    prefill_chunk=DEFAULT_PREFILL_CHUNK, **statics).compile()
     state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                          start.out_info, start.output_shardings)
     decode = decode_loop.decode.lower(cfg, params, state, settings, criteria, **statics).compile()

@@ -16,7 +16,9 @@ sequences are traced values (stop lists are padded to power-of-two shapes).
 
 Shared prefill. `decode_loop.start` runs the forward pass once per distinct prompt, gathers each
 prompt's cache into its n decode rows (row i*n+j reads prompt i) and samples every row's first token
-from the broadcast last-position logits.
+from the broadcast last-position logits. A prompt bucket longer than `prefill_chunk` (2048) prefills
+in passes of that many tokens under one `lax.scan`, each attending to the cache written so far
+(blockwise, see `models.flash_attention`), so prefill activations stay those of one chunk.
 
 Decoding. `decode_loop.decode` is one `lax.while_loop` that feeds one token per row per iteration and
 exits when every row is done or the cache bucket is full; the host then copies the state into the next

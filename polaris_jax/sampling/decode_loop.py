@@ -127,18 +127,42 @@ def _pad_length(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "cache_dtype", "mesh", "rules"))
+def _prefill(config, params, prompt_bt, positions_bt, segment_bt, cache, chunk: int):
+    """The prompt's forward pass into the cache; returns (last position's hidden [B, 1, D], cache).
+
+    With 0 < chunk < P (and P a multiple of it) the prompt runs as P / chunk passes of `chunk` tokens
+    under one `lax.scan`, each attending to the cache written so far, so activations are those of
+    one chunk."""
+    p = prompt_bt.shape[1]
+    if not 0 < chunk < p or p % chunk:
+        hidden_btd, cache = forward(config, params, prompt_bt, positions_bt, segment_ids_bt=segment_bt,
+                                    cache=cache, return_hidden=True)
+        return hidden_btd[:, -1:], cache
+    chunks = lambda x: jnp.swapaxes(x.reshape(x.shape[0], p // chunk, chunk), 0, 1)
+
+    def one_chunk(cache, xs):
+        tokens_bc, positions_bc, segment_bc = xs
+        hidden_bcd, cache = forward(config, params, tokens_bc, positions_bc, segment_ids_bt=segment_bc, cache=cache,
+                                    return_hidden=True)
+        return cache, hidden_bcd[:, -1:]
+
+    cache, last_hidden = jax.lax.scan(one_chunk, cache, (chunks(prompt_bt), chunks(positions_bt), chunks(segment_bt)))
+    return last_hidden[-1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "cache_dtype", "prefill_chunk", "mesh", "rules"))
 def start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed, settings, criteria, *,
-          cache_len: int, cache_dtype=None, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
+          cache_len: int, cache_dtype=None, prefill_chunk: int = 0, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
     """Prefills each distinct prompt once, broadcasts its cache to its n rows, samples the first token.
 
-    cache_dtype: the KV cache's dtype (None: the model's compute dtype)."""
+    cache_dtype: the KV cache's dtype (None: the model's compute dtype).
+    prefill_chunk: tokens per prefill pass (0: the whole prompt bucket at once; see `_prefill`)."""
     b, p = prompt_bt.shape
     segment_bt = (jnp.arange(p)[None, :] >= p - prompt_len_b[:, None]).astype(jnp.int32)
     positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0).astype(jnp.int32)
-    hidden_btd, cache = forward(config, params, prompt_bt, positions_bt, segment_ids_bt=segment_bt,
-                                cache=init_cache(config, b, p, cache_dtype, per_layer=True), return_hidden=True)
-    last_logits_bv = lm_head(config, params, hidden_btd[:, -1:])[:, 0]
+    last_hidden_b1d, cache = _prefill(config, params, prompt_bt, positions_bt, segment_bt,
+                                      init_cache(config, b, p, cache_dtype, per_layer=True), prefill_chunk)
+    last_logits_bv = lm_head(config, params, last_hidden_b1d)[:, 0]
     rows = functools.partial(jnp.take, indices=row_src_d, axis=0)
     cache = _map_kv(cache, lambda x, length_axis: _pad_length(rows(x), length_axis, cache_len))
     d = row_src_d.shape[0]

@@ -21,6 +21,7 @@ PAD_ID = 0  # written into left-padding slots, which are masked out
 # Smallest stop-criteria shapes: typical requests (a few EOS ids, a few short stop sequences) share one
 # compiled program; larger ones round up to the next power of two.
 MIN_EOS_IDS, MIN_STOP_SEQUENCES, MIN_STOP_LENGTH = 4, 4, 8
+DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens per prefill pass (see decode_loop._prefill)
 _unstack = jax.jit(unstack_layers)
 # The per-layer copy of the last params `generate` unstacked, with weak references to their leaves:
 # repeated calls on the same params (evaluation, benchmarks) reuse it. Fresh buffers are expensive on
@@ -140,7 +141,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
              top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_ids: Sequence[int] = (), seed: int = 0,
              min_p: float = 0.0, stop_sequences: Sequence[Sequence[int]] = (), mesh=None, rules=DEFAULT_RULES,
              buckets: Buckets = Buckets(), unstack_params: bool | None = None,
-             compact_rows: bool = True) -> SampleOutput:
+             compact_rows: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> SampleOutput:
     """Samples n continuations of every prompt; see the package docstring for the design.
 
     Args:
@@ -156,6 +157,8 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
       buckets: prompt-length, batch and cache-length buckets.
       compact_rows: when the cache grows into its next bucket, drop finished rows into a smaller batch
         bucket (their outputs are fetched first), so a long tail decodes with few rows.
+      prefill_chunk: prompt buckets longer than this (and a multiple of it, as power-of-two buckets
+        are) prefill in passes of this many tokens, bounding prefill activations; 0 = one pass.
       unstack_params: copy the stacked layer weights into one buffer per layer (default: on CPU, where
         XLA would otherwise copy every layer's weights out of the stack at every step). The copy of the
         latest params is kept for the next call until those params are garbage collected.
@@ -167,6 +170,8 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
         raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive integer")
     if int(n) != n or n < 1:
         raise ValueError(f"n={n} must be a positive integer")
+    if int(prefill_chunk) != prefill_chunk or prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be an integer >= 0")
     if int(seed) != seed or not 0 <= seed < 2 ** 31:
         raise ValueError(f"seed={seed} must be an integer in [0, 2**31)")
     if mesh is not None:
@@ -191,7 +196,8 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     cache_dtype = jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize < 4 else None
     cache_len = buckets.cache_length(width + 1)
     state = decode_loop.start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed_arr,
-                              settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype, mesh=mesh, rules=rules)
+                              settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype,
+                              prefill_chunk=int(prefill_chunk), mesh=mesh, rules=rules)
     row_of_d = np.arange(len(row_src_d))  # the output row each decode row holds; >= rows: a dummy
     outputs: dict[int, tuple] = {}
     while True:

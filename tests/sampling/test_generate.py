@@ -131,6 +131,7 @@ def test_rows_depend_on_seed_and_index_only(tied):
     (dict(n=0), "n=0"),
     (dict(eos_token_ids=(300,)), "eos_token_ids"),
     (dict(stop_sequences=([],)), r"stop_sequences\[0\] is empty"),
+    (dict(prefill_chunk=-8), "prefill_chunk=-8"),
 ])
 def test_bad_input_is_named(tied, kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4)
@@ -210,3 +211,16 @@ def test_finished_rows_are_compacted_away_when_the_cache_grows(tied, monkeypatch
     assert compact.tokens == full.tokens and compact.finish_reasons == full.finish_reasons
     for got, want in zip(compact.logprobs, full.logprobs):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_tied", "qwen3_moe"])
+def test_chunked_prefill_matches_golden(name):
+    """Prompt bucket 16 prefilled in 4 passes of 4 tokens (each attending to the cache written so far)."""
+    from tests.sampling.conftest import golden
+    model = golden(name)
+    whole = generate(model.config, model.params, model.prompts, max_new_tokens=64, temperature=0.0, prefill_chunk=0)
+    chunked = generate(model.config, model.params, model.prompts, max_new_tokens=64, temperature=0.0,
+                       prefill_chunk=4)
+    assert chunked.tokens == model.new_ids
+    for got, want in zip(chunked.logprobs, whole.logprobs):
+        np.testing.assert_allclose(got, want, atol=1e-4)
