@@ -39,6 +39,8 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global rows per optimiser ste
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: config.data.seq_len).")
 _MICRO = flags.DEFINE_integer("microbatches", None, "Gradient accumulation passes (default: config.train.microbatches).")
 _REMAT = flags.DEFINE_string("remat", "", "Remat policy: none | full | dots | dots_no_batch (default: the config's).")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "", ["", "auto", "dense", "flash"],
+                               "Attention over many queries (default: the config's; see models.flash_attention).")
 _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Rows decoded together in a rollout (0 = no KV cache plan).")
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "Prompt + response tokens the rollout cache holds.")
 _ROLLOUT_PROMPT_LEN = flags.DEFINE_integer("rollout_prompt_len", None, "Prompt tokens per rollout row (default 512).")
@@ -158,6 +160,8 @@ def main(argv):
     model_config = model_config_for(config, _MODEL.value)
     if _REMAT.value:
         model_config = model_config.replace(remat_policy=_REMAT.value)
+    if _ATTENTION.value:
+        model_config = model_config.replace(attention_impl=_ATTENTION.value)
     rank = config.lora.rank if _LORA_RANK.value is None else _LORA_RANK.value
     alpha = config.lora.alpha if _LORA_ALPHA.value is None else _LORA_ALPHA.value
     if rank:

@@ -81,3 +81,12 @@ def test_qwen3_8b_lora_rank32_plan():
     assert r["optimizer_state_bytes"] <= 2 * lora * 4 + 64
     assert r["optimizer_state_bytes"] < 0.1 * 2 * base_per_device
     assert r["activations_bytes"] > 0 and r["matmul_flops_per_device"] > 0
+
+
+def test_attention_impl_flag_plans_blockwise_attention_in_linear_memory():
+    """At 4,096 tokens dense attention holds [heads, T, T] float32 scores per row; blockwise does not."""
+    common = ("--config=configs/sft_tiny.py", "--mesh=fsdp=1", "--batch_size=1", "--seq_len=4096", "--remat=none")
+    dense, flash = _plan(*common, "--attention_impl=dense"), _plan(*common, "--attention_impl=flash")
+    scores = 4 * 4096 * 4096 * 4  # sft_tiny: 4 query heads
+    assert dense["activations_bytes"] >= scores
+    assert flash["activations_bytes"] < scores / 2 and flash["activations_bytes"] < dense["activations_bytes"] / 8
