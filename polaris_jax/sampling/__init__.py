@@ -26,7 +26,9 @@ cache bucket (`grow`) and calls decode again. Attention therefore reads the curr
 maximum length: at most `growth` (2) times the filled part. At each growth the finished rows are
 dropped (`compact_rows`): their outputs are fetched, and the live ones move into the smallest batch
 bucket that holds them, so a long tail of a few rows no longer reads and computes for the whole
-batch (each row keeps its PRNG key and token count, so its samples do not change). Rows finish
+batch (each row keeps its PRNG key and token count, so its samples do not change). This adds one
+small program per (batch bucket, smaller batch bucket, cache bucket) met, which a warm-up must cover
+for the no-recompile guarantee (`compact_rows=False` keeps the set to the buckets alone). Rows finish
 individually on an EOS id
 ("eos"), on the last token of a stop sequence ("stop") or at max_new_tokens ("length"); finished rows
 stop writing outputs and dummy rows start finished.
