@@ -118,6 +118,11 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
     if jax.process_count() == 1:
         return _write_hf(config, params, path, plan, sizes, tokenizer_dir)
     from jax.experimental import multihost_utils
+    # Process 0 checks that it can write before the collectives start, so a bad path fails everywhere
+    # instead of leaving the other processes waiting in an all-gather.
+    problem = _unwritable_parent(path) if jax.process_index() == 0 else ""
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))):
+        raise OSError(f"process 0 cannot write the export at {path}" + (f": {problem}" if problem else ""))
     if jax.process_index() == 0:
         _write_hf(config, params, path, plan, sizes, tokenizer_dir)
     else:
@@ -126,6 +131,16 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
                 hf_names.export_tensor(config, params, name)
     multihost_utils.sync_global_devices(f"save_hf {path}")
     return path
+
+
+def _unwritable_parent(path: str) -> str:
+    """'' if a temp directory can be made next to `path`, else why not."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=".probe-", dir=os.path.dirname(path)))
+    except OSError as e:
+        return str(e)
+    return ""
 
 
 def _write_hf(config, params, path: str, plan, sizes, tokenizer_dir) -> str:

@@ -79,6 +79,16 @@ def main():
         state, metrics = step_fn(state, partitioning.put_batch(batch, batch_shardings), step_rng)
         losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
     export_hf(config, state["params"], OUT + ".hf")  # every process; process 0 writes
+    blocker = OUT + ".file"  # a file where the export's parent directory should be
+    if jax.process_index() == 0:
+        open(blocker, "w").close()
+    multihost_utils.sync_global_devices("blocker written")
+    try:
+        export_hf(config, state["params"], os.path.join(blocker, "hf"))
+        raise SystemExit("an export under a file did not fail")
+    except OSError as e:  # multi-process: on every process, with process 0's reason
+        if jax.process_count() > 1 and "process 0 cannot write the export" not in str(e):
+            raise
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     greedy = generate(config, state["params"], prompts, max_new_tokens=12, temperature=0.0, mesh=mesh)
     sampled = generate(config, state["params"], prompts, max_new_tokens=12, temperature=1.0, n=2, seed=7,
