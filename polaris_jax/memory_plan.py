@@ -114,6 +114,11 @@ def _memory(compiled) -> dict:
             "code": int(mem.generated_code_size_in_bytes)}
 
 
+def _peak(mem: dict) -> int:
+    """Bytes live while a compiled program runs: arguments, outputs not aliased onto donated inputs, temps."""
+    return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+
+
 def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
     """Compiles the SFT step ahead of time and returns per-device byte counts and FLOPs.
 
@@ -189,8 +194,7 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
                          start.out_info, start.output_shardings)
     decode = decode_loop.decode.lower(cfg, params, state, settings, criteria, **statics).compile()
     params_bytes = per_device_bytes(params)
-    live = {name: (lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"] - params_bytes)(_memory(c))
-            for name, c in (("start", start), ("decode", decode))}
+    live = {"start": _peak(_memory(start)) - params_bytes, "decode": _peak(_memory(decode)) - params_bytes}
     cache = abstract_cache(cfg, mesh, rules, rows, request.rollout_len)
     return {"kv_cache": per_device_bytes(cache), "live_beside_params": live}
 
@@ -200,8 +204,7 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
     cfg = request.model_config
     train = plan_train_step(request, mesh, rules, optimizer)
     mem = train["xla"]
-    # Peak of the train step: live arguments, plus outputs not aliased onto donated inputs, plus temps.
-    train_peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    train_peak = _peak(mem)
     out = {
         "mesh": dict(mesh.shape), "devices": int(mesh.devices.size), "lora_rank": cfg.lora_rank,
         "batch_size": request.batch_size, "seq_len": request.seq_len, "microbatches": request.microbatches,
@@ -218,12 +221,12 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
     }
     if request.rollout_batch:
         rollout = plan_rollout(request, mesh, rules)
+        rollout_bytes = max(rollout["live_beside_params"].values())
         out.update(rollout_batch=request.rollout_batch, rollout_len=request.rollout_len,
                    rollout_prompt_len=request.rollout_prompt_len, kv_cache_bytes=rollout["kv_cache"],
-                   rollout_temp_bytes=max(rollout["live_beside_params"].values()),
+                   rollout_temp_bytes=rollout_bytes,
                    # The train state stays resident while the sampler runs; the cache is in the programs' bytes.
-                   rollout_peak_bytes=train["params"] + train["optimizer_state"]
-                   + max(rollout["live_beside_params"].values()))
+                   rollout_peak_bytes=train["params"] + train["optimizer_state"] + rollout_bytes)
     return out
 
 

@@ -31,3 +31,23 @@ def golden(name: str) -> Golden:
 def tied():
     """The model most functional tests share, so they share compiled programs too."""
     return golden("qwen3_tied")
+
+
+def spy_decode_batches(set_attribute) -> list:
+    """Wraps `decode_loop.decode` (through `set_attribute`, e.g. monkeypatch.setattr) to record the decode
+    batch of every call; returns that list."""
+    from polaris_jax.sampling import decode_loop
+    batches, original = [], decode_loop.decode
+
+    def spy(config, params, state, *args, **kwargs):
+        batches.append(state.done_d.shape[0])
+        return original(config, params, state, *args, **kwargs)
+
+    set_attribute(decode_loop, "decode", spy)
+    return batches
+
+
+@pytest.fixture
+def decode_batches(monkeypatch):
+    """The decode batch of every `decode_loop.decode` call made in the test."""
+    return spy_decode_batches(monkeypatch.setattr)

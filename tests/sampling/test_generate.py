@@ -181,23 +181,14 @@ def test_new_params_are_never_served_from_the_per_layer_copy(tied):
     assert not sampler._last_unstacked  # those params are gone, so is their copy
 
 
-def test_finished_rows_are_compacted_away_when_the_cache_grows(tied, monkeypatch):
+def test_finished_rows_are_compacted_away_when_the_cache_grows(tied, decode_batches):
     """12 rows (batch bucket 16): rows of prompts 0 and 1 end early, so when the cache grows 64 -> 128 the
     4 rows of prompt 2 go on alone in a batch of 4. Outputs must equal the golden reference and the
     uncompacted run, greedy and sampled."""
-    from polaris_jax.sampling import decode_loop
-
     eos = (tied.new_ids[0][4], tied.new_ids[1][6])
     tokens, reasons = _expected(tied.new_ids, 64, eos=eos)
     assert len(tokens[0]) < 40 and len(tokens[1]) < 40 and len(tokens[2]) > 52, "pick other EOS ids"
-    batches = []
-    original = decode_loop.decode
-
-    def spy(config, params, state, *args, **kwargs):
-        batches.append(state.done_d.shape[0])
-        return original(config, params, state, *args, **kwargs)
-
-    monkeypatch.setattr(decode_loop, "decode", spy)
+    batches = decode_batches
     out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=64, temperature=0.0, n=4, eos_token_ids=eos)
     assert batches == [16, 4]
     assert out.tokens == [t for t in tokens for _ in range(4)]

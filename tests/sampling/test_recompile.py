@@ -41,21 +41,13 @@ def test_no_compilation_after_warmup(tied):
     assert [len(o.tokens) for o in outs] == [2, 2, 2]
 
 
-def test_compaction_compiles_nothing_after_warmup(tied, monkeypatch):
+def test_compaction_compiles_nothing_after_warmup(tied, decode_batches):
     """Dropping finished rows at a cache growth uses one more program per (batch bucket, smaller batch bucket,
     cache bucket); once a call has compacted 4 -> 2 rows at 32 -> 64 slots, later ones compile nothing."""
-    from polaris_jax.sampling import decode_loop
     buckets = Buckets(prompt_lengths=(16,), batch_sizes=(2, 4), cache_lengths=(32, 64))
     prompts = [tied.prompts[0], tied.prompts[2]]  # with EOS = new_ids[0][4], prompt 0 ends after 5 tokens
     eos = (tied.new_ids[0][4],)
-    batches = []
-    original = decode_loop.decode
-
-    def spy(config, params, state, *args, **kwargs):
-        batches.append(state.done_d.shape[0])
-        return original(config, params, state, *args, **kwargs)
-
-    monkeypatch.setattr(decode_loop, "decode", spy)
+    batches = decode_batches
     run = lambda **kw: generate(tied.config, tied.params, prompts, n=2, temperature=0.0, buckets=buckets, **kw)
     run(max_new_tokens=40, eos_token_ids=eos)
     assert batches == [4, 2]

@@ -15,7 +15,7 @@ def sharded_run() -> dict:
     from polaris_jax.models import make_mesh, param_shardings
     from polaris_jax.models.sharding import shard_params
     from polaris_jax.sampling import decode_loop, generate
-    from tests.sampling.conftest import golden
+    from tests.sampling.conftest import golden, spy_decode_batches
 
     model = golden("qwen3_tied")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -38,14 +38,7 @@ def sharded_run() -> dict:
     sampled = generate(model.config, params, model.prompts, max_new_tokens=16, temperature=1.0, n=2, seed=4,
                        mesh=mesh)
     # Rows of prompts 0 and 1 end early (EOS), so the 12-row batch (bucket 16) is compacted to 4 rows.
-    batches = []
-    counting = decode_loop.decode
-
-    def count(config, params, state, *args, **kwargs):
-        batches.append(state.done_d.shape[0])
-        return counting(config, params, state, *args, **kwargs)
-
-    decode_loop.decode = count
+    batches = spy_decode_batches(setattr)
     eos = (model.new_ids[0][4], model.new_ids[1][6])
     compacted = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, n=4,
                          eos_token_ids=eos, mesh=mesh)
