@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
+from polaris_jax.models import cpu_gemm
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -38,8 +39,10 @@ def lora_scale(config) -> float:
 def project(config, layer: dict, name: str, x):
     dtype = config.dtype
     base_eq, a_eq, b_eq = _PROJ[name]
-    # fp32 accumulation: also the fast bf16 path on XLA CPU.
-    y = jnp.einsum(base_eq, x, layer[name].astype(dtype), preferred_element_type=jnp.float32)
+    if isinstance(layer[name], cpu_gemm.PackedWeight):  # CPU decode layout (sampling)
+        y = cpu_gemm.matmul(x, layer[name])
+    else:  # fp32 accumulation: also the fast bf16 path on XLA CPU.
+        y = jnp.einsum(base_eq, x, layer[name].astype(dtype), preferred_element_type=jnp.float32)
     if name + "_lora_a" in layer:
         low = jnp.einsum(a_eq, x, layer[name + "_lora_a"].astype(dtype), preferred_element_type=jnp.float32)
         y = y + lora_scale(config) * jnp.einsum(b_eq, low.astype(dtype), layer[name + "_lora_b"].astype(dtype),

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
+from polaris_jax.models import cpu_gemm
 from polaris_jax.models.layers import decoder_layer, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain
@@ -93,6 +94,8 @@ def lm_head(config, params, hidden_btd) -> jnp.ndarray:
     if config.tie_word_embeddings and "lm_head" not in params:
         return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype),
                           preferred_element_type=jnp.float32)
+    if isinstance(params["lm_head"], cpu_gemm.PackedWeight):
+        return cpu_gemm.matmul(hidden_btd, params["lm_head"])
     return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(hidden_btd.dtype),
                       preferred_element_type=jnp.float32)
 

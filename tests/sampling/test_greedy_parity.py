@@ -11,12 +11,14 @@ from tests.sampling.conftest import PARITY_MODELS, golden
 ONE_BUCKET = Buckets(min_cache_length=128)
 
 
+# pack_weights: models.cpu_gemm's kernel (the CPU default for fp32) or XLA's dots.
+@pytest.mark.parametrize("pack_weights", [True, False], ids=["packed", "xla_dots"])
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_greedy_matches_golden_generate(name):
+def test_greedy_matches_golden_generate(name, pack_weights):
     model = golden(name)
     assert len({len(p) for p in model.prompts}) == len(model.prompts), "golden prompts should be ragged"
     out = generate(model.config, model.params, model.prompts, max_new_tokens=len(model.new_ids[0]), temperature=0.0,
-                   buckets=ONE_BUCKET)
+                   buckets=ONE_BUCKET, pack_weights=pack_weights)
     assert len(model.new_ids[0]) >= 64
     for row, (ours, expected) in enumerate(zip(out.tokens, model.new_ids)):
         first_diff = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), None)

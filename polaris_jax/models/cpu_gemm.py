@@ -1,0 +1,159 @@
+"""Packed-panel fp32 matmuls for CPU decoding (an XLA FFI kernel, `cpu_gemm.cc`).
+
+At decode batch sizes XLA CPU's GEMM reads fp32 weights at 20-28 GB/s on our 2-core machines, against
+35-40 GB/s for a plain read (BENCHMARKS.md). `pack_projections` turns the decode layout's projection
+weights into `PackedWeight`s: column panels [P, K, NT], one contiguous stream each, that the kernel reads
+once per block of 8 rows. `models.layers.project` and `transformer.lm_head` dispatch on the type, so the
+model code is unchanged and the stacked training params never see a packed weight.
+
+The kernel is compiled on first use with the host's C++ compiler (`-march=native`) into
+`$POLARIS_JAX_CACHE` (default ~/.cache/polaris_jax), keyed by its source, jaxlib and the CPU's flags.
+Without a compiler, `available()` is False and the sampler keeps XLA's dots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "polaris_cpu_gemm"
+MAX_KERNEL_ROWS = 512  # above, XLA's blocked GEMM on a transient unpacked copy is faster (BENCHMARKS.md)
+_SOURCE = Path(__file__).with_name("cpu_gemm.cc")
+# Projection weights packed per layer kind, with how many leading axes each contracts.
+_ATTENTION = {"q": 1, "k": 1, "v": 1, "o": 2}
+_MLP = {"gate": 1, "up": 1, "down": 1}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A weight of shape in_shape + out_shape stored as column panels of its [K, N] matrix.
+
+    panels_pkt: [P, K, NT] float32; panel p holds columns [p·NT, (p+1)·NT), zero past N.
+    """
+
+    panels_pkt: jax.Array
+    in_shape: tuple = dataclasses.field(metadata=dict(static=True))
+    out_shape: tuple = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple:
+        return self.in_shape + self.out_shape
+
+    def unpacked_kn(self) -> jax.Array:
+        """The [K, N] matrix (a copy)."""
+        p, k, t = self.panels_pkt.shape
+        return jnp.transpose(self.panels_pkt, (1, 0, 2)).reshape(k, p * t)[:, :int(np.prod(self.out_shape))]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("POLARIS_JAX_CACHE", Path.home() / ".cache" / "polaris_jax"))
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def _build(compiler: str) -> Path:
+    """Compiles the kernel once per (source, jaxlib, CPU); the .so appears atomically."""
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", f"-I{include}"]
+    parts = [_SOURCE.read_text(), importlib.metadata.version("jaxlib"), compiler, *flags[:-1], _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode())
+    out = _cache_dir() / f"cpu_gemm-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, out)
+    return out
+
+
+@functools.cache
+def _library():
+    """The loaded kernel library, registered with XLA, or None (with one warning) if it cannot be built."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        warnings.warn("polaris_jax: no C++ compiler found; CPU decoding uses XLA's matmuls (slower)")
+        return None
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"polaris_jax: building the CPU matmul kernel failed, using XLA's matmuls: {detail}")
+        return None
+    lib.polaris_cpu_gemm_panel.restype = ctypes.c_int64
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PolarisCpuGemm), platform="cpu")
+    return lib
+
+
+def available() -> bool:
+    """Whether packed matmuls can run here (the default backend is CPU and the kernel builds)."""
+    return jax.default_backend() == "cpu" and _library() is not None
+
+
+def panel_width() -> int:
+    return int(_library().polaris_cpu_gemm_panel())
+
+
+def pack(weight: jax.Array, in_axes: int) -> PackedWeight:
+    """Packs an fp32 weight whose first `in_axes` axes are contracted (call under jit to fuse the copy)."""
+    if weight.dtype != jnp.float32:
+        raise ValueError(f"packed matmuls are float32 only, got a {weight.dtype} weight")
+    in_shape, out_shape = tuple(weight.shape[:in_axes]), tuple(weight.shape[in_axes:])
+    k, n, t = int(np.prod(in_shape)), int(np.prod(out_shape)), panel_width()
+    panels = -(-n // t)
+    w_kn = jnp.pad(weight.reshape(k, n), ((0, 0), (0, panels * t - n)))
+    return PackedWeight(jnp.transpose(w_kn.reshape(k, panels, t), (1, 0, 2)), in_shape, out_shape)
+
+
+def matmul(x, weight: PackedWeight) -> jax.Array:
+    """x [..., *in_shape] @ weight -> float32 [..., *out_shape]."""
+    lead = x.shape[:x.ndim - len(weight.in_shape)]
+    if x.shape[len(lead):] != weight.in_shape:
+        raise ValueError(f"x {x.shape} does not end with the weight's input shape {weight.in_shape}")
+    rows, k = int(np.prod(lead)), int(np.prod(weight.in_shape))
+    n = int(np.prod(weight.out_shape))
+    x_mk = x.reshape(rows, k).astype(jnp.float32)
+    if rows <= MAX_KERNEL_ROWS:
+        y_mn = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x_mk, weight.panels_pkt)
+    else:  # long prefills: the kernel re-reads x once per panel
+        y_mn = jnp.dot(x_mk, weight.unpacked_kn(), preferred_element_type=jnp.float32)
+    return y_mn.reshape(lead + weight.out_shape)
+
+
+def pack_projections(params: dict) -> dict:
+    """The decode layout (`transformer.unstack_layers`) with fp32 projection weights packed: q/k/v/o of
+    every layer, the dense layers' MLP and `lm_head`. MoE experts and LoRA factors stay as they are."""
+    out = dict(params)
+    if out.get("lm_head") is not None and out["lm_head"].dtype == jnp.float32:
+        out["lm_head"] = pack(out["lm_head"], 1)
+    for name, layers in params.items():
+        if not name.endswith("_layers"):
+            continue
+        if not isinstance(layers, (list, tuple)):
+            raise ValueError(f"{name} is stacked; pack the decode layout (transformer.unstack_layers)")
+        packed_names = {**_ATTENTION, **(_MLP if name == "dense_layers" else {})}
+        out[name] = tuple({key: pack(w, packed_names[key]) if key in packed_names and w.dtype == jnp.float32
+                           else w for key, w in layer.items()} for layer in layers)
+    return out

@@ -1,0 +1,86 @@
+"""The packed-panel CPU matmul kernel (models/cpu_gemm.cc) against float64 numpy and the XLA model path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polaris_jax.models import ModelConfig, cpu_gemm, forward, init_params
+from polaris_jax.models.transformer import unstack_layers
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="needs the CPU backend and a C++ compiler")
+_pack = jax.jit(cpu_gemm.pack, static_argnums=1)
+_matmul = jax.jit(cpu_gemm.matmul)
+
+
+# rows: 1 and 8 (decode), 11 and 17 (partial blocks of 8), 600 (above MAX_KERNEL_ROWS: XLA fallback).
+# in/out shapes: a plain [K, N] with N not a multiple of the panel width, q's [D, heads, head_dim] and
+# o's [heads, head_dim, D] (two contracted axes).
+@pytest.mark.parametrize("rows", [1, 8, 11, 17, 600])
+@pytest.mark.parametrize("in_shape,out_shape", [((96,), (50,)), ((64,), (4, 16)), ((4, 16), (40,))])
+def test_matmul_matches_float64(rows, in_shape, out_shape):
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal(in_shape + out_shape).astype(np.float32)
+    x = rng.standard_normal((rows,) + in_shape).astype(np.float32)
+    packed = _pack(jnp.asarray(w), len(in_shape))
+    assert packed.shape == w.shape and packed.panels_pkt.shape[2] == cpu_gemm.panel_width()
+    ours = np.asarray(_matmul(jnp.asarray(x), packed))
+    k = int(np.prod(in_shape))
+    expected = (x.reshape(rows, k).astype(np.float64) @ w.reshape(k, -1).astype(np.float64)).reshape(ours.shape)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(packed.unpacked_kn()), w.reshape(k, -1))
+
+
+def test_batch_axes_are_kept():
+    w = jnp.ones((8, 3), jnp.float32)
+    out = _matmul(jnp.ones((2, 1, 8), jnp.float32), _pack(w, 1))
+    assert out.shape == (2, 1, 3) and np.all(np.asarray(out) == 8.0)
+
+
+def test_bad_shapes_are_named():
+    packed = _pack(jnp.ones((8, 40), jnp.float32), 1)
+    with pytest.raises(ValueError, match="input shape"):
+        cpu_gemm.matmul(jnp.ones((2, 9), jnp.float32), packed)
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_gemm.pack(jnp.ones((8, 4), jnp.bfloat16), 1)
+    # The kernel itself checks its buffers: N = 80 needs more panels than this weight has.
+    call = jax.ffi.ffi_call(cpu_gemm.TARGET, jax.ShapeDtypeStruct((2, 80), jnp.float32))
+    with pytest.raises(Exception, match="does not match"):
+        jax.block_until_ready(call(jnp.ones((2, 8), jnp.float32), packed.panels_pkt))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_packed_decode_layout_gives_the_same_logits(arch):
+    config = ModelConfig.tiny(arch, tie_word_embeddings=arch == "qwen3")
+    params = init_params(config, jax.random.key(0))
+    layout = unstack_layers(params)
+    packed = jax.jit(cpu_gemm.pack_projections)(layout)
+    layers = packed[config.layer_runs()[0][0] + "_layers"]
+    assert isinstance(packed["lm_head"], cpu_gemm.PackedWeight)
+    assert all(isinstance(layers[0][n], cpu_gemm.PackedWeight) for n in ("q", "k", "v", "o"))
+    if arch == "qwen3_moe":  # expert weights ([E, in, out]) keep XLA's grouped matmul
+        assert not any(isinstance(w, cpu_gemm.PackedWeight) for n, w in layers[0].items() if n not in "qkvo")
+    tokens = jax.random.randint(jax.random.key(1), (3, 5), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(5), (3, 5))
+    expected, _ = jax.jit(forward, static_argnums=0)(config, params, tokens, positions)
+    ours, _ = jax.jit(forward, static_argnums=0)(config, packed, tokens, positions)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_params_are_refused():
+    params = init_params(ModelConfig.tiny("qwen3"), jax.random.key(0))
+    with pytest.raises(ValueError, match="unstack_layers"):
+        cpu_gemm.pack_projections(params)
+
+
+def test_without_a_compiler_the_sampler_keeps_xla(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("POLARIS_JAX_CACHE", str(tmp_path / "cache"))
+    cpu_gemm._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the CPU matmul kernel failed"):
+            assert not cpu_gemm.available()
+    finally:
+        monkeypatch.undo()
+        cpu_gemm._library.cache_clear()
+    assert cpu_gemm.available()  # rebuilt from the cache and registered again
