@@ -197,12 +197,13 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     on_cpu = jax.default_backend() == "cpu"
     if unstack_params is None:
         unstack_params = on_cpu
-    fp32 = jnp.dtype(config.dtype) == jnp.float32
-    if pack_weights is None:
-        pack_weights = bool(unstack_params) and mesh is None and fp32 and cpu_gemm.available()
-    elif pack_weights and not (unstack_params and mesh is None and fp32 and cpu_gemm.available()):
-        raise ValueError("pack_weights=True needs unstack_params, no mesh, a float32 compute dtype, the CPU "
-                         "backend and a C++ compiler for models/cpu_gemm.cc")
+    if pack_weights is not False:
+        fp32 = jnp.dtype(config.dtype) == jnp.float32
+        can_pack = bool(unstack_params) and mesh is None and fp32 and cpu_gemm.available()
+        if pack_weights and not can_pack:
+            raise ValueError("pack_weights=True needs unstack_params, no mesh, a float32 compute dtype, the CPU "
+                             "backend and a C++ compiler for models/cpu_gemm.cc")
+        pack_weights = can_pack
     if unstack_params:
         params = _unstacked(params, bool(pack_weights))
     # On CPU a 16-bit cache costs more than its bytes save: XLA copies it at every write (BENCHMARKS.md).

@@ -84,3 +84,11 @@ def test_without_a_compiler_the_sampler_keeps_xla(monkeypatch, tmp_path):
         monkeypatch.undo()
         cpu_gemm._library.cache_clear()
     assert cpu_gemm.available()  # rebuilt from the cache and registered again
+
+
+def test_sampler_refuses_packing_a_bf16_model():
+    from polaris_jax.sampling import generate
+    config = ModelConfig.tiny("qwen3", param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="pack_weights=True needs"):
+        generate(config, params, [[1, 2]], max_new_tokens=2, pack_weights=True)
