@@ -1,5 +1,7 @@
 // y[M, N] = x[M, K] @ W[K, N] for small M (decode batches) on CPU, with W pre-packed into column
-// panels: packed[P, K, NT] holds columns [p*NT, (p+1)*NT) of W, zero-padded past N.
+// panels: packed[P, K, NT] holds columns [p*NT, (p+1)*NT) of W, zero-padded past N. x and y are
+// float32; W is float32 (PolarisCpuGemm) or bfloat16 (PolarisCpuGemmBf16, widened in registers, so
+// products are exact and sums float32, as XLA's bf16 dot with a float32 result).
 //
 // Why: XLA CPU's GEMM reads weights at 20-28 GB/s when M is 2-16 on the 2-core machines we test on,
 // against 35-40 GB/s for a plain read. Here each panel is one contiguous stream, every weight is loaded
@@ -38,21 +40,38 @@ inline void cpu_relax() {
 }
 
 typedef float vfloat __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vbf16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vuint __attribute__((vector_size(64), aligned(4)));
+
+// kVec consecutive weights as floats: float32 as is, bfloat16 widened (its bits are float32's top half).
+inline vfloat load_vec(const float* w) {
+  vfloat out;
+  std::memcpy(&out, w, sizeof(out));
+  return out;
+}
+inline vfloat load_vec(const uint16_t* w) {
+  vbf16 half;
+  std::memcpy(&half, w, sizeof(half));
+  const vuint bits = __builtin_convertvector(half, vuint) << 16;
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 
 extern "C" int64_t polaris_cpu_gemm_panel() { return kPanel; }
 
 namespace {
 
 // One panel against rows [0, MB) of xt, the transposed block [K][kRows]; writes y[:, cols].
-template <int MB>
-void panel_block(const float* xt, const float* panel, int64_t k_dim, float* y, int64_t n_dim,
+template <int MB, typename W>
+void panel_block(const float* xt, const W* panel, int64_t k_dim, float* y, int64_t n_dim,
                  int64_t col, int64_t cols) {
   vfloat acc[MB][kVecs] = {};
   for (int64_t k = 0; k < k_dim; ++k) {
-    const float* w = panel + k * kPanel;
+    const W* w = panel + k * kPanel;
     __builtin_prefetch(w + kPrefetch);
     vfloat wv[kVecs];
-    for (int v = 0; v < kVecs; ++v) std::memcpy(&wv[v], w + v * kVec, sizeof(vfloat));
+    for (int v = 0; v < kVecs; ++v) wv[v] = load_vec(w + v * kVec);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const float xm = xt[k * kRows + m];
@@ -66,14 +85,15 @@ void panel_block(const float* xt, const float* panel, int64_t k_dim, float* y, i
   }
 }
 
-using BlockFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
-constexpr BlockFn kBlocks[kRows + 1] = {nullptr, panel_block<1>, panel_block<2>, panel_block<3>,
-                                        panel_block<4>, panel_block<5>, panel_block<6>,
-                                        panel_block<7>, panel_block<8>};
-
+template <typename W>
 struct Job {
+  using BlockFn = void (*)(const float*, const W*, int64_t, float*, int64_t, int64_t, int64_t);
+  static constexpr BlockFn kBlocks[kRows + 1] = {
+      nullptr, panel_block<1, W>, panel_block<2, W>, panel_block<3, W>, panel_block<4, W>,
+      panel_block<5, W>, panel_block<6, W>, panel_block<7, W>, panel_block<8, W>};
+
   std::vector<float> xt;  // [row blocks][K][kRows]
-  const float* packed;
+  const W* packed;
   float* y;
   int64_t m_dim, k_dim, n_dim, panels, chunk;
   std::atomic<int64_t> next{0}, done{0};
@@ -96,8 +116,10 @@ struct Job {
   }
 };
 
-ffi::Error SmallMGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> packed,
+template <ffi::DataType WeightType>
+ffi::Error SmallMGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WeightType> packed,
                       ffi::ResultBuffer<ffi::F32> y) {
+  using W = ffi::NativeType<WeightType>;
   const auto x_dims = x.dimensions(), w_dims = packed.dimensions(), y_dims = y->dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 3 || y_dims.size() != 2)
     return ffi::Error::InvalidArgument("polaris_cpu_gemm wants x [M, K], packed [P, K, NT], y [M, N]");
@@ -105,7 +127,7 @@ ffi::Error SmallMGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (w_dims[1] != k_dim || w_dims[2] != kPanel || y_dims[0] != m_dim || n_dim > w_dims[0] * kPanel ||
       n_dim <= (w_dims[0] - 1) * kPanel)
     return ffi::Error::InvalidArgument("polaris_cpu_gemm: packed weight does not match x or y");
-  auto job = std::make_shared<Job>();
+  auto job = std::make_shared<Job<W>>();
   job->packed = packed.typed_data();
   job->y = y->typed_data();
   job->m_dim = m_dim, job->k_dim = k_dim, job->n_dim = n_dim, job->panels = w_dims[0];
@@ -127,9 +149,16 @@ ffi::Error SmallMGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PolarisCpuGemm, SmallMGemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PolarisCpuGemm, SmallMGemm<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PolarisCpuGemmBf16, SmallMGemm<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

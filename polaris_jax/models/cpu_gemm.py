@@ -1,6 +1,6 @@
-"""Packed-panel fp32 matmuls for CPU decoding (an XLA FFI kernel, `cpu_gemm.cc`).
+"""Packed-panel matmuls for CPU decoding (an XLA FFI kernel, `cpu_gemm.cc`): float32 or bfloat16 weights.
 
-At decode batch sizes XLA CPU's GEMM reads fp32 weights at 20-28 GB/s on our 2-core machines, against
+At decode batch sizes XLA CPU's GEMM reads weights at 20-28 GB/s on our 2-core machines, against
 35-40 GB/s for a plain read (BENCHMARKS.md). `pack_projections` turns the decode layout's projection
 weights into `PackedWeight`s: column panels [P, K, NT], one contiguous stream each, that the kernel reads
 once per block of 8 rows. `models.layers.project` and `transformer.lm_head` dispatch on the type, so the
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGET = "polaris_cpu_gemm"
+TARGETS = {jnp.dtype(jnp.float32): "polaris_cpu_gemm", jnp.dtype(jnp.bfloat16): "polaris_cpu_gemm_bf16"}
 MAX_KERNEL_ROWS = 512  # above, XLA's blocked GEMM on a transient unpacked copy is faster (BENCHMARKS.md)
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 # Projection weights packed per layer kind, with how many leading axes each contracts.
@@ -43,7 +43,7 @@ _MLP = {"gate": 1, "up": 1, "down": 1}
 class PackedWeight:
     """A weight of shape in_shape + out_shape stored as column panels of its [K, N] matrix.
 
-    panels_pkt: [P, K, NT] float32; panel p holds columns [p·NT, (p+1)·NT), zero past N.
+    panels_pkt: [P, K, NT] float32 or bfloat16; panel p holds columns [p·NT, (p+1)·NT), zero past N.
     """
 
     panels_pkt: jax.Array
@@ -103,7 +103,8 @@ def _library():
         warnings.warn(f"polaris_jax: building the CPU matmul kernel failed, using XLA's matmuls: {detail}")
         return None
     lib.polaris_cpu_gemm_panel.restype = ctypes.c_int64
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PolarisCpuGemm), platform="cpu")
+    for target, symbol in zip(TARGETS.values(), (lib.PolarisCpuGemm, lib.PolarisCpuGemmBf16)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
 
@@ -117,9 +118,9 @@ def panel_width() -> int:
 
 
 def pack(weight: jax.Array, in_axes: int) -> PackedWeight:
-    """Packs an fp32 weight whose first `in_axes` axes are contracted (call under jit to fuse the copy)."""
-    if weight.dtype != jnp.float32:
-        raise ValueError(f"packed matmuls are float32 only, got a {weight.dtype} weight")
+    """Packs a weight whose first `in_axes` axes are contracted (call under jit to fuse the copy)."""
+    if weight.dtype not in TARGETS:
+        raise ValueError(f"packed matmuls take float32 or bfloat16 weights, not {weight.dtype}")
     in_shape, out_shape = tuple(weight.shape[:in_axes]), tuple(weight.shape[in_axes:])
     k, n, t = int(np.prod(in_shape)), int(np.prod(out_shape)), panel_width()
     panels = -(-n // t)
@@ -128,7 +129,8 @@ def pack(weight: jax.Array, in_axes: int) -> PackedWeight:
 
 
 def matmul(x, weight: PackedWeight) -> jax.Array:
-    """x [..., *in_shape] @ weight -> float32 [..., *out_shape]."""
+    """x [..., *in_shape] @ weight -> float32 [..., *out_shape]; products and sums in float32 (x is widened
+    to float32, so a bfloat16 x and weight multiply as in XLA's bf16 dot with a float32 result)."""
     lead = x.shape[:x.ndim - len(weight.in_shape)]
     if x.shape[len(lead):] != weight.in_shape:
         raise ValueError(f"x {x.shape} does not end with the weight's input shape {weight.in_shape}")
@@ -136,17 +138,18 @@ def matmul(x, weight: PackedWeight) -> jax.Array:
     n = int(np.prod(weight.out_shape))
     x_mk = x.reshape(rows, k).astype(jnp.float32)
     if rows <= MAX_KERNEL_ROWS:
-        y_mn = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x_mk, weight.panels_pkt)
+        call = jax.ffi.ffi_call(TARGETS[weight.panels_pkt.dtype], jax.ShapeDtypeStruct((rows, n), jnp.float32))
+        y_mn = call(x_mk, weight.panels_pkt)
     else:  # long prefills: the kernel re-reads x once per panel
-        y_mn = jnp.dot(x_mk, weight.unpacked_kn(), preferred_element_type=jnp.float32)
+        y_mn = jnp.dot(x_mk, weight.unpacked_kn().astype(jnp.float32), preferred_element_type=jnp.float32)
     return y_mn.reshape(lead + weight.out_shape)
 
 
 def pack_projections(params: dict) -> dict:
-    """The decode layout (`transformer.unstack_layers`) with fp32 projection weights packed: q/k/v/o of
-    every layer, the dense layers' MLP and `lm_head`. MoE experts and LoRA factors stay as they are."""
+    """The decode layout (`transformer.unstack_layers`) with float32 / bfloat16 projection weights packed:
+    q/k/v/o of every layer, the dense layers' MLP and `lm_head`. MoE experts and LoRA factors stay."""
     out = dict(params)
-    if out.get("lm_head") is not None and out["lm_head"].dtype == jnp.float32:
+    if out.get("lm_head") is not None and out["lm_head"].dtype in TARGETS:
         out["lm_head"] = pack(out["lm_head"], 1)
     for name, layers in params.items():
         if not name.endswith("_layers"):
@@ -154,6 +157,6 @@ def pack_projections(params: dict) -> dict:
         if not isinstance(layers, (list, tuple)):
             raise ValueError(f"{name} is stacked; pack the decode layout (transformer.unstack_layers)")
         packed_names = {**_ATTENTION, **(_MLP if name == "dense_layers" else {})}
-        out[name] = tuple({key: pack(w, packed_names[key]) if key in packed_names and w.dtype == jnp.float32
+        out[name] = tuple({key: pack(w, packed_names[key]) if key in packed_names and w.dtype in TARGETS
                            else w for key, w in layer.items()} for layer in layers)
     return out

@@ -166,9 +166,9 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
       unstack_params: copy the stacked layer weights into one buffer per layer (default: on CPU, where
         XLA would otherwise copy every layer's weights out of the stack at every step). The copy of the
         latest params is kept for the next call until those params are garbage collected.
-      pack_weights: with the per-layer copy, store fp32 projection weights as column panels for the
-        `models.cpu_gemm` kernel (default: on when unstacking, without a mesh, for a float32 model, if the
-        kernel builds; 1.2-1.4x faster fp32 decoding at batch 8 on CPU).
+      pack_weights: with the per-layer copy, store the projection weights as column panels for the
+        `models.cpu_gemm` kernel (default: on when unstacking, without a mesh, for float32 or bfloat16
+        weights in the compute dtype, if the kernel builds; BENCHMARKS.md "CPU matmul kernel").
     """
     if not prompts:
         raise ValueError("prompts is empty")
@@ -198,11 +198,12 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if unstack_params is None:
         unstack_params = on_cpu
     if pack_weights is not False:
-        fp32 = jnp.dtype(config.dtype) == jnp.float32
-        can_pack = bool(unstack_params) and mesh is None and fp32 and cpu_gemm.available()
+        # Only where the kernel computes what XLA would: weights stored in the compute dtype.
+        dtype_ok = jnp.dtype(config.dtype) == jnp.dtype(config.weight_dtype) and jnp.dtype(config.dtype) in cpu_gemm.TARGETS
+        can_pack = bool(unstack_params) and mesh is None and dtype_ok and cpu_gemm.available()
         if pack_weights and not can_pack:
-            raise ValueError("pack_weights=True needs unstack_params, no mesh, a float32 compute dtype, the CPU "
-                             "backend and a C++ compiler for models/cpu_gemm.cc")
+            raise ValueError("pack_weights=True needs unstack_params, no mesh, float32 or bfloat16 weights in the "
+                             "compute dtype, the CPU backend and a C++ compiler for models/cpu_gemm.cc")
         pack_weights = can_pack
     if unstack_params:
         params = _unstacked(params, bool(pack_weights))
