@@ -60,6 +60,18 @@ class PackedWeight:
         return jnp.transpose(self.panels_pkt, (1, 0, 2)).reshape(k, p * t)[:, :int(np.prod(self.out_shape))]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BitsEmbedding:
+    """A bfloat16 embedding table held as its uint16 bits: XLA CPU's gather does not take bf16, so a
+    plain lookup inside the decode loop makes XLA convert the whole table to float32 once per call."""
+
+    bits_vd: jax.Array  # uint16 [vocab, embed]
+
+    def __getitem__(self, tokens):
+        return jax.lax.bitcast_convert_type(self.bits_vd[tokens], jnp.bfloat16)
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("POLARIS_JAX_CACHE", Path.home() / ".cache" / "polaris_jax"))
 
@@ -147,8 +159,12 @@ def matmul(x, weight: PackedWeight) -> jax.Array:
 
 def pack_projections(params: dict) -> dict:
     """The decode layout (`transformer.unstack_layers`) with float32 / bfloat16 projection weights packed:
-    q/k/v/o of every layer, the dense layers' MLP and `lm_head`. MoE experts and LoRA factors stay."""
+    q/k/v/o of every layer, the dense layers' MLP and `lm_head`. MoE experts and LoRA factors stay. A
+    bfloat16 embedding table becomes a `BitsEmbedding` (the layout has its own `lm_head`, so the table
+    is only looked up)."""
     out = dict(params)
+    if out["embed"].dtype == jnp.bfloat16 and "lm_head" in out:
+        out["embed"] = BitsEmbedding(jax.lax.bitcast_convert_type(out["embed"], jnp.uint16))
     if out.get("lm_head") is not None and out["lm_head"].dtype in TARGETS:
         out["lm_head"] = pack(out["lm_head"], 1)
     for name, layers in params.items():

@@ -61,6 +61,8 @@ def test_packed_decode_layout_gives_the_same_logits(arch, dtype):
     packed = jax.jit(cpu_gemm.pack_projections)(layout)
     layers = packed[config.layer_runs()[0][0] + "_layers"]
     assert isinstance(packed["lm_head"], cpu_gemm.PackedWeight)
+    # bf16: the table is looked up through its uint16 bits (no float32 copy of it in the decode loop)
+    assert isinstance(packed["embed"], cpu_gemm.BitsEmbedding) == (dtype == "bfloat16")
     assert all(isinstance(layers[0][n], cpu_gemm.PackedWeight) for n in ("q", "k", "v", "o"))
     if arch == "qwen3_moe":  # expert weights ([E, in, out]) keep XLA's grouped matmul
         assert not any(isinstance(w, cpu_gemm.PackedWeight) for n, w in layers[0].items() if n not in "qkvo")
@@ -97,3 +99,13 @@ def test_sampler_refuses_packing_weights_stored_in_another_dtype():
     params = init_params(config, jax.random.key(0))
     with pytest.raises(ValueError, match="pack_weights=True needs"):
         generate(config, params, [[1, 2]], max_new_tokens=2, pack_weights=True)
+
+
+def test_bf16_table_lookup_compiles_without_a_float32_copy_of_the_table():
+    config = ModelConfig.tiny("qwen3", param_dtype="bfloat16", compute_dtype="bfloat16", tie_word_embeddings=True)
+    layout = unstack_layers(init_params(config, jax.random.key(0)))
+    table_f32 = f"f32[{config.vocab_size},{config.hidden_size}]"
+    tokens = jnp.zeros((2, 1), jnp.int32)
+    compiled = lambda p: jax.jit(forward, static_argnums=0).lower(config, p, tokens, tokens).compile().as_text()
+    assert table_f32 in compiled(layout)  # what XLA CPU does with a plain bf16 gather
+    assert table_f32 not in compiled(jax.jit(cpu_gemm.pack_projections)(layout))
