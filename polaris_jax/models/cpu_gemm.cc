@@ -12,6 +12,7 @@
 // Built by polaris_jax/models/cpu_gemm.py with -march=native; NT is 32 floats with AVX-512 and 16
 // otherwise, so the accumulators (8 rows x NT) stay in registers.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
