@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from polaris_jax.models import cpu_gemm
+from timing import interleaved_best, timed
 
 LAYERS = 28
 SHAPES = {"gate/up [1024, 3072]": (1024, 3072), "down [3072, 1024]": (3072, 1024)}
@@ -55,12 +55,8 @@ def main():
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
             for name, fn in sides.items():
                 jax.block_until_ready(fn(x, args_of[name]))  # compile
-            best = {name: float("inf") for name in sides}
-            for _ in range(args.repeats):
-                for name, fn in sides.items():
-                    start = time.perf_counter()
-                    jax.block_until_ready(fn(x, args_of[name]))
-                    best[name] = min(best[name], time.perf_counter() - start)
+            best = interleaved_best({name: (lambda fn=fn, w=args_of[name]: timed(lambda: jax.block_until_ready(fn(x, w))))
+                                     for name, fn in sides.items()}, args.repeats)
             weight_bytes = LAYERS * k * n * 4
             print(json.dumps(dict(
                 benchmark="cpu_gemm", shape=shape_name, rows=rows, layers=LAYERS,

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ import numpy as np
 
 from polaris_jax.models import ModelConfig, init_params, save_hf
 from polaris_jax.sampling import Buckets, generate
+from timing import interleaved_best, timed
 
 ROWS = {
     "tiny": dict(model="tiny qwen3", dtype="float32", batch=8, prompt=32, new=128),
@@ -52,12 +52,7 @@ def model_config(row: dict) -> ModelConfig:
 def _best_time(fn, repeats: int):
     """(best wall time of `repeats` calls after a warm-up call, the warm-up call's result)."""
     first = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), first
+    return min(timed(fn) for _ in range(repeats)), first
 
 
 def copy_bandwidth_gbps() -> dict:
@@ -81,12 +76,6 @@ def _hf_generate(model, prompts, new_tokens: int):
     return out[:, ids.shape[1]:].tolist()
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def transformers_sides(path: str, row: dict, prompts):
     """({"transformers@T threads": timed call} for torch's default thread count and 1, greedy tokens)."""
     import torch
@@ -99,7 +88,7 @@ def transformers_sides(path: str, row: dict, prompts):
             default = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
-                return _timed(lambda: _hf_generate(model, prompts, row["new"]))
+                return timed(lambda: _hf_generate(model, prompts, row["new"]))
             finally:
                 torch.set_num_threads(default)
         return call
@@ -137,16 +126,6 @@ class TunixSide:
         self.proc.wait(timeout=60)
 
 
-def interleaved_best(sides: dict, repeats: int) -> dict:
-    """Best time of each side over `repeats` rounds; a round times every side once, in turn, so the
-    machine's drifting speed (2x over minutes on a shared VM) hits every side alike."""
-    best = {name: float("inf") for name in sides}
-    for _ in range(repeats):
-        for name, call in sides.items():
-            best[name] = min(best[name], call())
-    return best
-
-
 def kv_bytes_read(config, row: dict) -> int:
     """Mean bytes of K and V a decode step reads: the step writing slot `end` attends over its whole
     cache bucket, the smallest bucket above `end` (prompts fill slots [0, prompt bucket))."""
@@ -171,7 +150,7 @@ def run_row(name: str, repeats: int, tunix_python: str | None) -> dict:
         model_dir = os.path.join(path, "model")
         save_hf(config, params, model_dir)
         sides, hf_tokens = transformers_sides(model_dir, row, prompts)
-        sides = {"ours": lambda: _timed(lambda: ours(row["new"])), **sides}
+        sides = {"ours": lambda: timed(lambda: ours(row["new"])), **sides}
         if tunix_python:
             tunix = TunixSide(tunix_python, model_dir, row, prompts)
             sides["tunix"] = tunix
@@ -180,7 +159,7 @@ def run_row(name: str, repeats: int, tunix_python: str | None) -> dict:
         finally:
             if tunix:
                 tunix.close()
-    prefill_s = min(_timed(lambda: ours(1)) for _ in range(repeats))
+    prefill_s = min(timed(lambda: ours(1)) for _ in range(repeats))
     ours_s = best.pop("ours")
     tunix_s = best.pop("tunix", None)
     hf_side = min(best, key=best.get)

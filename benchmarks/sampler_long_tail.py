@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import numpy as np
 
 from polaris_jax.models import ModelConfig, init_params
 from polaris_jax.sampling import generate
+from timing import interleaved_best, timed
 
 
 def main():
@@ -39,12 +39,7 @@ def main():
            for mode in (True, False)}
     outputs = {mode: fn() for mode, fn in run.items()}  # warm-up (compiles)
     assert outputs[True].tokens == outputs[False].tokens, "compaction changed the samples"
-    best = {mode: float("inf") for mode in run}
-    for _ in range(args.repeats):
-        for mode, fn in run.items():
-            start = time.perf_counter()
-            fn()
-            best[mode] = min(best[mode], time.perf_counter() - start)
+    best = interleaved_best({mode: (lambda fn=fn: timed(fn)) for mode, fn in run.items()}, args.repeats)
     lengths = np.array([len(t) for t in outputs[True].tokens])
     print(json.dumps(dict(
         rows=args.rows, max_new_tokens=args.max_new, mean_length=round(float(lengths.mean()), 1),

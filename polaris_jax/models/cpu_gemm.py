@@ -165,7 +165,7 @@ def pack_projections(params: dict) -> dict:
     out = dict(params)
     if out["embed"].dtype == jnp.bfloat16 and "lm_head" in out:
         out["embed"] = BitsEmbedding(jax.lax.bitcast_convert_type(out["embed"], jnp.uint16))
-    if out.get("lm_head") is not None and out["lm_head"].dtype in TARGETS:
+    if "lm_head" in out and out["lm_head"].dtype in TARGETS:
         out["lm_head"] = pack(out["lm_head"], 1)
     for name, layers in params.items():
         if not name.endswith("_layers"):
