@@ -53,8 +53,8 @@ def main():
 
     import jax
 
-    from polaris_jax.train import grpo_loop
-    from polaris_jax.train.grpo_config import validate_config
+    from polaris_jax.train.grpo import loop as grpo_loop
+    from polaris_jax.train.grpo.config import validate_config
 
     config = tiny_grpo_config()
     validate_config(config)

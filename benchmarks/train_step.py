@@ -28,7 +28,7 @@ import numpy as np
 from polaris_jax.models import make_mesh, preset
 from polaris_jax.train import losses, metrics, partitioning
 from polaris_jax.train.optimizer import make_optimizer
-from polaris_jax.train.sft_step import make_sft_step
+from polaris_jax.train.sft.step import make_sft_step
 
 
 def _batch(args, vocab: int) -> dict:

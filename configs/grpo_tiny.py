@@ -19,7 +19,7 @@ Variants (the `:arg`):
 
 import ml_collections
 
-from polaris_jax.train.grpo_config import default_config
+from polaris_jax.train.grpo.config import default_config
 
 
 def get_config(arg: str | None = None):

@@ -15,7 +15,8 @@ merges the adapters. One Polaris-style stage on the Polaris data, token-mean, cl
 
 import ml_collections
 
-from polaris_jax.train.grpo_config import default_config, make_tiny
+from polaris_jax.train.grpo.config import default_config
+from polaris_jax.train.grpo.recipes import make_tiny
 
 MODEL_DIR = "checkpoints/Qwen3-8B"
 DATA = "data/polaris/polaris-data-53K.jsonl"

@@ -3,7 +3,7 @@
     python -m polaris_jax.main --config=configs/merge.py --workdir=/tmp/merge \
         --config.inputs='("/runs/a/export/hf", "/runs/b/export/hf")' --config.weights='(0.5, 0.5)'
 
-The same as `python -m polaris_jax.train.merge --inputs=A,B --weights=0.5,0.5 --output=DIR`.
+The same as `python -m polaris_jax.tools.merge --inputs=A,B --weights=0.5,0.5 --output=DIR`.
 The merged model is written to config.output, or WORKDIR/merged when that is empty.
 """
 

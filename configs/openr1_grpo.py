@@ -13,7 +13,8 @@ DATA are local copies of the Hugging Face model and dataset.
 
 import ml_collections
 
-from polaris_jax.train.grpo_config import default_config, make_tiny
+from polaris_jax.train.grpo.config import default_config
+from polaris_jax.train.grpo.recipes import make_tiny
 
 MODEL_DIR = "checkpoints/DeepSeek-R1-Distill-Qwen-1.5B"
 DATA = "data/openr1_math_220k.parquet"

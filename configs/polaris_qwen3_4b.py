@@ -15,11 +15,12 @@ Between stages Polaris drops problems the current policy already solves 8/8:
 and the filtered file becomes the next stage's dataset (--config.schedule.datasets=...).
 
 Paths: MODEL_DIR is the Hugging Face Qwen/Qwen3-4B download, DATA the Polaris-Dataset-53K file.
-The recipe itself is `polaris_jax.train.grpo_config.polaris_recipe`. The mesh is FSDP over every
+The recipe itself is `polaris_jax.train.grpo.recipes.polaris_recipe`. The mesh is FSDP over every
 device; responses are split into microbatches of one row per device.
 """
 
-from polaris_jax.train.grpo_config import default_config, make_tiny, polaris_recipe
+from polaris_jax.train.grpo.config import default_config
+from polaris_jax.train.grpo.recipes import make_tiny, polaris_recipe
 
 MODEL_DIR = "checkpoints/Qwen3-4B"
 DATA = "data/polaris/polaris-data-53K.jsonl"
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None):
     if variant == "tiny":
         make_tiny(c)
     if variant == "filter":  # the between-stage difficulty filter over this recipe's data
-        from polaris_jax.train.difficulty_filter import filter_config
+        from polaris_jax.tools.difficulty_filter import filter_config
         return filter_config(model_dir=MODEL_DIR, dataset=DATA, samples=8, temperature=1.4,
                              max_response_len=39_936, instruction=c.data.instruction, mesh=c.mesh).lock()
     return c.lock()

@@ -5,14 +5,15 @@
 
 Published schedule for Polaris-7B-Preview: stage max response lengths 15,360 / 23,552 / 31,744 tokens
 at temperatures 0.7 / 1.0 / 1.1 (R1-Distill models collapse at the higher temperatures Qwen3 takes).
-Everything else is the shared recipe (`grpo_config.polaris_recipe`, as configs/polaris_qwen3_4b.py): lr 1e-6, 128 prompts x 8 samples, clip 0.2 / 0.28,
+Everything else is the shared recipe (`grpo.recipes.polaris_recipe`, as configs/polaris_qwen3_4b.py): lr 1e-6, 128 prompts x 8 samples, clip 0.2 / 0.28,
 token-mean, no KL, no entropy bonus, top_p 1.0, in-batch substitution, rollout rescue. The
 R1-Distill chat template opens `<think>\\n` in the generation prompt (polaris_jax/data/templates).
 MODEL_DIR is the Hugging Face deepseek-ai/DeepSeek-R1-Distill-Qwen-7B download; the per-stage step
 split is ours.
 """
 
-from polaris_jax.train.grpo_config import default_config, make_tiny, polaris_recipe
+from polaris_jax.train.grpo.config import default_config
+from polaris_jax.train.grpo.recipes import make_tiny, polaris_recipe
 
 MODEL_DIR = "checkpoints/DeepSeek-R1-Distill-Qwen-7B"
 DATA = "data/polaris/polaris-data-53K.jsonl"

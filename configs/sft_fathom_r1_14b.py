@@ -6,7 +6,7 @@
     # CPU smoke run of the same recipe on a tiny Qwen2-architecture model and the synthetic task:
     python -m polaris_jax.main --config=configs/sft_fathom_r1_14b.py:tiny --workdir=/tmp/fathom_tiny
     # then the Fathom merge of several runs (e.g. different seeds / data slices):
-    python -m polaris_jax.train.merge --inputs=/runs/a/export/hf,/runs/b/export/hf --weights=0.5,0.5 \
+    python -m polaris_jax.tools.merge --inputs=/runs/a/export/hf,/runs/b/export/hf --weights=0.5,0.5 \
         --output=/runs/fathom_merged
 
 Fathom-R1-14B (Fractal AI) trains R1-Distill-Qwen-14B on a curated set of hard math problems in
@@ -21,7 +21,7 @@ LoRA instead of full fine-tuning: set --config.lora.rank=64 and multiply peak_lr
 (see polaris_jax/models/lora.py, "LoRA Without Regret").
 """
 
-from polaris_jax.train.sft_config import default_config
+from polaris_jax.train.sft.config import default_config
 
 
 def get_config(arg: str | None = None):

@@ -20,7 +20,7 @@ Memory: bf16 compute with float32 master weights and Adam moments (16 bytes/para
 8B) FSDP-sharded over every device; full remat of each layer at 32K tokens per row; the loss
 never materialises [T, V] logits (train/losses.py chunks the vocabulary projection) nor [T, T]
 attention scores (attention_impl auto runs models/flash_attention.py at this length). The planner
-(`python -m polaris_jax.plan --config=configs/sft_r1_distill_qwen3_8b.py --model=qwen3_8b
+(`python -m polaris_jax.tools.plan --config=configs/sft_r1_distill_qwen3_8b.py --model=qwen3_8b
 --mesh=fsdp=64`) gives a 36.7 GiB peak per device on 64 devices; on one 8-GPU node pass
 `--config.train.microbatches=16` (one 32K row per device and microbatch: 52.9 GiB peak).
 
@@ -28,7 +28,7 @@ LoRA: "LoRA Without Regret" (see polaris_jax/models/lora.py) wants ~10x the full
 learning rate, so the lora variant uses 4e-4 with alpha 32.
 """
 
-from polaris_jax.train.sft_config import default_config
+from polaris_jax.train.sft.config import default_config
 
 
 def get_config(arg: str | None = None):

@@ -15,7 +15,7 @@ command resumes from the last checkpoint. Variants (the `:arg`):
   "moe"  a tiny Qwen3-MoE with the router load-balancing loss
 """
 
-from polaris_jax.train.sft_config import default_config
+from polaris_jax.train.sft.config import default_config
 
 
 def get_config(arg: str | None = None):

@@ -20,12 +20,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 # job name -> "module:function"; each function takes (config, workdir) and returns a metrics dict.
 JOBS = {
-    "sft": "polaris_jax.train.sft_loop:run",
-    "grpo": "polaris_jax.train.grpo_loop:run",
+    "sft": "polaris_jax.train.sft.loop:run",
+    "grpo": "polaris_jax.train.grpo.loop:run",
     "eval": "polaris_jax.evals:run_eval",
-    "demo": "polaris_jax.train.demo:run",
-    "merge": "polaris_jax.train.merge:run",
-    "difficulty_filter": "polaris_jax.train.difficulty_filter:run",
+    "demo": "polaris_jax.tools.demo:run",
+    "merge": "polaris_jax.tools.merge:run",
+    "difficulty_filter": "polaris_jax.tools.difficulty_filter:run",
 }
 
 

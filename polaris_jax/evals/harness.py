@@ -78,7 +78,7 @@ def mesh_and_rules(config):
     from polaris_jax.models.sharding import DEFAULT_RULES
     if "mesh" not in config:
         return None, DEFAULT_RULES
-    from polaris_jax.train.sft_loop import mesh_from_config, sharding_rules
+    from polaris_jax.models.sharding import mesh_from_config, sharding_rules
     return mesh_from_config(config), sharding_rules(config)
 
 

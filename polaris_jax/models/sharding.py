@@ -117,3 +117,18 @@ def constrain(x, axes: tuple[str | None, ...]):
         return x
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape)))
+
+
+def mesh_from_config(config):
+    """The Mesh of `config.mesh` ({axis: size}, -1 = the rest of the devices)."""
+    shape = {axis: int(config.mesh[axis]) for axis in MESH_AXES if axis in config.mesh}
+    unknown = set(config.mesh.keys()) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
+    return make_mesh(shape)
+
+
+def sharding_rules(config):
+    """`config.sharding_rules` as a tuple of (logical axis, mesh axis or axes) pairs."""
+    return tuple((name, tuple(target) if isinstance(target, list) else target)
+                 for name, target in config.sharding_rules)

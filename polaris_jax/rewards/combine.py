@@ -8,7 +8,8 @@ A reward spec maps reward names to their weight and parameters, e.g. in a config
     )
 
 `combine_rewards` evaluates each named reward on a RewardBatch and returns the weighted
-total with every component, so the trainer can log them. `score_and_shape_async` runs the
+total with every component, so the trainer can log them. A reward that raises does not stop
+training: it is retried sample by sample and scores 0 where it still raises (counted, logged). `score_and_shape_async` runs the
 verifier pool first and resolves to the same, so reward work overlaps the next rollout.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +26,7 @@ from polaris_jax.rewards import shaped  # noqa: F401  (registers the shaped rewa
 from polaris_jax.rewards.registry import get_reward
 from polaris_jax.rewards.shaped import RewardBatch
 
+logger = logging.getLogger(__name__)
 _SHAPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-shaping")
 
 
@@ -48,22 +51,50 @@ def validate_spec(spec: Mapping[str, Mapping[str, Any]]) -> None:
             raise ValueError(f"reward {name!r}: bad parameters {sorted(params)}: {error}") from None
 
 
+def _one_reward(name: str, fn, batch: RewardBatch, params: dict) -> tuple[np.ndarray, int]:
+    """(reward_b, samples on which it raised). A reward that raises on the batch is retried one sample at a
+    time, and a sample on which it still raises (or gives a non-finite value) scores 0: a user's reward bug
+    must not end a multi-day run. The error is logged with its traceback."""
+    try:
+        reward_b = np.asarray(fn(batch, **params), np.float32)
+        if reward_b.shape != (batch.size,):
+            raise ValueError(f"returned shape {reward_b.shape}, expected ({batch.size},)")
+        return np.where(np.isfinite(reward_b), reward_b, 0.0).astype(np.float32), 0
+    except Exception:  # noqa: BLE001
+        logger.exception("reward %r raised on a batch of %d; retrying sample by sample", name, batch.size)
+    reward_b = np.zeros(batch.size, np.float32)
+    failed = 0
+    for i in range(batch.size):
+        one = RewardBatch(completions=[batch.completions[i]], num_tokens_b=batch.num_tokens_b[i:i + 1],
+                          correct_b=batch.correct_b[i:i + 1], group_ids_b=batch.group_ids_b[i:i + 1])
+        try:
+            value = np.asarray(fn(one, **params), np.float32).reshape(-1)
+            if value.shape != (1,) or not np.isfinite(value[0]):
+                raise ValueError(f"returned {value!r} for one sample")
+            reward_b[i] = value[0]
+        except Exception as error:  # noqa: BLE001
+            failed += 1
+            logger.warning("reward %r raised on sample %d (scored 0): %r", name, i, error)
+    return reward_b, failed
+
+
 def combine_rewards(
     batch: RewardBatch, spec: Mapping[str, Mapping[str, Any]]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(total_b, {name: reward_b}) with total_b = sum over names of weight * reward_b."""
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """(total_b, {name: reward_b}, failures) with total_b = sum over names of weight * reward_b, where
+    failures counts the samples on which some reward raised (they score 0 for that reward)."""
     validate_spec(spec)
     total_b = np.zeros(batch.size, np.float32)
     parts: dict[str, np.ndarray] = {}
+    failures = 0
     for name, entry in _as_dict(spec).items():
         entry = _as_dict(entry)
         params = {k: v for k, v in entry.items() if k != "weight"}
-        reward_b = np.asarray(get_reward(name)(batch, **params), np.float32)
-        if reward_b.shape != (batch.size,):
-            raise ValueError(f"reward {name!r} returned shape {reward_b.shape}, expected ({batch.size},)")
+        reward_b, failed = _one_reward(name, get_reward(name), batch, params)
         parts[name] = reward_b
         total_b += np.float32(entry["weight"]) * reward_b
-    return total_b, parts
+        failures += failed
+    return total_b, parts, failures
 
 
 def score_and_shape_async(
@@ -74,7 +105,7 @@ def score_and_shape_async(
     group_ids_b: np.ndarray,
     spec: Mapping[str, Mapping[str, Any]],
 ) -> concurrent.futures.Future:
-    """Future of (total_b, parts, scores): verify in `pool`, then combine per `spec`."""
+    """Future of (total_b, parts, failures, scores): verify in `pool`, then combine per `spec`."""
     validate_spec(spec)
     result: concurrent.futures.Future = concurrent.futures.Future()
     result.set_running_or_notify_cancel()
@@ -88,12 +119,11 @@ def score_and_shape_async(
                 correct_b=np.asarray([s.reward for s in scores], np.float32),
                 group_ids_b=np.asarray(group_ids_b),
             )
-            total_b, parts = combine_rewards(batch, spec)
-            result.set_result((total_b, parts, scores))
+            result.set_result((*combine_rewards(batch, spec), scores))
         except BaseException as error:
             result.set_exception(error)
 
     # Shape on our own thread: done-callbacks run on the pool's dispatcher thread, which must
     # stay free to enforce timeouts.
-    pool.score_async(completions, golds).add_done_callback(lambda done: _SHAPER.submit(shape, done))
+    pool.score_async(list(completions), list(golds)).add_done_callback(lambda done: _SHAPER.submit(shape, done))
     return result

@@ -126,3 +126,40 @@ def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(
     loss = loss + aux_weight * router_aux_coef(config, settings) * router
     terms = {"ce_sum": ce_sum, "z_sum": z_sum, "router_aux_loss": aux_weight * router}
     return loss, terms
+
+
+def split_microbatches(batch: dict, microbatches: int) -> dict:
+    """[B, ...] -> [M, B/M, ...] for every array; microbatch m takes rows m, m+M, ... so each keeps
+    every data shard busy."""
+    def split(x_bt):
+        b = x_bt.shape[0]
+        if b % microbatches:
+            raise ValueError(f"batch of {b} rows does not split into {microbatches} microbatches")
+        return x_bt.reshape(b // microbatches, microbatches, *x_bt.shape[1:]).swapaxes(0, 1)
+    return {key: split(value) for key, value in batch.items()}
+
+
+def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, microbatch_sharding=None):
+    """Sum over microbatches of (grad, aux) of `loss_fn(trainable, microbatch) -> (loss, aux)`.
+
+    Gradients are accumulated in float32 and returned in the trainable dtype."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, aux), grads = grad_fn(trainable, batch)
+        return loss, aux, grads
+    micro = split_microbatches(batch, microbatches)
+    if microbatch_sharding is not None:
+        micro = jax.lax.with_sharding_constraint(micro, {k: microbatch_sharding for k in micro})
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    _, aux_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], micro)))
+    carry0 = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), zeros)
+
+    def body(carry, mb):
+        loss_acc, aux_acc, grad_acc = carry
+        (loss, aux), grads = grad_fn(trainable, mb)
+        grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+        return (loss_acc + loss, jax.tree.map(jnp.add, aux_acc, aux), grad_acc), None
+
+    (loss, aux, grads), _ = jax.lax.scan(body, carry0, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    return loss, aux, grads

@@ -1,11 +1,12 @@
 """Shaped rewards against their published formulas, written out independently here."""
 
+import logging
 import math
 
 import numpy as np
 import pytest
 
-from polaris_jax.rewards import RewardBatch, combine_rewards, get_reward, reward_names
+from polaris_jax.rewards import RewardBatch, combine_rewards, get_reward, register_reward, reward_names
 from polaris_jax.rewards.combine import score_and_shape_async, validate_spec
 
 
@@ -106,7 +107,8 @@ def test_kimi_length_penalty_is_computed_per_prompt_group():
 def test_combine_weights_and_returns_components():
     batch = make_batch(["<think>\nx\n</think>\n\\boxed{1}", "no"], [90, 10], [1, 0])
     spec = {"accuracy": {"weight": 1.0}, "soft_overlong": {"weight": 0.5, "max_tokens": 100, "cache_tokens": 20}}
-    total, parts = combine_rewards(batch, spec)
+    total, parts, failures = combine_rewards(batch, spec)
+    assert failures == 0
     np.testing.assert_allclose(parts["soft_overlong"], [-0.5, 0.0])
     np.testing.assert_allclose(total, [1.0 - 0.25, 0.0])
 
@@ -128,6 +130,25 @@ def test_score_and_shape_runs_the_verifier_then_combines(pool):
         pool, completions, ["0.5", "4"], np.array([5, 5]), np.array([0, 0]),
         {"accuracy": {"weight": 1.0}, "format": {"weight": 0.1}},
     )
-    total, parts, scores = future.result(timeout=60)
+    total, parts, failures, scores = future.result(timeout=60)
     np.testing.assert_allclose(total, [1.1, 0.0], rtol=1e-6)
     assert [s.reward for s in scores] == [1.0, 0.0]
+
+
+@register_reward("test_raises_on_seven")
+def _raises_on_seven(batch):
+    if any("7" in text for text in batch.completions):
+        raise RuntimeError("seven is unlucky")
+    return np.ones(batch.size, np.float32)
+
+
+def test_a_reward_that_raises_is_logged_and_scores_zero(caplog):
+    texts = ["\\boxed{1}", "\\boxed{7}", "\\boxed{3}", "77"]
+    spec = {"accuracy": {"weight": 1.0}, "test_raises_on_seven": {"weight": 0.5}}
+    with caplog.at_level(logging.WARNING):
+        batch = RewardBatch(texts, np.array([3, 3, 3, 1]), np.array([1.0, 0.0, 1.0, 0.0]), np.array([0, 0, 1, 1]))
+        total, parts, failures = combine_rewards(batch, spec)
+    np.testing.assert_array_equal(parts["test_raises_on_seven"], [1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(total, [1.5, 0.0, 1.5, 0.0])
+    assert failures == 2
+    assert "seven is unlucky" in caplog.text and "test_raises_on_seven" in caplog.text

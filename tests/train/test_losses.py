@@ -1,7 +1,6 @@
 """SFT loss and gradients against transformers (golden files), chunking, z-loss, entropy and packing."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

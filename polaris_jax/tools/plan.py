@@ -1,0 +1,187 @@
+"""Memory planner: per-device memory and FLOPs of a config's train step on a mesh, before renting it.
+
+    python -m polaris_jax.tools.plan --config=configs/sft_tiny.py
+    python -m polaris_jax.tools.plan --config=configs/sft_tiny.py --model=qwen3_8b --mesh=fsdp=8 \
+        --batch_size=8 --seq_len=4096 --lora_rank=32 --rollout_batch=64 --rollout_len=8192
+
+The train step of `train.sft_step` is lowered and compiled for the mesh over N fake CPU devices
+(N = the product of the mesh sizes), with ShapeDtypeStructs in place of weights, so an 8B model
+plans on a laptop. The model, LoRA rank, batch, sequence length, microbatches, remat policy, mesh
+and sharding rules come from the config; flags override them. `--batch_size` is the global number
+of rows per optimiser step. Prints a table, then one JSON line.
+
+SFT configs (`train/sft_config.py`): rows = data.batch_size, length = data.seq_len, microbatches =
+train.microbatches; no rollout unless --rollout_batch/--rollout_len are given.
+GRPO configs (`train/grpo_config.py`): the update is planned as the SFT step over the same rows,
+prompts_per_step x samples_per_prompt / algo.minibatches rows of data.max_prompt_len + the longest
+stage's max_response_len tokens (the policy loss adds only a few [B, T] arrays), and the rollout
+as the sampler decoding prompts_per_step x samples_per_prompt / rollout.chunks rows.
+See `docs/planner.md` for what the numbers mean and where a GPU/TPU compiler will differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]); default: "
+                                          "the SFT defaults of train/sft_config.py.", lock_config=True)
+_MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=2,fsdp=4,tensor=1' (default: the config's mesh).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake devices when the mesh holds a -1 size (default 8).")
+_MODEL = flags.DEFINE_string("model", "", "A models.PRESETS name planned instead of the config's model.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", None, "LoRA rank (0 = full fine-tuning; default: the config's).")
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global rows per optimiser step (default: config.data.batch_size).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: config.data.seq_len).")
+_MICRO = flags.DEFINE_integer("microbatches", None, "Gradient accumulation passes (default: config.train.microbatches).")
+_REMAT = flags.DEFINE_string("remat", "", "Remat policy: none | full | dots | dots_no_batch (default: the config's).")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "", ["", "auto", "dense", "flash"],
+                               "Attention over many queries (default: the config's; see models.flash_attention).")
+_ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Rows decoded together in a rollout (0 = no KV cache plan).")
+_ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "Prompt + response tokens the rollout cache holds.")
+_ROLLOUT_PROMPT_LEN = flags.DEFINE_integer("rollout_prompt_len", None, "Prompt tokens per rollout row (default 512).")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", None, "Rollout rows sharing one prefill (default 8).")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; a size may be -1 (the remaining devices)."""
+    from polaris_jax.models.sharding import MESH_AXES
+    shape = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        if not sep or name.strip() not in MESH_AXES:
+            raise app.UsageError(f"--mesh part {part!r} is not AXIS=SIZE with AXIS in {MESH_AXES}")
+        try:
+            shape[name.strip()] = int(size)
+        except ValueError:
+            raise app.UsageError(f"--mesh size {size!r} of axis {name!r} is not an integer") from None
+    if not shape:
+        raise app.UsageError(f"--mesh={text!r} names no axis")
+    return shape
+
+
+def device_count(mesh_shape: dict[str, int], requested: int) -> int:
+    known = 1
+    for size in mesh_shape.values():
+        if size != -1:
+            if size < 1:
+                raise app.UsageError(f"mesh sizes must be >= 1 or -1, got {mesh_shape}")
+            known *= size
+    if -1 not in mesh_shape.values():
+        if requested and requested != known:
+            raise app.UsageError(f"--devices={requested} disagrees with the mesh {mesh_shape} ({known} devices)")
+        return known
+    total = requested or 8
+    if total % known:
+        raise app.UsageError(f"{total} devices do not fill the mesh {mesh_shape}")
+    return total
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Asks XLA's CPU client for `count` devices; must run before the first JAX computation."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    if jax.device_count() != count:
+        raise RuntimeError(f"asked XLA for {count} CPU devices but got {jax.device_count()}: a JAX backend was "
+                           f"started before the planner could set XLA_FLAGS")
+
+
+def model_config_for(config, model_preset: str):
+    """The ModelConfig to plan (before LoRA): a preset if given, else the config's model."""
+    from polaris_jax.models.config import preset
+    from polaris_jax.train import setup
+    from polaris_jax.train.sft import data as sft_setup
+    m = config.model
+    if model_preset:
+        return preset(model_preset, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                      remat_policy=m.remat_policy)
+    if m.init_from and not os.path.exists(os.path.join(m.init_from, "config.json")):
+        raise app.UsageError(f"model.init_from={m.init_from!r} has no config.json here; pass --model=PRESET "
+                             f"to plan with that preset's shape")
+    tokenizer = None
+    if "overrides" in m and m.overrides.get("vocab_size", None) == 0:
+        # The vocabulary is the synthetic task's tokenizer's, which the run writes at start-up.
+        with tempfile.TemporaryDirectory() as tmp:
+            if "synthetic" in config and config.synthetic.task:
+                tokenizer = sft_setup.load_tokenizer(config, tmp)[0]
+            elif config.get("job", "") == "demo":
+                from polaris_jax.data import synthetic_arith
+                tokenizer = synthetic_arith.build_tokenizer(tmp)
+            else:
+                raise app.UsageError("model.overrides.vocab_size=0 takes the tokenizer's size, which this config "
+                                     "only knows at run time; pass --model=PRESET or "
+                                     "--config.model.overrides.vocab_size=N")
+    return setup.model_config_from(config, tokenizer)
+
+
+def shape_defaults(config) -> dict:
+    """PlanRequest fields implied by an SFT or GRPO config (before flags)."""
+    if "rollout" in config and "schedule" in config:  # the GRPO schema (jobs grpo and demo)
+        rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+        length = config.data.max_prompt_len + max(config.schedule.max_response_len)
+        return dict(batch_size=rows // config.algo.minibatches, seq_len=length,
+                    microbatches=config.algo.microbatches, loss_chunk=config.train.loss_chunk_size,
+                    rollout_batch=rows // config.rollout.chunks, rollout_len=length,
+                    rollout_prompt_len=config.data.max_prompt_len,
+                    samples_per_prompt=config.rollout.samples_per_prompt)
+    return dict(batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+                microbatches=config.train.microbatches, loss_chunk=config.train.loss_chunk_size)
+
+
+def optimizer_for(config):
+    """The config's AdamW (+ clipping); the schedule's length does not change memory."""
+    from polaris_jax.train.optimizer import make_optimizer
+    o = config.optimizer
+    return make_optimizer(peak_lr=o.peak_lr, total_steps=1000, warmup_ratio=o.warmup_ratio,
+                          min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                          grad_clip_norm=o.grad_clip_norm or None)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        from polaris_jax.train.sft.config import default_config
+        config = default_config()
+    mesh_shape = parse_mesh(_MESH.value) if _MESH.value else {k: int(v) for k, v in config.mesh.items()}
+    use_fake_cpu_devices(device_count(mesh_shape, _DEVICES.value))
+
+    from polaris_jax.tools import memory_plan
+    from polaris_jax.models.sharding import make_mesh
+    from polaris_jax.models.sharding import sharding_rules
+
+    model_config = model_config_for(config, _MODEL.value)
+    if _REMAT.value:
+        model_config = model_config.replace(remat_policy=_REMAT.value)
+    if _ATTENTION.value:
+        model_config = model_config.replace(attention_impl=_ATTENTION.value)
+    rank = config.lora.rank if _LORA_RANK.value is None else _LORA_RANK.value
+    alpha = config.lora.alpha if _LORA_ALPHA.value is None else _LORA_ALPHA.value
+    if rank:
+        model_config = model_config.replace(lora_rank=rank, lora_alpha=float(alpha),
+                                            lora_targets=tuple(config.lora.targets))
+    fields = shape_defaults(config)
+    flag_values = {"batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "microbatches": _MICRO.value,
+                   "rollout_batch": _ROLLOUT_BATCH.value or None, "rollout_len": _ROLLOUT_LEN.value or None,
+                   "rollout_prompt_len": _ROLLOUT_PROMPT_LEN.value, "samples_per_prompt": _SAMPLES.value}
+    fields.update({k: v for k, v in flag_values.items() if v is not None})
+    request = memory_plan.PlanRequest(model_config=model_config, **fields)
+    result = memory_plan.plan(request, make_mesh(mesh_shape), sharding_rules(config), optimizer_for(config))
+    result["model"] = _MODEL.value or config.model.preset or config.model.init_from
+    if _FORMAT.value == "text":
+        width = max(len(label) for label, _ in memory_plan.summary_rows(result))
+        for label, value in memory_plan.summary_rows(result):
+            print(f"{label:<{width}}  {value}")
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,238 @@
+"""The GRPO config schema with defaults, the stage schedule, and the start-up checks.
+
+Every configs/*grpo*.py / polaris_*.py starts from `default_config()`, so `--config.key=value` means
+the same thing in every RL experiment and a key that exists nowhere is refused.
+
+The stage schedule (Polaris, An et al. 2025) is four parallel lists, one entry per stage:
+    schedule.max_response_len = (39936, 48128, 52224)
+    schedule.temperature      = (1.4, 1.45, 1.5)
+    schedule.steps            = (700, 300, 200)
+    schedule.datasets         = ("polaris_53k.jsonl", "stage2.jsonl", "stage3.jsonl")
+`validate_config` refuses, before anything is built, a schedule whose lists disagree in length,
+whose lengths decrease, or whose datasets do not exist, and any algorithm name no registry knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
+from polaris_jax.models.config import LORA_TARGETS
+from polaris_jax.models.sharding import DEFAULT_RULES
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.job = "grpo"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a models.config.PRESETS name or "tiny"; ignored when init_from is set
+    c.model.init_from = ""  # Hugging Face checkpoint directory (the policy's start and the reference)
+    c.model.overrides = ml_collections.ConfigDict()
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat_policy = "dots_no_batch"
+
+    c.lora = ml_collections.ConfigDict()  # LoRA RL: ~10x the full-fine-tuning lr (models/lora.py)
+    c.lora.rank = 0
+    c.lora.alpha = 32.0
+    c.lora.targets = LORA_TARGETS
+
+    c.tokenizer_dir = ""  # "" = model.init_from; "synthetic_arith" = the arithmetic task's tokenizer
+
+    c.data = ml_collections.ConfigDict()  # jsonl / parquet rows {problem_key, answer_key}
+    c.data.problem_key = "problem"
+    c.data.answer_key = "answer"
+    c.data.instruction = R1_MATH_INSTRUCTION  # appended to the problem on its own line ("" = none)
+    c.data.template_kwargs = ml_collections.ConfigDict()
+    c.data.max_prompt_len = 1024  # prompts are left-padded to this; longer ones are skipped
+    c.data.shuffle = True
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.max_response_len = (1024,)
+    c.schedule.temperature = (1.0,)
+    c.schedule.steps = (100,)
+    c.schedule.datasets = ("",)
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_step = 128
+    c.rollout.samples_per_prompt = 8
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.chunks = 1  # rollouts in this many pieces; piece i is scored while piece i+1 samples
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
+    c.algo.adv_epsilon = 1e-6
+    c.algo.policy_loss = "ppo_clip"  # ppo_clip | gspo | cispo
+    c.algo.clip_low = 0.2
+    c.algo.clip_high = 0.28  # DAPO clip-higher
+    c.algo.clip_ratio_c = 0.0  # dual-clip constant; 0 = off
+    c.algo.loss_agg_mode = "token-mean"
+    c.algo.kl_coef = 0.0
+    c.algo.kl_type = "k3"
+    c.algo.use_reference = False  # keep frozen reference params (needed for kl_coef > 0; logs kl_to_ref)
+    c.algo.entropy_coef = 0.0
+    c.algo.num_iterations = 1  # mu: updates per rollout batch
+    c.algo.minibatches = 1  # optimizer steps per iteration
+    c.algo.microbatches = 1  # gradient accumulation inside a minibatch
+    c.algo.tis_cap = 0.0  # truncated importance sampling against the sampler's logprobs; 0 = off
+
+    c.shaping = ml_collections.ConfigDict()
+    c.shaping.dynamic_sampling = False  # DAPO: refill with fresh prompts until all groups are informative
+    c.shaping.dynamic_sampling_max_rounds = 8
+    c.shaping.polaris_substitution = False  # Polaris: overwrite uninformative groups, skip if <= 1/3 informative
+    c.shaping.min_informative_fraction = 1.0 / 3.0
+    c.shaping.overlong_filter = False  # DAPO: truncated responses get no loss
+    c.shaping.rollout_rescue = False  # Polaris: swap a stored correct answer into all-wrong groups
+    c.shaping.rescue_max_prompts = 100_000
+
+    # polaris_jax.rewards spec: {name: {weight, **params}}; "accuracy" is the verifier's verdict.
+    c.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0}})
+    c.reward_workers = 0  # verifier processes; 0 = one per CPU
+    c.reward_timeout_s = 5.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.peak_lr = 1e-6
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.min_lr_ratio = 1.0  # constant lr, as in verl's GRPO recipes
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.loss_chunk_size = 512
+    c.train.log_every = 1
+    c.train.log_distinct_4 = True  # Polaris's diversity metric over each step's groups
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.dataset = ""  # held-out jsonl / parquet; "" = no evaluation
+    c.eval.every = 0  # steps; 0 = only before and after training
+    c.eval.num_problems = 0  # 0 = all
+    c.eval.samples_per_problem = 4  # pass@1 = mean correctness over these samples (avg@n)
+    c.eval.temperature = -1.0  # < 0 = the first stage's temperature
+    c.eval.max_response_len = 0  # 0 = the last stage's
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.lora_only = False
+
+    c.export = ml_collections.ConfigDict()
+    c.export.hf = True
+    c.plots = True  # training curves PNG at the end
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding_rules = tuple(DEFAULT_RULES)
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    first_step: int  # global step at which the stage starts (0-based)
+    steps: int
+    max_response_len: int
+    temperature: float
+    dataset: str
+
+
+def stages(config) -> list[Stage]:
+    s = config.schedule
+    out, first = [], 0
+    for i, (length, temperature, steps, dataset) in enumerate(
+            zip(s.max_response_len, s.temperature, s.steps, s.datasets)):
+        out.append(Stage(i, first, int(steps), int(length), float(temperature), str(dataset)))
+        first += int(steps)
+    return out
+
+
+def total_steps(config) -> int:
+    return sum(int(x) for x in config.schedule.steps)
+
+
+def stage_at(stage_list: list[Stage], step: int) -> Stage:
+    """The stage that global step `step` (0-based) belongs to."""
+    for stage in stage_list:
+        if step < stage.first_step + stage.steps:
+            return stage
+    return stage_list[-1]
+
+
+class ConfigError(ValueError):
+    """A GRPO config that cannot run; the message names the field."""
+
+
+def _dataset_exists(path: str) -> bool:
+    return bool(path) and (os.path.exists(path) or path.startswith(("gs://", "tfds:", "synthetic_arith:")))
+
+
+def validate_config(config, *, check_files: bool = True) -> None:
+    """Refuses, with a message naming the field, a config the loop could only fail on later."""
+    from polaris_jax.rewards import validate_spec
+    from polaris_jax.train import rl
+
+    s = config.schedule
+    lists = {"max_response_len": s.max_response_len, "temperature": s.temperature, "steps": s.steps,
+             "datasets": s.datasets}
+    lengths = {k: len(v) for k, v in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ConfigError(f"schedule lists must have one entry per stage, got lengths {lengths}")
+    if lengths["steps"] == 0:
+        raise ConfigError("schedule has no stage")
+    for i, stage in enumerate(stages(config)):
+        where = f"schedule stage {i}"
+        if stage.steps < 1:
+            raise ConfigError(f"{where}: steps={stage.steps} must be >= 1")
+        if stage.max_response_len < 1:
+            raise ConfigError(f"{where}: max_response_len={stage.max_response_len} must be >= 1")
+        if not stage.temperature > 0:
+            raise ConfigError(f"{where}: temperature={stage.temperature} must be > 0")
+        if i and stage.max_response_len < s.max_response_len[i - 1]:
+            raise ConfigError(f"{where}: max_response_len {stage.max_response_len} is shorter than stage "
+                              f"{i - 1}'s {s.max_response_len[i - 1]}; Polaris stages only lengthen responses")
+        if not stage.dataset:
+            raise ConfigError(f"{where}: no dataset")
+        if check_files and not _dataset_exists(stage.dataset):
+            raise ConfigError(f"{where}: dataset {stage.dataset!r} does not exist")
+    if check_files and config.eval.dataset and not _dataset_exists(config.eval.dataset):
+        raise ConfigError(f"eval.dataset {config.eval.dataset!r} does not exist")
+
+    a, r = config.algo, config.rollout
+    for table, name in ((rl.ADVANTAGES, a.advantage), (rl.POLICY_LOSSES, a.policy_loss),
+                        (rl.LOSS_AGGREGATIONS, a.loss_agg_mode), (rl.KL_ESTIMATORS, a.kl_type)):
+        if name not in table:
+            raise ConfigError(f"unknown {table.kind} {name!r}; available: {', '.join(table.names())}")
+    if r.prompts_per_step < 1 or r.samples_per_prompt < 1:
+        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} and samples_per_prompt="
+                          f"{r.samples_per_prompt} must be >= 1")
+    if a.advantage in ("grpo", "rloo") and r.samples_per_prompt < 2:
+        raise ConfigError(f"algo.advantage={a.advantage!r} needs rollout.samples_per_prompt >= 2")
+    rows = r.prompts_per_step * r.samples_per_prompt
+    if a.minibatches < 1 or rows % a.minibatches:
+        raise ConfigError(f"{rows} responses per step do not split into algo.minibatches={a.minibatches}")
+    if a.microbatches < 1 or (rows // a.minibatches) % a.microbatches:
+        raise ConfigError(f"a minibatch of {rows // a.minibatches} rows does not split into "
+                          f"algo.microbatches={a.microbatches}")
+    if a.num_iterations < 1:
+        raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")
+    if a.kl_coef and not a.use_reference:
+        raise ConfigError(f"algo.kl_coef={a.kl_coef} needs algo.use_reference=True")
+    if r.chunks < 1 or r.prompts_per_step % r.chunks:
+        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not split into "
+                          f"rollout.chunks={r.chunks}")
+    if config.shaping.dynamic_sampling and config.shaping.polaris_substitution:
+        raise ConfigError("choose one of shaping.dynamic_sampling (DAPO) and shaping.polaris_substitution")
+    try:
+        validate_spec(config.rewards)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"rewards: {e}") from None
+    if config.data.max_prompt_len < 1:
+        raise ConfigError(f"data.max_prompt_len={config.data.max_prompt_len} must be >= 1")

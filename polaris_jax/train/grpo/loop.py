@@ -1,0 +1,290 @@
+"""The GRPO training loop: `run(config, workdir) -> final metrics`, the `grpo` job of polaris_jax.main.
+
+    python -m polaris_jax.main --config=configs/polaris_qwen3_4b.py --workdir=/ckpt/polaris_4b
+
+Each step: prompts -> rollouts (current params, verified in the pool while the next chunk samples)
+-> batch shaping and advantages -> the jitted update (mu passes over minibatches) -> metrics,
+checkpoint, held-out evaluation every k steps. The stage schedule changes the response length,
+temperature and dataset at stage boundaries (one compile per stage).
+
+Workdir: config.json, checkpoints/<step>/ (orbax: train state + host state), metrics.jsonl and
+TensorBoard events, evals.jsonl, curves.png, export/hf/. Rerunning the same command resumes
+exactly from the latest checkpoint. A non-finite loss stops the run with the step, update and
+prompts named, the offending batch saved, and the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from polaris_jax.data import synthetic_arith
+from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.distributed import wait_for_process_zero
+from polaris_jax.rewards import VerifierPool
+from polaris_jax.train import checkpoint as checkpoint_lib
+from polaris_jax.train.grpo import batch as grpo_batch
+from polaris_jax.data import problems as grpo_data
+from polaris_jax.train.grpo import evaluate as grpo_eval
+from polaris_jax.train.grpo import step as grpo_step
+from polaris_jax.train import metrics as metrics_lib
+from polaris_jax.train import partitioning
+from polaris_jax.train import setup
+from polaris_jax.train import state as state_lib
+from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
+from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
+from polaris_jax.rollout import RolloutSettings, rollout, rollout_seed
+from polaris_jax.train.optimizer import make_optimizer
+from polaris_jax.models.sharding import mesh_from_config, sharding_rules
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient of an update was not finite; the run stops with the last good checkpoint."""
+
+
+def update_settings(config, stage) -> grpo_step.UpdateSettings:
+    a = config.algo
+    return grpo_step.UpdateSettings(
+        max_response_len=stage.max_response_len, temperature=stage.temperature, policy_loss=a.policy_loss,
+        clip_low=a.clip_low, clip_high=a.clip_high, clip_ratio_c=a.clip_ratio_c or None,
+        loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef, kl_type=a.kl_type, use_reference=a.use_reference,
+        entropy_coef=a.entropy_coef, tis_cap=a.tis_cap or None, num_iterations=a.num_iterations,
+        minibatches=a.minibatches, microbatches=a.microbatches, chunk_size=config.train.loss_chunk_size)
+
+
+class Run:
+    """Everything built once per run: model, state, pool, checkpointer, per-stage data and update fns."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.mesh, self.rules = mesh_from_config(config), sharding_rules(config)
+        self.tokenizer_dir = config.tokenizer_dir or config.model.init_from
+        if not self.tokenizer_dir:
+            raise ValueError("no tokenizer: set tokenizer_dir or model.init_from")
+        if self.tokenizer_dir == "synthetic_arith":
+            self.tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
+            if jax.process_index() == 0:
+                synthetic_arith.build_tokenizer(self.tokenizer_dir)
+            wait_for_process_zero("synthetic tokenizer")
+        self.tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
+        rng = jax.random.PRNGKey(config.seed)
+        model_rng, state_rng = jax.random.split(rng)
+        base = setup.model_config_from(config, self.tokenizer)
+        self.model_config, params, mask = setup.build_params(config, base, self.mesh, self.rules, model_rng)
+        self.stages = stages(config)
+        updates_per_step = config.algo.num_iterations * config.algo.minibatches
+        o = config.optimizer
+        self.optimizer, self.schedule = make_optimizer(
+            peak_lr=o.peak_lr, total_steps=total_steps(config) * updates_per_step, warmup_ratio=o.warmup_ratio,
+            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+            grad_clip_norm=o.grad_clip_norm or None)
+        self.shardings = partitioning.state_shardings(self.model_config, self.optimizer, mask, self.mesh, self.rules)
+        # The reference is a real copy: the policy's buffers are donated to every update.
+        self.ref_params = (jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
+                           if config.algo.use_reference else None)
+        self.state = partitioning.init_sharded_state(params, self.optimizer, state_rng, mask, self.shardings)
+        del params
+        rescue = (PersistentRescueBuffer(config.rollout.samples_per_prompt, rewards_key="correct_b",
+                                         max_prompts=config.shaping.rescue_max_prompts)
+                  if config.shaping.rollout_rescue else None)
+        self.host = HostState(rescue)
+        c = config.checkpoint
+        self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep,
+                                                async_save=c.async_save, lora_only=c.lora_only)
+        self.pool = VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s)
+        self._streams: dict[int, grpo_data.ProblemStream] = {}
+        self._updates: dict[int, tuple] = {}
+
+    def stream(self, stage) -> grpo_data.ProblemStream:
+        if stage.index not in self._streams:
+            problems = grpo_data.load_problems(stage.dataset, self.tokenizer, self.config.data)
+            self._streams[stage.index] = grpo_data.ProblemStream(
+                problems, seed=self.config.seed, stage=stage.index, shuffle=self.config.data.shuffle)
+        return self._streams[stage.index]
+
+    def update_fn(self, stage):
+        if stage.index not in self._updates:
+            rows = self.config.rollout.prompts_per_step * self.config.rollout.samples_per_prompt
+            fn = grpo_step.make_grpo_update(self.model_config, self.optimizer, self.schedule,
+                                            update_settings(self.config, stage), mesh=self.mesh,
+                                            state_shardings=self.shardings, rules=self.rules, rows=rows)
+            self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows))
+        return self._updates[stage.index]
+
+    def params(self):
+        return state_lib.full_params(self.state)
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.pool.close()
+
+
+def _sampler(run: Run, stage, step: int):
+    r = run.config.rollout
+    stream = run.stream(stage)
+    settings = RolloutSettings(max_response_len=stage.max_response_len, temperature=stage.temperature,
+                               samples_per_prompt=r.samples_per_prompt,
+                               prompt_width=grpo_eval.prompt_width(stream.problems), top_p=r.top_p, top_k=r.top_k,
+                               chunks=r.chunks)
+
+    def sample(position: int, round_index: int):
+        problems = stream.take(position, r.prompts_per_step)
+        batch, _, info = rollout(run.model_config, run.params(), problems, settings, tokenizer=run.tokenizer,
+                                 pool=run.pool, reward_spec=run.config.rewards,
+                                 seed=rollout_seed(run.config.seed, step, round_index), mesh=run.mesh,
+                                 rules=run.rules)
+        return batch, problems, info
+    return sample
+
+
+def _evaluate(run: Run, problems, step: int) -> dict:
+    e = run.config.eval
+    temperature = e.temperature if e.temperature >= 0 else run.stages[0].temperature
+    result = grpo_eval.evaluate(run.model_config, run.params(), problems, tokenizer=run.tokenizer, pool=run.pool,
+                                samples_per_problem=e.samples_per_problem, temperature=temperature,
+                                max_response_len=e.max_response_len or run.stages[-1].max_response_len,
+                                seed=rollout_seed(run.config.seed, 99991), mesh=run.mesh, rules=run.rules,
+                                top_p=run.config.rollout.top_p)
+    result["step"] = step
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "evals.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    logger.info("eval at step %d: pass@1 %.4f; example: %r", step, result["pass@1"], result["example"][:200])
+    return result
+
+
+def _stop_on_nonfinite(run: Run, step: int, step_batch, update_batch: dict, metrics: dict) -> None:
+    first = int(metrics["first_nonfinite_update"])
+    minibatches = run.config.algo.minibatches
+    path = os.path.join(run.workdir, f"nonfinite_batch_step{step}.npz")
+    np.savez(path, **update_batch)
+    run.ckpt.wait()
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {step}, update {first} (iteration {first // minibatches}, "
+        f"minibatch {first % minibatches}) of {int(metrics['nonfinite_updates'])} bad updates; prompts "
+        f"{step_batch.problem_ids[:8]}{'...' if len(step_batch.problem_ids) > 8 else ''}; batch saved to {path}; "
+        f"the last good checkpoint is step {run.ckpt.latest_step()} in {run.ckpt.directory}")
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Rollout, shape, update; returns the step's host metrics. `step` is 0-based."""
+    config = run.config
+    stage = stage_at(run.stages, step)
+    if run.host.stage != stage.index:
+        run.host.stage, run.host.position = stage.index, 0
+    started = time.perf_counter()
+    step_batch = grpo_batch.build_step_batch(sample=_sampler(run, stage, step), config=config, step=step,
+                                             host=run.host, group_size=config.rollout.samples_per_prompt)
+    metrics = dict(step_batch.info)
+    metrics.update(stage=float(stage.index), temperature=stage.temperature)
+    time_update = 0.0
+    if not step_batch.skip:
+        update_fn, batch_shardings = run.update_fn(stage)
+        host_batch = grpo_step.update_batch(step_batch.batch, step_batch.advantages_b, step_batch.mask_br)
+        device_batch = grpo_step.put_update_batch(host_batch, batch_shardings)
+        t0 = time.perf_counter()
+        run.state, update_metrics = update_fn(run.state, device_batch, jax.random.fold_in(run.state["rng"], step),
+                                              run.ref_params)
+        update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
+        time_update = time.perf_counter() - t0
+        if update_metrics["nonfinite_updates"] > 0:
+            _stop_on_nonfinite(run, step + 1, step_batch, host_batch, update_metrics)
+        metrics.update(update_metrics)
+        train_tokens = float(host_batch["segment_ids_bt"].sum()) * (1 + config.algo.num_iterations)
+        metrics["train_tokens_per_s"] = train_tokens / max(time_update, 1e-9)
+    metrics["time_update"] = time_update
+    metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout"], 1e-9)
+    metrics["time_step"] = time.perf_counter() - started
+    return metrics
+
+
+def _before_accuracy(workdir: str) -> float | None:
+    path = os.path.join(workdir, "evals.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            entry = json.loads(line)
+            if entry["step"] == 0:
+                return entry["pass@1"]
+    return None
+
+
+def _write_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(path + ".tmp", path)
+
+
+def run(config, workdir: str) -> dict:
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    metrics_lib.quiet_library_logs()
+    _write_config(config, workdir)
+    started = time.perf_counter()
+    run_ = Run(config, workdir)
+    try:
+        return _train(run_, started)
+    finally:
+        run_.close()
+
+
+def _train(run_: Run, started: float) -> dict:
+    config, workdir = run_.config, run_.workdir
+    restored = run_.ckpt.restore_latest(run_.state, run_.host)
+    start_step = 0
+    if restored is not None:
+        run_.state, start_step = restored, run_.ckpt.latest_step()
+        logger.info("resumed from %s at step %d", run_.ckpt.directory, start_step)
+    eval_problems = []
+    if config.eval.dataset:
+        eval_problems = grpo_data.load_problems(config.eval.dataset, run_.tokenizer, config.data)
+        eval_problems = eval_problems[:config.eval.num_problems or None]
+    final: dict = {}
+    if eval_problems and start_step == 0:
+        final["accuracy_before"] = _evaluate(run_, eval_problems, 0)["pass@1"]
+    elif eval_problems:
+        final["accuracy_before"] = _before_accuracy(workdir)
+    steps = total_steps(config)
+    writer = metrics_lib.MetricWriter(workdir, total_steps=steps)
+    window: list[dict] = []
+    train_started = time.perf_counter()
+    for step in range(start_step, steps):
+        metrics = train_step(run_, step)
+        window.append(metrics)
+        done = step + 1
+        run_.ckpt.maybe_save(done, run_.state, run_.host.snapshot(), last=done == steps)
+        if config.eval.every and eval_problems and done % config.eval.every == 0 and done < steps:
+            metrics["eval/pass_at_1"] = _evaluate(run_, eval_problems, done)["pass@1"]
+        if done % config.train.log_every == 0 or done == steps:
+            keys = {k for m in window for k in m}
+            averaged = {k: float(np.mean([m[k] for m in window if k in m])) for k in keys}
+            writer.write_scalars(done, averaged)
+            final.update(averaged)
+            window = []
+    final["train_time_s"] = time.perf_counter() - train_started
+    if eval_problems:
+        result = _evaluate(run_, eval_problems, steps)
+        writer.write_scalars(steps, {"eval/pass_at_1": result["pass@1"]})
+        final["accuracy_after"] = result["pass@1"]
+        final["eval_example"] = result["example"]
+    writer.close()
+    run_.ckpt.maybe_save(steps, run_.state, run_.host.snapshot(), last=True)
+    if config.export.hf:
+        final["export_dir"] = checkpoint_lib.export_hf(run_.model_config, run_.params(),
+                                                       os.path.join(workdir, "export", "hf"),
+                                                       tokenizer_dir=run_.tokenizer_dir)
+    if config.plots and jax.process_index() == 0:
+        from polaris_jax.tools.plots import plot_training_curves
+        final["curves_png"] = plot_training_curves(workdir)
+    final.update(step=steps, total_time_s=time.perf_counter() - started)
+    return final

@@ -1,0 +1,76 @@
+"""What every run trains, from the config: the ModelConfig (preset or HF config.json, with overrides),
+LoRA on top, and the params placed in their shards. Shared by the SFT and GRPO loops and the tools.
+
+Config sections read here:
+  model:  preset, init_from (HF dir, '' = random init), overrides (ModelConfig fields; vocab_size 0 =
+          the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy
+  lora:   rank (0 = full fine-tuning), alpha, targets
+"""
+
+from __future__ import annotations
+
+import jax
+
+from polaris_jax.data import synthetic_arith
+from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.models import lora as lora_lib
+from polaris_jax.models.config import ConfigError, ModelConfig, preset
+from polaris_jax.models.hf_io import load_hf
+from polaris_jax.models.sharding import param_shardings
+from polaris_jax.train import partitioning
+
+
+def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig:
+    """The ModelConfig a run trains (before LoRA), from init_from's config.json or a preset."""
+    overrides = dict(config.model.overrides.to_dict()) if "overrides" in config.model else {}
+    overrides.update(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+                     remat_policy=config.model.remat_policy)
+    if overrides.get("vocab_size", None) == 0:
+        if tokenizer is None:
+            raise ValueError("model.overrides.vocab_size=0 takes the tokenizer's size, but there is no tokenizer")
+        overrides["vocab_size"] = synthetic_arith.padded_vocab_size(tokenizer)
+    if tokenizer is not None and not config.model.init_from and "eos_token_ids" not in overrides:
+        overrides["eos_token_ids"] = tuple(tokenizer.eos_token_ids)
+    try:
+        if config.model.init_from:
+            model_config = ModelConfig.from_hf(config.model.init_from, **overrides)
+        elif config.model.preset == "tiny":
+            model_config = ModelConfig.tiny(**overrides)
+        else:
+            model_config = preset(config.model.preset, **overrides)
+    except TypeError as e:  # an override that is not a ModelConfig field
+        raise ConfigError(f"model.overrides: {e}") from e
+    if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{model_config.vocab_size}")
+    return model_config
+
+
+def with_lora(config, model_config: ModelConfig) -> ModelConfig:
+    if config.lora.rank <= 0:
+        return model_config
+    return model_config.replace(lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha),
+                                lora_targets=tuple(config.lora.targets))
+
+
+def build_params(config, model_config: ModelConfig, mesh, rules, rng):
+    """(config actually trained, params in their shards, trainable mask). LoRA adapters are added on top."""
+    init_rng, lora_rng = jax.random.split(rng)
+    if config.model.init_from:
+        shardings = param_shardings(model_config, mesh, rules)
+        _, params = load_hf(config.model.init_from, dtype=model_config.param_dtype, shardings=shardings,
+                            config_overrides={k: getattr(model_config, k) for k in
+                                              ("compute_dtype", "remat_policy")})
+    else:
+        params = partitioning.init_sharded_params(model_config, init_rng, mesh, rules)
+    if config.lora.rank <= 0:
+        return model_config, params, jax.tree.map(lambda _: True, params)
+    lora_config = with_lora(config, model_config)
+
+    def add(base, key):  # builds only the adapters: XLA drops the unused fresh base weights
+        return lora_lib.add_lora(model_config, base, key, rank=lora_config.lora_rank, alpha=lora_config.lora_alpha,
+                                 targets=lora_config.lora_targets)[1]
+
+    params = jax.jit(add, out_shardings=param_shardings(lora_config, mesh, rules), donate_argnums=0)(params,
+                                                                                                        lora_rng)
+    return lora_config, params, lora_lib.lora_mask(params)

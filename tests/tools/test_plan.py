@@ -1,0 +1,92 @@
+"""The memory planner CLI on the tiny SFT config and on a real size (Qwen3-8B, LoRA rank 32, 8 fake devices).
+
+Expected sizes come from the architectures' published shapes counted by hand here, not from the
+planner's own helpers. Each case runs in a subprocess, because the planner picks the number of fake
+CPU devices before JAX starts.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _plan(*flags) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "polaris_jax.tools.plan", "--format=json", *flags], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, ffn, tied):
+    """Parameter count of a dense Qwen3 (q/k RMSNorm per head, no biases)."""
+    per_layer = (d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d  # q, k, v, o
+                 + 3 * d * ffn + 2 * d + 2 * head_dim)  # SwiGLU, two RMSNorms, q_norm and k_norm
+    return vocab * d * (1 if tied else 2) + d + layers * per_layer
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return _plan("--config=configs/sft_tiny.py", "--mesh=fsdp=2", "--rollout_batch=8", "--rollout_len=64",
+                 "--rollout_prompt_len=16", "--samples_per_prompt=4",
+                 "--batch_size=4", "--seq_len=64")
+
+
+def test_tiny_config_plan(tiny_plan):
+    r = tiny_plan
+    assert r["devices"] == 2 and r["mesh"] == {"fsdp": 2} and r["lora_rank"] == 0
+    # sft_tiny: hidden 64, 2 layers, 4 heads of 16 (2 kv heads), ffn 128, untied; float32 masters.
+    # With fsdp=2 every matrix (all carry the `embed` axis) is halved; the RMSNorm vectors are replicated.
+    vectors = 64 + 2 * (2 * 64 + 2 * 16)
+    # The vocabulary is the synthetic tokenizer's, so solve for it from the reported bytes and check it is whole.
+    matrices_per_device = r["params_bytes"] / 4 - vectors
+    layer_matrices = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    vocab = (2 * matrices_per_device - layer_matrices) / (2 * 64)
+    assert vocab == int(vocab) and 20 < vocab <= 256
+    # AdamW keeps two float32 moments per trainable weight (plus a few scalar counters).
+    assert 2 * r["params_bytes"] <= r["optimizer_state_bytes"] <= 2 * r["params_bytes"] + 64
+    assert r["trainable_params_bytes"] == r["params_bytes"]
+    assert r["activations_bytes"] > 0
+    assert r["train_peak_bytes"] >= r["params_bytes"] + r["optimizer_state_bytes"]
+    # KV cache: 2 (k, v) x layers x rows x slots x kv_heads x head_dim x 4 bytes, rows split over 2 devices.
+    assert r["kv_cache_bytes"] == 2 * 2 * (8 // 2) * 64 * 2 * 16 * 4
+    assert r["rollout_temp_bytes"] >= r["kv_cache_bytes"]
+
+
+def test_tiny_plan_flops_cover_the_model_flops(tiny_plan):
+    """Compiled matmul FLOPs x devices vs 6·N·tokens + causal attention: the program computes the
+    full (not causal-halved) attention square, so it may exceed the model figure, but not fall short."""
+    r = tiny_plan
+    compiled = r["matmul_flops_per_device"] * r["devices"]
+    assert r["model_flops_per_step"] <= compiled <= 1.6 * r["model_flops_per_step"]
+
+
+def test_qwen3_8b_lora_rank32_plan():
+    r = _plan("--model=qwen3_8b", "--mesh=fsdp=8", "--lora_rank=32", "--batch_size=8", "--seq_len=256",
+              "--remat=full")
+    total = _qwen3_params(151936, 4096, 36, 32, 8, 128, 12288, tied=False)
+    assert abs(total / 1e9 - 8.19) < 0.01  # Qwen3-8B's model card: 8.2B parameters
+    base_per_device = total * 4 / 8
+    lora = 36 * 32 * ((4096 + 32 * 128) * 2 + (4096 + 8 * 128) * 2 + (4096 + 12288) * 3)  # q,o; k,v; gate,up,down
+    assert base_per_device < r["params_bytes"] < base_per_device * 1.01 + lora * 4
+    assert lora * 4 / 8 <= r["trainable_params_bytes"] <= lora * 4
+    # Optimizer state covers the adapters only: two moments each.
+    assert 2 * r["trainable_params_bytes"] <= r["optimizer_state_bytes"] <= 2 * r["trainable_params_bytes"] + 64
+    # ... so it is a small fraction of full fine-tuning's 2 x 8 bytes per base weight, even though the
+    # B factors of q/k/v (no `embed` axis) stay replicated under pure FSDP.
+    assert r["optimizer_state_bytes"] <= 2 * lora * 4 + 64
+    assert r["optimizer_state_bytes"] < 0.1 * 2 * base_per_device
+    assert r["activations_bytes"] > 0 and r["matmul_flops_per_device"] > 0
+
+
+def test_attention_impl_flag_plans_blockwise_attention_in_linear_memory():
+    """At 4,096 tokens dense attention holds [heads, T, T] float32 scores per row; blockwise does not."""
+    common = ("--config=configs/sft_tiny.py", "--mesh=fsdp=1", "--batch_size=1", "--seq_len=4096", "--remat=none")
+    dense, flash = _plan(*common, "--attention_impl=dense"), _plan(*common, "--attention_impl=flash")
+    scores = 4 * 4096 * 4096 * 4  # sft_tiny: 4 query heads
+    assert dense["activations_bytes"] >= scores
+    assert flash["activations_bytes"] < scores / 2 and flash["activations_bytes"] < dense["activations_bytes"] / 8

@@ -1,0 +1,194 @@
+"""The GRPO loop end to end on a tiny model: metrics, no recompiles, exact resume after SIGKILL,
+non-finite loss, reward functions that raise, and schedules refused at start-up."""
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from polaris_jax.train.grpo import loop as grpo_loop
+from polaris_jax.train.grpo import step as grpo_step
+from polaris_jax.train.grpo.config import ConfigError, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CONFIG = os.path.join(ROOT, "configs", "polaris_qwen3_4b.py")
+# The Polaris recipe's CPU variant (3 stages x 2 steps), checkpointed every 2 steps, with an HF export.
+OVERRIDES = {"checkpoint.every": 2, "checkpoint.keep": 5, "export.hf": True, "train.log_every": 1}
+REQUIRED_METRICS = ("reward_mean", "accuracy", "frac_all_correct_groups", "frac_all_wrong_groups",
+                    "response_len_mean", "response_len_max", "truncation_rate", "clip_fraction", "approx_kl",
+                    "entropy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward",
+                    "time_update", "distinct_4")
+
+
+def polaris_tiny(**overrides):
+    spec = importlib.util.spec_from_file_location("polaris_qwen3_4b", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    for key, value in {**OVERRIDES, **overrides}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def _rows(workdir):
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):  # the final evaluation is its own row at the last step
+            rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: _COMPILES.append(name) if name.endswith("backend_compile_duration") else None)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run, with the number of XLA compiles seen inside each training step."""
+    workdir = str(tmp_path_factory.mktemp("grpo_run"))
+    compiles, original = {}, grpo_loop.train_step
+
+    def counting(run, step):
+        before = len(_COMPILES)
+        out = original(run, step)
+        compiles[step + 1] = len(_COMPILES) - before
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(grpo_loop, "train_step", counting)
+    try:
+        result = grpo_loop.run(polaris_tiny(), workdir)
+    finally:
+        mp.undo()
+    return workdir, result, compiles
+
+
+def test_run_logs_every_metric_and_writes_curves(finished_run):
+    workdir, result, _ = finished_run
+    rows = _rows(workdir)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for step, row in rows.items():
+        missing = [k for k in REQUIRED_METRICS if k not in row]
+        assert not missing, f"step {step} lacks {missing}"
+    assert [row["temperature"] for row in rows.values()] == [1.4, 1.4, 1.45, 1.45, 1.5, 1.5]
+    assert {"accuracy_before", "accuracy_after"} <= set(result)
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
+    assert rows[6]["sampler_logprob_gap"] < 1e-3  # the trainer re-scores what the sampler drew
+
+
+def test_no_recompiles_within_a_stage(finished_run):
+    _, _, compiles = finished_run
+    # Steps 1, 3, 5 open a stage (new response length: one compile each); 2, 4, 6 must compile nothing.
+    assert [compiles[s] for s in (2, 4, 6)] == [0, 0, 0], compiles
+
+
+def test_resume_after_sigkill_continues_exactly(finished_run, tmp_path):
+    reference_dir, _, _ = finished_run
+    workdir = str(tmp_path / "killed")
+    args = [sys.executable, "-m", "polaris_jax.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.monotonic() + 300
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved and saved[-1] < 6, f"the run finished before the kill: {saved}"
+
+    grpo_loop.run(polaris_tiny(), workdir)  # the same command again resumes
+    want, got = _rows(reference_dir), _rows(workdir)
+    for step in range(saved[-1] + 1, 7):
+        for key in ("loss", "reward_mean", "param_norm", "grad_norm", "response_len_mean", "entropy"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-6, err_msg=f"step {step} {key}")
+    final_want = load_file(os.path.join(reference_dir, "export", "hf", "model.safetensors"))
+    final_got = load_file(os.path.join(workdir, "export", "hf", "model.safetensors"))
+    for name, value in final_want.items():
+        np.testing.assert_allclose(final_got[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    original, calls = grpo_step.update_batch, []
+
+    def poisoned(rollout, advantages_b, mask_br):
+        calls.append(1)
+        advantages_b = np.array(advantages_b)
+        if len(calls) == 3:
+            advantages_b[:] = np.nan
+        return original(rollout, advantages_b, mask_br)
+
+    monkeypatch.setattr(grpo_step, "update_batch", poisoned)
+    config = polaris_tiny(**{"checkpoint.every": 1, "checkpoint.async_save": False, "export.hf": False,
+                             "plots": False, "eval.dataset": ""})
+    with config.unlocked():
+        config.schedule.max_response_len, config.schedule.temperature = (32,), (1.4,)
+        config.schedule.steps, config.schedule.datasets = (4,), (config.schedule.datasets[0],)
+        config.shaping.polaris_substitution = False  # every step updates
+    with pytest.raises(grpo_loop.NonFiniteLossError, match=r"at step 3, update 0 .*last good checkpoint is step 2"):
+        grpo_loop.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    assert (tmp_path / "nonfinite_batch_step3.npz").exists()
+
+
+_BAD = {
+    "unequal": lambda c: c.schedule.update(dict(temperature=(1.4, 1.45))),
+    "shrinking": lambda c: c.schedule.update(dict(max_response_len=(48, 40, 56))),
+    "missing": lambda c: c.schedule.update(dict(datasets=("synthetic_arith:train:8", "/nonexistent.jsonl",
+                                                          "synthetic_arith:train:8"))),
+    "no_steps": lambda c: c.schedule.update(dict(steps=(2, 0, 2))),
+    "loss_name": lambda c: c.algo.update(dict(policy_loss="ppo_clipp")),
+    "kl_without_reference": lambda c: c.algo.update(dict(kl_coef=0.1)),
+    "indivisible": lambda c: c.algo.update(dict(minibatches=3)),
+}
+_MESSAGES = {"unequal": "one entry per stage", "shrinking": "stage 1: max_response_len 40 is shorter",
+             "missing": "stage 1: dataset '/nonexistent.jsonl' does not exist", "no_steps": "stage 1: steps=0",
+             "loss_name": "unknown policy loss 'ppo_clipp'", "kl_without_reference": "use_reference",
+             "indivisible": "minibatches=3"}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD))
+def test_bad_configs_are_refused_at_start_up(name):
+    config = polaris_tiny()
+    with config.unlocked():
+        _BAD[name](config)
+    with pytest.raises(ConfigError, match=_MESSAGES[name]):
+        validate_config(config)
+
+
+def test_rescue_buffer_survives_the_checkpoint_round_trip():
+    from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
+
+    rows = {"response_br": np.arange(12, dtype=np.int32).reshape(4, 3),
+            "correct_b": np.array([0.0, 1.0, 0.0, 0.0], np.float32),
+            "sampler_logprobs_br": np.linspace(-1, 0, 12, dtype=np.float32).reshape(4, 3)}
+    host = HostState(PersistentRescueBuffer(2, rewards_key="correct_b"))
+    host.position, host.stage = 17, 1
+    host.rescue.update(rows, ["a", "b"])  # group "a" has a correct answer (row 1), "b" has none
+    restored = HostState(PersistentRescueBuffer(2, rewards_key="correct_b"))
+    restored.set_state(host.snapshot().get_state())
+    assert (restored.position, restored.stage) == (17, 1)
+    all_wrong = {k: v.copy() for k, v in rows.items()}
+    all_wrong["correct_b"][:] = 0.0
+    want, _ = host.rescue.rescue(all_wrong, ["a", "b"], np.random.default_rng(0))
+    got, info = restored.rescue.rescue(all_wrong, ["a", "b"], np.random.default_rng(0))
+    assert info["rescued_groups"] == 1
+    for key in rows:
+        np.testing.assert_array_equal(got[key], want[key])
+        assert got[key].dtype == rows[key].dtype
