@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from polaris_jax.data.benchmarks import load_benchmark  # noqa: E402
 from polaris_jax.rewards import VerifierPool, equivalence, score_completion  # noqa: E402
 
-MATH500 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
+MATH500 = "math500"  # shipped in polaris_jax/data/benchmark_files/
 FILLER = "Let me work through this step by step, checking each case carefully. " * 22
 
 

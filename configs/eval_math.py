@@ -12,7 +12,10 @@ Point it at a checkpoint and benchmark on the command line, e.g.
 
     python -m polaris_jax.main --config=configs/eval_math.py:r1 --workdir=runs/eval \
         --config.checkpoint=/ckpt/DeepSeek-R1-Distill-Qwen-1.5B \
-        --config.benchmark=../shared/data/aime_2024.jsonl
+        --config.benchmark=aime_2024
+
+`benchmark` is a shipped benchmark's name (`polaris_jax.data.benchmark_names()`: aime_2024, aime_2025,
+hmmt_2025, math500, amc23, gsm8k_test, minerva_math, polaris_aime24, polaris_aime25) or a file path.
 
 Outputs: DIR/eval/<benchmark>/samples.jsonl and summary.json.
 
@@ -27,8 +30,6 @@ import ml_collections
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
 from polaris_jax.models.sharding import DEFAULT_RULES
 
-_SHARED_DATA = "../shared/data"
-
 
 def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     variant = arg or "polaris"
@@ -39,7 +40,7 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     config.checkpoint = ""  # Hugging Face layout directory (config.json, safetensors, tokenizer), or "tiny"
     config.tokenizer = ""  # defaults to the checkpoint directory ("tiny": an offline flavor, qwen3)
     config.dtype = "bfloat16"
-    config.benchmark = f"{_SHARED_DATA}/aime_2024.jsonl"
+    config.benchmark = "aime_2024"  # a shipped benchmark name, or a .jsonl / .parquet path
     config.num_problems = 0  # 0 = all
     config.n = 32
     config.temperature = 1.4
@@ -67,7 +68,7 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     elif variant == "tiny":
         config.checkpoint = "tiny"
         config.dtype = "float32"
-        config.benchmark = f"{_SHARED_DATA}/math500.jsonl"
+        config.benchmark = "math500"
         config.num_problems = 4
         config.n = 2
         config.max_new_tokens = 16

@@ -6,4 +6,3 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
-SHARED_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"

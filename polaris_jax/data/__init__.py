@@ -7,6 +7,8 @@ import importlib
 
 _EXPORTS = {
     "load_benchmark": "polaris_jax.data.benchmarks",
+    "benchmark_names": "polaris_jax.data.benchmarks",
+    "benchmark_file": "polaris_jax.data.benchmarks",
     "build_math_prompt": "polaris_jax.data.benchmarks",
     "Tokenizer": "polaris_jax.data.tokenizer",
     "qwen_tokenizer_offline": "polaris_jax.data.tokenizer",

@@ -1,6 +1,11 @@
 """Math benchmark files normalised to `{"id", "problem", "answer"}`, and the prompt for them.
 
-Every layout in `shared/data/` loads the same way, whatever its field names and answer types:
+The package ships nine public benchmarks in `polaris_jax/data/benchmark_files/` (AIME 2024/25,
+HMMT 2025, MATH-500, AMC23, GSM8K, Minerva, Polaris' AIME parquets; sources, row counts and
+licences in its README.md); `load_benchmark("aime_2025")` loads one by name (its file stem, see
+`benchmark_names()`), and `load_benchmark(path)` any file of the layouts below.
+
+Every layout loads the same way, whatever its field names and answer types:
 
     * `{problem|question, answer}` with `answer` a string, an int or a float (AIME, HMMT,
       MATH-500, AMC); integer-valued floats become "27", not "27.0";
@@ -17,6 +22,7 @@ Ids are strings: the row's `id`, `idx`, `unique_id` or `extra_info.index`, else 
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -39,6 +45,27 @@ _EMBEDDED_INSTRUCTIONS = (
 _ID_KEYS = ("id", "idx", "unique_id")
 _PROBLEM_KEYS = ("problem", "question")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_BENCHMARK_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _benchmark_dir():
+    return importlib.resources.files("polaris_jax.data") / "benchmark_files"
+
+
+def benchmark_names() -> list[str]:
+    """Names of the benchmarks shipped with the package (file stems), for `load_benchmark(name)`."""
+    files = _benchmark_dir().iterdir()
+    return sorted(f.name.rsplit(".", 1)[0] for f in files if f.name.endswith(_BENCHMARK_SUFFIXES))
+
+
+def benchmark_file(name: str):
+    """The shipped file of benchmark `name` (a `pathlib.Path` when the package is installed as files)."""
+    for suffix in _BENCHMARK_SUFFIXES:
+        candidate = _benchmark_dir() / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"unknown benchmark {name!r}: not a file, and not one of the shipped benchmarks "
+                     f"({', '.join(benchmark_names())})")
 
 
 def _plain(value: Any) -> Any:
@@ -152,26 +179,41 @@ def _only_split(directory: Path) -> str:
     raise ValueError(f"{directory} has splits {names}; pass split= to choose one")
 
 
-def load_benchmark(path: str | os.PathLike, split: str | None = None) -> list[dict[str, str]]:
-    """Every row of a benchmark file as {"id", "problem", "answer"}, answers as strings.
+def _is_name(spec: str | os.PathLike) -> bool:
+    """A bare string such as "aime_2025" that is not an existing path names a shipped benchmark."""
+    return (isinstance(spec, str) and not spec.startswith("tfds:") and not os.path.exists(spec)
+            and not any(sep in spec for sep in ("/", os.sep)) and not os.path.splitext(spec)[1])
 
-    `path` is a .jsonl/.json or .parquet file, a prepared tfds directory, or `tfds:NAME`;
-    `split` picks a tfds split (default: the only one, else "test").
+
+def load_benchmark(name_or_path: str | os.PathLike, split: str | None = None) -> list[dict[str, str]]:
+    """Every row of a benchmark as {"id", "problem", "answer"}, answers as strings.
+
+    `name_or_path` is the name of a shipped benchmark (`benchmark_names()`: "aime_2025",
+    "math500", ...), a .jsonl/.json or .parquet file, a prepared tfds directory, or `tfds:NAME`.
+    A bare name without a suffix is looked up among the shipped files unless a path of that name
+    exists. `split` picks a tfds split (default: the only one, else "test").
     """
-    path = os.fspath(path)
+    if _is_name(name_or_path):
+        with importlib.resources.as_file(benchmark_file(name_or_path)) as path:
+            return _load(os.fspath(path), split, label=name_or_path)
+    path = os.fspath(name_or_path)
+    return _load(path, split, label=path)
+
+
+def _load(path: str, split: str | None, label: str) -> list[dict[str, str]]:
     source = _open(path, split)
     rows = []
     for index in range(len(source)):
         try:
             rows.append(normalize_row(source[index], index))
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: row {index}: {error}") from None
+            raise ValueError(f"{label}: row {index}: {error}") from None
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{label}: no rows")
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
         if row["id"] in seen:
-            raise ValueError(f"{path}: rows {seen[row['id']]} and {index} share id {row['id']!r}")
+            raise ValueError(f"{label}: rows {seen[row['id']]} and {index} share id {row['id']!r}")
         seen[row["id"]] = index
     return rows
 

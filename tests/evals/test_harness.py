@@ -15,6 +15,7 @@ sampling = pytest.importorskip("polaris_jax.sampling")
 import jax  # noqa: E402
 import tokenizers  # noqa: E402
 
+from polaris_jax.data.benchmarks import benchmark_file  # noqa: E402
 from polaris_jax.data.chat_template import builtin_template  # noqa: E402
 from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
 from polaris_jax.evals import run_eval  # noqa: E402
@@ -23,7 +24,7 @@ from polaris_jax.models import ModelConfig, init_params, save_hf  # noqa: E402
 pytestmark = pytest.mark.timeout(600)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-MATH500 = REPO.parent / "shared" / "data" / "math500.jsonl"
+MATH500 = benchmark_file("math500")  # the file shipped in polaris_jax/data/benchmark_files/
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -1,17 +1,14 @@
-"""Every gold answer of every benchmark file verifies against a completion that boxes it."""
+"""Every gold answer of every shipped benchmark verifies against a completion that boxes it."""
 
 import functools
-import pathlib
 
 import pytest
 
-from polaris_jax.data.benchmarks import load_benchmark
+from polaris_jax.data.benchmarks import benchmark_names, load_benchmark
 from polaris_jax.rewards.equivalence import answers_equivalent
 
 pytestmark = pytest.mark.timeout(300)
 
-DATA_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
-BENCHMARK_FILES = sorted(p for p in DATA_DIR.iterdir() if p.suffix in (".jsonl", ".parquet"))
 # Minerva golds that math-verify cannot turn into sympy; they can only match as strings.
 STRING_ONLY_GOLDS = {
     "np.arcsin(10/13)",
@@ -24,8 +21,8 @@ STRING_ONLY_GOLDS = {
 
 @pytest.fixture(scope="module")
 def golds():
-    rows = [row for path in BENCHMARK_FILES for row in load_benchmark(path)]
-    assert len(rows) == 2281, "the shared data folder holds 2,281 problems"
+    rows = [row for name in benchmark_names() for row in load_benchmark(name)]
+    assert len(rows) == 2281, "the shipped benchmark files hold 2,281 problems"
     return [row["answer"] for row in rows]
 
 
