@@ -13,65 +13,27 @@ entry point prints is parsed into W/result.json with the exit status, which is w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULT_FILE = "result.json"
+if __name__ == "__main__":  # run as a script: make `experiments` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """One run: a config file (with optional `:arg`), its workdir and `--config.key=value` overrides."""
-
-    config: str
-    workdir: str
-    overrides: tuple[tuple[str, object], ...] = ()
-    name: str = ""
-
-    def __post_init__(self):
-        path = self.config.split(":", 1)[0]
-        if not path.endswith(".py"):
-            raise ValueError(f"config {self.config!r} is not a configs/*.py file (optionally with :arg)")
-        if not self.workdir:
-            raise ValueError("workdir is empty")
-        for key, _ in self.overrides:
-            if not key or key.startswith("-") or " " in key:
-                raise ValueError(f"override key {key!r} must be a dotted config path like train.steps")
-
-
-def format_value(value) -> str:
-    """How a Python value is written on the command line for ml_collections' config flags."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (tuple, list)):  # a Python literal: config_flags parses tuples with literal_eval
-        return repr(tuple(value))
-    return str(value)
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """'train.steps=50' -> ('train.steps', '50'); the value stays a string, parsed by config_flags."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {text!r} is not KEY=VALUE")
-    return key.strip(), value
-
-
-def command(run: RunSpec, python: str = sys.executable) -> list[str]:
-    """The exact argv of a run (run from the repository root)."""
-    argv = [python, "-m", "polaris_jax.main", f"--config={run.config}", f"--workdir={os.path.abspath(run.workdir)}"]
-    argv += [f"--config.{key}={format_value(value)}" for key, value in run.overrides]
-    return argv
-
-
-def shell_line(argv: Sequence[str]) -> str:
-    return f"cd {shlex.quote(REPO_ROOT)} && {shlex.join(argv)}"
+from experiments.runspec import (
+    REPO_ROOT,
+    RESULT_FILE,
+    RunSpec,
+    command,
+    format_value,
+    parse_override,
+    read_result,
+    shell_line,
+)
 
 
 def final_json(stdout_text: str) -> dict | None:
@@ -93,14 +55,6 @@ def write_json_atomic(path: str, value) -> None:
     with open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
-
-
-def read_result(workdir: str) -> dict | None:
-    path = os.path.join(workdir, RESULT_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None,
@@ -167,6 +121,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     sys.exit(main())

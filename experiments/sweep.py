@@ -27,12 +27,13 @@ import itertools
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.launch import RunSpec, command, format_value, parse_override, read_result, run_local, shell_line
+from experiments.launch import run_local
+from experiments.runspec import RunSpec, command, format_value, parse_override, read_result, shell_line
 
 
 @dataclasses.dataclass(frozen=True)

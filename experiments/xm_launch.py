@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
-from experiments.launch import REPO_ROOT, RunSpec, format_value
+from experiments.runspec import REPO_ROOT, RunSpec, format_value
 
 LAUNCH_SCRIPT = os.path.join(REPO_ROOT, "experiments", "launch.py")
 
@@ -27,7 +27,17 @@ def work_unit_argv(run: RunSpec) -> list[str]:
     return argv + [f"--set={key}={format_value(value)}" for key, value in run.overrides]
 
 
+def work_unit_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of every work unit: the local executor replaces the environment with env_vars, so
+    the current one is handed over (xmanager accepts only plain variable names), with the repository on
+    PYTHONPATH."""
+    env = {k: v for k, v in environ.items() if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH", "")]))
+    return env
+
+
 def _import_xmanager():
+    """(xm, xm_local): the only place xmanager is imported, and the seam the tests fake."""
     try:
         from xmanager import xm, xm_local
     except ImportError as e:
@@ -41,10 +51,7 @@ def _import_xmanager():
 def launch(runs: Sequence[RunSpec], *, title: str, python: str = sys.executable) -> int:
     """Creates the experiment, adds one work unit per run, waits for all; returns the experiment id."""
     xm, xm_local = _import_xmanager()
-    # The local executor replaces the environment with env_vars, so hand the current one over (xmanager
-    # accepts only plain variable names).
-    env = {k: v for k, v in os.environ.items() if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH", "")]))
+    env = work_unit_env()
     with xm_local.create_experiment(experiment_title=title) as experiment:
         [executable] = experiment.package([xm.binary(executor_spec=xm_local.Local.Spec(), path=python,
                                                      env_vars=env)])

@@ -1,12 +1,11 @@
-"""polaris_jax: SFT distillation and GRPO-family RL for Qwen-family reasoning models in JAX."""
+"""polaris_jax: SFT distillation and GRPO-family RL for Qwen-family reasoning models in JAX.
 
-import importlib
+Subpackages load on first use (`polaris_jax.models`, ...), so `import polaris_jax` imports nothing heavy.
+"""
+
+from polaris_jax import lazy
 
 __version__ = "0.1.0"
-_SUBMODULES = ("models", "sampling", "rewards", "data", "train", "evals")
 
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"polaris_jax.{name}")
-    raise AttributeError(f"module 'polaris_jax' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy.attach(
+    __name__, submodules=("models", "sampling", "rewards", "data", "train", "evals", "tools"))

@@ -1,9 +1,9 @@
 """Data: benchmark loaders, tokenizer and chat templates, SFT sources and grain pipelines.
 
-Exports resolve lazily so that importing the package does not pull in tfds or grain.
+Exports resolve lazily (`polaris_jax.lazy`) so that importing the package does not pull in tfds or grain.
 """
 
-import importlib
+from polaris_jax import lazy
 
 _EXPORTS = {
     "load_benchmark": "polaris_jax.data.benchmarks",
@@ -14,10 +14,4 @@ _EXPORTS = {
     "qwen_tokenizer_offline": "polaris_jax.data.tokenizer",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'polaris_jax.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__, __all__ = lazy.attach(__name__, exports=_EXPORTS)

@@ -1,7 +1,7 @@
 """Qwen-family models as pure functions, presets, sharding rules and HF checkpoint I/O."""
 
 from polaris_jax.models.attention import init_cache
-from polaris_jax.models.config import ConfigError, ModelConfig, PRESETS, preset
+from polaris_jax.models.config import PRESETS, ConfigError, ModelConfig, preset
 from polaris_jax.models.hf_io import load_hf, save_hf
 from polaris_jax.models.lora import add_lora, lora_mask, merge_lora
 from polaris_jax.models.params import init_params, param_axes, param_shapes

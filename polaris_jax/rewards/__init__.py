@@ -10,9 +10,9 @@ shaped rewards selected by name.
 from polaris_jax.rewards.combine import combine_rewards, score_and_shape_async, validate_spec
 from polaris_jax.rewards.equivalence import Verdict, answers_equivalent, normalize_answer
 from polaris_jax.rewards.extraction import Extraction, ExtractionConfig, extract_answer
-from polaris_jax.rewards.pool import VerifierPool
+from polaris_jax.rewards.pool import VerifierPool, default_pool, math_reward
 from polaris_jax.rewards.registry import REWARDS, get_reward, register_reward, reward_names
-from polaris_jax.rewards.scoring import Score, default_pool, equivalent, math_reward, score_completion
+from polaris_jax.rewards.scoring import Score, equivalent, score_completion
 from polaris_jax.rewards.shaped import RewardBatch
 
 __all__ = [

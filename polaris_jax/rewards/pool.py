@@ -17,10 +17,14 @@ Workers are fresh interpreters (`python -m polaris_jax.rewards.worker`): the poo
 forks the multithreaded JAX parent and never re-runs the caller's `__main__`, so it works
 from scripts, notebooks and threads alike. Batches go to a dispatcher thread and come back
 as futures, so scoring overlaps with whatever the caller does next.
+
+`math_reward` is the public one-call contract: it scores in a process-wide pool (`default_pool`,
+started on first use), so even a completion that makes sympy spin returns within the timeout.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import itertools
@@ -32,8 +36,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import polaris_jax
 from polaris_jax.rewards import scoring
@@ -213,7 +218,7 @@ class VerifierPool:
     def closed(self) -> bool:
         return self._closing
 
-    def __enter__(self) -> "VerifierPool":
+    def __enter__(self) -> VerifierPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -371,3 +376,30 @@ class VerifierPool:
 
 def _failed_score(reason: str) -> scoring.Score:
     return scoring.Score(0.0, reason)
+
+
+_default_pool: VerifierPool | None = None
+_default_pool_lock = threading.Lock()
+
+
+def default_pool() -> VerifierPool:
+    """The process-wide VerifierPool behind `math_reward`, started on first use."""
+    global _default_pool
+    with _default_pool_lock:
+        if _default_pool is None or _default_pool.closed:
+            _default_pool = VerifierPool()
+            atexit.register(_default_pool.close)
+        return _default_pool
+
+
+def math_reward(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer (last box, after `</think>`) equals `gold`, else 0.0.
+
+    Runs in the shared verifier pool: a worker that hangs or crashes is replaced and the
+    item scores 0.0, so this always returns within the pool's per-item timeout.
+    """
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    if not isinstance(gold, str):
+        raise TypeError(f"gold must be a str, got {type(gold).__name__}")
+    return default_pool().score([completion], [gold])[0].reward

@@ -28,9 +28,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 from polaris_jax.models import DEFAULT_RULES, ModelConfig, make_mesh, param_shapes  # noqa: E402
 from polaris_jax.sampling import generate  # noqa: E402
 from polaris_jax.train import partitioning  # noqa: E402
-from polaris_jax.train.grpo import step as grpo_step  # noqa: E402
-from polaris_jax.train.checkpoint import export_hf  # noqa: E402
 from polaris_jax.train import state as state_lib  # noqa: E402
+from polaris_jax.train.checkpoint import export_hf  # noqa: E402
+from polaris_jax.train.grpo import step as grpo_step  # noqa: E402
 from polaris_jax.train.optimizer import make_optimizer  # noqa: E402
 from polaris_jax.train.sft.step import make_sft_step  # noqa: E402
 

@@ -137,7 +137,8 @@ def test_dry_run_prints_one_exact_command_per_point(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
-@pytest.mark.parametrize("spec", ["experiments/sweeps/grpo_tiny_sweep.py", "experiments/sweeps/grpo_tiny_sweep.py:smoke"])
+@pytest.mark.parametrize("spec", ["experiments/sweeps/grpo_tiny_sweep.py",
+                                  "experiments/sweeps/grpo_tiny_sweep.py:smoke"])
 def test_grpo_tiny_sweep_overrides_exist_in_its_config(spec):
     """Every key the example sweep sets is a field of configs/grpo_tiny.py (a locked config refuses others)."""
     import importlib.util

@@ -1,4 +1,5 @@
-"""Params and batch sharded on a mesh of 8 fake CPU devices (in a subprocess: the suite runs on 1)."""
+"""Params and batch sharded on a mesh of 8 fake CPU devices (in a subprocess: the suite runs on 1) give the
+single-device outputs: greedy tokens, and sampled tokens and log-probabilities for the same seed."""
 
 import json
 import os
@@ -6,15 +7,22 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
+from polaris_jax.sampling import generate
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# Sampled, with a truncation: row r draws from fold_in(key(seed), r) whatever the mesh or batch around it.
+SAMPLED = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, n=2, seed=4)
 
 
 def sharded_run() -> dict:
     """Runs inside the subprocess: greedy and sampled generation on a data x fsdp x tensor mesh."""
     import jax
+
     from polaris_jax.models import make_mesh, param_shardings
     from polaris_jax.models.sharding import shard_params
-    from polaris_jax.sampling import decode_loop, generate
+    from polaris_jax.sampling import decode_loop
     from tests.sampling.conftest import golden, spy_decode_batches
 
     model = golden("qwen3_tied")
@@ -35,18 +43,18 @@ def sharded_run() -> dict:
 
     decode_loop.decode = spy
     greedy = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, mesh=mesh)
-    sampled = generate(model.config, params, model.prompts, max_new_tokens=16, temperature=1.0, n=2, seed=4,
-                       mesh=mesh)
+    sampled = generate(model.config, params, model.prompts, **SAMPLED, mesh=mesh)
     # Rows of prompts 0 and 1 end early (EOS), so the 12-row batch (bucket 16) is compacted to 4 rows.
     batches = spy_decode_batches(setattr)
     eos = (model.new_ids[0][4], model.new_ids[1][6])
     compacted = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, n=4,
                          eos_token_ids=eos, mesh=mesh)
-    return dict(devices=jax.device_count(), greedy=greedy.tokens, sampled=sampled.tokens, expected=model.new_ids,
+    return dict(devices=jax.device_count(), greedy=greedy.tokens, sampled=sampled.tokens,
+                sampled_logprobs=[[float(x) for x in row] for row in sampled.logprobs], expected=model.new_ids,
                 compacted=compacted.tokens, compacted_batches=batches, **seen)
 
 
-def test_generate_on_eight_device_mesh():
+def test_generate_on_eight_device_mesh(tied):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     code = "import json, tests.sampling.test_sharded as t; print('RESULT', json.dumps(t.sharded_run()))"
@@ -56,7 +64,12 @@ def test_generate_on_eight_device_mesh():
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["devices"] == 8
     assert result["greedy"] == result["expected"]
+    single = generate(tied.config, tied.params, tied.prompts, **SAMPLED)  # this process: one device, no mesh
     assert len(result["sampled"]) == 6 and all(len(t) == 16 for t in result["sampled"])
+    assert result["sampled"] == single.tokens
+    assert len(set(map(tuple, single.tokens))) == 6  # the samples differ: this is not greedy decoding again
+    for mesh_row, single_row in zip(result["sampled_logprobs"], single.logprobs):
+        np.testing.assert_allclose(mesh_row, single_row, rtol=1e-4, atol=1e-4)
     # Batch over (data, fsdp), kv heads over tensor; the decode batch was padded to a multiple of 4.
     assert result["cache_k"] == [["data", "fsdp"], "tensor", None, None]
     assert result["tokens"] == [["data", "fsdp"], None]
