@@ -1,9 +1,10 @@
 # Two entry points: `make demo` (set up + CPU end-to-end demo) and `make test` (set up + tests).
+# `make lint` (ruff, import contracts) runs before `make test` in CI; `make format` rewrites in place.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench lint format
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +18,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests --timeout=900 --durations=10
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b; done
