@@ -1,4 +1,5 @@
-"""Token losses computed from hidden states in sequence chunks, shared by the SFT and GRPO steps.
+"""Token losses computed from hidden states in sequence chunks, shared by the SFT and GRPO steps, and the
+step machinery they share: microbatch gradient accumulation and the jitted step shape (`jit_step`).
 
 A 151k-entry vocabulary makes float32 logits [B, T, V] the largest tensor of a step (32K tokens ->
 20 GB). Here the final hidden states are scanned in chunks of `chunk_size` positions; each chunk goes
@@ -16,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from polaris_jax.models.sharding import activation_sharding
 from polaris_jax.models.transformer import forward, lm_head
 
 
@@ -81,21 +83,6 @@ def token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets
     return stats
 
 
-def token_logprobs(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *,
-                   chunk_size: int = 512, temperature: float = 1.0) -> jax.Array:
-    """log p(targets_bt[b, t] | tokens up to t), float32 [B, T]."""
-    return token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt,
-                       chunk_size=chunk_size, temperature=temperature)["logprobs"]
-
-
-def token_logprobs_and_entropy(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *,
-                               chunk_size: int = 512, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(log-probabilities of the targets, entropy of the predictive distribution), both float32 [B, T]."""
-    stats = token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt,
-                        chunk_size=chunk_size, temperature=temperature, with_entropy=True)
-    return stats["logprobs"], stats["entropy"]
-
-
 def router_aux_coef(config, settings: LossSettings) -> float:
     if not config.is_moe:
         return 0.0
@@ -128,20 +115,21 @@ def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(
     return loss, terms
 
 
-def split_microbatches(batch: dict, microbatches: int) -> dict:
-    """[B, ...] -> [M, B/M, ...] for every array; microbatch m takes rows m, m+M, ... so each keeps
-    every data shard busy."""
+def split_microbatches(batch, microbatches: int):
+    """[B, ...] -> [M, B/M, ...] for every array of a pytree (a dict, an `UpdateBatch`, ...); microbatch m
+    takes rows m, m+M, ... so each keeps every data shard busy."""
     def split(x_bt):
         b = x_bt.shape[0]
         if b % microbatches:
             raise ValueError(f"batch of {b} rows does not split into {microbatches} microbatches")
         return x_bt.reshape(b // microbatches, microbatches, *x_bt.shape[1:]).swapaxes(0, 1)
-    return {key: split(value) for key, value in batch.items()}
+    return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, microbatch_sharding=None):
+def accumulate_gradients(loss_fn, trainable, batch, microbatches: int, microbatch_sharding=None):
     """Sum over microbatches of (grad, aux) of `loss_fn(trainable, microbatch) -> (loss, aux)`.
 
+    `microbatch_sharding`, if given, pins every [M, B/M, ...] array of the split batch.
     Gradients are accumulated in float32 and returned in the trainable dtype."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
@@ -149,7 +137,7 @@ def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, mic
         return loss, aux, grads
     micro = split_microbatches(batch, microbatches)
     if microbatch_sharding is not None:
-        micro = jax.lax.with_sharding_constraint(micro, {k: microbatch_sharding for k in micro})
+        micro = jax.lax.with_sharding_constraint(micro, jax.tree.map(lambda _: microbatch_sharding, micro))
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     _, aux_shape = jax.eval_shape(lambda: loss_fn(trainable, jax.tree.map(lambda x: x[0], micro)))
     carry0 = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), zeros)
@@ -163,3 +151,15 @@ def accumulate_gradients(loss_fn, trainable, batch: dict, microbatches: int, mic
     (loss, aux, grads), _ = jax.lax.scan(body, carry0, micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return loss, aux, grads
+
+
+def jit_step(step_fn, *, mesh, rules, in_shardings, out_shardings, compiler_options=None):
+    """The one jitted shape of the SFT and GRPO steps: `step_fn(state, ...)` traced inside
+    `activation_sharding(mesh, rules)` (the model pins its residual stream to the batch sharding, so XLA
+    does not all-gather activations), with explicit shardings, and the state (argument 0) donated."""
+    def step(*args):
+        with activation_sharding(mesh, rules):
+            return step_fn(*args)
+
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,),
+                   compiler_options=compiler_options)

@@ -10,6 +10,7 @@ every process takes part in the Hugging Face export to OUT.npz.hf (process 0 wri
 sampling from the trained params on the same mesh.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -98,12 +99,15 @@ def main():
                "sampled_reasons": np.asarray(sampled.finish_reasons)}
     # A GRPO update batch is whole on every process (the rollout gathered it); in its shards it must hold
     # exactly those values.
-    update = {k: np.arange(BATCH * (1 if k.endswith("_b") else LENGTH)).reshape((BATCH,) + (() if k.endswith("_b")
-              else (LENGTH,))).astype(np.float32) for k in grpo_step.UPDATE_KEYS}
+    def rows(name):
+        shape = (BATCH,) if name.endswith("_b") else (BATCH, LENGTH)
+        return np.arange(np.prod(shape)).reshape(shape).astype(np.float32)
+    update = grpo_step.UpdateBatch(**{f.name: rows(f.name) for f in dataclasses.fields(grpo_step.UpdateBatch)})
     placed = grpo_step.put_update_batch(update, grpo_step.batch_shardings(mesh, DEFAULT_RULES, BATCH))
-    for key, value in multihost_utils.process_allgather(placed, tiled=True).items():
-        if not np.array_equal(np.asarray(value), update[key]):
-            raise SystemExit(f"put_update_batch changed {key}")
+    gathered_update = multihost_utils.process_allgather(placed, tiled=True)
+    for f in dataclasses.fields(update):
+        if not np.array_equal(np.asarray(getattr(gathered_update, f.name)), getattr(update, f.name)):
+            raise SystemExit(f"put_update_batch changed {f.name}")
     gathered = multihost_utils.process_allgather(state["params"], tiled=True)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(path): np.asarray(leaf)

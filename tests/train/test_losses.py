@@ -18,8 +18,8 @@ def _golden_outputs(config, params, batch, aux_coef: float):
 
     @jax.jit
     def run(params, batch):
-        logprobs_bt = losses.token_logprobs(config, params, batch["tokens_bt"], batch["positions_bt"],
-                                            batch["segment_ids_bt"], batch["targets_bt"], chunk_size=5)
+        logprobs_bt = losses.token_stats(config, params, batch["tokens_bt"], batch["positions_bt"],
+                                         batch["segment_ids_bt"], batch["targets_bt"], chunk_size=5)["logprobs"]
         loss, grads = jax.value_and_grad(lambda p: losses.sft_loss(config, p, batch, NO_AUX)[0])(params)
         loss_with_aux, terms = losses.sft_loss(config, params, batch, with_aux)
         aux_grads = jax.grad(lambda p: losses.sft_loss(config, p, batch, with_aux)[1]["router_aux_loss"])(params)
@@ -99,11 +99,12 @@ def test_chunked_stats_equal_full_logits_numpy(tiny, chunk_size):
     logp_ref = np.take_along_axis(logits, batch["targets_bt"][..., None], -1)[..., 0] - lse
     probs = np.exp(logits - lse[..., None])
     entropy_ref = -(probs * np.log(probs)).sum(-1)
-    logp, entropy = jax.jit(lambda p: losses.token_logprobs_and_entropy(
+    stats = jax.jit(lambda p: losses.token_stats(
         config, p, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"], batch["targets_bt"],
-        chunk_size=chunk_size, temperature=0.7))(params)
-    np.testing.assert_allclose(np.asarray(logp), logp_ref, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(entropy), entropy_ref, atol=2e-5)
+        chunk_size=chunk_size, temperature=0.7, with_entropy=True))(params)
+    np.testing.assert_allclose(np.asarray(stats["logprobs"]), logp_ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(stats["entropy"]), entropy_ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(stats["lse"]), lse, atol=2e-5)
 
 
 def test_z_loss_is_mean_squared_log_normaliser(tiny):
@@ -128,7 +129,7 @@ def test_packed_loss_equals_token_weighted_unpacked_losses(tiny):
     singles = [sft_helpers.packed_batch([[s]], length=16) for s in sequences]
     per_sequence = [(float(loss_fn(params, b, losses.LossSettings(chunk_size=8))), int(b["loss_mask_bt"].sum()))
                     for b in singles]
-    weighted = sum(l * n for l, n in per_sequence) / sum(n for _, n in per_sequence)
+    weighted = sum(loss * n for loss, n in per_sequence) / sum(n for _, n in per_sequence)
     np.testing.assert_allclose(float(packed_loss), weighted, rtol=1e-5)
     assert sum(n for _, n in per_sequence) == int(packed["loss_mask_bt"].sum())
 

@@ -9,7 +9,9 @@ The stage schedule (Polaris, An et al. 2025) is four parallel lists, one entry p
     schedule.steps            = (700, 300, 200)
     schedule.datasets         = ("polaris_53k.jsonl", "stage2.jsonl", "stage3.jsonl")
 `validate_config` refuses, before anything is built, a schedule whose lists disagree in length,
-whose lengths decrease, or whose datasets do not exist, and any algorithm name no registry knows.
+whose lengths decrease, or whose datasets do not exist, any algorithm name no registry knows, and
+any `algo.advantage_kwargs` / `algo.policy_loss_kwargs` its estimator's or loss's signature does not
+take (or that leave out one it needs).
 """
 
 from __future__ import annotations
@@ -67,11 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
-    c.algo.adv_epsilon = 1e-6
+    c.algo.advantage_kwargs = ml_collections.ConfigDict()  # the estimator's own knobs, e.g. epsilon=1e-6
     c.algo.policy_loss = "ppo_clip"  # ppo_clip | gspo | cispo
+    c.algo.policy_loss_kwargs = ml_collections.ConfigDict()  # the loss's own knobs, e.g. clip_ratio_c=3.0 (dual-clip)
+    # The clip range, passed to every policy loss whose signature names it (its only default).
     c.algo.clip_low = 0.2
     c.algo.clip_high = 0.28  # DAPO clip-higher
-    c.algo.clip_ratio_c = 0.0  # dual-clip constant; 0 = off
     c.algo.loss_agg_mode = "token-mean"
     c.algo.kl_coef = 0.0
     c.algo.kl_type = "k3"
@@ -95,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0}})
     c.reward_workers = 0  # verifier processes; 0 = one per CPU
     c.reward_timeout_s = 5.0
+    c.verifier = ml_collections.ConfigDict(dict(think_policy="auto"))  # auto | strip | require | ignore
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.peak_lr = 1e-6
@@ -174,9 +178,38 @@ def _dataset_exists(path: str) -> bool:
     return bool(path) and (os.path.exists(path) or path.startswith(("gs://", "tfds:", "synthetic_arith:")))
 
 
+# Algo keys passed to every policy loss whose signature names them.
+CLIP_KEYS = ("clip_low", "clip_high")
+
+
+def _frozen(value, where: str):
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+        hash(value)
+    except TypeError:
+        raise ConfigError(f"{where} is a {type(value).__name__}; it must be a number, string, bool or tuple") from None
+    return value
+
+
+def policy_loss_kwargs(config) -> tuple[tuple[str, object], ...]:
+    """The policy loss's keyword arguments as sorted (name, value) pairs (hashable, for the jitted update):
+    `algo.clip_low` / `algo.clip_high` where its signature takes them, and `algo.policy_loss_kwargs`."""
+    from polaris_jax.train import rl
+
+    a = config.algo
+    own = dict(a.policy_loss_kwargs)
+    for key in CLIP_KEYS:
+        if key in own:
+            raise ConfigError(f"algo.policy_loss_kwargs.{key}: set algo.{key} instead")
+    knobs = rl.POLICY_LOSSES.knobs(a.policy_loss)
+    kwargs = {**{key: a[key] for key in CLIP_KEYS if key in knobs}, **own}
+    return tuple(sorted((k, _frozen(v, f"algo.policy_loss_kwargs.{k}")) for k, v in kwargs.items()))
+
+
 def validate_config(config, *, check_files: bool = True) -> None:
     """Refuses, with a message naming the field, a config the loop could only fail on later."""
     from polaris_jax.rewards import validate_spec
+    from polaris_jax.rewards.extraction import THINK_POLICY_CHOICES
     from polaris_jax.train import rl
 
     s = config.schedule
@@ -213,14 +246,27 @@ def validate_config(config, *, check_files: bool = True) -> None:
     if r.prompts_per_step < 1 or r.samples_per_prompt < 1:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} and samples_per_prompt="
                           f"{r.samples_per_prompt} must be >= 1")
-    if a.advantage in ("grpo", "rloo") and r.samples_per_prompt < 2:
-        raise ConfigError(f"algo.advantage={a.advantage!r} needs rollout.samples_per_prompt >= 2")
+    try:
+        rl.ADVANTAGES.bind(a.advantage, a.advantage_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"algo.advantage_kwargs: {e}") from None
+    loss_kwargs = dict(policy_loss_kwargs(config))
+    try:
+        rl.POLICY_LOSSES.bind(a.policy_loss, loss_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"algo.policy_loss_kwargs: {e}") from None
+    if r.samples_per_prompt < rl.min_group_size(a.advantage):
+        raise ConfigError(f"algo.advantage={a.advantage!r} needs rollout.samples_per_prompt >= "
+                          f"{rl.min_group_size(a.advantage)}, got {r.samples_per_prompt}")
     rows = r.prompts_per_step * r.samples_per_prompt
     if a.minibatches < 1 or rows % a.minibatches:
         raise ConfigError(f"{rows} responses per step do not split into algo.minibatches={a.minibatches}")
     if a.microbatches < 1 or (rows // a.minibatches) % a.microbatches:
         raise ConfigError(f"a minibatch of {rows // a.minibatches} rows does not split into "
                           f"algo.microbatches={a.microbatches}")
+    if a.microbatches > 1 and rl.micro_weight(a.loss_agg_mode) is None:
+        raise ConfigError(f"algo.loss_agg_mode={a.loss_agg_mode!r} declares no microbatch weighting, so "
+                          f"algo.microbatches={a.microbatches} must be 1")
     if a.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")
     if a.kl_coef and not a.use_reference:
@@ -234,5 +280,8 @@ def validate_config(config, *, check_files: bool = True) -> None:
         validate_spec(config.rewards)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"rewards: {e}") from None
+    if config.verifier.think_policy not in THINK_POLICY_CHOICES:
+        raise ConfigError(f"verifier.think_policy={config.verifier.think_policy!r} is not one of "
+                          f"{THINK_POLICY_CHOICES}")
     if config.data.max_prompt_len < 1:
         raise ConfigError(f"data.max_prompt_len={config.data.max_prompt_len} must be >= 1")

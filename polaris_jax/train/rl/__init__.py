@@ -1,12 +1,13 @@
 """GRPO-family RL objective: advantage estimators, policy losses, aggregation, KL and
 entropy regularisers, truncated importance sampling, batch shaping and diversity tools.
 
-Everything pluggable is selected by name from a registry (see `registry.py`):
+Everything pluggable is selected by name from a registry (see `registry.py`), with its own
+knobs as keyword arguments:
 
     from polaris_jax.train import rl
-    adv_b = rl.compute_advantages(rewards_b, group_size=8, estimator="grpo")
-    loss, metrics = rl.rl_loss(logprobs_bt, old_logprobs_bt, adv_b, mask_bt,
-                               policy_loss="ppo_clip", clip_low=0.2, clip_high=0.28)
+    adv_b = rl.compute_advantages(rewards_b, group_size=8, estimator="grpo", epsilon=1e-6)
+    loss, metrics = rl.rl_loss(logprobs_bt, old_logprobs_bt, adv_b, mask_bt, policy_loss="ppo_clip",
+                               policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28))
 """
 
 from polaris_jax.train.rl.advantages import (
@@ -24,7 +25,6 @@ from polaris_jax.train.rl.batch_shaping import (
     overlong_filter_mask,
     polaris_substitute,
     select_groups,
-    soft_overlong_penalty,
 )
 from polaris_jax.train.rl.diversity import (
     distinct_4,
@@ -33,7 +33,7 @@ from polaris_jax.train.rl.diversity import (
     search_temperature,
 )
 from polaris_jax.train.rl.importance import apply_tis, tis_weights
-from polaris_jax.train.rl.kl import entropy_bonus, kl_penalty, token_entropy
+from polaris_jax.train.rl.kl import kl_penalty
 from polaris_jax.train.rl.loss import rl_loss
 from polaris_jax.train.rl.policy_losses import cispo, gspo, ppo_clip
 from polaris_jax.train.rl.registry import (
@@ -45,6 +45,8 @@ from polaris_jax.train.rl.registry import (
     get_kl_estimator,
     get_loss_aggregation,
     get_policy_loss,
+    micro_weight,
+    min_group_size,
     register_advantage,
     register_kl_estimator,
     register_loss_aggregation,
@@ -66,7 +68,6 @@ __all__ = [
     "distinct_4",
     "distinct_n",
     "dr_grpo",
-    "entropy_bonus",
     "get_advantage",
     "get_kl_estimator",
     "get_loss_aggregation",
@@ -78,6 +79,8 @@ __all__ = [
     "informative_groups",
     "kl_penalty",
     "masked_mean",
+    "micro_weight",
+    "min_group_size",
     "overlong_filter_mask",
     "polaris_substitute",
     "ppo_clip",
@@ -90,7 +93,5 @@ __all__ = [
     "rloo",
     "search_temperature",
     "select_groups",
-    "soft_overlong_penalty",
     "tis_weights",
-    "token_entropy",
 ]

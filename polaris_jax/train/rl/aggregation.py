@@ -7,6 +7,10 @@ The three modes differ in how long and short responses are weighted:
 - `seq-mean-token-sum-norm`: sum over each response's tokens divided by a constant
   (the generation budget), then mean over responses (Dr.GRPO, Liu et al. 2025, sec. 3.1),
   which removes the length bias of `seq-mean-token-mean`.
+
+Each mode registers its `micro_weight(mask_br, total_mask_br)`: the share of the minibatch's
+normaliser (valid tokens, responses with a valid token, or rows) that a microbatch holds, so
+that the microbatch losses, each times its weight, sum to the minibatch loss.
 """
 
 from __future__ import annotations
@@ -24,14 +28,30 @@ def _check(loss_bt, mask_bt):
     return loss_bt, mask_bt.astype(loss_bt.dtype)
 
 
-@register_loss_aggregation("token-mean")
+def _rows_with_tokens(mask_bt):
+    return jnp.sum((jnp.sum(mask_bt, axis=-1) > 0).astype(jnp.float32))
+
+
+def token_share(mask_bt, total_mask_bt):
+    return jnp.sum(mask_bt) / jnp.maximum(jnp.sum(total_mask_bt), 1.0)
+
+
+def row_with_tokens_share(mask_bt, total_mask_bt):
+    return _rows_with_tokens(mask_bt) / jnp.maximum(_rows_with_tokens(total_mask_bt), 1.0)
+
+
+def row_share(mask_bt, total_mask_bt):
+    return mask_bt.shape[0] / total_mask_bt.shape[0]
+
+
+@register_loss_aggregation("token-mean", micro_weight=token_share)
 def token_mean(loss_bt, mask_bt, *, max_response_len: int | None = None):
     del max_response_len
     loss_bt, mask_bt = _check(loss_bt, mask_bt)
     return (loss_bt * mask_bt).sum() / jnp.maximum(mask_bt.sum(), 1.0)
 
 
-@register_loss_aggregation("seq-mean-token-mean")
+@register_loss_aggregation("seq-mean-token-mean", micro_weight=row_with_tokens_share)
 def seq_mean_token_mean(loss_bt, mask_bt, *, max_response_len: int | None = None):
     del max_response_len
     loss_bt, mask_bt = _check(loss_bt, mask_bt)
@@ -42,7 +62,7 @@ def seq_mean_token_mean(loss_bt, mask_bt, *, max_response_len: int | None = None
     return (seq_loss_b * has_tokens_b).sum() / jnp.maximum(has_tokens_b.sum(), 1.0)
 
 
-@register_loss_aggregation("seq-mean-token-sum-norm")
+@register_loss_aggregation("seq-mean-token-sum-norm", micro_weight=row_share)
 def seq_mean_token_sum_norm(loss_bt, mask_bt, *, max_response_len: int | None = None):
     """`max_response_len` is the constant normaliser; it defaults to the padded length T.
     The mean over responses divides by the number of rows, also a constant."""

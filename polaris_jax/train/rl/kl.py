@@ -1,4 +1,4 @@
-"""KL-to-reference penalties and the entropy of the policy.
+"""KL-to-reference penalties.
 
 KL estimators take the policy's and the reference model's log-probabilities of the sampled
 tokens and return a per-token estimate of KL(pi_theta || pi_ref) (Schulman, "Approximating
@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from polaris_jax.train.rl.aggregation import aggregate_loss
 from polaris_jax.train.rl.registry import get_kl_estimator, register_kl_estimator
 
 
@@ -51,25 +50,3 @@ def kl_penalty(logprobs_bt, ref_logprobs_bt, mask_bt, kl_type: str = "k3"):
     """Per-token KL estimate, 0 on masked tokens."""
     kl_bt = get_kl_estimator(kl_type)(logprobs_bt, ref_logprobs_bt)
     return jnp.where(mask_bt > 0, kl_bt, 0.0)
-
-
-def token_entropy(logits_btv):
-    """Entropy of the softmax over the vocabulary at each position, [batch, time], float32.
-    Pass logits already divided by the sampling temperature if the policy samples with one."""
-    logits_btv = logits_btv.astype(jnp.float32)
-    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    probs_btv = jax.nn.softmax(logits_btv, axis=-1)
-    return log_z_bt - (probs_btv * logits_btv).sum(axis=-1)
-
-
-def entropy_bonus(logits_btv, mask_bt, loss_agg_mode: str = "token-mean", *, max_response_len=None):
-    """Aggregated policy entropy (scalar, differentiable). Subtract `coef * entropy_bonus`
-    from the loss to reward exploration."""
-    if logits_btv.ndim != 3 or logits_btv.shape[:2] != mask_bt.shape:
-        raise ValueError(
-            f"logits must be [batch, time, vocab] matching mask {mask_bt.shape}, "
-            f"got {logits_btv.shape}"
-        )
-    return aggregate_loss(
-        token_entropy(logits_btv), mask_bt, loss_agg_mode, max_response_len=max_response_len
-    )

@@ -9,12 +9,15 @@ static under jit; numbers may also be traced scalars, for schedules).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax.numpy as jnp
 
 from polaris_jax.train.rl.aggregation import aggregate_loss, masked_mean
 from polaris_jax.train.rl.importance import apply_tis
-from polaris_jax.train.rl.kl import kl_penalty, token_entropy
-from polaris_jax.train.rl.registry import get_policy_loss
+from polaris_jax.train.rl.kl import kl_penalty
+from polaris_jax.train.rl.registry import POLICY_LOSSES
 
 
 def _is_zero(x) -> bool:
@@ -28,15 +31,12 @@ def rl_loss(
     mask_bt,
     *,
     policy_loss: str = "ppo_clip",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_ratio_c: float | None = None,
+    policy_loss_kwargs: Mapping[str, Any] | None = None,
     loss_agg_mode: str = "token-mean",
     max_response_len: int | None = None,
     ref_logprobs_bt=None,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
-    logits_btv=None,
     entropy_bt=None,
     entropy_coef: float = 0.0,
     sampler_logprobs_bt=None,
@@ -50,23 +50,18 @@ def rl_loss(
       advantages: `[batch]` per response or `[batch, time]` per token.
       mask_bt: 1 on response tokens that count (after overlong filtering), else 0.
       policy_loss: registered name: `ppo_clip`, `gspo`, `cispo`, ...
-      clip_low, clip_high, clip_ratio_c: clip range (and dual-clip) of the policy loss.
+      policy_loss_kwargs: the policy loss's own keyword arguments, e.g. `clip_low`, `clip_high`
+        (and `clip_ratio_c` for dual-clip `ppo_clip`); checked against its signature.
       loss_agg_mode: `token-mean`, `seq-mean-token-mean` or `seq-mean-token-sum-norm`.
       max_response_len: constant normaliser of `seq-mean-token-sum-norm` (default: T).
       ref_logprobs_bt, kl_coef, kl_type: KL-to-reference penalty (`k1`, `k2`, `k3`).
-      logits_btv or entropy_bt, entropy_coef: entropy bonus; pass either the logits or a
-        precomputed `token_entropy(logits_btv)` (cheaper when computed in chunks).
+      entropy_bt, entropy_coef: per-token entropy of the policy and the bonus on it.
       sampler_logprobs_bt, tis_cap: truncated importance-sampling correction against the
         sampler's log-probs (see importance.py); both or neither.
     """
-    loss_bt, metrics = get_policy_loss(policy_loss)(
-        logprobs_bt,
-        old_logprobs_bt,
-        advantages,
-        mask_bt,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        clip_ratio_c=clip_ratio_c,
+    kwargs = POLICY_LOSSES.bind(policy_loss, policy_loss_kwargs or {})
+    loss_bt, metrics = POLICY_LOSSES.get(policy_loss)(
+        logprobs_bt, old_logprobs_bt, advantages, mask_bt, **kwargs
     )
     metrics = dict(metrics)
 
@@ -95,13 +90,9 @@ def rl_loss(
         if not _is_zero(kl_coef):
             total = total + kl_coef * kl
 
-    if logits_btv is not None and entropy_bt is not None:
-        raise ValueError("pass logits_btv or entropy_bt, not both")
-    if logits_btv is not None:
-        entropy_bt = token_entropy(logits_btv)
     if entropy_bt is None:
         if not _is_zero(entropy_coef):
-            raise ValueError(f"entropy_coef={entropy_coef} needs logits_btv or entropy_bt")
+            raise ValueError(f"entropy_coef={entropy_coef} needs entropy_bt")
     else:
         if entropy_bt.shape != mask_bt.shape:
             raise ValueError(f"entropy shape {entropy_bt.shape} != mask shape {mask_bt.shape}")

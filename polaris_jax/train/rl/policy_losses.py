@@ -1,18 +1,22 @@
 """Policy-gradient surrogate losses, one registered function per algorithm.
 
-Every loss has the same signature
+Every loss has the signature
 
-    fn(logprobs_bt, old_logprobs_bt, advantages, mask_bt, *, clip_low, clip_high,
-       clip_ratio_c=None) -> (loss_bt, metrics)
+    fn(logprobs_bt, old_logprobs_bt, advantages, mask_bt, **knobs) -> (loss_bt, metrics)
 
 - `logprobs_bt`: log pi_theta(y_t | ...) of the sampled tokens under the params being trained;
 - `old_logprobs_bt`: the same under the params that the batch's update started from
   (constants; gradients never flow into them);
 - `advantages`: per response `[batch]` or per token `[batch, time]`;
 - `mask_bt`: 1 on response tokens that count, 0 on prompt and padding;
+- `knobs`: the loss's own hyperparameters, keyword arguments (a GRPO config passes
+  `algo.policy_loss_kwargs`, plus `algo.clip_low` / `algo.clip_high` to every loss whose
+  signature names them: the clip range has its one default there);
 - `loss_bt`: per-token loss to minimise (0 where the mask is 0), reduced by `aggregation.py`;
 - `metrics`: scalar `clip_fraction` (share of valid tokens whose update was clipped),
   `approx_kl` (k3 estimate of KL(pi_old || pi_theta) over valid tokens) and `ratio_mean`.
+
+A new loss is one function here (or anywhere) under `@register_policy_loss("name")`.
 """
 
 from __future__ import annotations
@@ -58,11 +62,6 @@ def _check_clip(clip_low, clip_high, name, max_clip_low):
         raise ValueError(f"{name}: clip_high must be >= 0, got {clip_high}")
 
 
-def _no_dual_clip(clip_ratio_c, name):
-    if clip_ratio_c is not None:
-        raise ValueError(f"{name}: dual-clip (clip_ratio_c) is only defined for ppo_clip")
-
-
 def _log_ratio_bt(logprobs_bt, old_logprobs_bt, mask_bt):
     """log(pi_theta / pi_old) per token, 0 on masked tokens so padding garbage cannot overflow."""
     log_ratio_bt = logprobs_bt.astype(jnp.float32) - jax.lax.stop_gradient(
@@ -94,15 +93,15 @@ def ppo_clip(
     advantages,
     mask_bt,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float,
+    clip_high: float,
     clip_ratio_c: float | None = None,
 ):
     """PPO clipped surrogate (Schulman et al. 2017) as used by GRPO (DeepSeekMath eq. 3):
     loss = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = pi_theta / pi_old.
 
     `clip_high > clip_low` is DAPO's clip-higher (Yu et al. 2025, sec. 3.1; 0.2 / 0.28).
-    `clip_ratio_c` (> 1) adds dual-clip (Ye et al. 2020): for A < 0 the loss is also capped
+    `clip_ratio_c` (> 1; None = off) adds dual-clip (Ye et al. 2020): for A < 0 the loss is also capped
     at -A * clip_ratio_c, so a huge ratio on a bad token cannot blow the update up.
     """
     _check_inputs(logprobs_bt, old_logprobs_bt, mask_bt, "ppo_clip")
@@ -131,9 +130,8 @@ def gspo(
     advantages,
     mask_bt,
     *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
-    clip_ratio_c: float | None = None,
+    clip_low: float,
+    clip_high: float,
 ):
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), token form (eq. 13):
     s_i = exp(mean_t log(pi_theta / pi_old)) is the sequence-level ratio, and each token uses
@@ -142,11 +140,10 @@ def gspo(
 
     With per-response advantages and `seq-mean-token-mean` aggregation this equals the
     sequence-level GSPO objective (eq. 5) in value and gradient. The paper's clip ranges are
-    3e-4 (low) and 4e-4 (high), far tighter than token-level PPO's.
+    3e-4 (low) and 4e-4 (high), far tighter than token-level PPO's: set them in the config.
     """
     _check_inputs(logprobs_bt, old_logprobs_bt, mask_bt, "gspo")
     _check_clip(clip_low, clip_high, "gspo", max_clip_low=1.0)
-    _no_dual_clip(clip_ratio_c, "gspo")
     adv_bt = broadcast_advantages(advantages, mask_bt)
     mask_f_bt = mask_bt.astype(jnp.float32)
     log_ratio_bt = _log_ratio_bt(logprobs_bt, old_logprobs_bt, mask_bt)
@@ -175,18 +172,16 @@ def cispo(
     advantages,
     mask_bt,
     *,
-    clip_low: float = 1.0,
-    clip_high: float = 0.28,
-    clip_ratio_c: float | None = None,
+    clip_low: float,
+    clip_high: float,
 ):
     """CISPO (MiniMax-M1, 2025, eq. 4-5): clip the importance weight, not the update, so
     every token keeps a gradient: loss_it = -sg[clip(r_it, 1 - clip_low, 1 + clip_high)]
-    * A_it * log pi_theta(y_it). MiniMax-M1 leaves the lower bound open, hence the
-    default clip_low = 1 (lower bound 0) and tunes only the upper one.
+    * A_it * log pi_theta(y_it). MiniMax-M1 leaves the lower bound open (clip_low = 1,
+    lower bound 0) and tunes only the upper one.
     """
     _check_inputs(logprobs_bt, old_logprobs_bt, mask_bt, "cispo")
     _check_clip(clip_low, clip_high, "cispo", max_clip_low=1.0)
-    _no_dual_clip(clip_ratio_c, "cispo")
     adv_bt = broadcast_advantages(advantages, mask_bt)
     log_ratio_bt = _log_ratio_bt(logprobs_bt, old_logprobs_bt, mask_bt)
     ratio_bt = jnp.exp(log_ratio_bt)

@@ -4,23 +4,22 @@
                          state_shardings=shardings, loss_settings=LossSettings(), microbatches=4)
     state, metrics = step(state, batch, rng)
 
-The state is donated. With `microbatches > 1` the batch is split along its rows and gradients are
-summed over a `lax.scan`; every microbatch divides by the token count of the whole batch, so the
-result is the full-batch token mean, not a mean of microbatch means. Mixed precision comes from the
+Traced inside the activation-sharding context with the state donated (`losses.jit_step`, as the GRPO
+update). With `microbatches > 1` the batch is split along its rows and gradients are summed over a
+`lax.scan`; every microbatch divides by the token count of the whole batch, so the result is the
+full-batch token mean, not a mean of microbatch means. Mixed precision comes from the
 model config: params are kept in `param_dtype` (float32 masters) and cast to `compute_dtype` in
 every matmul; gradients and optimiser moments stay in `param_dtype`.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
-from polaris_jax.train import losses
-from polaris_jax.train import partitioning
+from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.train import losses, partitioning
 from polaris_jax.train import state as state_lib
 
 
@@ -68,13 +67,8 @@ def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardi
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     micro_shape = None if batch_shape is None else (microbatches, batch_shape[0] // microbatches, batch_shape[1])
     micro_sharding = NamedSharding(mesh, partitioning.batch_spec(mesh, rules, micro_shape, leading=1))
-    unconstrained_step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
-
-    def step(state, batch, rng):
-        # Pins the residual stream to the batch sharding, so XLA does not all-gather activations.
-        with activation_sharding(mesh, rules):
-            return unconstrained_step(state, batch, rng)
-
+    step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
     rep = partitioning.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,), compiler_options=compiler_options)
+    return losses.jit_step(step, mesh=mesh, rules=rules,
+                           in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
+                           out_shardings=(state_shardings, rep), compiler_options=compiler_options)

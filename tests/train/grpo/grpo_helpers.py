@@ -1,12 +1,15 @@
-"""Shared pieces of the GRPO tests: a tiny model and state, and random rollout batches."""
+"""Shared pieces of the GRPO tests: a tiny model and state, random rollout batches, settings from the config."""
 
 import jax
 import numpy as np
 import optax
 
 from polaris_jax.models import ModelConfig, make_mesh
+from polaris_jax.rollout import Rollouts
+from polaris_jax.sampling import FINISH_EOS
 from polaris_jax.train import partitioning
 from polaris_jax.train.grpo import step as grpo_step
+from polaris_jax.train.grpo.config import Stage, default_config
 from polaris_jax.train.optimizer import make_optimizer
 
 VOCAB = 32
@@ -18,8 +21,25 @@ def tiny_config():
     return ModelConfig.tiny(vocab_size=VOCAB)
 
 
-def random_rollout(seed: int, rows: int = 8, *, prompt: int = PROMPT, response: int = RESPONSE) -> dict:
-    """A host rollout batch with ragged prompts/responses, as grpo_rollout.rollout builds it."""
+def grpo_config(**algo):
+    """`default_config()` with `algo` overrides and a one-stage schedule of RESPONSE-token responses."""
+    c = default_config()
+    c.algo.update(algo)
+    c.schedule.max_response_len = (RESPONSE,)
+    c.schedule.datasets = ("synthetic_arith:train:8",)
+    c.train.loss_chunk_size = 8
+    return c
+
+
+def settings(*, temperature: float = 1.0, **algo) -> grpo_step.UpdateSettings:
+    """The update settings `update_settings` makes of `grpo_config(**algo)` (clip range and all defaults from
+    the config)."""
+    stage = Stage(index=0, first_step=0, steps=1, max_response_len=RESPONSE, temperature=temperature, dataset="")
+    return grpo_step.update_settings(grpo_config(**algo), stage)
+
+
+def random_rollout(seed: int, rows: int = 8, *, prompt: int = PROMPT, response: int = RESPONSE) -> Rollouts:
+    """A rollout batch with ragged prompts/responses, as `rollout.sample_and_verify` builds it."""
     rng = np.random.default_rng(seed)
     prompt_len_b = rng.integers(2, prompt + 1, rows).astype(np.int32)
     response_len_b = rng.integers(1, response + 1, rows).astype(np.int32)
@@ -28,15 +48,17 @@ def random_rollout(seed: int, rows: int = 8, *, prompt: int = PROMPT, response: 
     for i in range(rows):
         prompt_bp[i, prompt - prompt_len_b[i]:] = rng.integers(1, VOCAB, prompt_len_b[i])
         response_br[i, :response_len_b[i]] = rng.integers(1, VOCAB, response_len_b[i])
-    return {"prompt_bp": prompt_bp, "prompt_len_b": prompt_len_b, "response_br": response_br,
-            "response_len_b": response_len_b,
-            "sampler_logprobs_br": -rng.uniform(0.5, 4.0, (rows, response)).astype(np.float32)}
+    return Rollouts(prompt_bp=prompt_bp, prompt_len_b=prompt_len_b, response_br=response_br,
+                    response_len_b=response_len_b,
+                    sampler_logprobs_br=-rng.uniform(0.5, 4.0, (rows, response)).astype(np.float32),
+                    finish_b=np.full(rows, FINISH_EOS, np.int32), correct_b=np.zeros(rows, np.float32),
+                    rewards_b=np.zeros(rows, np.float32), group_b=np.arange(rows, dtype=np.int32))
 
 
-def host_update_batch(seed: int, rows: int = 8) -> dict:
+def host_update_batch(seed: int, rows: int = 8) -> grpo_step.UpdateBatch:
     rollout = random_rollout(seed, rows)
     advantages_b = np.random.default_rng(seed + 100).normal(size=rows).astype(np.float32)
-    mask_br = np.ones_like(rollout["response_br"], np.float32)
+    mask_br = np.ones_like(rollout.response_br, np.float32)
     return grpo_step.update_batch(rollout, advantages_b, mask_br)
 
 

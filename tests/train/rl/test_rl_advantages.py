@@ -72,3 +72,14 @@ def test_bad_shapes_are_refused():
         rl.grpo(jnp.zeros((4, 1)))
     with pytest.raises(KeyError, match="available: dr_grpo, grpo, reinforce_pp_baseline, rloo"):
         rl.compute_advantages(jnp.zeros(8), 4, "ppo")
+
+
+def test_estimator_knobs_are_its_keyword_arguments():
+    flat = jnp.asarray(REWARDS_GN.reshape(-1), jnp.float32)
+    want = []
+    for r in REWARDS_GN:
+        mean, std = _loop_stats(r)
+        want += [(x - mean) / (std + 0.5) for x in r]
+    np.testing.assert_allclose(np.asarray(rl.compute_advantages(flat, 4, "grpo", epsilon=0.5)), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="advantage estimator 'rloo': got an unexpected keyword argument 'epsilon'"):
+        rl.compute_advantages(flat, 4, "rloo", epsilon=1e-6)

@@ -89,15 +89,10 @@ def test_polaris_substitution_skips_when_a_third_or_less_is_informative():
     np.testing.assert_array_equal(out["rewards"], batch["rewards"])
 
 
-def test_overlong_filter_and_soft_penalty():
+def test_overlong_filter():
     mask = np.ones((3, 4), np.int32)
     out = rl.overlong_filter_mask(mask, np.array([False, True, False]))
     np.testing.assert_array_equal(out, [[1] * 4, [0] * 4, [1] * 4])
-    # DAPO eq. 13 with L_max = 20, L_cache = 4: free up to 16, -1 from 20 on.
-    got = rl.soft_overlong_penalty([10, 16, 17, 18, 20, 21], 20, 4)
-    np.testing.assert_allclose(got, [0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
-    with pytest.raises(ValueError, match="overlong_buffer_len"):
-        rl.soft_overlong_penalty([1], 20, 0)
 
 
 def test_rollout_rescue_swaps_stored_correct_response():

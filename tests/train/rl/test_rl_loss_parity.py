@@ -109,8 +109,7 @@ def test_grpo_matches_deepseekmath(batch):
         batch,
         adv_b,
         policy_loss="ppo_clip",
-        clip_low=0.2,
-        clip_high=0.2,
+        policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.2),
         loss_agg_mode="seq-mean-token-mean",
         ref_logprobs_bt=_f32(batch["ref_logprobs_bt"]),
         kl_coef=0.04,
@@ -127,9 +126,9 @@ def test_dapo_matches_clip_higher_token_mean(batch):
     pos = (adv_b[:, None] > 0) & (ratio > 1.2) & (ratio < 1.28) & (batch["mask_bt"] > 0)
     assert pos.any()
     want = numpy_dapo_objective(batch, adv_b, 0.2, 0.28)
-    got, _ = _ours(batch, adv_b, clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean")
+    got, _ = _ours(batch, adv_b, policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28), loss_agg_mode="token-mean")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    symmetric, _ = _ours(batch, adv_b, clip_low=0.2, clip_high=0.2, loss_agg_mode="token-mean")
+    symmetric, _ = _ours(batch, adv_b, policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.2), loss_agg_mode="token-mean")
     assert abs(symmetric - got) > 1e-5
 
 
@@ -143,8 +142,7 @@ def test_dr_grpo_matches_paper(batch, max_len):
     got, _ = _ours(
         batch,
         adv_jax,
-        clip_low=0.2,
-        clip_high=0.2,
+        policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.2),
         loss_agg_mode="seq-mean-token-sum-norm",
         max_response_len=max_len,
     )
@@ -167,7 +165,7 @@ def test_gspo_matches_sequence_level_objective(gspo_batch):
         b["logprobs_bt"], b["old_logprobs_bt"], b["mask_bt"], adv_b, 3e-4, 4e-4
     )
     got, metrics = _ours(
-        b, adv_b, policy_loss="gspo", clip_low=3e-4, clip_high=4e-4,
+        b, adv_b, policy_loss="gspo", policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
         loss_agg_mode="seq-mean-token-mean",
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -196,7 +194,7 @@ def test_gspo_gradient_matches_finite_differences(gspo_batch):
     def jax_loss(lp):
         return rl_loss(
             lp, _f32(b["old_logprobs_bt"]), _f32(adv_b), _f32(b["mask_bt"]),
-            policy_loss="gspo", clip_low=3e-4, clip_high=4e-4,
+            policy_loss="gspo", policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
             loss_agg_mode="seq-mean-token-mean",
         )[0]
 
@@ -213,7 +211,7 @@ def test_dapo_gradient_matches_finite_differences(batch):
 
     want = _central_differences(numpy_loss, batch["logprobs_bt"], 1e-6)
     loss_fn = functools.partial(
-        rl_loss, clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean"
+        rl_loss, policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28), loss_agg_mode="token-mean"
     )
     got = jax.grad(lambda lp: loss_fn(
         lp, _f32(batch["old_logprobs_bt"]), _f32(adv_b), _f32(batch["mask_bt"])

@@ -1,5 +1,5 @@
 """The pieces of `rl_loss` beyond the four parity cases: dual-clip, CISPO, TIS, KL
-estimators, entropy, metrics, jit and bad input."""
+estimators, entropy, metrics, jit, bad input and the registries' declarations."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def batch():
     return b
 
 
+PPO = dict(clip_low=0.2, clip_high=0.2)  # symmetric PPO-clip (Schulman et al. 2017)
+
+
 def _args(b):
     keys = ("logprobs_bt", "old_logprobs_bt", "adv_b", "mask_bt")
     return tuple(_f32(b[k]) for k in keys)
@@ -50,7 +53,7 @@ def test_dual_clip_matches_ye_et_al(batch):
     want = -total / len(_valid(batch))
     ratio = np.exp(lp - old)
     assert ((adv[:, None] < 0) & (ratio > c) & (batch["mask_bt"] > 0)).any()  # case exercised
-    got, _ = rl.rl_loss(*_args(batch), clip_low=eps, clip_high=eps, clip_ratio_c=c)
+    got, _ = rl.rl_loss(*_args(batch), policy_loss_kwargs=dict(clip_low=eps, clip_high=eps, clip_ratio_c=c))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -61,7 +64,7 @@ def test_cispo_gradient_is_clipped_weight_times_score(batch):
     r = np.exp(lp - old)
     w = np.clip(r, 1 - 1.0, 1 + 0.28)
     want = -(w * adv[:, None] * mask) / mask.sum()
-    loss_fn = functools.partial(rl.rl_loss, policy_loss="cispo", clip_low=1.0, clip_high=0.28)
+    loss_fn = functools.partial(rl.rl_loss, policy_loss="cispo", policy_loss_kwargs=dict(clip_low=1.0, clip_high=0.28))
     got = jax.grad(lambda x: loss_fn(x, *_args(batch)[1:])[0])(_f32(lp))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
     _, metrics = loss_fn(*_args(batch))
@@ -80,7 +83,7 @@ def test_tis_reweights_each_token(batch):
         r = math.exp(lp[i, t] - old[i, t])
         pg = -min(r * adv[i], min(max(r, 0.8), 1.2) * adv[i])
         total += min(math.exp(old[i, t] - samp[i, t]), cap) * pg
-    got, metrics = rl.rl_loss(*_args(batch), sampler_logprobs_bt=_f32(samp), tis_cap=cap)
+    got, metrics = rl.rl_loss(*_args(batch), policy_loss_kwargs=PPO, sampler_logprobs_bt=_f32(samp), tis_cap=cap)
     np.testing.assert_allclose(float(got), total / len(valid), rtol=1e-5)
     assert 0.0 < float(metrics["tis_capped_fraction"]) < 1.0
 
@@ -99,18 +102,12 @@ def test_kl_estimators_match_schulman(batch):
     assert np.asarray(extreme).max() <= 10.0 and np.isfinite(np.asarray(extreme)).all()
 
 
-def test_entropy_matches_numpy_and_bonus_lowers_loss(batch):
-    rng = np.random.default_rng(0)
-    b, t = batch["mask_bt"].shape
-    logits = rng.normal(size=(b, t, 5)) * 2.0
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = -(p * np.log(p)).sum(-1)
-    np.testing.assert_allclose(np.asarray(rl.token_entropy(_f32(logits))), want, rtol=1e-5)
-    base, _ = rl.rl_loss(*_args(batch))
-    bonus, metrics = rl.rl_loss(*_args(batch), logits_btv=_f32(logits), entropy_coef=0.01)
+def test_entropy_bonus_lowers_loss(batch):
+    entropy = np.random.default_rng(0).uniform(0.0, 3.0, size=batch["mask_bt"].shape)
+    base, _ = rl.rl_loss(*_args(batch), policy_loss_kwargs=PPO)
+    bonus, metrics = rl.rl_loss(*_args(batch), policy_loss_kwargs=PPO, entropy_bt=_f32(entropy), entropy_coef=0.01)
     mask = batch["mask_bt"]
-    mean_entropy = (want * mask).sum() / mask.sum()
+    mean_entropy = (entropy * mask).sum() / mask.sum()
     np.testing.assert_allclose(float(metrics["entropy"]), mean_entropy, rtol=1e-5)
     np.testing.assert_allclose(float(base) - float(bonus), 0.01 * mean_entropy, rtol=1e-4)
 
@@ -119,7 +116,7 @@ def test_approx_kl_metric_is_k3_old_to_new(batch):
     lp, old, mask = batch["logprobs_bt"], batch["old_logprobs_bt"], batch["mask_bt"]
     log_r = lp - old
     want = ((np.exp(log_r) - 1 - log_r) * mask).sum() / mask.sum()
-    _, metrics = rl.rl_loss(*_args(batch))
+    _, metrics = rl.rl_loss(*_args(batch), policy_loss_kwargs=PPO)
     np.testing.assert_allclose(float(metrics["approx_kl"]), want, rtol=1e-5)
 
 
@@ -131,14 +128,14 @@ def test_on_policy_first_step_is_plain_policy_gradient(batch):
     old = _f32(batch["old_logprobs_bt"])
     for name in ("ppo_clip", "gspo", "cispo"):
         def loss(x, name=name):
-            return rl.rl_loss(x, old, _f32(adv), _f32(mask), policy_loss=name)[0]
+            return rl.rl_loss(x, old, _f32(adv), _f32(mask), policy_loss=name, policy_loss_kwargs=PPO)[0]
 
         grad = jax.grad(loss)(old)
         np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_rl_loss_jits_and_matches_eager(batch):
-    kwargs = dict(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.28,
+    kwargs = dict(policy_loss="ppo_clip", policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28),
                   loss_agg_mode="seq-mean-token-sum-norm", kl_coef=0.01, kl_type="k3",
                   tis_cap=2.0)
     args = _args(batch)
@@ -156,36 +153,63 @@ def test_rl_loss_jits_and_matches_eager(batch):
 
 def test_bad_input_is_named(batch):
     args = _args(batch)
-    with pytest.raises(KeyError, match="available: cispo, gspo, ppo_clip"):
+    with pytest.raises(KeyError, match="unknown policy loss 'ppo'; available: .*ppo_clip"):
         rl.rl_loss(*args, policy_loss="ppo")
+    with pytest.raises(ValueError, match="policy loss 'ppo_clip': missing a required argument: 'clip_low'"):
+        rl.rl_loss(*args)
+    with pytest.raises(ValueError, match="policy loss 'gspo': got an unexpected keyword argument 'clip_ratio_c'"):
+        rl.rl_loss(*args, policy_loss="gspo", policy_loss_kwargs=dict(**PPO, clip_ratio_c=3.0))
     with pytest.raises(KeyError, match="seq-mean-token-mean"):
-        rl.rl_loss(*args, loss_agg_mode="mean")
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, loss_agg_mode="mean")
     with pytest.raises(KeyError, match="low_var_kl"):
-        rl.rl_loss(*args, ref_logprobs_bt=args[0], kl_coef=0.1, kl_type="k4")
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, ref_logprobs_bt=args[0], kl_coef=0.1, kl_type="k4")
     with pytest.raises(ValueError, match="needs ref_logprobs_bt"):
-        rl.rl_loss(*args, kl_coef=0.1)
-    with pytest.raises(ValueError, match="needs logits_btv or entropy_bt"):
-        rl.rl_loss(*args, entropy_coef=0.1)
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, kl_coef=0.1)
+    with pytest.raises(ValueError, match="needs entropy_bt"):
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, entropy_coef=0.1)
     with pytest.raises(ValueError, match="both sampler_logprobs_bt and tis_cap"):
-        rl.rl_loss(*args, tis_cap=2.0)
-    with pytest.raises(ValueError, match="only defined for ppo_clip"):
-        rl.rl_loss(*args, policy_loss="gspo", clip_ratio_c=3.0)
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, tis_cap=2.0)
     with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
-        rl.rl_loss(*args, clip_ratio_c=0.5)
+        rl.rl_loss(*args, policy_loss_kwargs=dict(**PPO, clip_ratio_c=0.5))
     with pytest.raises(ValueError, match="clip_low must be in"):
-        rl.rl_loss(*args, clip_low=1.5)
+        rl.rl_loss(*args, policy_loss_kwargs=dict(clip_low=1.5, clip_high=0.2))
     with pytest.raises(ValueError, match="old_logprobs shape"):
-        rl.rl_loss(args[0], args[1][:, :-1], args[2], args[3])
+        rl.rl_loss(args[0], args[1][:, :-1], args[2], args[3], policy_loss_kwargs=PPO)
     with pytest.raises(ValueError, match="advantages must be"):
-        rl.rl_loss(args[0], args[1], args[2][:-1], args[3])
+        rl.rl_loss(args[0], args[1], args[2][:-1], args[3], policy_loss_kwargs=PPO)
 
 
 def test_registry_accepts_new_losses_and_refuses_clashes():
     @rl.register_policy_loss("test_only_vanilla_pg")
-    def vanilla(logprobs_bt, old_logprobs_bt, advantages, mask_bt, **unused):
+    def vanilla(logprobs_bt, old_logprobs_bt, advantages, mask_bt, *, scale=1.0):
         adv_bt = jnp.broadcast_to(advantages[:, None], mask_bt.shape)
-        return -adv_bt * logprobs_bt * mask_bt, {}
+        return -scale * adv_bt * logprobs_bt * mask_bt, {}
 
     assert rl.get_policy_loss("test_only_vanilla_pg") is vanilla
+    assert rl.POLICY_LOSSES.knobs("test_only_vanilla_pg") == ("scale",)
+    assert rl.POLICY_LOSSES.bind("test_only_vanilla_pg", {"scale": 2.0}) == {"scale": 2.0}
+    with pytest.raises(ValueError, match=r"'test_only_vanilla_pg': got an unexpected keyword argument 'scal' "
+                                         r"\(its keyword arguments: scale\)"):
+        rl.POLICY_LOSSES.bind("test_only_vanilla_pg", {"scal": 2.0})
     with pytest.raises(ValueError, match="already registered"):
         rl.register_policy_loss("ppo_clip")(vanilla)
+
+
+def test_estimators_declare_their_minimum_group_size():
+    assert {name: rl.min_group_size(name) for name in rl.ADVANTAGES.names()} == {
+        "dr_grpo": 1, "grpo": 2, "reinforce_pp_baseline": 1, "rloo": 2}
+    assert rl.ADVANTAGES.knobs("grpo") == ("epsilon",) and rl.ADVANTAGES.knobs("rloo") == ()
+
+
+@pytest.mark.parametrize("mode", rl.LOSS_AGGREGATIONS.names())
+def test_micro_weights_make_microbatch_losses_sum_to_the_minibatch_loss(batch, mode):
+    loss_bt = _f32(np.random.default_rng(1).normal(size=batch["mask_bt"].shape))
+    mask_bt = np.array(batch["mask_bt"])
+    mask_bt[3] = 0.0  # a row with no valid token
+    mask_bt = _f32(mask_bt)
+    weight = rl.micro_weight(mode)
+    assert weight is not None
+    full = rl.aggregate_loss(loss_bt, mask_bt, mode, max_response_len=16)
+    parts = [rl.aggregate_loss(loss_bt[m::3], mask_bt[m::3], mode, max_response_len=16)
+             * weight(mask_bt[m::3], mask_bt) for m in range(3)]
+    np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-6)
