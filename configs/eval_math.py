@@ -52,8 +52,9 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     # Appended to every problem on its own line ("" for none, e.g. a model trained on bare problems).
     config.instruction = R1_MATH_INSTRUCTION
     # Where the answer may be: "auto" = "require" a </think> when the prompt opens the think
-    # block (R1 template, force_think), else "strip"; see rewards.ExtractionConfig.
-    config.think_policy = "auto"
+    # block (R1 template, force_think), else "strip"; the GRPO configs resolve it the same way
+    # (rewards.extraction.resolve_think_policy), so training and evaluation score alike.
+    config.verifier = ml_collections.ConfigDict(dict(think_policy="auto"))
     config.problems_per_batch = 8  # sampled together; verified while the next batch samples
     config.verifier_workers = 0  # 0 = one per CPU core
     config.verifier_timeout_s = 5.0

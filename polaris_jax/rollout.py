@@ -1,31 +1,92 @@
-"""Rollouts: n samples per prompt from the current params, scored by the verifier pool.
+"""The one sample -> verify path: `sample_and_verify` turns problems into a typed, verified `Rollouts` batch.
 
-The prompts are sampled in `chunks` pieces; the completions of piece i go to the verifier pool
-(asynchronously) before piece i+1 is sampled, so verification overlaps sampling. The result is a
-host batch of numpy arrays, group-major (all samples of prompt 0, then prompt 1, ...), in fixed
-shapes: prompts left-padded to the stage's prompt width P, responses right-padded to the stage's
-max response length R, so the update never sees a new shape within a stage.
+GRPO rollouts, the in-loop evaluation, the eval job, the difficulty filter and the temperature search
+all call it, with the same verifier pool and the same think policy (`resolve_think_policy`), so the
+number trained on is the number reported.
 
-Batch entries ([B] = rows, one per response):
-  prompt_bp int32 [B, P], prompt_len_b int32, response_br int32 [B, R] (EOS included), response_len_b int32,
-  sampler_logprobs_br float32 [B, R], truncated_b bool (hit R without EOS), correct_b float32
-  (verifier verdict), rewards float32 (the weighted reward spec), group_b int32 (prompt index).
+    settings = RolloutSettings(max_response_len=4096, temperature=1.0, samples_per_prompt=8, prompt_width=512)
+    verified = sample_and_verify(model_config, params, problems, settings, tokenizer=tok, pool=pool, seed=step)
+    verified.rollouts.correct_b, verified.rollouts.rewards_b, verified.texts, verified.scores
+
+The problems are sampled in `settings.chunks` pieces; the completions of piece i go to the verifier
+pool (asynchronously) before piece i+1 is sampled, so verification overlaps sampling. The batch is
+group-major (all samples of problem 0, then problem 1, ...) in fixed shapes: prompts left-padded to
+the width P, responses right-padded to R = max_response_len, so an update never sees a new shape
+within a stage. The sampler's padded arrays go into the batch as they are: no Python-list round trip.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
-from polaris_jax.sampling import generate
-from polaris_jax.rewards.combine import combine_rewards
-from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.data.problems import Problem
+from polaris_jax.rewards.combine import combine_rewards
+from polaris_jax.rewards.scoring import Score
+from polaris_jax.rewards.shaped import RewardBatch
+from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
 
-RESPONSE_KEYS = ("response_br", "response_len_b", "sampler_logprobs_br", "truncated_b", "correct_b", "rewards")
+ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """A verified rollout batch, one row per response (B rows), group-major.
+
+    prompt_bp: int32 [B, P] prompt ids, left-padded with 0.
+    prompt_len_b: int32 [B] real prompt tokens.
+    response_br: int32 [B, R] response ids (the EOS id included), right-padded with 0.
+    response_len_b: int32 [B] real response tokens.
+    sampler_logprobs_br: float32 [B, R] the sampler's log-probabilities of the response tokens.
+    finish_b: int32 [B] why the row ended: `sampling.FINISH_EOS`, `FINISH_STOP` or `FINISH_LENGTH`.
+    correct_b: float32 [B] the verifier's verdict (1.0 or 0.0).
+    rewards_b: float32 [B] the weighted reward spec.
+    group_b: int32 [B] the index of the row's problem in the caller's problem list.
+    """
+
+    prompt_bp: np.ndarray
+    prompt_len_b: np.ndarray
+    response_br: np.ndarray
+    response_len_b: np.ndarray
+    sampler_logprobs_br: np.ndarray
+    finish_b: np.ndarray
+    correct_b: np.ndarray
+    rewards_b: np.ndarray
+    group_b: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.response_len_b.shape[0])
+
+    @property
+    def truncated_b(self) -> np.ndarray:
+        """bool [B]: the response hit max_response_len without an EOS id or stop sequence."""
+        return self.finish_b == FINISH_LENGTH
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """"eos", "stop" or "length" per row."""
+        return [FINISH_REASONS[int(code)] for code in self.finish_b]
+
+    def replace(self, **fields) -> Rollouts:
+        return dataclasses.replace(self, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """`sample_and_verify`'s result: the batch, the completion texts, the verifier's scores (with reasons and
+    extracted answers) and host metrics ({time_rollout, time_reward, reward_failures, rollout_tokens,
+    reward/NAME})."""
+
+    rollouts: Rollouts
+    texts: list[str]
+    scores: list[Score]
+    info: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,58 +105,66 @@ def rollout_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(x) for x in parts]).generate_state(1)[0] % (2 ** 31))
 
 
-def strip_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    tokens = list(tokens)
-    return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
+def prompt_width(problems: Sequence[Problem], multiple: int = 8) -> int:
+    """The longest prompt, rounded up: the P of a batch of these problems."""
+    return -(-max(len(p.prompt_ids) for p in problems) // multiple) * multiple
 
 
-def rollout(model_config, params, problems: Sequence[Problem], settings: RolloutSettings, *, tokenizer, pool,
-            reward_spec, seed: int, mesh=None, rules=None) -> tuple[dict, list[str], dict]:
-    """Samples, decodes and scores; returns (batch, completion texts, {time_rollout, time_reward, ...})."""
-    g, r, p = settings.samples_per_prompt, settings.max_response_len, settings.prompt_width
+def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    prompt_gp = np.zeros((len(problems), width), np.int32)
+    for i, problem in enumerate(problems):
+        if len(problem.prompt_ids) > width:
+            raise ValueError(f"prompt {problem.id!r} has {len(problem.prompt_ids)} tokens, more than the width {width}")
+        prompt_gp[i, width - len(problem.prompt_ids):] = problem.prompt_ids
+    lengths_g = np.asarray([len(p.prompt_ids) for p in problems], np.int32)
+    return np.repeat(prompt_gp, group_size, axis=0), np.repeat(lengths_g, group_size)
+
+
+def completion_texts(tokenizer, response_br: np.ndarray, response_len_b: np.ndarray, finish_b: np.ndarray) -> list[str]:
+    """The decoded responses, without the EOS id that ended a row (a stop sequence is kept)."""
+    ends_b = response_len_b - (finish_b == FINISH_EOS)
+    return [tokenizer.decode(response_br[i, :ends_b[i]].tolist()) for i in range(len(ends_b))]
+
+
+def sample_and_verify(model_config, params, problems: Sequence[Problem], settings: RolloutSettings, *, tokenizer,
+                      pool, seed: int, reward_spec: Mapping = ACCURACY_ONLY, mesh=None, rules=None) -> Verified:
+    """Samples `samples_per_prompt` responses per problem from `params`, verifies them in `pool` (whose
+    extraction config carries the think policy) and shapes the rewards by `reward_spec`."""
+    if not problems:
+        raise ValueError("no problems to sample")
+    g = settings.samples_per_prompt
+    prompt_bp, prompt_len_b = _left_padded(problems, settings.prompt_width, g)
     eos_ids = tuple(tokenizer.eos_token_ids)
     per_chunk = -(-len(problems) // settings.chunks)
-    tokens, logprobs, reasons, texts, futures = [], [], [], [], []
+    kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    outputs, texts, futures = [], [], []
     time_rollout = 0.0
     for c, start in enumerate(range(0, len(problems), per_chunk)):
         chunk = problems[start:start + per_chunk]
         started = time.perf_counter()
-        kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
-        out = generate(model_config, params, [list(q.prompt_ids) for q in chunk], max_new_tokens=r,
+        out = generate(model_config, params, [list(q.prompt_ids) for q in chunk], max_new_tokens=settings.max_response_len,
                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, n=g,
                        eos_token_ids=eos_ids, seed=rollout_seed(seed, c), **kwargs)
         time_rollout += time.perf_counter() - started
-        chunk_texts = [tokenizer.decode(strip_eos(t, eos_ids)) for t in out.tokens]
+        chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
         futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(g)]))
-        tokens += out.tokens
-        logprobs += out.logprobs
-        reasons += out.finish_reasons
+        outputs.append(out)
         texts += chunk_texts
 
     started = time.perf_counter()
     scores = [s for f in futures for s in f.result()]
-    rows = len(tokens)
-    batch = {
-        "prompt_bp": np.zeros((rows, p), np.int32),
-        "prompt_len_b": np.asarray([len(problems[i // g].prompt_ids) for i in range(rows)], np.int32),
-        "response_br": np.zeros((rows, r), np.int32),
-        "response_len_b": np.asarray([len(t) for t in tokens], np.int32),
-        "sampler_logprobs_br": np.zeros((rows, r), np.float32),
-        "truncated_b": np.asarray([reason == "length" for reason in reasons]),
-        "correct_b": np.asarray([s.reward for s in scores], np.float32),
-        "group_b": np.repeat(np.arange(len(problems), dtype=np.int32), g),
-    }
-    for i in range(rows):
-        prompt = problems[i // g].prompt_ids
-        if len(prompt) > p:
-            raise ValueError(f"prompt {problems[i // g].id!r} has {len(prompt)} tokens, more than the width {p}")
-        batch["prompt_bp"][i, p - len(prompt):] = prompt
-        batch["response_br"][i, :len(tokens[i])] = tokens[i]
-        batch["sampler_logprobs_br"][i, :len(tokens[i])] = logprobs[i]
-    batch["rewards"], parts, failures = combine_rewards(
-        RewardBatch(texts, batch["response_len_b"], batch["correct_b"], batch["group_b"]), reward_spec)
+    response_len_b = np.concatenate([o.lengths_b for o in outputs]).astype(np.int32)
+    correct_b = np.asarray([s.reward for s in scores], np.float32)
+    group_b = np.repeat(np.arange(len(problems), dtype=np.int32), g)
+    rewards_b, parts, failures = combine_rewards(RewardBatch(texts, response_len_b, correct_b, group_b), reward_spec)
+    rollouts = Rollouts(
+        prompt_bp=prompt_bp, prompt_len_b=prompt_len_b,
+        response_br=np.concatenate([o.tokens_br for o in outputs]).astype(np.int32),
+        response_len_b=response_len_b,
+        sampler_logprobs_br=np.concatenate([o.logprobs_br for o in outputs]).astype(np.float32),
+        finish_b=np.concatenate([o.finish_b for o in outputs]).astype(np.int32),
+        correct_b=correct_b, rewards_b=rewards_b, group_b=group_b)
     info = {"time_rollout": time_rollout, "time_reward": time.perf_counter() - started,
-            "reward_failures": float(failures),
-            "rollout_tokens": float(batch["response_len_b"].sum()),
+            "reward_failures": float(failures), "rollout_tokens": float(response_len_b.sum()),
             **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}}
-    return batch, texts, info
+    return Verified(rollouts, texts, scores, info)

@@ -33,13 +33,18 @@ def load_rows(path: str) -> list[dict[str, str]]:
     return load_benchmark(path)
 
 
+def prompt_text(problem: str, tokenizer, data_config) -> str:
+    """One problem's prompt as the run renders it: the chat template, `data.instruction` and
+    `data.template_kwargs` of the config."""
+    kwargs = dict(data_config.template_kwargs.to_dict()) if "template_kwargs" in data_config else {}
+    return build_math_prompt(problem, tokenizer, instruction=data_config.instruction, **kwargs)
+
+
 def load_problems(path: str, tokenizer, data_config, rows: list[dict] | None = None) -> list[Problem]:
     """The rows of `path` as prompts; too-long ones are skipped with a warning, and a file with no
     usable prompt is refused."""
     rows = load_rows(path) if rows is None else rows
-    kwargs = dict(data_config.template_kwargs.to_dict()) if "template_kwargs" in data_config else {}
-    texts = [build_math_prompt(row["problem"], tokenizer, instruction=data_config.instruction, **kwargs)
-             for row in rows]
+    texts = [prompt_text(row["problem"], tokenizer, data_config) for row in rows]
     problems, too_long = [], 0
     for row, ids in zip(rows, tokenizer.encode_batch(texts)):
         if len(ids) > data_config.max_prompt_len:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import tokenizers
 
 from polaris_jax.data import chat_template as chat_template_lib
 from polaris_jax.data import qwen_vocab
+from polaris_jax.files import write_atomic
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Qwen chat checkpoints end a turn with <|im_end|> but may also emit <|endoftext|>; generation
@@ -39,17 +39,6 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     raise ValueError(f"cannot read a token from {value!r}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Tokenizer:
@@ -125,8 +114,8 @@ class Tokenizer:
                      "single_word": t.single_word, "special": t.special}
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())
         }
-        _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
+        write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     # ---------------------------------------------------------------------------- tokenisation
 

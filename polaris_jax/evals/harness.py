@@ -1,8 +1,9 @@
 """Evaluate a checkpoint on a math benchmark: sample n completions per problem, verify them
-with the same VerifierPool the trainer uses, and write per-sample jsonl plus a summary JSON.
+with the same path and think policy the trainer uses (`rollout.sample_and_verify`,
+`rewards.extraction.resolve_think_policy`), and write per-sample jsonl plus a summary JSON.
 
-Problems are processed in chunks; each chunk's completions go to the verifier pool
-asynchronously while the next chunk samples, so verification overlaps generation.
+Problems are processed in chunks of `problems_per_batch`; each chunk's completions go to the
+verifier pool asynchronously while the next chunk samples, so verification overlaps generation.
 
 Outputs under `{workdir}/eval/{benchmark name}/`:
     samples.jsonl   one record per sample (problem id, sample index, gold, extracted answer,
@@ -15,31 +16,19 @@ Both are written atomically (temp file + os.replace).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, build_math_prompt, load_benchmark
+from polaris_jax.data.problems import Problem
 from polaris_jax.evals import metrics as metrics_lib
+from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.rewards import ExtractionConfig, VerifierPool, scoring
-
-
-def write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write text lines to `path` through a temp file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from polaris_jax.rewards.extraction import resolve_think_policy
+from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify
 
 
 def _is_writer() -> bool:
@@ -82,14 +71,10 @@ def mesh_and_rules(config):
     return mesh_from_config(config), sharding_rules(config)
 
 
-def resolve_think_policy(config, tokenizer) -> str:
-    """`config.think_policy`, with "auto" meaning "require" when the prompt itself opens the
-    think block (R1 template or force_think: the completion is reasoning until `</think>`,
-    so a truncated one has no answer) and "strip" otherwise."""
-    if config.think_policy != "auto":
-        return config.think_policy
-    probe = _prompt_text(config, "1+1", tokenizer)
-    return "require" if probe.endswith("<think>\n") else "strip"
+def think_policy(config, tokenizer) -> str:
+    """`config.verifier.think_policy` resolved for this checkpoint's prompt (see
+    `rewards.extraction.resolve_think_policy`: "auto" is "require" when the prompt opens the think block)."""
+    return resolve_think_policy(config.verifier.think_policy, _prompt_text(config, "1+1", tokenizer))
 
 
 def _prompt_text(config, problem: str, tokenizer) -> str:
@@ -97,35 +82,9 @@ def _prompt_text(config, problem: str, tokenizer) -> str:
     return build_math_prompt(problem, tokenizer, force_think=config.force_think, instruction=instruction)
 
 
-def _strip_stop(tokens: list[int], finish_reason: str, eos_ids: tuple[int, ...]) -> list[int]:
-    return tokens[:-1] if finish_reason == "eos" and tokens and tokens[-1] in eos_ids else tokens
-
-
-def _sample_chunks(config, model_config, params, tokenizer, problems, pool, mesh, rules):
-    """Yield (chunk problems, sampler output, completion texts, scores future) per chunk."""
-    from polaris_jax.sampling import generate
-
-    eos_ids = tuple(tokenizer.eos_token_ids)
-    per_chunk = max(1, int(config.problems_per_batch))
-    for start in range(0, len(problems), per_chunk):
-        chunk = problems[start:start + per_chunk]
-        prompts = [
-            tokenizer.encode(_prompt_text(config, p["problem"], tokenizer))
-            for p in chunk
-        ]
-        out = generate(
-            model_config, params, prompts,
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, top_k=config.top_k, n=config.n,
-            eos_token_ids=eos_ids, seed=(config.seed + start) % 2**31,
-            mesh=mesh, rules=rules,
-        )
-        texts = [
-            tokenizer.decode(_strip_stop(list(tokens), reason, eos_ids))
-            for tokens, reason in zip(out.tokens, out.finish_reasons)
-        ]
-        golds = [p["answer"] for p in chunk for _ in range(config.n)]
-        yield chunk, out, texts, pool.score_async(texts, golds)
+def _problems(config, rows, tokenizer) -> list[Problem]:
+    texts = [_prompt_text(config, row["problem"], tokenizer) for row in rows]
+    return [Problem(row["id"], tuple(ids), row["answer"]) for row, ids in zip(rows, tokenizer.encode_batch(texts))]
 
 
 def _equivalent_pairs(pool: VerifierPool):
@@ -143,22 +102,24 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         problems = problems[: config.num_problems]
     mesh, rules = mesh_and_rules(config)
     model_config, params, tokenizer = load_model(config, mesh, rules)
-    extraction = ExtractionConfig(think=resolve_think_policy(config, tokenizer))
+    extraction = ExtractionConfig(think=think_policy(config, tokenizer))
     n = int(config.n)
-    records: list[dict[str, Any]] = []
+    problem_list = _problems(config, problems, tokenizer)
+    chunks = -(-len(problem_list) // max(1, int(config.problems_per_batch)))
+    settings = RolloutSettings(max_response_len=int(config.max_new_tokens), temperature=config.temperature,
+                               samples_per_prompt=n, prompt_width=prompt_width(problem_list), top_p=config.top_p,
+                               top_k=config.top_k, chunks=chunks)
     with VerifierPool(
         num_workers=config.verifier_workers or None, timeout_s=config.verifier_timeout_s, extraction=extraction
     ) as pool:
-        chunks = list(_sample_chunks(config, model_config, params, tokenizer, problems, pool, mesh, rules))
-        for chunk, out, texts, scores_future in chunks:
-            scores = scores_future.result()
-            for row, (tokens, reason, text, score) in enumerate(zip(out.tokens, out.finish_reasons, texts, scores)):
-                problem = chunk[row // n]
-                records.append({
-                    "id": problem["id"], "sample": row % n, "gold": problem["answer"],
-                    "answer": score.answer, "reward": score.reward, "reason": score.reason,
-                    "num_tokens": len(tokens), "finish_reason": reason, "completion": text,
-                })
+        verified = sample_and_verify(model_config, params, problem_list, settings, tokenizer=tokenizer, pool=pool,
+                                     seed=int(config.seed), mesh=mesh, rules=rules)
+        rollouts = verified.rollouts
+        records = [{
+            "id": problems[row // n]["id"], "sample": row % n, "gold": problems[row // n]["answer"],
+            "answer": score.answer, "reward": score.reward, "reason": score.reason,
+            "num_tokens": int(rollouts.response_len_b[row]), "finish_reason": reason, "completion": text,
+        } for row, (score, text, reason) in enumerate(zip(verified.scores, verified.texts, rollouts.finish_reasons))]
         answers_pn = [[r["answer"] for r in records[i:i + n]] for i in range(0, len(records), n)]
         labels_pn = metrics_lib.group_answers(answers_pn, _equivalent_pairs(pool))
         verifier_failures = dict(pool.failures)
@@ -180,7 +141,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         "metrics": metrics, "verifier_failures": verifier_failures, "wall_s": time.time() - started,
     }
     if _is_writer():  # multi-host: every process holds every sample; one writes
-        write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        write_atomic(out_dir / "summary.json", [json.dumps(summary, indent=2, sort_keys=True) + "\n"])
+        write_atomic(out_dir / "samples.jsonl", jsonl(records))
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return {**metrics, "num_problems": len(problems), "samples_path": str(out_dir / "samples.jsonl"),
             "summary_path": str(out_dir / "summary.json")}

@@ -14,27 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from polaris_jax.rewards.equivalence import string_key
+from polaris_jax.rewards.estimators import avg_at_n, mean_pass_at_k, pass_at_k
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem with c correct out of n samples (Chen et al. 2021).
-
-    1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) so large n
-    does not overflow.
-    """
-    for name, value in (("n", n), ("c", c), ("k", k)):
-        if isinstance(value, bool) or int(value) != value:
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    n, c, k = int(n), int(c), int(k)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= c <= n:
-        raise ValueError(f"c must be in [0, n={n}], got {c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, n={n}], got {k}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+__all__ = ["avg_at_n", "cons_at_n", "default_ks", "group_answers", "majority_index", "mean_pass_at_k", "pass_at_k", "summarize"]
 
 
 def default_ks(n: int) -> list[int]:
@@ -44,20 +26,6 @@ def default_ks(n: int) -> list[int]:
         ks.append(k)
         k *= 2
     return ks + [n]
-
-
-def avg_at_n(correct_pn: np.ndarray) -> float:
-    """Mean correctness over problems P and their n samples; correct_pn is 0/1 [P, n]."""
-    correct_pn = np.asarray(correct_pn, np.float64)
-    if correct_pn.ndim != 2 or correct_pn.size == 0:
-        raise ValueError(f"correct_pn must be a non-empty [P, n] array, got shape {correct_pn.shape}")
-    return float(correct_pn.mean())
-
-
-def mean_pass_at_k(correct_pn: np.ndarray, k: int) -> float:
-    correct_pn = np.asarray(correct_pn)
-    n = correct_pn.shape[1]
-    return float(np.mean([pass_at_k(n, int(c), k) for c in correct_pn.sum(axis=1)]))
 
 
 def group_answers(

@@ -19,6 +19,7 @@ from polaris_jax.data.latex_box import Extraction, last_boxed  # noqa: F401 (re-
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 THINK_POLICIES = ("strip", "require", "ignore")
+THINK_POLICY_CHOICES = ("auto",) + THINK_POLICIES  # what a config may name
 
 _HASH_ANSWER = re.compile(r"####[ \t]*([^\n]+)")
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*", re.IGNORECASE)
@@ -52,6 +53,19 @@ class ExtractionConfig:
             raise ValueError(f"max_answer_chars must be positive, got {self.max_answer_chars}")
 
 
+def resolve_think_policy(policy: str, prompt_text: str) -> str:
+    """The think policy for completions of `prompt_text` (a rendered prompt). "auto" means "require" when
+    the prompt itself opens the think block (the R1 template, or force_think): the completion is reasoning
+    until `</think>`, so a truncated one has no answer. Otherwise "strip" (the model opens and closes its
+    own `<think>`, and an answer counts only after the close). Training, the in-loop evaluation and the
+    eval job all resolve it here, so they score a completion the same way."""
+    if policy not in THINK_POLICY_CHOICES:
+        raise ValueError(f"think policy must be one of {THINK_POLICY_CHOICES}, got {policy!r}")
+    if policy != "auto":
+        return policy
+    return "require" if prompt_text.rstrip().endswith(THINK_OPEN) else "strip"
+
+
 def answer_region(completion: str, think: str) -> str | None:
     """The part of the completion that may hold the final answer, or None if none may."""
     if think not in THINK_POLICIES:
@@ -66,11 +80,16 @@ def answer_region(completion: str, think: str) -> str | None:
     return completion
 
 
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    found = None
+    for found in pattern.finditer(text):  # noqa: B007 - the loop keeps the last match
+        pass
+    return found
+
+
 def hash_answer(text: str) -> str | None:
     """The text after the last GSM8K `####` marker, or None."""
-    found = None
-    for found in _HASH_ANSWER.finditer(text):
-        pass
+    found = _last_match(_HASH_ANSWER, text)
     if found is None:
         return None
     answer = found.group(1).strip().rstrip(".").strip()
@@ -79,9 +98,7 @@ def hash_answer(text: str) -> str | None:
 
 def answer_is(text: str) -> str | None:
     """What follows the last "the (final) answer is", up to the sentence end, or None."""
-    found = None
-    for found in _ANSWER_IS.finditer(text):
-        pass
+    found = _last_match(_ANSWER_IS, text)
     if found is None:
         return None
     rest = text[found.end():]

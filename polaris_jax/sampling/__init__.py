@@ -3,7 +3,8 @@
     from polaris_jax.sampling import generate
     out = generate(config, params, [[1, 2, 3], [4, 5]], max_new_tokens=256, temperature=0.6, top_p=0.95,
                    n=8, eos_token_ids=(151645,), seed=step)
-    out.tokens[i * 8 + j], out.logprobs[i * 8 + j], out.finish_reasons[i * 8 + j]
+    out.tokens_br[i * 8 + j, :out.lengths_b[i * 8 + j]], out.logprobs_br[...], out.finish_b[...]  # padded arrays
+    out.tokens[i * 8 + j], out.logprobs[i * 8 + j], out.finish_reasons[i * 8 + j]        # the same as lists
 
 Design
 ------
@@ -60,7 +61,11 @@ the same logical-axis rules as training. YaRN and every other rope setting come 
 """
 
 from polaris_jax.sampling.buckets import Buckets
+from polaris_jax.sampling.decode_loop import EOS as FINISH_EOS
+from polaris_jax.sampling.decode_loop import LENGTH as FINISH_LENGTH
+from polaris_jax.sampling.decode_loop import FINISH_REASONS
+from polaris_jax.sampling.decode_loop import STOP as FINISH_STOP
 from polaris_jax.sampling.sampler import SampleOutput, generate
 from polaris_jax.sampling.strategies import TRUNCATIONS, SamplingSettings, register_truncation, sample
 
-__all__ = ["Buckets", "SampleOutput", "SamplingSettings", "TRUNCATIONS", "generate", "register_truncation", "sample"]
+__all__ = ["Buckets", "FINISH_EOS", "FINISH_LENGTH", "FINISH_REASONS", "FINISH_STOP", "SampleOutput", "SamplingSettings", "TRUNCATIONS", "generate", "register_truncation", "sample"]

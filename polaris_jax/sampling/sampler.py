@@ -53,17 +53,34 @@ def _forget_unstacked(token):
 
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
-    """Sample j of prompt i is at index i·n + j of every field.
+    """Padded arrays; sample j of prompt i is row i·n + j.
 
-    tokens: generated ids, up to and including the EOS id or the last token of the stop sequence.
-    logprobs: log-probability of each token under the temperature-scaled distribution before
-      top-k / top-p / min-p truncation (verl's convention); under temperature 1 for greedy.
-    finish_reasons: "eos", "stop" (a stop sequence) or "length" (max_new_tokens reached).
+    tokens_br: int32 [B, max_new_tokens] generated ids, up to and including the EOS id or the last token of
+      the stop sequence, then 0.
+    logprobs_br: float32 [B, max_new_tokens] log-probability of each token under the temperature-scaled
+      distribution before top-k / top-p / min-p truncation (verl's convention; temperature 1 for greedy).
+    lengths_b: int32 [B] generated tokens per row.
+    finish_b: int32 [B] FINISH_EOS, FINISH_STOP (a stop sequence) or FINISH_LENGTH (max_new_tokens reached).
+
+    `tokens`, `logprobs` and `finish_reasons` are the same as Python lists ("eos", "stop", "length").
     """
 
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    finish_reasons: list[str]
+    tokens_br: np.ndarray
+    logprobs_br: np.ndarray
+    lengths_b: np.ndarray
+    finish_b: np.ndarray
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens_br, self.lengths_b)]
+
+    @property
+    def logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.logprobs_br, self.lengths_b)]
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [decode_loop.FINISH_REASONS[int(code)] for code in self.finish_b]
 
 
 def _check_ids(name: str, ids, vocab_size: int) -> list[int]:
@@ -214,7 +231,9 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
                               settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype,
                               prefill_chunk=int(prefill_chunk), mesh=mesh, rules=rules)
     row_of_d = np.arange(len(row_src_d))  # the output row each decode row holds; >= rows: a dummy
-    outputs: dict[int, tuple] = {}
+    outputs = SampleOutput(tokens_br=np.zeros((rows, int(max_new_tokens)), np.int32),
+                           logprobs_br=np.zeros((rows, int(max_new_tokens)), np.float32),
+                           lengths_b=np.zeros(rows, np.int32), finish_b=np.full(rows, decode_loop.RUNNING, np.int32))
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
         done_d = to_host(state.done_d)
@@ -231,16 +250,16 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
             keep_d = _put(keep_d, mesh, rules, rows=False)
         state = decode_loop.grow(state, keep_d, cache_len=cache_len, mesh=mesh, rules=rules)
     _collect_finished(state, row_of_d, rows, width - 1, outputs)
-    tokens, logprobs, reasons = zip(*(outputs[r] for r in range(rows)))
-    return SampleOutput(tokens=list(tokens), logprobs=list(logprobs), finish_reasons=list(reasons))
+    return outputs
 
 
-def _collect_finished(state, row_of_d, rows: int, first: int, outputs: dict) -> None:
-    """Copies every finished real row's tokens, logprobs and finish reason into `outputs[row]`."""
+def _collect_finished(state, row_of_d, rows: int, first: int, outputs: SampleOutput) -> None:
+    """Copies every finished real row's tokens, logprobs, length and finish code into `outputs` (once)."""
     tokens_dc, logprobs_dc, num_new_d, reason_d = to_host(
         (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d))
     for d, row in enumerate(row_of_d):
-        if row < rows and row not in outputs and reason_d[d] != decode_loop.RUNNING:
-            end = first + num_new_d[d]
-            outputs[int(row)] = (tokens_dc[d, first:end].tolist(), logprobs_dc[d, first:end].tolist(),
-                                 decode_loop.FINISH_REASONS[int(reason_d[d])])
+        if row < rows and outputs.finish_b[row] == decode_loop.RUNNING and reason_d[d] != decode_loop.RUNNING:
+            n = int(num_new_d[d])
+            outputs.tokens_br[row, :n] = tokens_dc[d, first:first + n]
+            outputs.logprobs_br[row, :n] = logprobs_dc[d, first:first + n]
+            outputs.lengths_b[row], outputs.finish_b[row] = n, reason_d[d]

@@ -13,26 +13,18 @@ Returns accuracy_before / accuracy_after (held-out pass@1), the gain and the wal
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 
 import ml_collections
 
 from polaris_jax.data import synthetic_arith
+from polaris_jax.files import jsonl, write_atomic
+from polaris_jax.tools import plots
 from polaris_jax.train.grpo import loop as grpo_loop
 from polaris_jax.train.sft import loop as sft_loop
 from polaris_jax.train.grpo.config import validate_config
 from polaris_jax.train.sft.config import default_config as sft_default_config
-
-
-def _write_jsonl(path: str, records) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
 
 
 def write_task(config, data_dir: str) -> dict[str, str]:
@@ -53,10 +45,10 @@ def write_task(config, data_dir: str) -> dict[str, str]:
     rng_seed = config.seed + 3
     sft_problems = _sample_allowing_repeats(rng_seed, d.sft_examples, task, unseen)
     traces = synthetic_arith.sft_traces(sft_problems, dict(d.trace_mix.to_dict()), rng_seed, task)
-    _write_jsonl(paths["sft"], ({"prompt": p.text, "response": text} for p, _, text in traces))
+    write_atomic(paths["sft"], jsonl({"prompt": p.text, "response": text} for p, _, text in traces))
     for name, problems in (("rl", rl_problems), ("eval", held_out)):
-        _write_jsonl(paths[name], ({"id": f"{name}-{i}", **record} for i, record in
-                                   enumerate(synthetic_arith.problems_as_records(problems))))
+        write_atomic(paths[name], jsonl({"id": f"{name}-{i}", **record} for i, record in
+                                        enumerate(synthetic_arith.problems_as_records(problems))))
     return paths
 
 
@@ -139,6 +131,6 @@ def run(config, workdir: str) -> dict:
         "grpo_s": grpo_s,
         "total_s": time.perf_counter() - started,
         "main_process_cpu_s": time.process_time() - cpu_started,
-        "curves_png": grpo_result.get("curves_png"),
+        "curves_png": plots.plot_training_curves(os.path.join(workdir, "grpo")) if config.plots else None,
         "export_dir": grpo_result.get("export_dir"),
     }

@@ -6,15 +6,13 @@ and write the rest as the next stage's dataset.
         --config.filter.checkpoint=/ckpt/polaris_qwen3_4b/export/hf
 
 Writes WORKDIR/filtered.jsonl ({"id", "problem", "answer", "pass_rate"}; the output path can be set)
-and WORKDIR/solve_counts.json (the histogram of correct answers per problem: Polaris's difficulty
+and WORKDIR/solve_counts.jsonl (one line per k: how many problems got k correct answers; the histogram of correct answers per problem: Polaris's difficulty
 distribution, which should look like a mirrored J).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 
 import jax
@@ -22,17 +20,15 @@ import ml_collections
 import numpy as np
 
 from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.models import load_hf
 from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
-from polaris_jax.rewards import VerifierPool
+from polaris_jax.rewards import ExtractionConfig, VerifierPool
+from polaris_jax.rewards.extraction import resolve_think_policy
 from polaris_jax.data import problems as grpo_data
-from polaris_jax.train.grpo import evaluate as grpo_eval
 from polaris_jax.train.grpo.config import default_config
-from polaris_jax.rollout import RolloutSettings, rollout, rollout_seed
+from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
 from polaris_jax.models.sharding import mesh_from_config, sharding_rules
-
-_ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
-
 
 def filter_config(*, model_dir: str, dataset: str, samples: int = 8, temperature: float = 1.0,
                   max_response_len: int = 4096, instruction: str = "", mesh=None) -> ml_collections.ConfigDict:
@@ -72,16 +68,6 @@ def keep_mask(correct_pk: np.ndarray, max_pass_rate: float) -> np.ndarray:
     return (rate_p < 1.0) & (rate_p <= max_pass_rate)
 
 
-def _write_jsonl(path: str, records) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-
-
 def run(config, workdir: str) -> dict:
     f = config.filter
     if f.samples < 1:
@@ -96,25 +82,26 @@ def run(config, workdir: str) -> dict:
     problems = grpo_data.load_problems(f.dataset, tokenizer, config.data, rows=rows)
     by_id = {row["id"]: row for row in rows}
     settings = RolloutSettings(max_response_len=f.max_response_len, temperature=f.temperature,
-                               samples_per_prompt=f.samples, prompt_width=grpo_eval.prompt_width(problems),
+                               samples_per_prompt=f.samples, prompt_width=prompt_width(problems),
                                top_p=config.rollout.top_p)
+    think = resolve_think_policy(config.verifier.think_policy, grpo_data.prompt_text("1+1", tokenizer, config.data))
     correct = []
-    with VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s) as pool:
+    with VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s,
+                      extraction=ExtractionConfig(think=think)) as pool:
         for start in range(0, len(problems), f.prompts_per_batch):
             chunk = problems[start:start + f.prompts_per_batch]
-            batch, _, _ = rollout(model_config, params, chunk, settings, tokenizer=tokenizer, pool=pool,
-                                  reward_spec=_ACCURACY_ONLY, seed=rollout_seed(config.seed, start), mesh=mesh,
-                                  rules=rules)
-            correct.append(batch["correct_b"].reshape(len(chunk), f.samples))
+            verified = sample_and_verify(model_config, params, chunk, settings, tokenizer=tokenizer, pool=pool,
+                                         seed=rollout_seed(config.seed, start), mesh=mesh, rules=rules)
+            correct.append(verified.rollouts.correct_b.reshape(len(chunk), f.samples))
     correct_pk = np.concatenate(correct)
     keep_p = keep_mask(correct_pk, f.max_pass_rate)
     output = f.output or os.path.join(workdir, "filtered.jsonl")
     if jax.process_index() == 0:
-        _write_jsonl(output, ({**by_id[p.id], "pass_rate": float(correct_pk[i].mean())}
-                              for i, p in enumerate(problems) if keep_p[i]))
+        write_atomic(output, jsonl({**by_id[p.id], "pass_rate": float(correct_pk[i].mean())}
+                                   for i, p in enumerate(problems) if keep_p[i]))
         counts = np.bincount(correct_pk.sum(axis=1).astype(int), minlength=f.samples + 1)
-        _write_jsonl(os.path.join(workdir, "solve_counts.jsonl"),
-                     ({"correct": c, "problems": int(n)} for c, n in enumerate(counts)))
+        write_atomic(os.path.join(workdir, "solve_counts.jsonl"),
+                     jsonl({"correct": c, "problems": int(n)} for c, n in enumerate(counts)))
     solved_all = int((correct_pk.mean(axis=1) == 1.0).sum())
     return {"problems": len(problems), "kept": int(keep_p.sum()), "dropped_solved_all": solved_all,
             "dropped_above_threshold": int(len(problems) - keep_p.sum() - solved_all),

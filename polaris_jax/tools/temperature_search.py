@@ -13,7 +13,6 @@ optionally writes it to --out.
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags
 
@@ -35,25 +34,26 @@ def search(checkpoint: str, dataset: str, temperatures, *, num_problems: int = 6
            diversity_target: float | None = None, seed: int = 0) -> dict:
     import ml_collections
 
-    from polaris_jax.rewards import VerifierPool
-    from polaris_jax.train import rl
     from polaris_jax.data import problems as grpo_data
-    from polaris_jax.train.grpo import evaluate as grpo_eval
+    from polaris_jax.rewards import ExtractionConfig, VerifierPool
+    from polaris_jax.rewards.extraction import resolve_think_policy
+    from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
     from polaris_jax.tools.difficulty_filter import load_policy
-    from polaris_jax.rollout import RolloutSettings, rollout, rollout_seed
+    from polaris_jax.train import rl
 
     tokenizer, model_config, params = load_policy(checkpoint)
     data_config = ml_collections.ConfigDict(dict(instruction=instruction, max_prompt_len=1 << 20))
     problems = grpo_data.load_problems(dataset, tokenizer, data_config)[:num_problems]
-    with VerifierPool() as pool:
+    think = resolve_think_policy("auto", grpo_data.prompt_text("1+1", tokenizer, data_config))
+    with VerifierPool(extraction=ExtractionConfig(think=think)) as pool:
         def sample_fn(temperature: float):
             settings = RolloutSettings(max_response_len=max_response_len, temperature=temperature,
-                                       samples_per_prompt=samples, prompt_width=grpo_eval.prompt_width(problems))
-            batch, _, _ = rollout(model_config, params, problems, settings, tokenizer=tokenizer, pool=pool,
-                                  reward_spec={"accuracy": {"weight": 1.0}}, seed=rollout_seed(seed))
-            lengths = batch["response_len_b"]
-            responses = [batch["response_br"][i, :lengths[i]].tolist() for i in range(len(lengths))]
-            return responses, (batch["correct_b"] > 0.5).tolist()
+                                       samples_per_prompt=samples, prompt_width=prompt_width(problems))
+            rollouts = sample_and_verify(model_config, params, problems, settings, tokenizer=tokenizer, pool=pool,
+                                         seed=rollout_seed(seed)).rollouts
+            lengths = rollouts.response_len_b
+            responses = [rollouts.response_br[i, :lengths[i]].tolist() for i in range(len(lengths))]
+            return responses, (rollouts.correct_b > 0.5).tolist()
 
         result = rl.search_temperature(sample_fn, [float(t) for t in temperatures], group_size=samples,
                                        accuracy_tolerance=accuracy_tolerance, diversity_target=diversity_target)
@@ -71,10 +71,8 @@ def main(argv):
                  accuracy_tolerance=_TOLERANCE.value, diversity_target=_DIVERSITY.value, seed=_SEED.value)
     line = json.dumps(out, sort_keys=True)
     if _OUT.value:
-        tmp = _OUT.value + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, _OUT.value)
+        from polaris_jax.files import write_atomic
+        write_atomic(_OUT.value, line + "\n")
     print(line)
 
 

@@ -9,6 +9,8 @@ Config sections read here:
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from polaris_jax.data import synthetic_arith
@@ -17,6 +19,7 @@ from polaris_jax.models import lora as lora_lib
 from polaris_jax.models.config import ConfigError, ModelConfig, preset
 from polaris_jax.models.hf_io import load_hf
 from polaris_jax.models.sharding import param_shardings
+from polaris_jax.files import write_atomic
 from polaris_jax.train import partitioning
 
 
@@ -74,3 +77,9 @@ def build_params(config, model_config: ModelConfig, mesh, rules, rng):
     params = jax.jit(add, out_shardings=param_shardings(lora_config, mesh, rules), donate_argnums=0)(params,
                                                                                                         lora_rng)
     return lora_config, params, lora_lib.lora_mask(params)
+
+
+def write_run_config(config, workdir: str) -> None:
+    """WORKDIR/config.json: the config a run was started with (process 0 writes)."""
+    if jax.process_index() == 0:
+        write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))

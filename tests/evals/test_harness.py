@@ -18,6 +18,7 @@ import tokenizers  # noqa: E402
 from polaris_jax.data.benchmarks import benchmark_file  # noqa: E402
 from polaris_jax.data.chat_template import builtin_template  # noqa: E402
 from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
+from polaris_jax import rollout  # noqa: E402
 from polaris_jax.evals import run_eval  # noqa: E402
 from polaris_jax.models import ModelConfig, init_params, save_hf  # noqa: E402
 
@@ -100,19 +101,25 @@ def test_eval_scores_and_votes_with_the_verifier(checkpoint, tmp_path, monkeypat
     ]
     seen_batches = []
 
-    def scripted_generate(config, params, prompts, *, n, **kwargs):
+    def scripted_generate(config, params, prompts, *, n, max_new_tokens, **kwargs):
         seen_batches.append(len(prompts))
         start = sum(seen_batches[:-1])
-        tokens, reasons = [], []
+        rows = len(prompts) * n
+        tokens_br = np.zeros((rows, max_new_tokens), np.int32)
+        lengths_b, finish_b = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        codes = {"eos": sampling.FINISH_EOS, "length": sampling.FINISH_LENGTH}
         for i in range(len(prompts)):
-            for template, reason in script[:n]:
+            for j, (template, reason) in enumerate(script[:n]):
                 text = template % golds[start + i] if "%s" in template else template
-                tokens.append(tokenizer.encode(text) + ([eos] if reason == "eos" else []))
-                reasons.append(reason)
-        return sampling.SampleOutput(tokens=tokens, logprobs=[[0.0] * len(t) for t in tokens], finish_reasons=reasons)
+                ids = tokenizer.encode(text) + ([eos] if reason == "eos" else [])
+                tokens_br[i * n + j, :len(ids)], lengths_b[i * n + j] = ids, len(ids)
+                finish_b[i * n + j] = codes[reason]
+        return sampling.SampleOutput(tokens_br, np.zeros(tokens_br.shape, np.float32), lengths_b, finish_b)
 
-    monkeypatch.setattr(sampling, "generate", scripted_generate)
-    samples, summary = read_outputs(run_eval(eval_config(checkpoint), str(tmp_path)))
+    monkeypatch.setattr(rollout, "generate", scripted_generate)
+    config = eval_config(checkpoint)
+    config.max_new_tokens = 96  # room for the scripted completions
+    samples, summary = read_outputs(run_eval(config, str(tmp_path)))
     assert seen_batches == [4, 4]
     assert [s["reward"] for s in samples] == [1.0, 0.0, 1.0, 0.0] * 8
     assert all(not s["completion"].endswith("<|im_end|>") for s in samples)
@@ -125,15 +132,15 @@ def test_eval_scores_and_votes_with_the_verifier(checkpoint, tmp_path, monkeypat
 
 
 def test_auto_think_policy_requires_a_close_tag_when_the_prompt_opens_the_block(checkpoint):
-    from polaris_jax.evals.harness import resolve_think_policy
+    from polaris_jax.evals.harness import think_policy
 
     tokenizer = Tokenizer.from_dir(checkpoint)
     config = eval_config(checkpoint)
-    assert resolve_think_policy(config, tokenizer) == "strip"
+    assert think_policy(config, tokenizer) == "strip"
     config.force_think = True
-    assert resolve_think_policy(config, tokenizer) == "require"
-    config.think_policy = "ignore"
-    assert resolve_think_policy(config, tokenizer) == "ignore"
+    assert think_policy(config, tokenizer) == "require"
+    config.verifier.think_policy = "ignore"
+    assert think_policy(config, tokenizer) == "ignore"
 
 
 _SHARDED_EVAL = """
@@ -144,12 +151,12 @@ from polaris_jax.evals.harness import mesh_and_rules
 config = eval_config(sys.argv[1])
 config.mesh.data = -1
 mesh, _ = mesh_and_rules(config)
-import polaris_jax.sampling as sampling
-original, meshes = sampling.generate, []
+import polaris_jax.rollout as rollout
+original, meshes = rollout.generate, []
 def spy(*args, mesh, **kwargs):
     meshes.append(mesh.devices.size)
     return original(*args, mesh=mesh, **kwargs)
-sampling.generate = spy
+rollout.generate = spy
 result = run_eval(config, sys.argv[2])
 print(json.dumps(dict(mesh=dict(mesh.shape), generate_meshes=meshes, samples=result["samples_path"])))
 """

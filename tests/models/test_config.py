@@ -49,10 +49,7 @@ NOT_ARCHITECTURE = {"param_dtype", "compute_dtype", "remat_policy", "attention_i
                     "lora_targets"}
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in NOT_ARCHITECTURE]
 # Presets known to disagree with their published config. Strict: the mark must go once the preset is fixed.
-KNOWN_MISMATCHES = {
-    "deepseek_r1_0528_qwen3_8b": "the preset is plain Qwen3-8B (40960 positions, no rope_scaling); the published "
-                                 "config has max_position_embeddings 131072 and YaRN factor 4 over 32768",
-}
+KNOWN_MISMATCHES: dict[str, str] = {}  # preset name -> why it may differ from its published config
 _ARCH_OF = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 

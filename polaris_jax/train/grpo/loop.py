@@ -8,7 +8,7 @@ checkpoint, held-out evaluation every k steps. The stage schedule changes the re
 temperature and dataset at stage boundaries (one compile per stage).
 
 Workdir: config.json, checkpoints/<step>/ (orbax: train state + host state), metrics.jsonl and
-TensorBoard events, evals.jsonl, curves.png, export/hf/. Rerunning the same command resumes
+TensorBoard events, evals.jsonl, export/hf/ (and curves.png when `polaris_jax.main` runs it with config.plots). Rerunning the same command resumes
 exactly from the latest checkpoint. A non-finite loss stops the run with the step, update and
 prompts named, the offending batch saved, and the last good checkpoint untouched.
 """
@@ -26,7 +26,8 @@ import numpy as np
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
-from polaris_jax.rewards import VerifierPool
+from polaris_jax.rewards import ExtractionConfig, VerifierPool
+from polaris_jax.rewards.extraction import resolve_think_policy
 from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train.grpo import batch as grpo_batch
 from polaris_jax.data import problems as grpo_data
@@ -38,7 +39,7 @@ from polaris_jax.train import setup
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
-from polaris_jax.rollout import RolloutSettings, rollout, rollout_seed
+from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
 from polaris_jax.train.optimizer import make_optimizer
 from polaris_jax.models.sharding import mesh_from_config, sharding_rules
 
@@ -47,16 +48,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient of an update was not finite; the run stops with the last good checkpoint."""
-
-
-def update_settings(config, stage) -> grpo_step.UpdateSettings:
-    a = config.algo
-    return grpo_step.UpdateSettings(
-        max_response_len=stage.max_response_len, temperature=stage.temperature, policy_loss=a.policy_loss,
-        clip_low=a.clip_low, clip_high=a.clip_high, clip_ratio_c=a.clip_ratio_c or None,
-        loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef, kl_type=a.kl_type, use_reference=a.use_reference,
-        entropy_coef=a.entropy_coef, tis_cap=a.tis_cap or None, num_iterations=a.num_iterations,
-        minibatches=a.minibatches, microbatches=a.microbatches, chunk_size=config.train.loss_chunk_size)
 
 
 class Run:
@@ -98,7 +89,11 @@ class Run:
         c = config.checkpoint
         self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep,
                                                 async_save=c.async_save, lora_only=c.lora_only)
-        self.pool = VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s)
+        # One think policy for rewards and evaluation, resolved from the prompt the template renders.
+        self.think_policy = resolve_think_policy(config.verifier.think_policy,
+                                                 grpo_data.prompt_text("1+1", self.tokenizer, config.data))
+        self.pool = VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s,
+                                 extraction=ExtractionConfig(think=self.think_policy))
         self._streams: dict[int, grpo_data.ProblemStream] = {}
         self._updates: dict[int, tuple] = {}
 
@@ -113,7 +108,7 @@ class Run:
         if stage.index not in self._updates:
             rows = self.config.rollout.prompts_per_step * self.config.rollout.samples_per_prompt
             fn = grpo_step.make_grpo_update(self.model_config, self.optimizer, self.schedule,
-                                            update_settings(self.config, stage), mesh=self.mesh,
+                                            grpo_step.update_settings(self.config, stage), mesh=self.mesh,
                                             state_shardings=self.shardings, rules=self.rules, rows=rows)
             self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows))
         return self._updates[stage.index]
@@ -131,16 +126,16 @@ def _sampler(run: Run, stage, step: int):
     stream = run.stream(stage)
     settings = RolloutSettings(max_response_len=stage.max_response_len, temperature=stage.temperature,
                                samples_per_prompt=r.samples_per_prompt,
-                               prompt_width=grpo_eval.prompt_width(stream.problems), top_p=r.top_p, top_k=r.top_k,
+                               prompt_width=prompt_width(stream.problems), top_p=r.top_p, top_k=r.top_k,
                                chunks=r.chunks)
 
     def sample(position: int, round_index: int):
         problems = stream.take(position, r.prompts_per_step)
-        batch, _, info = rollout(run.model_config, run.params(), problems, settings, tokenizer=run.tokenizer,
-                                 pool=run.pool, reward_spec=run.config.rewards,
-                                 seed=rollout_seed(run.config.seed, step, round_index), mesh=run.mesh,
-                                 rules=run.rules)
-        return batch, problems, info
+        verified = sample_and_verify(run.model_config, run.params(), problems, settings, tokenizer=run.tokenizer,
+                                     pool=run.pool, reward_spec=run.config.rewards,
+                                     seed=rollout_seed(run.config.seed, step, round_index), mesh=run.mesh,
+                                     rules=run.rules)
+        return verified.rollouts, problems, verified.info
     return sample
 
 
@@ -164,7 +159,7 @@ def _stop_on_nonfinite(run: Run, step: int, step_batch, update_batch: dict, metr
     first = int(metrics["first_nonfinite_update"])
     minibatches = run.config.algo.minibatches
     path = os.path.join(run.workdir, f"nonfinite_batch_step{step}.npz")
-    np.savez(path, **update_batch)
+    np.savez(path, **vars(update_batch))
     run.ckpt.wait()
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {step}, update {first} (iteration {first // minibatches}, "
@@ -187,7 +182,7 @@ def train_step(run: Run, step: int) -> dict:
     time_update = 0.0
     if not step_batch.skip:
         update_fn, batch_shardings = run.update_fn(stage)
-        host_batch = grpo_step.update_batch(step_batch.batch, step_batch.advantages_b, step_batch.mask_br)
+        host_batch = grpo_step.update_batch(step_batch.rollouts, step_batch.advantages_b, step_batch.mask_br)
         device_batch = grpo_step.put_update_batch(host_batch, batch_shardings)
         t0 = time.perf_counter()
         run.state, update_metrics = update_fn(run.state, device_batch, jax.random.fold_in(run.state["rng"], step),
@@ -197,7 +192,7 @@ def train_step(run: Run, step: int) -> dict:
         if update_metrics["nonfinite_updates"] > 0:
             _stop_on_nonfinite(run, step + 1, step_batch, host_batch, update_metrics)
         metrics.update(update_metrics)
-        train_tokens = float(host_batch["segment_ids_bt"].sum()) * (1 + config.algo.num_iterations)
+        train_tokens = float(host_batch.segment_ids_bt.sum()) * (1 + config.algo.num_iterations)
         metrics["train_tokens_per_s"] = train_tokens / max(time_update, 1e-9)
     metrics["time_update"] = time_update
     metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout"], 1e-9)
@@ -217,19 +212,11 @@ def _before_accuracy(workdir: str) -> float | None:
     return None
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        os.replace(path + ".tmp", path)
-
-
 def run(config, workdir: str) -> dict:
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     metrics_lib.quiet_library_logs()
-    _write_config(config, workdir)
+    setup.write_run_config(config, workdir)
     started = time.perf_counter()
     run_ = Run(config, workdir)
     try:
@@ -283,8 +270,5 @@ def _train(run_: Run, started: float) -> dict:
         final["export_dir"] = checkpoint_lib.export_hf(run_.model_config, run_.params(),
                                                        os.path.join(workdir, "export", "hf"),
                                                        tokenizer_dir=run_.tokenizer_dir)
-    if config.plots and jax.process_index() == 0:
-        from polaris_jax.tools.plots import plot_training_curves
-        final["curves_png"] = plot_training_curves(workdir)
     final.update(step=steps, total_time_s=time.perf_counter() - started)
     return final

@@ -1,27 +1,41 @@
 """Host-side shaping of a rollout batch before advantages are computed (numpy).
 
-A rollout batch is a dict of numpy arrays sharing a leading axis of `num_groups * group_size`
-rows, laid out group by group (all samples of prompt 0, then prompt 1, ...). Rewards are one
-of its entries (by default `"rewards"`). Every function returns new arrays; nothing is
+A rollout batch is a pytree of numpy arrays sharing a leading axis of `num_groups * group_size`
+rows, laid out group by group (all samples of prompt 0, then prompt 1, ...): a dict, or a
+registered dataclass such as `polaris_jax.rollout.Rollouts`. Rewards are one of its entries or
+fields (`rewards_key`, by default `"rewards"`). Every function returns new arrays; nothing is
 modified in place.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
+import jax
 import numpy as np
 
-Batch = Mapping[str, np.ndarray]
+Batch = Any  # a pytree of [rows, ...] numpy arrays: a dict or a registered dataclass
 
 
 def batch_rows(batch: Batch) -> int:
-    sizes = {key: np.shape(value)[0] for key, value in batch.items()}
+    paths = jax.tree_util.tree_flatten_with_path(batch)[0]
+    sizes = {jax.tree_util.keystr(path): np.shape(value)[0] for path, value in paths}
     if not sizes:
         raise ValueError("empty rollout batch")
     if len(set(sizes.values())) != 1:
         raise ValueError(f"rollout batch entries disagree on the number of rows: {sizes}")
     return next(iter(sizes.values()))
+
+
+def batch_field(batch: Batch, key: str) -> np.ndarray:
+    """`batch[key]` of a dict, `batch.key` of a dataclass; a KeyError names what the batch has."""
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise KeyError(f"rollout batch has no {key!r} entry: {sorted(batch)}")
+        return batch[key]
+    if not hasattr(batch, key):
+        raise KeyError(f"rollout batch {type(batch).__name__} has no field {key!r}")
+    return getattr(batch, key)
 
 
 def group_rewards(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
@@ -61,22 +75,22 @@ def group_row_indices(group_idx_k: np.ndarray, group_size: int) -> np.ndarray:
     return (group_idx_k[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
 
 
-def select_groups(batch: Batch, group_idx_k, group_size: int) -> dict:
+def select_groups(batch: Batch, group_idx_k, group_size: int) -> Batch:
     """The whole groups `group_idx_k`, in that order (repeats allowed)."""
     batch_rows(batch)
     rows = group_row_indices(group_idx_k, group_size)
-    return {key: np.asarray(value)[rows] for key, value in batch.items()}
+    return jax.tree.map(lambda value: np.asarray(value)[rows], batch)
 
 
-def concat_batches(batches) -> dict:
+def concat_batches(batches) -> Batch:
     batches = list(batches)
     if not batches:
         raise ValueError("nothing to concatenate")
-    keys = set(batches[0])
+    structure = jax.tree.structure(batches[0])
     for other in batches[1:]:
-        if set(other) != keys:
-            raise ValueError(f"batches have different keys: {sorted(keys)} vs {sorted(other)}")
-    return {key: np.concatenate([np.asarray(b[key]) for b in batches]) for key in batches[0]}
+        if jax.tree.structure(other) != structure:
+            raise ValueError(f"batches have different entries: {structure} vs {jax.tree.structure(other)}")
+    return jax.tree.map(lambda *values: np.concatenate([np.asarray(v) for v in values]), *batches)
 
 
 class DynamicSamplingAccumulator:
@@ -110,7 +124,7 @@ class DynamicSamplingAccumulator:
         self.rewards_key = rewards_key
         self.max_rounds = max_rounds
         self.atol = atol
-        self._kept: list[dict] = []
+        self._kept: list[Batch] = []
         self._num_kept = 0
         self.rounds = 0
         self.groups_seen = 0
@@ -128,10 +142,9 @@ class DynamicSamplingAccumulator:
                 "the data is too easy or too hard for the policy (filter it by difficulty) "
                 "or max_rounds is too small"
             )
-        if self.rewards_key not in batch:
-            raise KeyError(f"rollout batch has no {self.rewards_key!r} entry: {sorted(batch)}")
+        rewards_b = batch_field(batch, self.rewards_key)
         rows = batch_rows(batch)
-        keep_g = informative_groups(batch[self.rewards_key], self.group_size, atol=self.atol)
+        keep_g = informative_groups(rewards_b, self.group_size, atol=self.atol)
         self.rounds += 1
         self.groups_seen += rows // self.group_size
         if keep_g.any():
@@ -139,14 +152,14 @@ class DynamicSamplingAccumulator:
             self._num_kept += int(keep_g.sum())
         return int(keep_g.sum())
 
-    def pop(self) -> tuple[dict, dict]:
+    def pop(self) -> tuple[Batch, dict]:
         """Exactly `target_groups` groups plus stats; resets the accumulator."""
         if not self.ready:
             raise RuntimeError(
                 f"dynamic sampling: only {self._num_kept}/{self.target_groups} groups so far"
             )
-        merged = concat_batches(self._kept)
-        batch = {k: v[: self.target_groups * self.group_size] for k, v in merged.items()}
+        rows = self.target_groups * self.group_size
+        batch = jax.tree.map(lambda v: v[:rows], concat_batches(self._kept))
         stats = {
             "dynamic_sampling_rounds": self.rounds,
             "dynamic_sampling_groups_seen": self.groups_seen,
@@ -164,7 +177,7 @@ def polaris_substitute(
     rewards_key: str = "rewards",
     min_informative_fraction: float = 1.0 / 3.0,
     atol: float = 1e-6,
-) -> tuple[dict, dict]:
+) -> tuple[Batch, dict]:
     """Polaris in-batch substitution (An et al. 2025, Polaris blog, "dynamic sampling").
 
     When more than `min_informative_fraction` of the groups are informative (rewards not all
@@ -174,7 +187,7 @@ def polaris_substitute(
     unchanged with `skip_step=True`: the caller should not update on it.
     """
     rows = batch_rows(batch)
-    keep_g = informative_groups(batch[rewards_key], group_size, atol=atol)
+    keep_g = informative_groups(batch_field(batch, rewards_key), group_size, atol=atol)
     num_groups = rows // group_size
     good_g, bad_g = np.flatnonzero(keep_g), np.flatnonzero(~keep_g)
     info = {
@@ -184,9 +197,9 @@ def polaris_substitute(
     }
     if len(good_g) / num_groups <= min_informative_fraction:
         info["skip_step"] = True
-        return dict(batch), info
+        return batch, info
     if len(bad_g) == 0:
-        return dict(batch), info
+        return batch, info
     donors = rng.choice(good_g, size=len(bad_g), replace=len(good_g) < len(bad_g))
     source_g = np.arange(num_groups)
     source_g[bad_g] = donors
@@ -204,21 +217,3 @@ def overlong_filter_mask(mask_bt: np.ndarray, truncated_b: np.ndarray) -> np.nda
             f"truncated flags {truncated_b.shape} do not match mask rows {mask_bt.shape}"
         )
     return np.where(truncated_b[:, None], np.zeros_like(mask_bt), mask_bt)
-
-
-def soft_overlong_penalty(
-    response_lengths_b, max_response_len: int, overlong_buffer_len: int
-) -> np.ndarray:
-    """DAPO soft overlong punishment (eq. 13), added to the reward: 0 up to
-    max_len - buffer, then a linear ramp down to -1 at max_len, and -1 beyond."""
-    if not 0 < overlong_buffer_len <= max_response_len:
-        raise ValueError(
-            f"overlong_buffer_len must be in (0, max_response_len={max_response_len}], "
-            f"got {overlong_buffer_len}"
-        )
-    lengths_b = np.asarray(response_lengths_b, dtype=np.float64)
-    free_len = max_response_len - overlong_buffer_len
-    ramp_b = (free_len - lengths_b) / overlong_buffer_len
-    return np.where(
-        lengths_b <= free_len, 0.0, np.where(lengths_b <= max_response_len, ramp_b, -1.0)
-    )

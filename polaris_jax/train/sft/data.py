@@ -9,9 +9,7 @@ Config sections read here (see configs/sft_tiny.py for a complete example):
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 import jax
 
@@ -19,17 +17,10 @@ from polaris_jax.data import synthetic_arith
 from polaris_jax.data.sft_pipeline import SFTDataConfig, make_sft_iterator
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
+from polaris_jax.files import jsonl, write_atomic
 
 SYNTHETIC_TASKS = ("", "arith")
 _ARITH_MIX = {"correct": 0.6, "slip": 0.25, "lazy": 0.15}
-
-
-def _write_jsonl_atomic(path: str, records) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare_synthetic(config, workdir: str) -> tuple[tuple[str, ...], str] | None:
@@ -49,7 +40,7 @@ def prepare_synthetic(config, workdir: str) -> tuple[tuple[str, ...], str] | Non
                                                    synthetic_arith.ArithTask())
         traces = synthetic_arith.sft_traces(problems, _ARITH_MIX, config.synthetic.seed)
         records = ({"prompt": p.text, "response": text, "difficulty": len(p.operands)} for p, _, text in traces)
-        _write_jsonl_atomic(path, records)
+        write_atomic(path, jsonl(records))
     wait_for_process_zero("synthetic data")
     return (path,), tokenizer_dir
 

@@ -43,15 +43,6 @@ def loss_settings_from_config(config) -> losses.LossSettings:
                                router_aux_coef=t.router_aux_coef)
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
-
-
 def _resume(config, ckpt, state, iterator):
     """Latest checkpoint of this run, else `checkpoint.resume_from`, else the fresh state."""
     restored = ckpt.restore_latest(state, iterator)
@@ -69,7 +60,7 @@ def _resume(config, ckpt, state, iterator):
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     metrics_lib.quiet_library_logs()
-    _write_config(config, workdir)
+    setup.write_run_config(config, workdir)
     mesh, rules = mesh_from_config(config), sharding_rules(config)
     tokenizer, sources, tokenizer_dir = sft_setup.load_tokenizer(config, workdir)
     rng = jax.random.PRNGKey(config.seed)

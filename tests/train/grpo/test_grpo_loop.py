@@ -3,7 +3,6 @@ non-finite loss, reward functions that raise, and schedules refused at start-up.
 
 import importlib.util
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.train.step_guard import guarded_train_steps
+from polaris_jax import main
 from polaris_jax.train.grpo import loop as grpo_loop
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import ConfigError, validate_config
@@ -71,7 +72,8 @@ def finished_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(grpo_loop, "train_step", counting)
     try:
-        result = grpo_loop.run(polaris_tiny(), workdir)
+        with guarded_train_steps():  # every update's inputs are placed explicitly
+            result = main.run_job(polaris_tiny(), workdir)  # the job, then curves.png
     finally:
         mp.undo()
     return workdir, result, compiles
@@ -170,6 +172,22 @@ def test_bad_configs_are_refused_at_start_up(name):
         _BAD[name](config)
     with pytest.raises(ConfigError, match=_MESSAGES[name]):
         validate_config(config)
+
+
+GRPO_RECIPES = ("openr1_grpo", "polaris_qwen3_4b", "polaris_r1_distill_7b", "lora_rl_qwen3_8b")
+
+
+@pytest.mark.parametrize("name", GRPO_RECIPES)
+def test_every_grpo_recipe_has_a_tiny_cpu_variant_and_its_command(name):
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert f"--config=configs/{name}.py:tiny" in module.__doc__
+    tiny = module.get_config("tiny")
+    validate_config(tiny)  # its files exist (synthetic data) and every name is known
+    assert tiny.model.preset == "tiny" and tiny.tokenizer_dir == "synthetic_arith"
+    validate_config(module.get_config(""), check_files=False)
 
 
 def test_rescue_buffer_survives_the_checkpoint_round_trip():

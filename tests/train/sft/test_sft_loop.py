@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.train.step_guard import guarded_train_steps
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.models import load_hf
@@ -46,7 +47,8 @@ def finished_run(tmp_path_factory):
     config.data.batch_size, config.data.seq_len = 2, 64
     config.train.steps, config.train.log_every, config.checkpoint.every = 50, 1, 2
     workdir = tmp / "work"
-    return config, workdir, sft_loop.run(config, str(workdir))
+    with guarded_train_steps():  # every step's inputs are placed explicitly
+        return config, workdir, sft_loop.run(config, str(workdir))
 
 
 def test_rows_without_an_assistant_turn_are_skipped_and_counted(finished_run):
