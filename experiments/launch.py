@@ -34,6 +34,7 @@ from experiments.runspec import (
     read_result,
     shell_line,
 )
+from polaris_jax.files import write_atomic
 
 
 def final_json(stdout_text: str) -> dict | None:
@@ -48,13 +49,6 @@ def final_json(stdout_text: str) -> dict | None:
             if isinstance(value, dict):
                 return value
     return None
-
-
-def write_json_atomic(path: str, value) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None,
@@ -84,7 +78,7 @@ def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, s
               "command": shlex.join(argv)}
     if status != "ok":
         record["error"] = _last_error_line(os.path.join(run.workdir, "stderr.log"))
-    write_json_atomic(os.path.join(run.workdir, RESULT_FILE), record)
+    write_atomic(os.path.join(run.workdir, RESULT_FILE), json.dumps(record, indent=2, sort_keys=True, default=str))
     return record
 
 

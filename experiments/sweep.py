@@ -34,6 +34,7 @@ if __name__ == "__main__":
 
 from experiments.launch import run_local
 from experiments.runspec import RunSpec, command, format_value, parse_override, read_result, shell_line
+from polaris_jax.files import write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,17 +163,11 @@ def to_csv(header, rows) -> str:
     return buffer.getvalue()
 
 
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_summary(root: str, header, rows) -> tuple[str, str]:
     os.makedirs(root, exist_ok=True)
     csv_path, md_path = os.path.join(root, "summary.csv"), os.path.join(root, "summary.md")
-    _write_atomic(csv_path, to_csv(header, rows))
-    _write_atomic(md_path, to_markdown(header, rows))
+    write_atomic(csv_path, to_csv(header, rows))
+    write_atomic(md_path, to_markdown(header, rows))
     return csv_path, md_path
 
 

@@ -11,7 +11,7 @@ number trained on is the number reported.
 The problems are sampled in `settings.chunks` pieces; the completions of piece i go to the verifier
 pool (asynchronously) before piece i+1 is sampled, so verification overlaps sampling. The batch is
 group-major (all samples of problem 0, then problem 1, ...) in fixed shapes: prompts left-padded to
-the width P, responses right-padded to R = max_response_len, so an update never sees a new shape
+the width T (`prompt_width`), responses right-padded to R = max_response_len, so an update never sees a new shape
 within a stage. The sampler's padded arrays go into the batch as they are: no Python-list round trip.
 """
 
@@ -38,7 +38,7 @@ ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
 class Rollouts:
     """A verified rollout batch, one row per response (B rows), group-major.
 
-    prompt_bp: int32 [B, P] prompt ids, left-padded with 0.
+    prompt_bt: int32 [B, T] prompt ids, left-padded with 0 to the width T.
     prompt_len_b: int32 [B] real prompt tokens.
     response_br: int32 [B, R] response ids (the EOS id included), right-padded with 0.
     response_len_b: int32 [B] real response tokens.
@@ -49,7 +49,7 @@ class Rollouts:
     group_b: int32 [B] the index of the row's problem in the caller's problem list.
     """
 
-    prompt_bp: np.ndarray
+    prompt_bt: np.ndarray
     prompt_len_b: np.ndarray
     response_br: np.ndarray
     response_len_b: np.ndarray
@@ -106,18 +106,18 @@ def rollout_seed(*parts: int) -> int:
 
 
 def prompt_width(problems: Sequence[Problem], multiple: int = 8) -> int:
-    """The longest prompt, rounded up: the P of a batch of these problems."""
+    """The longest prompt, rounded up: the prompt width T of a batch of these problems."""
     return -(-max(len(p.prompt_ids) for p in problems) // multiple) * multiple
 
 
 def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    prompt_gp = np.zeros((len(problems), width), np.int32)
+    prompt_gt = np.zeros((len(problems), width), np.int32)
     for i, problem in enumerate(problems):
         if len(problem.prompt_ids) > width:
             raise ValueError(f"prompt {problem.id!r} has {len(problem.prompt_ids)} tokens, more than the width {width}")
-        prompt_gp[i, width - len(problem.prompt_ids):] = problem.prompt_ids
+        prompt_gt[i, width - len(problem.prompt_ids):] = problem.prompt_ids
     lengths_g = np.asarray([len(p.prompt_ids) for p in problems], np.int32)
-    return np.repeat(prompt_gp, group_size, axis=0), np.repeat(lengths_g, group_size)
+    return np.repeat(prompt_gt, group_size, axis=0), np.repeat(lengths_g, group_size)
 
 
 def completion_texts(tokenizer, response_br: np.ndarray, response_len_b: np.ndarray, finish_b: np.ndarray) -> list[str]:
@@ -133,7 +133,7 @@ def sample_and_verify(model_config, params, problems: Sequence[Problem], setting
     if not problems:
         raise ValueError("no problems to sample")
     g = settings.samples_per_prompt
-    prompt_bp, prompt_len_b = _left_padded(problems, settings.prompt_width, g)
+    prompt_bt, prompt_len_b = _left_padded(problems, settings.prompt_width, g)
     eos_ids = tuple(tokenizer.eos_token_ids)
     per_chunk = -(-len(problems) // settings.chunks)
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
@@ -158,7 +158,7 @@ def sample_and_verify(model_config, params, problems: Sequence[Problem], setting
     group_b = np.repeat(np.arange(len(problems), dtype=np.int32), g)
     rewards_b, parts, failures = combine_rewards(RewardBatch(texts, response_len_b, correct_b, group_b), reward_spec)
     rollouts = Rollouts(
-        prompt_bp=prompt_bp, prompt_len_b=prompt_len_b,
+        prompt_bt=prompt_bt, prompt_len_b=prompt_len_b,
         response_br=np.concatenate([o.tokens_br for o in outputs]).astype(np.int32),
         response_len_b=response_len_b,
         sampler_logprobs_br=np.concatenate([o.logprobs_br for o in outputs]).astype(np.float32),

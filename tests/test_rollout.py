@@ -103,7 +103,7 @@ def _rollouts(correct_gn) -> rollout.Rollouts:
     correct_b = np.asarray(correct_gn, np.float32).reshape(-1)
     rows, r = len(correct_b), 3
     return rollout.Rollouts(
-        prompt_bp=np.arange(rows * 2, dtype=np.int32).reshape(rows, 2), prompt_len_b=np.full(rows, 2, np.int32),
+        prompt_bt=np.arange(rows * 2, dtype=np.int32).reshape(rows, 2), prompt_len_b=np.full(rows, 2, np.int32),
         response_br=np.arange(rows * r, dtype=np.int32).reshape(rows, r), response_len_b=np.full(rows, r, np.int32),
         sampler_logprobs_br=np.zeros((rows, r), np.float32), finish_b=np.full(rows, sampling.FINISH_EOS, np.int32),
         correct_b=correct_b, rewards_b=correct_b, group_b=np.repeat(np.arange(len(correct_gn), dtype=np.int32), 2))
@@ -125,4 +125,4 @@ def test_batch_shaping_keeps_a_rollouts_batch_typed_and_whole():
     kept, _ = acc.pop()
     assert isinstance(kept, rollout.Rollouts)
     np.testing.assert_array_equal(kept.group_b, [0, 0, 7, 7])
-    np.testing.assert_array_equal(kept.prompt_bp[:2], batch.prompt_bp[:2])
+    np.testing.assert_array_equal(kept.prompt_bt[:2], batch.prompt_bt[:2])

@@ -24,11 +24,12 @@ import hashlib
 import importlib.resources
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+from polaris_jax.files import write_atomic
 
 QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -179,18 +180,10 @@ def cached_base_tokenizer() -> tokenizers.Tokenizer:
     if len(ranks) != NUM_BPE_RANKS:
         raise ValueError(f"{ranks_path}: expected {NUM_BPE_RANKS} BPE ranks, found {len(ranks)}")
     tok = build_base_tokenizer(ranks)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        tok.save(tmp, pretty=False)
-        os.replace(tmp, path)
+        write_atomic(path, tok.to_str(pretty=False))
     except OSError as e:  # a read-only home still gets a working tokenizer, just rebuilt each time
         logger.warning("could not cache the Qwen tokenizer at %s: %s", path, e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
     return tok
 
 

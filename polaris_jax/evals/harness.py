@@ -10,7 +10,7 @@ Outputs under `{workdir}/eval/{benchmark name}/`:
                     reward and reason, tokens, finish reason, answer group, completion);
     summary.json    the config used and the metrics (avg@n, pass@k, cons@n, mean response
                     tokens, truncation rate).
-Both are written atomically (temp file + os.replace).
+Both are written atomically (`files.write_atomic`).
 """
 
 from __future__ import annotations
@@ -120,17 +120,17 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
             "answer": score.answer, "reward": score.reward, "reason": score.reason,
             "num_tokens": int(rollouts.response_len_b[row]), "finish_reason": reason, "completion": text,
         } for row, (score, text, reason) in enumerate(zip(verified.scores, verified.texts, rollouts.finish_reasons))]
-        answers_pn = [[r["answer"] for r in records[i:i + n]] for i in range(0, len(records), n)]
-        labels_pn = metrics_lib.group_answers(answers_pn, _equivalent_pairs(pool))
+        answers_gn = [[r["answer"] for r in records[i:i + n]] for i in range(0, len(records), n)]
+        labels_gn = metrics_lib.group_answers(answers_gn, _equivalent_pairs(pool))
         verifier_failures = dict(pool.failures)
     for i, record in enumerate(records):
-        record["group"] = labels_pn[i // n][i % n]
+        record["group"] = labels_gn[i // n][i % n]
 
     shape = (len(problems), n)
-    correct_pn = np.asarray([r["reward"] for r in records]).reshape(shape)
-    num_tokens_pn = np.asarray([r["num_tokens"] for r in records]).reshape(shape)
-    truncated_pn = np.asarray([r["finish_reason"] == "length" for r in records]).reshape(shape)
-    metrics = metrics_lib.summarize(correct_pn, labels_pn, num_tokens_pn, truncated_pn)
+    correct_gn = np.asarray([r["reward"] for r in records]).reshape(shape)
+    num_tokens_gn = np.asarray([r["num_tokens"] for r in records]).reshape(shape)
+    truncated_gn = np.asarray([r["finish_reason"] == "length" for r in records]).reshape(shape)
+    metrics = metrics_lib.summarize(correct_gn, labels_gn, num_tokens_gn, truncated_gn)
 
     out_dir = Path(workdir) / "eval" / Path(str(config.benchmark).rstrip("/")).stem
     summary = {

@@ -29,7 +29,7 @@ def default_ks(n: int) -> list[int]:
 
 
 def group_answers(
-    answers_pn: Sequence[Sequence[str | None]],
+    answers_gn: Sequence[Sequence[str | None]],
     equivalent_pairs: Callable[[list[tuple[str, str]]], list[bool]],
 ) -> list[list[int | None]]:
     """Per problem, a group label per answer (None: no answer); equal labels = equivalent.
@@ -39,7 +39,7 @@ def group_answers(
     problems (so it can fan out over a VerifierPool), and groups merge transitively.
     """
     first_labels, representatives, pairs = [], [], []
-    for answers in answers_pn:
+    for answers in answers_gn:
         keys: dict[str, int] = {}
         reps: list[str] = []
         labels: list[int | None] = []
@@ -89,30 +89,30 @@ def majority_index(labels: Sequence[int | None]) -> int | None:
     return first_index[best]
 
 
-def cons_at_n(correct_pn: np.ndarray, labels_pn: Sequence[Sequence[int | None]]) -> float:
+def cons_at_n(correct_gn: np.ndarray, labels_gn: Sequence[Sequence[int | None]]) -> float:
     """Fraction of problems whose majority answer group is correct (no answer: wrong)."""
-    correct_pn = np.asarray(correct_pn)
+    correct_gn = np.asarray(correct_gn)
     hits = []
-    for correct_n, labels in zip(correct_pn, labels_pn):
+    for correct_n, labels in zip(correct_gn, labels_gn):
         winner = majority_index(labels)
         hits.append(0.0 if winner is None else float(correct_n[winner]))
     return float(np.mean(hits))
 
 
 def summarize(
-    correct_pn: np.ndarray,
-    labels_pn: Sequence[Sequence[int | None]],
-    num_tokens_pn: np.ndarray,
-    truncated_pn: np.ndarray,
+    correct_gn: np.ndarray,
+    labels_gn: Sequence[Sequence[int | None]],
+    num_tokens_gn: np.ndarray,
+    truncated_gn: np.ndarray,
     ks: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """All benchmark metrics as a flat dict of floats."""
-    correct_pn = np.asarray(correct_pn, np.float64)
-    n = correct_pn.shape[1]
-    metrics = {f"avg@{n}": avg_at_n(correct_pn)}
+    correct_gn = np.asarray(correct_gn, np.float64)
+    n = correct_gn.shape[1]
+    metrics = {f"avg@{n}": avg_at_n(correct_gn)}
     for k in ks or default_ks(n):
-        metrics[f"pass@{k}"] = mean_pass_at_k(correct_pn, k)
-    metrics[f"cons@{n}"] = cons_at_n(correct_pn, labels_pn)
-    metrics["mean_response_tokens"] = float(np.mean(num_tokens_pn))
-    metrics["truncation_rate"] = float(np.mean(truncated_pn))
+        metrics[f"pass@{k}"] = mean_pass_at_k(correct_gn, k)
+    metrics[f"cons@{n}"] = cons_at_n(correct_gn, labels_gn)
+    metrics["mean_response_tokens"] = float(np.mean(num_tokens_gn))
+    metrics["truncation_rate"] = float(np.mean(truncated_gn))
     return metrics

@@ -31,15 +31,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def avg_at_n(correct_pn: np.ndarray) -> float:
-    """Mean correctness over problems P and their n samples; correct_pn is 0/1 [P, n]."""
-    correct_pn = np.asarray(correct_pn, np.float64)
-    if correct_pn.ndim != 2 or correct_pn.size == 0:
-        raise ValueError(f"correct_pn must be a non-empty [P, n] array, got shape {correct_pn.shape}")
-    return float(correct_pn.mean())
+def avg_at_n(correct_gn: np.ndarray) -> float:
+    """Mean correctness over problems (groups g) and their n samples; correct_gn is 0/1 [g, n]."""
+    correct_gn = np.asarray(correct_gn, np.float64)
+    if correct_gn.ndim != 2 or correct_gn.size == 0:
+        raise ValueError(f"correct_gn must be a non-empty [g, n] array, got shape {correct_gn.shape}")
+    return float(correct_gn.mean())
 
 
-def mean_pass_at_k(correct_pn: np.ndarray, k: int) -> float:
-    correct_pn = np.asarray(correct_pn)
-    n = correct_pn.shape[1]
-    return float(np.mean([pass_at_k(n, int(c), k) for c in correct_pn.sum(axis=1)]))
+def mean_pass_at_k(correct_gn: np.ndarray, k: int) -> float:
+    correct_gn = np.asarray(correct_gn)
+    n = correct_gn.shape[1]
+    return float(np.mean([pass_at_k(n, int(c), k) for c in correct_gn.sum(axis=1)]))

@@ -62,10 +62,10 @@ def load_policy(checkpoint: str, mesh=None, rules=DEFAULT_RULES, dtype=None):
     return tokenizer, model_config, params
 
 
-def keep_mask(correct_pk: np.ndarray, max_pass_rate: float) -> np.ndarray:
+def keep_mask(correct_gn: np.ndarray, max_pass_rate: float) -> np.ndarray:
     """[P] bool: not solved k/k, and solved at most `max_pass_rate` of the time."""
-    rate_p = correct_pk.mean(axis=1)
-    return (rate_p < 1.0) & (rate_p <= max_pass_rate)
+    rate_g = correct_gn.mean(axis=1)
+    return (rate_g < 1.0) & (rate_g <= max_pass_rate)
 
 
 def run(config, workdir: str) -> dict:
@@ -93,17 +93,17 @@ def run(config, workdir: str) -> dict:
             verified = sample_and_verify(model_config, params, chunk, settings, tokenizer=tokenizer, pool=pool,
                                          seed=rollout_seed(config.seed, start), mesh=mesh, rules=rules)
             correct.append(verified.rollouts.correct_b.reshape(len(chunk), f.samples))
-    correct_pk = np.concatenate(correct)
-    keep_p = keep_mask(correct_pk, f.max_pass_rate)
+    correct_gn = np.concatenate(correct)
+    keep_g = keep_mask(correct_gn, f.max_pass_rate)
     output = f.output or os.path.join(workdir, "filtered.jsonl")
     if jax.process_index() == 0:
-        write_atomic(output, jsonl({**by_id[p.id], "pass_rate": float(correct_pk[i].mean())}
-                                   for i, p in enumerate(problems) if keep_p[i]))
-        counts = np.bincount(correct_pk.sum(axis=1).astype(int), minlength=f.samples + 1)
+        write_atomic(output, jsonl({**by_id[p.id], "pass_rate": float(correct_gn[i].mean())}
+                                   for i, p in enumerate(problems) if keep_g[i]))
+        counts = np.bincount(correct_gn.sum(axis=1).astype(int), minlength=f.samples + 1)
         write_atomic(os.path.join(workdir, "solve_counts.jsonl"),
                      jsonl({"correct": c, "problems": int(n)} for c, n in enumerate(counts)))
-    solved_all = int((correct_pk.mean(axis=1) == 1.0).sum())
-    return {"problems": len(problems), "kept": int(keep_p.sum()), "dropped_solved_all": solved_all,
-            "dropped_above_threshold": int(len(problems) - keep_p.sum() - solved_all),
-            "mean_pass_rate": float(correct_pk.mean()), "output": output,
+    solved_all = int((correct_gn.mean(axis=1) == 1.0).sum())
+    return {"problems": len(problems), "kept": int(keep_g.sum()), "dropped_solved_all": solved_all,
+            "dropped_above_threshold": int(len(problems) - keep_g.sum() - solved_all),
+            "mean_pass_rate": float(correct_gn.mean()), "output": output,
             "time_s": time.perf_counter() - started}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import math
 import os
@@ -26,6 +27,8 @@ import struct
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+
+from polaris_jax.files import write_atomic
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -162,10 +165,10 @@ def _grid(panels: Sequence[tuple[str, Series]], path: str, smooth: float = 0.0, 
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
     return path
 
 

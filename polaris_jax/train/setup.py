@@ -12,15 +12,33 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_collections
 
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.models import lora as lora_lib
-from polaris_jax.models.config import ConfigError, ModelConfig, preset
+from polaris_jax.models.config import LORA_TARGETS, ConfigError, ModelConfig, preset
 from polaris_jax.models.hf_io import load_hf
 from polaris_jax.models.sharding import param_shardings
 from polaris_jax.files import write_atomic
 from polaris_jax.train import partitioning
+
+
+def add_model_sections(c: ml_collections.ConfigDict) -> None:
+    """The `model` and `lora` sections this module reads, with their defaults, added to an experiment's schema
+    (SFT and GRPO share them)."""
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a models.config.PRESETS name or "tiny"; ignored when init_from is set
+    c.model.init_from = ""  # Hugging Face checkpoint directory to start from ("" = random init)
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0 = the tokenizer's
+    c.model.param_dtype = "float32"  # master weights
+    c.model.compute_dtype = "bfloat16"  # matmul inputs
+    c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
+    # LoRA ("LoRA Without Regret"): use ~10x the full fine-tuning learning rate; see models/lora.py.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 32.0
+    c.lora.targets = LORA_TARGETS
 
 
 def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig:

@@ -22,8 +22,8 @@ import os
 import ml_collections
 
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
-from polaris_jax.models.config import LORA_TARGETS
 from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.train import setup
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,24 +31,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.job = "grpo"
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # a models.config.PRESETS name or "tiny"; ignored when init_from is set
-    c.model.init_from = ""  # Hugging Face checkpoint directory (the policy's start and the reference)
-    c.model.overrides = ml_collections.ConfigDict()
-    c.model.param_dtype = "float32"
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = "dots_no_batch"
-
-    c.lora = ml_collections.ConfigDict()  # LoRA RL: ~10x the full-fine-tuning lr (models/lora.py)
-    c.lora.rank = 0
-    c.lora.alpha = 32.0
-    c.lora.targets = LORA_TARGETS
+    setup.add_model_sections(c)  # model.init_from is the policy's start and the reference
 
     c.tokenizer_dir = ""  # "" = model.init_from; "synthetic_arith" = the arithmetic task's tokenizer
 
-    c.data = ml_collections.ConfigDict()  # jsonl / parquet rows {problem_key, answer_key}
-    c.data.problem_key = "problem"
-    c.data.answer_key = "answer"
+    # Problem files: any layout data.load_benchmark reads (its loaders find the problem and answer fields).
+    c.data = ml_collections.ConfigDict()
     c.data.instruction = R1_MATH_INSTRUCTION  # appended to the problem on its own line ("" = none)
     c.data.template_kwargs = ml_collections.ConfigDict()
     c.data.max_prompt_len = 1024  # prompts are left-padded to this; longer ones are skipped

@@ -23,10 +23,10 @@ def evaluate(model_config, params, problems, *, tokenizer, pool, samples_per_pro
     verified = sample_and_verify(model_config, params, problems, settings, tokenizer=tokenizer, pool=pool,
                                  seed=seed, mesh=mesh, rules=rules)
     rollouts = verified.rollouts
-    correct_pn = rollouts.correct_b.reshape(len(problems), samples_per_problem)
+    correct_gn = rollouts.correct_b.reshape(len(problems), samples_per_problem)
     return {
-        "pass@1": avg_at_n(correct_pn),
-        f"pass@{samples_per_problem}": mean_pass_at_k(correct_pn, samples_per_problem),
+        "pass@1": avg_at_n(correct_gn),
+        f"pass@{samples_per_problem}": mean_pass_at_k(correct_gn, samples_per_problem),
         "response_len_mean": float(np.mean(rollouts.response_len_b)),
         "truncation_rate": float(np.mean(rollouts.truncated_b)),
         "time_s": verified.info["time_rollout"] + verified.info["time_reward"],

@@ -230,16 +230,16 @@ def make_grpo_update(model_config, optimizer, schedule, settings: UpdateSettings
 
 
 def update_batch(rollouts, advantages_b: np.ndarray, mask_br: np.ndarray) -> UpdateBatch:
-    """The host update batch from a rollout batch: anything with prompt_bp (left-padded), prompt_len_b,
+    """The host update batch from a rollout batch: anything with prompt_bt (left-padded), prompt_len_b,
     response_br (right-padded), response_len_b and sampler_logprobs_br, e.g. a `polaris_jax.rollout.Rollouts`.
     `mask_br` (e.g. after overlong filtering) is cut to the real response tokens."""
-    prompt_bp, response_br = rollouts.prompt_bp, rollouts.response_br
-    p, r = prompt_bp.shape[1], response_br.shape[1]
-    prompt_valid_bp = np.arange(p)[None, :] >= p - rollouts.prompt_len_b[:, None]
+    prompt_bt, response_br = rollouts.prompt_bt, rollouts.response_br
+    p, r = prompt_bt.shape[1], response_br.shape[1]
+    prompt_valid_bt = np.arange(p)[None, :] >= p - rollouts.prompt_len_b[:, None]
     response_valid_br = np.arange(r)[None, :] < rollouts.response_len_b[:, None]
-    segment_ids_bt = np.concatenate([prompt_valid_bp, response_valid_br], axis=1).astype(np.int32)
+    segment_ids_bt = np.concatenate([prompt_valid_bt, response_valid_br], axis=1).astype(np.int32)
     return UpdateBatch(
-        tokens_bt=np.concatenate([prompt_bp, response_br], axis=1).astype(np.int32),
+        tokens_bt=np.concatenate([prompt_bt, response_br], axis=1).astype(np.int32),
         positions_bt=np.maximum(np.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(np.int32),
         segment_ids_bt=segment_ids_bt,
         response_br=response_br.astype(np.int32),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from polaris_jax.models.config import LORA_TARGETS
 from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.train import setup
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -17,19 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.job = "sft"
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # a models.config.PRESETS name or "tiny"; ignored when init_from is set
-    c.model.init_from = ""  # Hugging Face checkpoint directory to start from ("" = random init)
-    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0 = the tokenizer's
-    c.model.param_dtype = "float32"  # master weights
-    c.model.compute_dtype = "bfloat16"  # matmul inputs
-    c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
-
-    # LoRA ("LoRA Without Regret"): use ~10x the full fine-tuning learning rate; see models/lora.py.
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0  # 0 = full fine-tuning
-    c.lora.alpha = 32.0
-    c.lora.targets = LORA_TARGETS
+    setup.add_model_sections(c)
 
     c.tokenizer_dir = ""  # "" = model.init_from (or the synthetic task's tokenizer)
     c.synthetic = ml_collections.ConfigDict()

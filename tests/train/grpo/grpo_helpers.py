@@ -43,12 +43,12 @@ def random_rollout(seed: int, rows: int = 8, *, prompt: int = PROMPT, response: 
     rng = np.random.default_rng(seed)
     prompt_len_b = rng.integers(2, prompt + 1, rows).astype(np.int32)
     response_len_b = rng.integers(1, response + 1, rows).astype(np.int32)
-    prompt_bp = np.zeros((rows, prompt), np.int32)
+    prompt_bt = np.zeros((rows, prompt), np.int32)
     response_br = np.zeros((rows, response), np.int32)
     for i in range(rows):
-        prompt_bp[i, prompt - prompt_len_b[i]:] = rng.integers(1, VOCAB, prompt_len_b[i])
+        prompt_bt[i, prompt - prompt_len_b[i]:] = rng.integers(1, VOCAB, prompt_len_b[i])
         response_br[i, :response_len_b[i]] = rng.integers(1, VOCAB, response_len_b[i])
-    return Rollouts(prompt_bp=prompt_bp, prompt_len_b=prompt_len_b, response_br=response_br,
+    return Rollouts(prompt_bt=prompt_bt, prompt_len_b=prompt_len_b, response_br=response_br,
                     response_len_b=response_len_b,
                     sampler_logprobs_br=-rng.uniform(0.5, 4.0, (rows, response)).astype(np.float32),
                     finish_b=np.full(rows, FINISH_EOS, np.int32), correct_b=np.zeros(rows, np.float32),

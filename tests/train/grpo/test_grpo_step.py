@@ -31,7 +31,7 @@ def _copy(tree):
 def _reference_logprobs_br(config, params, rollout, temperature):
     """log pi(response token j) from one full forward over the concatenated prompt and response, as
     transformers computes it: token j of the response is predicted at position P - 1 + j."""
-    tokens_bt = np.concatenate([rollout.prompt_bp, rollout.response_br], axis=1)
+    tokens_bt = np.concatenate([rollout.prompt_bt, rollout.response_br], axis=1)
     attention_bt = np.concatenate([np.arange(P)[None] >= P - rollout.prompt_len_b[:, None],
                                    np.arange(R)[None] < rollout.response_len_b[:, None]], axis=1)
     logp_btv = jax.nn.log_softmax(logits(config, params, tokens_bt, attention_bt) / temperature, axis=-1)
