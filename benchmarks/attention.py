@@ -55,12 +55,16 @@ def _torch_sdpa(length: int, repeats: int) -> float | None:
         return None
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, HEADS, length, HEAD_DIM, generator=gen, requires_grad=True)
-    k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).repeat_interleave(HEADS // KV_HEADS, 1)
-            .requires_grad_() for _ in range(2))
+    k, v = (
+        torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen)
+        .repeat_interleave(HEADS // KV_HEADS, 1)
+        .requires_grad_()
+        for _ in range(2)
+    )
 
     def step():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        (out ** 2).sum().backward()
+        (out**2).sum().backward()
 
     return _best_seconds(step, repeats)
 
@@ -75,12 +79,19 @@ def main():
         flash_s, flash_temp = _ours(length, True, args.block, args.repeats)
         dense_s, dense_temp = _ours(length, False, args.block, args.repeats)
         torch_s = _torch_sdpa(length, args.repeats)
-        row = dict(length=length, block=args.block, flash_s=round(flash_s, 4), dense_s=round(dense_s, 4),
-                   dense_over_flash=round(dense_s / flash_s, 2), flash_temp_bytes=flash_temp,
-                   dense_temp_bytes=dense_temp, scores_bytes=HEADS * length * length * 4,
-                   torch_sdpa_s=None if torch_s is None else round(torch_s, 4),
-                   torch_over_flash=None if torch_s is None else round(torch_s / flash_s, 2),
-                   device=jax.devices()[0].device_kind)
+        row = dict(
+            length=length,
+            block=args.block,
+            flash_s=round(flash_s, 4),
+            dense_s=round(dense_s, 4),
+            dense_over_flash=round(dense_s / flash_s, 2),
+            flash_temp_bytes=flash_temp,
+            dense_temp_bytes=dense_temp,
+            scores_bytes=HEADS * length * length * 4,
+            torch_sdpa_s=None if torch_s is None else round(torch_s, 4),
+            torch_over_flash=None if torch_s is None else round(torch_s / flash_s, 2),
+            device=jax.devices()[0].device_kind,
+        )
         print(json.dumps(row), flush=True)
 
 

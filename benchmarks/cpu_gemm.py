@@ -16,9 +16,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import interleaved_best, timed
 
 from polaris_jax.models import cpu_gemm
-from timing import interleaved_best, timed
 
 LAYERS = 28
 SHAPES = {"gate/up [1024, 3072]": (1024, 3072), "down [3072, 1024]": (3072, 1024)}
@@ -27,12 +27,14 @@ SHAPES = {"gate/up [1024, 3072]": (1024, 3072), "down [3072, 1024]": (3072, 1024
 def chain(matmul):
     """jit of x [M, K] through every weight in turn; each output, cut or tiled back to K columns, feeds
     the next, so the layers run in sequence as decoding's do."""
+
     def run(x_mk, weights):
         k = x_mk.shape[1]
         for w in weights:
             y_mn = jnp.tanh(matmul(x_mk, w))
             x_mk = y_mn[:, :k] if y_mn.shape[1] >= k else jnp.tile(y_mn, (1, k // y_mn.shape[1]))
         return x_mk
+
     return jax.jit(run)
 
 
@@ -45,8 +47,10 @@ def main():
         raise SystemExit("the CPU matmul kernel is unavailable here (CPU backend and a C++ compiler needed)")
     rng = np.random.default_rng(0)
     pack = jax.jit(cpu_gemm.pack, static_argnums=1)
-    sides = {"xla_dot": chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
-             "packed_kernel": chain(cpu_gemm.matmul)}
+    sides = {
+        "xla_dot": chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
+        "packed_kernel": chain(cpu_gemm.matmul),
+    }
     for shape_name, (k, n) in SHAPES.items():
         weights = [jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.float32) for _ in range(LAYERS)]
         packed = [pack(w, 1) for w in weights]
@@ -55,15 +59,30 @@ def main():
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
             for name, fn in sides.items():
                 jax.block_until_ready(fn(x, args_of[name]))  # compile
-            best = interleaved_best({name: (lambda fn=fn, w=args_of[name]: timed(lambda: jax.block_until_ready(fn(x, w))))
-                                     for name, fn in sides.items()}, args.repeats)
+            best = interleaved_best(
+                {
+                    name: (lambda fn=fn, w=args_of[name]: timed(lambda: jax.block_until_ready(fn(x, w))))
+                    for name, fn in sides.items()
+                },
+                args.repeats,
+            )
             weight_bytes = LAYERS * k * n * 4
-            print(json.dumps(dict(
-                benchmark="cpu_gemm", shape=shape_name, rows=rows, layers=LAYERS,
-                **{f"{name}_weight_gbps": round(weight_bytes / s / 1e9, 1) for name, s in best.items()},
-                **{f"{name}_gflops": round(2 * rows * k * n * LAYERS / s / 1e9, 1) for name, s in best.items()},
-                speedup=round(best["xla_dot"] / best["packed_kernel"], 2), panel_width=cpu_gemm.panel_width(),
-                device=jax.devices()[0].device_kind)), flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        benchmark="cpu_gemm",
+                        shape=shape_name,
+                        rows=rows,
+                        layers=LAYERS,
+                        **{f"{name}_weight_gbps": round(weight_bytes / s / 1e9, 1) for name, s in best.items()},
+                        **{f"{name}_gflops": round(2 * rows * k * n * LAYERS / s / 1e9, 1) for name, s in best.items()},
+                        speedup=round(best["xla_dot"] / best["packed_kernel"], 2),
+                        panel_width=cpu_gemm.panel_width(),
+                        device=jax.devices()[0].device_kind,
+                    )
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def ours_tokens_per_second(params, config, tokens, positions, repeats: int) -> f
 def transformers_tokens_per_second(path, tokens_np, repeats: int) -> float:
     import torch
     import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(tokens_np, dtype=torch.long)
     with torch.no_grad():
@@ -76,9 +77,14 @@ def main():
     tokens = jnp.asarray(tokens_np)
     positions = jnp.broadcast_to(jnp.arange(args.length, dtype=jnp.int32), tokens.shape)
     ours = ours_tokens_per_second(params, config, tokens, positions, args.repeats)
-    result = {"benchmark": "forward", "model": "qwen3_0p6b-shape vocab32000 fp32", "batch": args.batch,
-              "length": args.length, "devices": str(jax.devices()[0].device_kind),
-              "polaris_jax_tokens_per_s": round(ours, 1)}
+    result = {
+        "benchmark": "forward",
+        "model": "qwen3_0p6b-shape vocab32000 fp32",
+        "batch": args.batch,
+        "length": args.length,
+        "devices": str(jax.devices()[0].device_kind),
+        "polaris_jax_tokens_per_s": round(ours, 1),
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(config, params, tmp + "/ckpt")

@@ -8,7 +8,8 @@ exported with `save_hf` and loaded by transformers, so both run the same numbers
 of `--repeats` calls after a warm-up call (which compiles); transformers is timed with torch's default
 thread count and with one thread, and its faster setting is reported (on a shared machine torch's
 thread pool can stall badly). The sides' calls are interleaved (one call of each side per round), so
-a machine whose speed drifts slows every side alike. At batch 1 the row also reports the bytes of params plus KV cache read
+a machine whose speed drifts slows every side alike. At batch 1 the row also reports the bytes of params plus
+KV cache read
 per decode step over the decode step time, next to the machine's bandwidth from a copy test and a
 read (sum) test.
 
@@ -28,10 +29,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import interleaved_best, timed
 
 from polaris_jax.models import ModelConfig, init_params, save_hf
 from polaris_jax.sampling import Buckets, generate
-from timing import interleaved_best, timed
 
 ROWS = {
     "tiny": dict(model="tiny qwen3", dtype="float32", batch=8, prompt=32, new=128),
@@ -44,8 +45,18 @@ ROWS = {
 def model_config(row: dict) -> ModelConfig:
     dtypes = dict(param_dtype=row["dtype"], compute_dtype=row["dtype"])
     if row["model"] == "tiny qwen3":
-        return ModelConfig.tiny("qwen3", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                                head_dim=64, intermediate_size=768, tie_word_embeddings=True, **dtypes)
+        return ModelConfig.tiny(
+            "qwen3",
+            vocab_size=1024,
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            intermediate_size=768,
+            tie_word_embeddings=True,
+            **dtypes,
+        )
     return ModelConfig.qwen3_0p6b(vocab_size=32000, **dtypes)
 
 
@@ -57,29 +68,39 @@ def _best_time(fn, repeats: int):
 
 def copy_bandwidth_gbps() -> dict:
     """Host memory bandwidth: a 1 GiB numpy copy (bytes read + written per second) and a jitted sum (read)."""
-    src = np.ones(2 ** 28, np.float32)
+    src = np.ones(2**28, np.float32)
     dst = np.ones_like(src)
     copy_s, _ = _best_time(lambda: np.copyto(dst, src), 5)
-    big = jnp.ones((2 ** 28,), jnp.float32)
+    big = jnp.ones((2**28,), jnp.float32)
     total = jax.jit(jnp.sum)
     read_s, _ = _best_time(lambda: total(big).block_until_ready(), 5)
-    return dict(copy_read_plus_write_gbps=round(2 * src.nbytes / copy_s / 1e9, 1),
-                read_gbps=round(big.nbytes / read_s / 1e9, 1))
+    return dict(
+        copy_read_plus_write_gbps=round(2 * src.nbytes / copy_s / 1e9, 1), read_gbps=round(big.nbytes / read_s / 1e9, 1)
+    )
 
 
 def _hf_generate(model, prompts, new_tokens: int):
     import torch
+
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def transformers_sides(path: str, row: dict, prompts):
     """({"transformers@T threads": timed call} for torch's default thread count and 1, greedy tokens)."""
     import torch
     import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, row["dtype"])).eval()
     tokens = _hf_generate(model, prompts, row["new"])  # warm-up
 
@@ -91,7 +112,9 @@ def transformers_sides(path: str, row: dict, prompts):
                 return timed(lambda: _hf_generate(model, prompts, row["new"]))
             finally:
                 torch.set_num_threads(default)
+
         return call
+
     return {f"transformers@{t}": side(t) for t in sorted({torch.get_num_threads(), 1})}, tokens
 
 
@@ -105,9 +128,24 @@ class TunixSide:
             json.dump(prompts, f)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix.py")
         self.proc = subprocess.Popen(
-            [python, script, "--serve", "--model-dir", model_dir, "--prompts-json", prompts_path,
-             "--new-tokens", str(row["new"]), "--dtype", row["dtype"]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                python,
+                script,
+                "--serve",
+                "--model-dir",
+                model_dir,
+                "--prompts-json",
+                prompts_path,
+                "--new-tokens",
+                str(row["new"]),
+                "--dtype",
+                row["dtype"],
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.ready = self._reply()  # tunix_version, jax_version, tokens
 
     def _reply(self) -> dict:
@@ -165,15 +203,24 @@ def run_row(name: str, repeats: int, tunix_python: str | None) -> dict:
     hf_side = min(best, key=best.get)
     hf_s = best[hf_side]
     generated = row["batch"] * row["new"]
-    result = dict(benchmark="sampler", row=name, **row,
-                  ours_tok_s=round(generated / ours_s, 1), transformers_tok_s=round(generated / hf_s, 1),
-                  ratio=round(hf_s / ours_s, 2), transformers_threads=int(hf_side.split("@")[1]),
-                  ours_decode_step_ms=round(1e3 * (ours_s - prefill_s) / (row["new"] - 1), 2),
-                  same_tokens_rows=sum(a == b for a, b in zip(tokens, hf_tokens)))
+    result = dict(
+        benchmark="sampler",
+        row=name,
+        **row,
+        ours_tok_s=round(generated / ours_s, 1),
+        transformers_tok_s=round(generated / hf_s, 1),
+        ratio=round(hf_s / ours_s, 2),
+        transformers_threads=int(hf_side.split("@")[1]),
+        ours_decode_step_ms=round(1e3 * (ours_s - prefill_s) / (row["new"] - 1), 2),
+        same_tokens_rows=sum(a == b for a, b in zip(tokens, hf_tokens)),
+    )
     if tunix:
-        result.update(tunix_tok_s=round(generated / tunix_s, 1), ratio_vs_tunix=round(tunix_s / ours_s, 2),
-                      tunix_same_tokens_rows=sum(a == b for a, b in zip(tokens, tunix.ready["tokens"])),
-                      tunix_version=tunix.ready["tunix_version"])
+        result.update(
+            tunix_tok_s=round(generated / tunix_s, 1),
+            ratio_vs_tunix=round(tunix_s / ours_s, 2),
+            tunix_same_tokens_rows=sum(a == b for a, b in zip(tokens, tunix.ready["tokens"])),
+            tunix_version=tunix.ready["tunix_version"],
+        )
     if row["batch"] == 1:
         step_s = (ours_s - prefill_s) / (row["new"] - 1)
         read = sum(x.nbytes for x in jax.tree.leaves(params)) + kv_bytes_read(config, row)
@@ -185,10 +232,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=3)
-    default_tunix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-tunix", "bin",
-                                 "python")
-    parser.add_argument("--tunix-python", default=default_tunix if os.path.exists(default_tunix) else None,
-                        help="interpreter of a venv with google-tunix (default: .venv-tunix/bin/python if present)")
+    default_tunix = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-tunix", "bin", "python"
+    )
+    parser.add_argument(
+        "--tunix-python",
+        default=default_tunix if os.path.exists(default_tunix) else None,
+        help="interpreter of a venv with google-tunix (default: .venv-tunix/bin/python if present)",
+    )
     args = parser.parse_args()
     if args.tunix_python and not os.path.exists(args.tunix_python):
         raise SystemExit(f"--tunix-python {args.tunix_python!r} does not exist")

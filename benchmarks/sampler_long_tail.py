@@ -16,10 +16,10 @@ import json
 
 import jax
 import numpy as np
+from timing import interleaved_best, timed
 
 from polaris_jax.models import ModelConfig, init_params
 from polaris_jax.sampling import generate
-from timing import interleaved_best, timed
 
 
 def main():
@@ -30,23 +30,47 @@ def main():
     parser.add_argument("--eos-ids", type=int, default=6, help="how many token ids end a row")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = ModelConfig.tiny("qwen3", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                              head_dim=64, intermediate_size=768, tie_word_embeddings=True)
+    config = ModelConfig.tiny(
+        "qwen3",
+        vocab_size=1024,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        tie_word_embeddings=True,
+    )
     params = init_params(config, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.rows, args.prompt)).tolist()
-    kwargs = dict(max_new_tokens=args.max_new, temperature=1.0, seed=1, eos_token_ids=tuple(range(10, 10 + args.eos_ids)))
-    run = {mode: (lambda mode=mode: generate(config, params, prompts, compact_rows=mode, **kwargs))
-           for mode in (True, False)}
+    kwargs = dict(
+        max_new_tokens=args.max_new, temperature=1.0, seed=1, eos_token_ids=tuple(range(10, 10 + args.eos_ids))
+    )
+    run = {
+        mode: (lambda mode=mode: generate(config, params, prompts, compact_rows=mode, **kwargs))
+        for mode in (True, False)
+    }
     outputs = {mode: fn() for mode, fn in run.items()}  # warm-up (compiles)
     assert outputs[True].tokens == outputs[False].tokens, "compaction changed the samples"
     best = interleaved_best({mode: (lambda fn=fn: timed(fn)) for mode, fn in run.items()}, args.repeats)
     lengths = np.array([len(t) for t in outputs[True].tokens])
-    print(json.dumps(dict(
-        rows=args.rows, max_new_tokens=args.max_new, mean_length=round(float(lengths.mean()), 1),
-        median_length=float(np.median(lengths)), max_length=int(lengths.max()),
-        compact_s=round(best[True], 3), full_batch_s=round(best[False], 3),
-        compact_tok_s=round(lengths.sum() / best[True], 1), full_batch_tok_s=round(lengths.sum() / best[False], 1),
-        speedup=round(best[False] / best[True], 2), device=jax.devices()[0].device_kind)))
+    print(
+        json.dumps(
+            dict(
+                rows=args.rows,
+                max_new_tokens=args.max_new,
+                mean_length=round(float(lengths.mean()), 1),
+                median_length=float(np.median(lengths)),
+                max_length=int(lengths.max()),
+                compact_s=round(best[True], 3),
+                full_batch_s=round(best[False], 3),
+                compact_tok_s=round(lengths.sum() / best[True], 1),
+                full_batch_tok_s=round(lengths.sum() / best[False], 1),
+                speedup=round(best[False] / best[True], 2),
+                device=jax.devices()[0].device_kind,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--serve", action="store_true",
-                   help="after the warm-up print the tokens, then time one call per 'run' line on stdin")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the warm-up print the tokens, then time one call per 'run' line on stdin",
+    )
     args = p.parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1:
         raise SystemExit("--new-tokens and --repeats must be positive")
@@ -57,9 +60,13 @@ def load_prompts(path: str, vocab_size: int) -> list[list[int]]:
         with open(path) as f:
             prompts = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot read prompts file {path}: {e}")
-    ok = (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p for p in prompts)
-          and all(type(t) is int and 0 <= t < vocab_size for p in prompts for t in p))
+        raise SystemExit(f"cannot read prompts file {path}: {e}") from e
+    ok = (
+        isinstance(prompts, list)
+        and prompts
+        and all(isinstance(p, list) and p for p in prompts)
+        and all(type(t) is int and 0 <= t < vocab_size for p in prompts for t in p)
+    )
     if not ok:
         raise SystemExit(f"{path}: expected a non-empty JSON list of non-empty lists of token ids in [0, {vocab_size})")
     if len({len(p) for p in prompts}) != 1:
@@ -88,6 +95,7 @@ class IdTokenizer:
 
 def tunix_config(hf: dict, dtype):
     from tunix.models.qwen3 import model as qwen3_model
+
     if hf.get("model_type", "qwen3") != "qwen3":
         raise SystemExit(f"model_type {hf.get('model_type')!r} is not qwen3")
     theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1_000_000))
@@ -98,10 +106,19 @@ def tunix_config(hf: dict, dtype):
         print("warning: tunix's Qwen3 has no RoPE scaling (YaRN); it is ignored", file=sys.stderr)
     heads = hf["num_attention_heads"]
     return qwen3_model.ModelConfig(
-        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
-        hidden_dim=hf["intermediate_size"], num_heads=heads, head_dim=hf.get("head_dim", hf["hidden_size"] // heads),
-        num_kv_heads=hf.get("num_key_value_heads", heads), rope_theta=int(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        use_tied_embedding=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=dtype)
+        num_layers=hf["num_hidden_layers"],
+        vocab_size=hf["vocab_size"],
+        embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"],
+        num_heads=heads,
+        head_dim=hf.get("head_dim", hf["hidden_size"] // heads),
+        num_kv_heads=hf.get("num_key_value_heads", heads),
+        rope_theta=int(theta),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        use_tied_embedding=bool(hf.get("tie_word_embeddings", False)),
+        dtype=dtype,
+        param_dtype=dtype,
+    )
 
 
 def main(argv=None):
@@ -127,13 +144,19 @@ def main(argv=None):
     cfg = tunix_config(hf, dtype)
     model = qwen3_params.create_model_from_safe_tensors(args.model_dir, cfg, dtype=dtype)
     prompt_len, n = len(prompts[0]), args.new_tokens
-    sampler = sampler_lib.Sampler(model, IdTokenizer(), sampler_lib.CacheConfig(
-        cache_size=prompt_len + n, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+    sampler = sampler_lib.Sampler(
+        model,
+        IdTokenizer(),
+        sampler_lib.CacheConfig(
+            cache_size=prompt_len + n, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim
+        ),
+    )
     texts = [" ".join(map(str, p)) for p in prompts]
 
     def call():
-        out = sampler(texts, max_generation_steps=n, max_prompt_length=prompt_len, temperature=0.0,
-                      eos_tokens=[-1])  # greedy (no top_p / beam_size); tokens come back on the host
+        out = sampler(
+            texts, max_generation_steps=n, max_prompt_length=prompt_len, temperature=0.0, eos_tokens=[-1]
+        )  # greedy (no top_p / beam_size); tokens come back on the host
         return [np.asarray(t).tolist() for t in out.tokens]
 
     tokens = call()

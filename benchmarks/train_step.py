@@ -35,8 +35,13 @@ def _batch(args, vocab: int) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (args.batch, args.length + 1)).astype(np.int32)
     ones = np.ones((args.batch, args.length), np.int32)
-    return {"tokens_bt": tokens[:, :-1], "targets_bt": tokens[:, 1:], "segment_ids_bt": ones, "loss_mask_bt": ones,
-            "positions_bt": np.broadcast_to(np.arange(args.length, dtype=np.int32), ones.shape).copy()}
+    return {
+        "tokens_bt": tokens[:, :-1],
+        "targets_bt": tokens[:, 1:],
+        "segment_ids_bt": ones,
+        "loss_mask_bt": ones,
+        "positions_bt": np.broadcast_to(np.arange(args.length, dtype=np.int32), ones.shape).copy(),
+    }
 
 
 def ours(args, config, batch) -> dict:
@@ -47,10 +52,18 @@ def ours(args, config, batch) -> dict:
     shardings = partitioning.state_shardings(config, optimizer, mask, mesh)
     state = partitioning.init_sharded_state(params, optimizer, jax.random.PRNGKey(1), mask, shardings)
     del params
-    step = make_sft_step(config, optimizer, schedule, mesh=mesh, state_shardings=shardings,
-                         loss_settings=losses.LossSettings(chunk_size=min(args.length, 1024)),
-                         batch_shape=batch["tokens_bt"].shape)
-    device_batch = partitioning.put_batch(batch, partitioning.batch_shardings(mesh, batch_shape=batch["tokens_bt"].shape))
+    step = make_sft_step(
+        config,
+        optimizer,
+        schedule,
+        mesh=mesh,
+        state_shardings=shardings,
+        loss_settings=losses.LossSettings(chunk_size=min(args.length, 1024)),
+        batch_shape=batch["tokens_bt"].shape,
+    )
+    device_batch = partitioning.put_batch(
+        batch, partitioning.batch_shardings(mesh, batch_shape=batch["tokens_bt"].shape)
+    )
     start = time.perf_counter()
     state, m = step(state, device_batch, jax.random.PRNGKey(0))
     jax.block_until_ready(m)
@@ -65,8 +78,13 @@ def ours(args, config, batch) -> dict:
     flops = metrics.step_flops(config, tokens, metrics.attended_pairs(batch["segment_ids_bt"]))
     peak = metrics.peak_flops_per_device()
     best = min(times)
-    out = {"tokens_per_s": tokens / best, "step_s": times, "first_step_s_incl_compile": first,
-           "model_tflops_per_step": flops / 1e12, "loss": float(m["loss"])}
+    out = {
+        "tokens_per_s": tokens / best,
+        "step_s": times,
+        "first_step_s_incl_compile": first,
+        "model_tflops_per_step": flops / 1e12,
+        "loss": float(m["loss"]),
+    }
     if peak:
         out["mfu"] = flops / best / (peak * len(jax.devices()))
     del state
@@ -77,6 +95,7 @@ def ours(args, config, batch) -> dict:
 def transformers_step(args, config) -> dict:
     import torch
     import transformers
+
     hf = dict(config.to_hf())
     architecture = hf.pop("architectures")[0]
     model = getattr(transformers, architecture)(transformers.AutoConfig.for_model(hf.pop("model_type"), **hf))
@@ -116,11 +135,20 @@ def main():
     args = parser.parse_args()
     config = preset(args.preset, vocab_size=args.vocab, compute_dtype=args.compute_dtype, remat_policy=args.remat)
     batch = _batch(args, config.vocab_size)
-    result = {"benchmark": "sft_train_step", "model": f"{args.preset}-shape vocab{args.vocab}",
-              "compute_dtype": args.compute_dtype, "param_dtype": "float32", "batch": args.batch,
-              "length": args.length, "device": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
-              "machine": platform.machine(), "cores": os.cpu_count(),
-              "date": datetime.date.today().isoformat(), "polaris_jax": ours(args, config, batch)}
+    result = {
+        "benchmark": "sft_train_step",
+        "model": f"{args.preset}-shape vocab{args.vocab}",
+        "compute_dtype": args.compute_dtype,
+        "param_dtype": "float32",
+        "batch": args.batch,
+        "length": args.length,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": len(jax.devices()),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "date": datetime.date.today().isoformat(),
+        "polaris_jax": ours(args, config, batch),
+    }
     if not args.skip_torch:
         result["transformers"] = transformers_step(args, config)
         result["ratio_tokens_per_s"] = result["polaris_jax"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]

@@ -91,21 +91,25 @@ def main() -> None:
         pool_rate, pool_correct = rate(lambda c, g: sum(s.reward for s in pool.score(c, g)), completions, golds)
         failures = dict(pool.failures)
 
-    print(json.dumps({
-        "benchmark": "verifier",
-        "items": len(completions),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": os.getloadavg()[0],
-        "pool_workers": args.workers,
-        "direct_math_verify_per_s": round(direct_rate, 1),
-        "in_process_per_s": round(inproc_rate, 1),
-        "pool_per_s": round(pool_rate, 1),
-        "pool_over_direct": round(pool_rate / direct_rate, 2),
-        "pool_over_in_process": round(pool_rate / inproc_rate, 2),
-        "correct": {"direct_math_verify": direct_correct, "in_process": inproc_correct, "pool": pool_correct},
-        "boxed_gold_itself": identical,
-        "pool_failures": failures,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "verifier",
+                "items": len(completions),
+                "cpu_count": os.cpu_count(),
+                "load_avg_1min": os.getloadavg()[0],
+                "pool_workers": args.workers,
+                "direct_math_verify_per_s": round(direct_rate, 1),
+                "in_process_per_s": round(inproc_rate, 1),
+                "pool_per_s": round(pool_rate, 1),
+                "pool_over_direct": round(pool_rate / direct_rate, 2),
+                "pool_over_in_process": round(pool_rate / inproc_rate, 2),
+                "correct": {"direct_math_verify": direct_correct, "in_process": inproc_correct, "pool": pool_correct},
+                "boxed_gold_itself": identical,
+                "pool_failures": failures,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,18 @@ def get_config(arg: str | None = None):
     c.seed = 0
 
     c.model.preset = "tiny"
-    c.model.overrides = ml_collections.ConfigDict(dict(
-        arch="qwen3", vocab_size=0, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-        intermediate_size=384))
+    c.model.overrides = ml_collections.ConfigDict(
+        dict(
+            arch="qwen3",
+            vocab_size=0,
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=384,
+        )
+    )
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"
 

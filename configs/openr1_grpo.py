@@ -45,11 +45,13 @@ def get_config(arg: str | None = None):
     c.algo.num_iterations = 1
     c.algo.microbatches = 4
 
-    c.rewards = ml_collections.ConfigDict({
-        "accuracy": {"weight": 1.0},
-        "format": {"weight": 1.0, "think_in_prompt": True},
-        "tag_count": {"weight": 1.0, "tags": ("\n</think>\n",)},
-    })
+    c.rewards = ml_collections.ConfigDict(
+        {
+            "accuracy": {"weight": 1.0},
+            "format": {"weight": 1.0, "think_in_prompt": True},
+            "tag_count": {"weight": 1.0, "tags": ("\n</think>\n",)},
+        }
+    )
 
     c.optimizer.peak_lr = 1e-6
     c.optimizer.warmup_ratio = 0.1

@@ -31,12 +31,26 @@ def get_config(arg: str | None = None):
     variant = arg or ""
     if variant not in ("", "tiny", "filter"):
         raise ValueError(f"unknown polaris_qwen3_4b variant {variant!r}; choose '', 'tiny' or 'filter'")
-    c = polaris_recipe(default_config(), model_dir=MODEL_DIR, dataset=DATA, eval_dataset=EVAL,
-                       response_lens=(39_936, 48_128, 52_224), temperatures=(1.4, 1.45, 1.5))
+    c = polaris_recipe(
+        default_config(),
+        model_dir=MODEL_DIR,
+        dataset=DATA,
+        eval_dataset=EVAL,
+        response_lens=(39_936, 48_128, 52_224),
+        temperatures=(1.4, 1.45, 1.5),
+    )
     if variant == "tiny":
         make_tiny(c)
     if variant == "filter":  # the between-stage difficulty filter over this recipe's data
         from polaris_jax.tools.difficulty_filter import filter_config
-        return filter_config(model_dir=MODEL_DIR, dataset=DATA, samples=8, temperature=1.4,
-                             max_response_len=39_936, instruction=c.data.instruction, mesh=c.mesh).lock()
+
+        return filter_config(
+            model_dir=MODEL_DIR,
+            dataset=DATA,
+            samples=8,
+            temperature=1.4,
+            max_response_len=39_936,
+            instruction=c.data.instruction,
+            mesh=c.mesh,
+        ).lock()
     return c.lock()

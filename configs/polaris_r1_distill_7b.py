@@ -5,7 +5,8 @@
 
 Published schedule for Polaris-7B-Preview: stage max response lengths 15,360 / 23,552 / 31,744 tokens
 at temperatures 0.7 / 1.0 / 1.1 (R1-Distill models collapse at the higher temperatures Qwen3 takes).
-Everything else is the shared recipe (`grpo.recipes.polaris_recipe`, as configs/polaris_qwen3_4b.py): lr 1e-6, 128 prompts x 8 samples, clip 0.2 / 0.28,
+Everything else is the shared recipe (`grpo.recipes.polaris_recipe`, as configs/polaris_qwen3_4b.py): lr 1e-6,
+128 prompts x 8 samples, clip 0.2 / 0.28,
 token-mean, no KL, no entropy bonus, top_p 1.0, in-batch substitution, rollout rescue. The
 R1-Distill chat template opens `<think>\\n` in the generation prompt (polaris_jax/data/templates).
 MODEL_DIR is the Hugging Face deepseek-ai/DeepSeek-R1-Distill-Qwen-7B download; the per-stage step
@@ -24,8 +25,14 @@ def get_config(arg: str | None = None):
     variant = arg or ""
     if variant not in ("", "tiny"):
         raise ValueError(f"unknown polaris_r1_distill_7b variant {variant!r}; choose '' or 'tiny'")
-    c = polaris_recipe(default_config(), model_dir=MODEL_DIR, dataset=DATA, eval_dataset=EVAL,
-                       response_lens=(15_360, 23_552, 31_744), temperatures=(0.7, 1.0, 1.1))
+    c = polaris_recipe(
+        default_config(),
+        model_dir=MODEL_DIR,
+        dataset=DATA,
+        eval_dataset=EVAL,
+        response_lens=(15_360, 23_552, 31_744),
+        temperatures=(0.7, 1.0, 1.1),
+    )
     if variant == "tiny":
         make_tiny(c)
     return c.lock()

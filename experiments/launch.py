@@ -51,8 +51,9 @@ def final_json(stdout_text: str) -> dict | None:
     return None
 
 
-def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None,
-              timeout_s: float | None = None) -> dict:
+def run_local(
+    run: RunSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None, timeout_s: float | None = None
+) -> dict:
     """Runs one config to completion in a subprocess; returns (and writes) its result record.
 
     The record is {name, status: ok | failed | timeout, returncode, seconds, metrics, overrides,
@@ -60,11 +61,19 @@ def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, s
     os.makedirs(run.workdir, exist_ok=True)
     argv = command(run, python)
     start = time.monotonic()
-    with open(os.path.join(run.workdir, "stdout.log"), "w") as out, \
-            open(os.path.join(run.workdir, "stderr.log"), "w") as err:
+    with (
+        open(os.path.join(run.workdir, "stdout.log"), "w") as out,
+        open(os.path.join(run.workdir, "stderr.log"), "w") as err,
+    ):
         try:
-            proc = subprocess.run(argv, cwd=REPO_ROOT, stdout=out, stderr=err, timeout=timeout_s,
-                                  env=dict(os.environ if env is None else env))
+            proc = subprocess.run(
+                argv,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=err,
+                timeout=timeout_s,
+                env=dict(os.environ if env is None else env),
+            )
             status, returncode = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
         except subprocess.TimeoutExpired:
             status, returncode = "timeout", None
@@ -72,10 +81,16 @@ def run_local(run: RunSpec, *, python: str = sys.executable, env: Mapping[str, s
         metrics = final_json(f.read())
     if status == "ok" and metrics is None:
         status = "failed"  # finished without its final metrics line
-    record = {"name": run.name or os.path.basename(os.path.normpath(run.workdir)), "status": status,
-              "returncode": returncode, "seconds": round(time.monotonic() - start, 1), "metrics": metrics or {},
-              "overrides": {k: format_value(v) for k, v in run.overrides}, "config": run.config,
-              "command": shlex.join(argv)}
+    record = {
+        "name": run.name or os.path.basename(os.path.normpath(run.workdir)),
+        "status": status,
+        "returncode": returncode,
+        "seconds": round(time.monotonic() - start, 1),
+        "metrics": metrics or {},
+        "overrides": {k: format_value(v) for k, v in run.overrides},
+        "config": run.config,
+        "command": shlex.join(argv),
+    }
     if status != "ok":
         record["error"] = _last_error_line(os.path.join(run.workdir, "stderr.log"))
     write_atomic(os.path.join(run.workdir, RESULT_FILE), json.dumps(record, indent=2, sort_keys=True, default=str))
@@ -91,11 +106,17 @@ def _last_error_line(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (becomes --config.KEY=VALUE)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (becomes --config.KEY=VALUE)",
+    )
     parser.add_argument("--launcher", choices=("local", "xm"), default="local")
     parser.add_argument("--dry_run", action="store_true", help="print the command line and exit")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs polaris_jax.main")
@@ -106,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.launcher == "xm":
         from experiments import xm_launch
+
         xm_launch.launch([run], title=f"polaris_jax {os.path.basename(run.workdir)}", python=args.python)
         record = read_result(run.workdir) or {"status": "failed", "metrics": {}}
     else:

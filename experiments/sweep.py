@@ -108,13 +108,17 @@ def run_specs(sweep: Sweep, root: str, extra: dict | None = None) -> list[RunSpe
     for i, point in enumerate(sweep.points()):
         name = point_name(i, point, sweep.swept_keys)
         overrides = {**point, **(extra or {})}
-        specs.append(RunSpec(config=sweep.config, workdir=os.path.join(root, name),
-                             overrides=tuple(overrides.items()), name=name))
+        specs.append(
+            RunSpec(
+                config=sweep.config, workdir=os.path.join(root, name), overrides=tuple(overrides.items()), name=name
+            )
+        )
     return specs
 
 
-def run_all_local(specs: Sequence[RunSpec], parallel: int = 1, timeout_s: float | None = None,
-                  python: str = sys.executable, log=print) -> list[dict]:
+def run_all_local(
+    specs: Sequence[RunSpec], parallel: int = 1, timeout_s: float | None = None, python: str = sys.executable, log=print
+) -> list[dict]:
     """Runs every point, `parallel` at a time; returns their records in the order of `specs`."""
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -122,8 +126,10 @@ def run_all_local(specs: Sequence[RunSpec], parallel: int = 1, timeout_s: float 
         futures = {pool.submit(run_local, spec, python=python, timeout_s=timeout_s): spec for spec in specs}
         for future in concurrent.futures.as_completed(futures):
             record = future.result()
-            log(f"[{record['status']:>7}] {record['name']} ({record['seconds']} s)"
-                + (f": {record['error']}" if record.get("error") else ""))
+            log(
+                f"[{record['status']:>7}] {record['name']} ({record['seconds']} s)"
+                + (f": {record['error']}" if record.get("error") else "")
+            )
     return [read_result(spec.workdir) for spec in specs]
 
 
@@ -138,8 +144,12 @@ def summary_table(sweep: Sweep, specs: Sequence[RunSpec], records: Sequence[dict
     for spec, record in zip(specs, records):
         record = record or {"status": "missing", "metrics": {}, "seconds": ""}
         overrides = dict(spec.overrides)
-        rows.append([spec.name, record["status"]] + [format_value(overrides[k]) for k in sweep.swept_keys]
-                    + [record["metrics"].get(m, "") for m in metrics] + [record.get("seconds", ""), spec.workdir])
+        rows.append(
+            [spec.name, record["status"]]
+            + [format_value(overrides[k]) for k in sweep.swept_keys]
+            + [record["metrics"].get(m, "") for m in metrics]
+            + [record.get("seconds", ""), spec.workdir]
+        )
     return header, rows
 
 
@@ -173,11 +183,17 @@ def write_summary(root: str, header, rows) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", required=True, help="experiments/sweeps/NAME.py[:arg]")
     parser.add_argument("--root", required=True, help="directory holding one workdir per point")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every point (after the sweep's own), repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every point (after the sweep's own), repeatable",
+    )
     parser.add_argument("--parallel", type=int, default=1, help="points run at once (local launcher)")
     parser.add_argument("--timeout_s", type=float, default=None, help="per-point time limit (local launcher)")
     parser.add_argument("--launcher", choices=("local", "xm"), default="local")
@@ -194,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sweep {sweep.name}: {len(specs)} points under {args.root}", flush=True)
     if args.launcher == "xm":
         from experiments import xm_launch
+
         xm_launch.launch(specs, title=f"polaris_jax sweep {sweep.name}", python=args.python)
         records = [read_result(spec.workdir) for spec in specs]
     else:

@@ -43,6 +43,7 @@ def _import_xmanager():
     except ImportError as e:
         raise SystemExit("--launcher=xm needs xmanager: pip install -e '.[xm]' (the optional `xm` extra)") from e
     from absl import flags
+
     if not flags.FLAGS.is_parsed():  # xmanager reads its own absl flags (database, ...); use their defaults
         flags.FLAGS([sys.argv[0]])
     return xm, xm_local
@@ -53,8 +54,7 @@ def launch(runs: Sequence[RunSpec], *, title: str, python: str = sys.executable)
     xm, xm_local = _import_xmanager()
     env = work_unit_env()
     with xm_local.create_experiment(experiment_title=title) as experiment:
-        [executable] = experiment.package([xm.binary(executor_spec=xm_local.Local.Spec(), path=python,
-                                                     env_vars=env)])
+        [executable] = experiment.package([xm.binary(executor_spec=xm_local.Local.Spec(), path=python, env_vars=env)])
         for run in runs:
             os.makedirs(run.workdir, exist_ok=True)
             # ShellSafeArg: the binary is exec'd without a shell, so xmanager's shell quoting must not apply.

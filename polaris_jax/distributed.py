@@ -24,8 +24,9 @@ import os
 
 from absl import flags
 
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "", ["", "auto", "off"],
-                                 "'auto': let JAX detect the cluster; 'off': never initialise.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "", ["", "auto", "off"], "'auto': let JAX detect the cluster; 'off': never initialise."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0's coordinator service.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -51,7 +52,7 @@ class DistributedSettings:
     def enabled(self) -> bool:
         return self.mode == "auto" or (self.mode != "off" and bool(self.coordinator_address))
 
-    def validate(self) -> "DistributedSettings":
+    def validate(self) -> DistributedSettings:
         if self.mode not in ("", "auto", "off"):
             raise ValueError(f"distributed mode {self.mode!r} is not '', 'auto' or 'off'")
         if self.mode == "auto" or not self.enabled:
@@ -59,8 +60,10 @@ class DistributedSettings:
         if ":" not in self.coordinator_address:
             raise ValueError(f"coordinator_address {self.coordinator_address!r} must be host:port")
         if self.num_processes is None or self.process_id is None:
-            raise ValueError(f"coordinator_address={self.coordinator_address!r} is set, so num_processes and "
-                             f"process_id are needed too (got {self.num_processes}, {self.process_id})")
+            raise ValueError(
+                f"coordinator_address={self.coordinator_address!r} is set, so num_processes and "
+                f"process_id are needed too (got {self.num_processes}, {self.process_id})"
+            )
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
         return self
@@ -69,8 +72,12 @@ class DistributedSettings:
 def _from_flags() -> dict:
     if not flags.FLAGS.is_parsed():
         return {}
-    values = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
-              "process_id": _PROCESS_ID.value, "mode": _DISTRIBUTED.value}
+    values = {
+        "coordinator_address": _COORDINATOR.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+        "mode": _DISTRIBUTED.value,
+    }
     return {k: v for k, v in values.items() if v not in (None, "")}
 
 
@@ -78,10 +85,12 @@ def _from_config(config) -> dict:
     section = config.get("distributed", None) if config is not None and hasattr(config, "get") else None
     if section is None:
         return {}
-    values = {"coordinator_address": section.get("coordinator_address", ""),
-              "num_processes": section.get("num_processes", None),
-              "process_id": section.get("process_id", None),
-              "mode": "auto" if section.get("auto", False) else ""}
+    values = {
+        "coordinator_address": section.get("coordinator_address", ""),
+        "num_processes": section.get("num_processes", None),
+        "process_id": section.get("process_id", None),
+        "mode": "auto" if section.get("auto", False) else "",
+    }
     return {k: v for k, v in values.items() if v not in (None, "")}
 
 
@@ -109,6 +118,7 @@ def resolve_settings(config=None, environ=None) -> DistributedSettings:
 def use_gloo_for_cpu_collectives() -> None:
     """Cross-process collectives on CPU devices go over gloo; must run before the first JAX computation."""
     import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
@@ -121,18 +131,24 @@ def maybe_initialize_distributed(config=None, environ=None) -> bool:
     if not settings.enabled:
         return False
     import jax
+
     use_gloo_for_cpu_collectives()
     if settings.mode == "auto":
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                                   num_processes=settings.num_processes, process_id=settings.process_id)
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+        )
     return True
 
 
 def wait_for_process_zero(name: str) -> None:
     """A barrier after files that process 0 alone writes into the (shared) workdir, before others read them."""
     import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)

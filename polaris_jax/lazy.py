@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 
-def attach(package: str, submodules: Iterable[str] = (), exports: Mapping[str, str] | None = None
-           ) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
+def attach(
+    package: str, submodules: Iterable[str] = (), exports: Mapping[str, str] | None = None
+) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
     """(__getattr__, __dir__, __all__) for the package named `package` (pass `__name__`)."""
     submodules, exports = tuple(submodules), dict(exports or {})
     clash = set(submodules) & set(exports)

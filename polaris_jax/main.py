@@ -69,8 +69,11 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        print(f"error: unknown config override among {bad} ({e}); the config is locked, so only existing "
-              "keys can be overridden", file=sys.stderr)
+        print(
+            f"error: unknown config override among {bad} ({e}); the config is locked, so only existing "
+            "keys can be overridden",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -45,9 +45,7 @@ class Registry:
         try:
             return self._fns[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
 
     def meta(self, name: str) -> dict[str, Any]:
         """What the entry declared about itself when it was registered."""
@@ -56,7 +54,7 @@ class Registry:
 
     def knobs(self, name: str) -> tuple[str, ...]:
         """The keyword arguments the entry takes after its `inputs` data arguments."""
-        params = list(inspect.signature(self.get(name)).parameters.values())[self.inputs:]
+        params = list(inspect.signature(self.get(name)).parameters.values())[self.inputs :]
         return tuple(p.name for p in params if p.kind in _KNOB_KINDS)
 
     def bind(self, name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,8 +64,9 @@ class Registry:
         try:
             inspect.signature(self.get(name)).bind(*(None,) * self.inputs, **kwargs)
         except TypeError as error:
-            raise ValueError(f"{self.kind} {name!r}: {error} (its keyword arguments: "
-                             f"{', '.join(self.knobs(name)) or 'none'})") from None
+            raise ValueError(
+                f"{self.kind} {name!r}: {error} (its keyword arguments: {', '.join(self.knobs(name)) or 'none'})"
+            ) from None
         return kwargs
 
     def names(self) -> list[str]:

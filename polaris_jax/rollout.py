@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -70,7 +70,7 @@ class Rollouts:
 
     @property
     def finish_reasons(self) -> list[str]:
-        """"eos", "stop" or "length" per row."""
+        """ "eos", "stop" or "length" per row."""
         return [FINISH_REASONS[int(code)] for code in self.finish_b]
 
     def replace(self, **fields) -> Rollouts:
@@ -102,7 +102,7 @@ class RolloutSettings:
 
 def rollout_seed(*parts: int) -> int:
     """A sampler seed that is a pure function of where we are in training, e.g. (seed, step, round)."""
-    return int(np.random.SeedSequence([int(x) for x in parts]).generate_state(1)[0] % (2 ** 31))
+    return int(np.random.SeedSequence([int(x) for x in parts]).generate_state(1)[0] % (2**31))
 
 
 def prompt_width(problems: Sequence[Problem], multiple: int = 8) -> int:
@@ -115,7 +115,7 @@ def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tu
     for i, problem in enumerate(problems):
         if len(problem.prompt_ids) > width:
             raise ValueError(f"prompt {problem.id!r} has {len(problem.prompt_ids)} tokens, more than the width {width}")
-        prompt_gt[i, width - len(problem.prompt_ids):] = problem.prompt_ids
+        prompt_gt[i, width - len(problem.prompt_ids) :] = problem.prompt_ids
     lengths_g = np.asarray([len(p.prompt_ids) for p in problems], np.int32)
     return np.repeat(prompt_gt, group_size, axis=0), np.repeat(lengths_g, group_size)
 
@@ -123,11 +123,22 @@ def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tu
 def completion_texts(tokenizer, response_br: np.ndarray, response_len_b: np.ndarray, finish_b: np.ndarray) -> list[str]:
     """The decoded responses, without the EOS id that ended a row (a stop sequence is kept)."""
     ends_b = response_len_b - (finish_b == FINISH_EOS)
-    return [tokenizer.decode(response_br[i, :ends_b[i]].tolist()) for i in range(len(ends_b))]
+    return [tokenizer.decode(response_br[i, : ends_b[i]].tolist()) for i in range(len(ends_b))]
 
 
-def sample_and_verify(model_config, params, problems: Sequence[Problem], settings: RolloutSettings, *, tokenizer,
-                      pool, seed: int, reward_spec: Mapping = ACCURACY_ONLY, mesh=None, rules=None) -> Verified:
+def sample_and_verify(
+    model_config,
+    params,
+    problems: Sequence[Problem],
+    settings: RolloutSettings,
+    *,
+    tokenizer,
+    pool,
+    seed: int,
+    reward_spec: Mapping = ACCURACY_ONLY,
+    mesh=None,
+    rules=None,
+) -> Verified:
     """Samples `samples_per_prompt` responses per problem from `params`, verifies them in `pool` (whose
     extraction config carries the think policy) and shapes the rewards by `reward_spec`."""
     if not problems:
@@ -140,11 +151,21 @@ def sample_and_verify(model_config, params, problems: Sequence[Problem], setting
     outputs, texts, futures = [], [], []
     time_rollout = 0.0
     for c, start in enumerate(range(0, len(problems), per_chunk)):
-        chunk = problems[start:start + per_chunk]
+        chunk = problems[start : start + per_chunk]
         started = time.perf_counter()
-        out = generate(model_config, params, [list(q.prompt_ids) for q in chunk], max_new_tokens=settings.max_response_len,
-                       temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, n=g,
-                       eos_token_ids=eos_ids, seed=rollout_seed(seed, c), **kwargs)
+        out = generate(
+            model_config,
+            params,
+            [list(q.prompt_ids) for q in chunk],
+            max_new_tokens=settings.max_response_len,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            n=g,
+            eos_token_ids=eos_ids,
+            seed=rollout_seed(seed, c),
+            **kwargs,
+        )
         time_rollout += time.perf_counter() - started
         chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
         futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(g)]))
@@ -158,13 +179,21 @@ def sample_and_verify(model_config, params, problems: Sequence[Problem], setting
     group_b = np.repeat(np.arange(len(problems), dtype=np.int32), g)
     rewards_b, parts, failures = combine_rewards(RewardBatch(texts, response_len_b, correct_b, group_b), reward_spec)
     rollouts = Rollouts(
-        prompt_bt=prompt_bt, prompt_len_b=prompt_len_b,
+        prompt_bt=prompt_bt,
+        prompt_len_b=prompt_len_b,
         response_br=np.concatenate([o.tokens_br for o in outputs]).astype(np.int32),
         response_len_b=response_len_b,
         sampler_logprobs_br=np.concatenate([o.logprobs_br for o in outputs]).astype(np.float32),
         finish_b=np.concatenate([o.finish_b for o in outputs]).astype(np.int32),
-        correct_b=correct_b, rewards_b=rewards_b, group_b=group_b)
-    info = {"time_rollout": time_rollout, "time_reward": time.perf_counter() - started,
-            "reward_failures": float(failures), "rollout_tokens": float(response_len_b.sum()),
-            **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}}
+        correct_b=correct_b,
+        rewards_b=rewards_b,
+        group_b=group_b,
+    )
+    info = {
+        "time_rollout": time_rollout,
+        "time_reward": time.perf_counter() - started,
+        "reward_failures": float(failures),
+        "rollout_tokens": float(response_len_b.sum()),
+        **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()},
+    }
     return Verified(rollouts, texts, scores, info)

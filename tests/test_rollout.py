@@ -43,9 +43,10 @@ def scripted_generate(tokenizer):
             finished = row % 2 == 1
             ids = tokenizer.encode(FINISHED if finished else TRUNCATED) + ([eos] if finished else [])
             assert len(ids) <= max_new_tokens
-            tokens_br[row, :len(ids)], lengths_b[row] = ids, len(ids)
+            tokens_br[row, : len(ids)], lengths_b[row] = ids, len(ids)
             finish_b[row] = sampling.FINISH_EOS if finished else sampling.FINISH_LENGTH
         return sampling.SampleOutput(tokens_br, np.zeros(tokens_br.shape, np.float32), lengths_b, finish_b)
+
     return generate
 
 
@@ -55,13 +56,17 @@ def r1_setup(tmp_path_factory):
     tokenizer = qwen_tokenizer_offline("r1_distill_qwen")
     tokenizer.save(root / "tokenizer")
     data = root / "problems.jsonl"
-    data.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"What is {i}+{42 - i}?", "answer": "42"}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "problem": f"What is {i}+{42 - i}?", "answer": "42"}) + "\n" for i in range(4)
+        )
+    )
     return tokenizer, str(root / "tokenizer"), str(data)
 
 
-def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_the_eval_job(r1_setup, tmp_path,
-                                                                                          monkeypatch):
+def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_the_eval_job(
+    r1_setup, tmp_path, monkeypatch
+):
     tokenizer, tokenizer_dir, data = r1_setup
     # The bug this guards against: without the resolved policy the early box would count.
     assert score_completion(TRUNCATED, "42", ExtractionConfig(think="strip")).reward == 1.0
@@ -103,18 +108,25 @@ def _rollouts(correct_gn) -> rollout.Rollouts:
     correct_b = np.asarray(correct_gn, np.float32).reshape(-1)
     rows, r = len(correct_b), 3
     return rollout.Rollouts(
-        prompt_bt=np.arange(rows * 2, dtype=np.int32).reshape(rows, 2), prompt_len_b=np.full(rows, 2, np.int32),
-        response_br=np.arange(rows * r, dtype=np.int32).reshape(rows, r), response_len_b=np.full(rows, r, np.int32),
-        sampler_logprobs_br=np.zeros((rows, r), np.float32), finish_b=np.full(rows, sampling.FINISH_EOS, np.int32),
-        correct_b=correct_b, rewards_b=correct_b, group_b=np.repeat(np.arange(len(correct_gn), dtype=np.int32), 2))
+        prompt_bt=np.arange(rows * 2, dtype=np.int32).reshape(rows, 2),
+        prompt_len_b=np.full(rows, 2, np.int32),
+        response_br=np.arange(rows * r, dtype=np.int32).reshape(rows, r),
+        response_len_b=np.full(rows, r, np.int32),
+        sampler_logprobs_br=np.zeros((rows, r), np.float32),
+        finish_b=np.full(rows, sampling.FINISH_EOS, np.int32),
+        correct_b=correct_b,
+        rewards_b=correct_b,
+        group_b=np.repeat(np.arange(len(correct_gn), dtype=np.int32), 2),
+    )
 
 
 def test_batch_shaping_keeps_a_rollouts_batch_typed_and_whole():
     from polaris_jax.train import rl
 
     batch = _rollouts([[1, 0], [1, 1], [0, 0]])
-    shaped, info = rl.polaris_substitute(batch, 2, np.random.default_rng(0), rewards_key="rewards_b",
-                                         min_informative_fraction=0.0)
+    shaped, info = rl.polaris_substitute(
+        batch, 2, np.random.default_rng(0), rewards_key="rewards_b", min_informative_fraction=0.0
+    )
     assert isinstance(shaped, rollout.Rollouts) and info["num_substituted_groups"] == 2
     np.testing.assert_array_equal(shaped.group_b, [0, 0, 0, 0, 0, 0])  # every group is now a copy of group 0
     np.testing.assert_array_equal(shaped.response_br, np.concatenate([batch.response_br[:2]] * 3))

@@ -18,9 +18,15 @@ def get_sweep(arg: str = ""):
         raise ValueError(f"unknown grpo_tiny_sweep variant {arg!r}; use '' or 'smoke'")
     base = {}
     if arg == "smoke":  # minutes in total, not the demo's numbers
-        base = {"demo.sft_steps": 20, "demo.sft_examples": 2000, "demo.eval_problems": 16,
-                "schedule.steps": (2, 2), "rollout.prompts_per_step": 4, "checkpoint.every": 1000,
-                "plots": False}
+        base = {
+            "demo.sft_steps": 20,
+            "demo.sft_examples": 2000,
+            "demo.eval_problems": 16,
+            "schedule.steps": (2, 2),
+            "rollout.prompts_per_step": 4,
+            "checkpoint.every": 1000,
+            "plots": False,
+        }
     return dict(
         name="grpo_tiny_lr_group_clip" + (f"_{arg}" if arg else ""),
         config="configs/grpo_tiny.py",

@@ -27,8 +27,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,10 @@ def benchmark_file(name: str):
         candidate = _benchmark_dir() / f"{name}{suffix}"
         if candidate.is_file():
             return candidate
-    raise ValueError(f"unknown benchmark {name!r}: not a file, and not one of the shipped benchmarks "
-                     f"({', '.join(benchmark_names())})")
+    raise ValueError(
+        f"unknown benchmark {name!r}: not a file, and not one of the shipped benchmarks "
+        f"({', '.join(benchmark_names())})"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -163,7 +166,7 @@ def _open(path: str, split: str | None) -> sources.RowSource:
     if location.is_dir() and (location / "dataset_info.json").exists():
         return sources.TfdsSource(str(location), split=split or _only_split(location))
     if path.startswith("tfds:"):
-        return sources.TfdsSource(path[len("tfds:"):], split=split or "test")
+        return sources.TfdsSource(path[len("tfds:") :], split=split or "test")
     if not location.exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     return sources.open_source(str(location))
@@ -181,8 +184,13 @@ def _only_split(directory: Path) -> str:
 
 def _is_name(spec: str | os.PathLike) -> bool:
     """A bare string such as "aime_2025" that is not an existing path names a shipped benchmark."""
-    return (isinstance(spec, str) and not spec.startswith("tfds:") and not os.path.exists(spec)
-            and not any(sep in spec for sep in ("/", os.sep)) and not os.path.splitext(spec)[1])
+    return (
+        isinstance(spec, str)
+        and not spec.startswith("tfds:")
+        and not os.path.exists(spec)
+        and not any(sep in spec for sep in ("/", os.sep))
+        and not os.path.splitext(spec)[1]
+    )
 
 
 def load_benchmark(name_or_path: str | os.PathLike, split: str | None = None) -> list[dict[str, str]]:

@@ -104,7 +104,7 @@ def _strftime_now(fmt):
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compiles a template string once; the sandbox matches transformers' environment."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -136,22 +136,22 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def render_chat_template(
-        template: str,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        add_generation_prompt: bool = False,
-        special_tokens: Mapping[str, str] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        documents: Sequence[Mapping[str, Any]] | None = None,
-        **template_kwargs: Any,
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    special_tokens: Mapping[str, str] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    **template_kwargs: Any,
 ) -> str:
     """Renders `messages` with `template`; `template_kwargs` (e.g. enable_thinking) override tokens."""
     compiled = compile_chat_template(template)
     context = {**(special_tokens or {}), **template_kwargs}
     return compiled.render(
-            messages=normalize_messages(messages),
-            tools=list(tools) if tools is not None else None,
-            documents=list(documents) if documents is not None else None,
-            add_generation_prompt=add_generation_prompt,
-            **context,
+        messages=normalize_messages(messages),
+        tools=list(tools) if tools is not None else None,
+        documents=list(documents) if documents is not None else None,
+        add_generation_prompt=add_generation_prompt,
+        **context,
     )

@@ -44,10 +44,10 @@ def last_boxed(text: str) -> Extraction:
     if any(start is not None for start in open_boxes):
         return Extraction(None, "unbalanced_box")
     bare = None
-    for bare in _BOX_BARE.finditer(text):
+    for bare in _BOX_BARE.finditer(text):  # noqa: B007 - the loop keeps the last match
         pass
     if bare is not None and (last is None or bare.start() > last[0]):
         return Extraction(bare.group(1).strip(), "boxed")
     if last is None:
         return Extraction(None, "no_box")
-    return Extraction(text[last[0]:last[1]].strip(), "boxed")
+    return Extraction(text[last[0] : last[1]].strip(), "boxed")

@@ -44,8 +44,13 @@ def make_row(segments: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad
     same_segment[:-1] = (segment_ids[1:] == segment_ids[:-1]) & (segment_ids[:-1] > 0)
     targets = np.where(same_segment, np.roll(tokens, -1), pad_id).astype(np.int32)
     loss_mask = np.where(same_segment, np.roll(token_mask, -1), 0).astype(np.int32)
-    return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "targets": targets,
-            "loss_mask": loss_mask}
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+    }
 
 
 def empty_row(length: int, pad_id: int) -> dict[str, np.ndarray]:

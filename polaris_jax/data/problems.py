@@ -52,8 +52,13 @@ def load_problems(path: str, tokenizer, data_config, rows: list[dict] | None = N
             continue
         problems.append(Problem(row["id"], tuple(ids), row["answer"]))
     if too_long:
-        logger.warning("%s: skipped %d of %d prompts longer than data.max_prompt_len=%d", path, too_long,
-                       len(rows), data_config.max_prompt_len)
+        logger.warning(
+            "%s: skipped %d of %d prompts longer than data.max_prompt_len=%d",
+            path,
+            too_long,
+            len(rows),
+            data_config.max_prompt_len,
+        )
     if not problems:
         raise ValueError(f"{path}: every prompt is longer than data.max_prompt_len={data_config.max_prompt_len}")
     return problems

@@ -96,12 +96,18 @@ class SFTDataConfig:
         check(self.mode in MODES, f"mode {self.mode!r} is not one of {MODES}")
         check(self.order in ORDERS, f"order {self.order!r} is not one of {ORDERS}")
         check(self.on_malformed in ("raise", "skip"), f"on_malformed {self.on_malformed!r} is not 'raise' or 'skip'")
-        check(self.num_epochs is None or self.num_epochs >= 1, f"num_epochs must be >= 1 or None, got {self.num_epochs}")
-        check(0 <= self.shard_index < self.shard_count, f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+        check(
+            self.num_epochs is None or self.num_epochs >= 1, f"num_epochs must be >= 1 or None, got {self.num_epochs}"
+        )
+        check(
+            0 <= self.shard_index < self.shard_count, f"shard_index {self.shard_index} not in [0, {self.shard_count})"
+        )
         check(self.prefetch >= 0, f"prefetch must be >= 0, got {self.prefetch}")
         check(list(self.buckets) == sorted(set(self.buckets)), f"buckets must be increasing, got {self.buckets}")
-        check(not self.buckets or self.buckets[-1] <= self.seq_len,
-              f"largest bucket {self.buckets[-1] if self.buckets else 0} exceeds seq_len {self.seq_len}")
+        check(
+            not self.buckets or self.buckets[-1] <= self.seq_len,
+            f"largest bucket {self.buckets[-1] if self.buckets else 0} exceeds seq_len {self.seq_len}",
+        )
 
     @property
     def bucket_lengths(self) -> tuple[int, ...]:
@@ -155,8 +161,15 @@ class _SafeRows:
 class EpochOrderDataset(grain.MapDataset):
     """Index i -> parent[order_e[i % n]] with e = i // n: a fresh order for every epoch."""
 
-    def __init__(self, parent: grain.MapDataset, *, order: str, seed: int, num_epochs: int | None,
-                 difficulties: np.ndarray | None = None):
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        order: str,
+        seed: int,
+        num_epochs: int | None,
+        difficulties: np.ndarray | None = None,
+    ):
         super().__init__(parent)
         self._n = len(parent)
         self._order, self._seed, self._num_epochs = order, seed, num_epochs
@@ -196,8 +209,9 @@ class EpochOrderDataset(grain.MapDataset):
 class SFTBatchIterator(grain.DatasetIterator):
     """Yields dicts of int32 [batch_size, T] arrays; checkpointable with get_state/set_state."""
 
-    def __init__(self, examples: grain.MapDataset, config: SFTDataConfig, pad_id: int, fingerprint: str,
-                 rows_per_epoch: int):
+    def __init__(
+        self, examples: grain.MapDataset, config: SFTDataConfig, pad_id: int, fingerprint: str, rows_per_epoch: int
+    ):
         super().__init__()
         self._examples, self._config, self._pad_id, self._fingerprint = examples, config, pad_id, fingerprint
         self._rows_per_epoch = rows_per_epoch
@@ -216,13 +230,19 @@ class SFTBatchIterator(grain.DatasetIterator):
         return dict(self._counts)
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_index": self._next, "stats": dict(self._counts), "fingerprint": self._fingerprint,
-                "buffers": {str(b): list(v) for b, v in self._buffers.items() if v}}
+        return {
+            "next_index": self._next,
+            "stats": dict(self._counts),
+            "fingerprint": self._fingerprint,
+            "buffers": {str(b): list(v) for b, v in self._buffers.items() if v},
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self._fingerprint:
-            raise ValueError("data iterator state was saved for a different data pipeline (sources, order, seed, "
-                             "shapes or sharding changed); refusing to resume from it")
+            raise ValueError(
+                "data iterator state was saved for a different data pipeline (sources, order, seed, "
+                "shapes or sharding changed); refusing to resume from it"
+            )
         self._reset(state)
 
     def _read(self, index: int) -> dict[str, Any]:
@@ -246,8 +266,12 @@ class SFTBatchIterator(grain.DatasetIterator):
         if self._logged_skips < _MAX_LOGGED_SKIPS:
             self._logged_skips += 1
             detail = example.get("detail") or ""
-            logger.warning("skipping SFT example %d of the stream: %s%s", self._next - 1, example["skip"],
-                           f" ({detail})" if detail else "")
+            logger.warning(
+                "skipping SFT example %d of the stream: %s%s",
+                self._next - 1,
+                example["skip"],
+                f" ({detail})" if detail else "",
+            )
         if self._skips_in_a_row > self._rows_per_epoch:
             raise ValueError(f"every SFT example is being skipped: {self._counts}")
         return None
@@ -299,8 +323,10 @@ class SFTBatchIterator(grain.DatasetIterator):
             if ready:
                 b = ready[0]
                 indices, self._buffers[b] = self._buffers[b][:size], self._buffers[b][size:]
-                rows = [packing.make_row([(self._read(i)["tokens"], self._read(i)["loss_mask"])], b, self._pad_id)
-                        for i in indices]
+                rows = [
+                    packing.make_row([(self._read(i)["tokens"], self._read(i)["loss_mask"])], b, self._pad_id)
+                    for i in indices
+                ]
                 rows += [packing.empty_row(b, self._pad_id)] * (size - len(rows))
                 return packing.stack_rows(rows)
             example = self._take()
@@ -314,8 +340,9 @@ class SFTBatchIterator(grain.DatasetIterator):
 class SFTDataset(grain.IterDataset):
     """IterDataset face of the pipeline, so grain wrappers (e.g. prefetch) can be stacked on it."""
 
-    def __init__(self, examples: grain.MapDataset, config: SFTDataConfig, pad_id: int, fingerprint: str,
-                 rows_per_epoch: int):
+    def __init__(
+        self, examples: grain.MapDataset, config: SFTDataConfig, pad_id: int, fingerprint: str, rows_per_epoch: int
+    ):
         super().__init__()
         self._args = (examples, config, pad_id, fingerprint, rows_per_epoch)
 
@@ -338,8 +365,10 @@ def _curriculum_difficulties(parsed: sources_lib.ParsedSource, raise_malformed: 
             continue  # skipped later anyway; NaN sorts last
         missing.append(int(i))
     if missing:
-        raise ValueError(f"curriculum order needs a '{parsed.parse_kwargs['difficulty_key']}' on every row; "
-                         f"{len(missing)} row(s) have none, e.g. rows {missing[:5]} of {parsed.name}")
+        raise ValueError(
+            f"curriculum order needs a '{parsed.parse_kwargs['difficulty_key']}' on every row; "
+            f"{len(missing)} row(s) have none, e.g. rows {missing[:5]} of {parsed.name}"
+        )
     return values
 
 
@@ -348,9 +377,14 @@ def make_sft_dataset(config: Any, tokenizer: Tokenizer) -> grain.IterDataset:
     cfg = config if isinstance(config, SFTDataConfig) else SFTDataConfig.from_config(config)
     rows = sources_lib.open_sources(cfg.sources, split=cfg.split, data_dir=cfg.tfds_data_dir)
     parsed = sources_lib.ParsedSource(
-        rows, messages_key=cfg.messages_key, prompt_key=cfg.prompt_key, response_key=cfg.response_key,
-        difficulty_key=cfg.difficulty_key, difficulty_levels=cfg.difficulty_levels or None,
-        system_prompt=cfg.system_prompt)
+        rows,
+        messages_key=cfg.messages_key,
+        prompt_key=cfg.prompt_key,
+        response_key=cfg.response_key,
+        difficulty_key=cfg.difficulty_key,
+        difficulty_levels=cfg.difficulty_levels or None,
+        system_prompt=cfg.system_prompt,
+    )
     if len(parsed) == 0:
         raise ValueError(f"data source {parsed.name} has no rows")
     raise_malformed = cfg.on_malformed == "raise"
@@ -359,10 +393,15 @@ def make_sft_dataset(config: Any, tokenizer: Tokenizer) -> grain.IterDataset:
     if template in BUILTIN_TEMPLATES:
         template = builtin_template(template)
     if template is None and tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat_template; set data.chat_template to a template or to one of "
-                         f"{BUILTIN_TEMPLATES}")
-    options = TokenizeOptions(max_length=cfg.seq_len, completion_mode=cfg.completion_mode, chat_template=template,
-                              template_kwargs=cfg.template_kwargs)
+        raise ValueError(
+            f"the tokenizer has no chat_template; set data.chat_template to a template or to one of {BUILTIN_TEMPLATES}"
+        )
+    options = TokenizeOptions(
+        max_length=cfg.seq_len,
+        completion_mode=cfg.completion_mode,
+        chat_template=template,
+        template_kwargs=cfg.template_kwargs,
+    )
 
     def tokenize(example):
         return example if "skip" in example else tokenize_example(example, tokenizer, options)
@@ -370,11 +409,21 @@ def make_sft_dataset(config: Any, tokenizer: Tokenizer) -> grain.IterDataset:
     ds = grain.MapDataset.source(_SafeRows(parsed, raise_malformed))
     ds = EpochOrderDataset(ds, order=cfg.order, seed=cfg.seed, num_epochs=cfg.num_epochs, difficulties=difficulties)
     if cfg.shard_count > 1:
-        ds = ds[cfg.shard_index::cfg.shard_count]
+        ds = ds[cfg.shard_index :: cfg.shard_count]
     ds = ds.map(tokenize)
     # What the saved indices refer to: the example stream and, for buckets, the buffers' keys.
-    stream_keys = ("sources", "split", "order", "seed", "num_epochs", "shard_index", "shard_count", "difficulty_key",
-                   "difficulty_levels", "mode")
+    stream_keys = (
+        "sources",
+        "split",
+        "order",
+        "seed",
+        "num_epochs",
+        "shard_index",
+        "shard_count",
+        "difficulty_key",
+        "difficulty_levels",
+        "mode",
+    )
     identity = {k: getattr(cfg, k) for k in stream_keys}
     identity.update(rows=len(parsed), buckets=cfg.bucket_lengths if cfg.mode == "bucket" else None)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

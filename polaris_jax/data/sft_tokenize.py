@@ -78,10 +78,10 @@ def _appended_completion(prompt_text: str, message: Mapping[str, Any], eos_token
     # The generation prompt may already open the reasoning block (R1-Distill ends with "<think>\n").
     opened = prompt_text.rstrip()
     if opened.endswith("<think>") and response.startswith("<think>"):
-        already_written = prompt_text[len(opened):]
-        response = response[len("<think>"):]
+        already_written = prompt_text[len(opened) :]
+        response = response[len("<think>") :]
         if response.startswith(already_written):
-            response = response[len(already_written):]
+            response = response[len(already_written) :]
     return response + eos_token
 
 
@@ -99,16 +99,20 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer, options: 
     conversation, assistant = messages[: last + 1], messages[last]
     kwargs = dict(options.template_kwargs)
     prompt_text = tokenizer.apply_chat_template(
-        conversation[:-1], add_generation_prompt=True, chat_template=options.chat_template, **kwargs)
+        conversation[:-1], add_generation_prompt=True, chat_template=options.chat_template, **kwargs
+    )
     completion = None
     if options.completion_mode in ("auto", "template"):
         full_text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=False, chat_template=options.chat_template, **kwargs)
-        if full_text.startswith(prompt_text) and _template_keeps_response(full_text[len(prompt_text):], assistant):
-            completion = full_text[len(prompt_text):]
+            conversation, add_generation_prompt=False, chat_template=options.chat_template, **kwargs
+        )
+        if full_text.startswith(prompt_text) and _template_keeps_response(full_text[len(prompt_text) :], assistant):
+            completion = full_text[len(prompt_text) :]
         elif options.completion_mode == "template":
-            return skipped(SKIP_TEMPLATE_MISMATCH, "the template's render of the conversation does not extend "
-                           "the prompt render with the full response")
+            return skipped(
+                SKIP_TEMPLATE_MISMATCH,
+                "the template's render of the conversation does not extend the prompt render with the full response",
+            )
     if completion is None:
         eos = tokenizer.special_tokens_map.get("eos_token") or tokenizer.id_to_token(tokenizer.eos_token_id)
         completion = _appended_completion(prompt_text, assistant, eos)
@@ -119,7 +123,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer, options: 
     loss_mask = np.zeros(len(tokens), np.int8)
     ends = np.flatnonzero(np.isin(np.asarray(completion_ids, np.int64), tokenizer.eos_token_ids))
     trained = ends[-1] + 1 if len(ends) else len(completion_ids)
-    loss_mask[len(prompt_ids): len(prompt_ids) + trained] = 1
+    loss_mask[len(prompt_ids) : len(prompt_ids) + trained] = 1
     truncated = len(tokens) > options.max_length
     if truncated:
         tokens, loss_mask = tokens[: options.max_length], loss_mask[: options.max_length]

@@ -158,7 +158,7 @@ class ConcatSource:
 def open_source(spec: str, *, split: str = "train", data_dir: str | None = None) -> RowSource:
     """`x.jsonl` / `x.json`, `x.parquet`, `tfds:NAME` or a prepared tfds builder directory."""
     if spec.startswith("tfds:"):
-        return TfdsSource(spec[len("tfds:"):], split=split, data_dir=data_dir)
+        return TfdsSource(spec[len("tfds:") :], split=split, data_dir=data_dir)
     path = Path(spec)
     if path.is_dir() and (path / "dataset_info.json").exists():
         return TfdsSource(spec, split=split)
@@ -167,8 +167,10 @@ def open_source(spec: str, *, split: str = "train", data_dir: str | None = None)
         return JsonlSource(path)
     if suffix == ".parquet":
         return ParquetSource(path)
-    raise ValueError(f"cannot tell the format of data source {spec!r}: use a .jsonl/.json or .parquet file, "
-                     "'tfds:NAME', or a prepared tfds dataset directory")
+    raise ValueError(
+        f"cannot tell the format of data source {spec!r}: use a .jsonl/.json or .parquet file, "
+        "'tfds:NAME', or a prepared tfds dataset directory"
+    )
 
 
 def open_sources(specs: str | Sequence[str], **kwargs) -> RowSource:

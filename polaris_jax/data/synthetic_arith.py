@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -151,8 +151,9 @@ def trace_text(problem: Problem, kind: str, rng: np.random.Generator, *, task: A
     return f"<think>\n{_steps_text(problem.operands, problem.ops, values)}</think>\n\n\\boxed{{{values[-1]}}}"
 
 
-def sft_traces(problems: Sequence[Problem], mix: dict[str, float], seed: int,
-               task: ArithTask = ArithTask()) -> list[tuple[Problem, str, str]]:
+def sft_traces(
+    problems: Sequence[Problem], mix: dict[str, float], seed: int, task: ArithTask = ArithTask()
+) -> list[tuple[Problem, str, str]]:
     """(problem, kind, completion) per problem, the kind drawn from `mix` (weights over TRACE_KINDS)."""
     unknown = set(mix) - set(TRACE_KINDS)
     if unknown:
@@ -171,6 +172,7 @@ def sft_traces(problems: Sequence[Problem], mix: dict[str, float], seed: int,
 
 # ---------------------------------------------------------------------------------- tokenizer
 
+
 def build_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Writes the task's tokenizer (tokenizer.json + tokenizer_config.json) and loads it back."""
     vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS + _CHARS)}
@@ -179,9 +181,16 @@ def build_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
     backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in _WORD_TOKENS])
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
-              "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast",
-              "model_max_length": 512, "chat_template": chat_template_lib.builtin_template("qwen3")}
+    config = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 512,
+        "chat_template": chat_template_lib.builtin_template("qwen3"),
+    }
     Tokenizer(backend, config).save(directory)
     return Tokenizer.from_dir(directory)
 
@@ -212,8 +221,9 @@ def dataset_records(spec: str, task: ArithTask = ArithTask()) -> list[dict]:
     RL config can name the task without files. Train never holds one of the first 1024 eval problems."""
     parts = spec.split(":")
     if len(parts) != 3 or parts[0] + ":" != DATASET_PREFIX or parts[1] not in _SPLIT_SEEDS or not parts[2].isdigit():
-        raise ValueError(f"bad synthetic dataset {spec!r}; expected {DATASET_PREFIX}train:COUNT or "
-                         f"{DATASET_PREFIX}eval:COUNT")
+        raise ValueError(
+            f"bad synthetic dataset {spec!r}; expected {DATASET_PREFIX}train:COUNT or {DATASET_PREFIX}eval:COUNT"
+        )
     split, count = parts[1], int(parts[2])
     exclude = () if split == "eval" else [p.text for p in sample_problems(_SPLIT_SEEDS["eval"], _HELD_OUT, task)]
     problems = sample_problems(_SPLIT_SEEDS[split], count, task, exclude=exclude)

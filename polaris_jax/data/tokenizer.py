@@ -86,8 +86,10 @@ class Tokenizer:
         files = {name: path / name for name in ("tokenizer.json", "tokenizer_config.json")}
         for name, file in files.items():
             if not file.is_file():
-                raise FileNotFoundError(f"{path} has no {name} (a Hugging Face checkpoint tokenizer needs both "
-                                        "tokenizer.json and tokenizer_config.json)")
+                raise FileNotFoundError(
+                    f"{path} has no {name} (a Hugging Face checkpoint tokenizer needs both "
+                    "tokenizer.json and tokenizer_config.json)"
+                )
         backend = tokenizers.Tokenizer.from_file(str(files["tokenizer.json"]))
         try:
             config = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8"))
@@ -110,8 +112,14 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         config = dict(self.config)
         config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())
         }
         write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
@@ -130,8 +138,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self.config.get("clean_up_tokenization_spaces", False):
-            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                                  (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            for before, after in (
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ):
                 text = text.replace(before, after)
         return text
 
@@ -163,11 +181,17 @@ class Tokenizer:
         """Renders messages to text; `template_kwargs` (e.g. `enable_thinking=False`) reach the template."""
         template = chat_template or self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat_template; pass chat_template= or use "
-                             "polaris_jax.data.chat_template.builtin_template(name)")
+            raise ValueError(
+                "this tokenizer has no chat_template; pass chat_template= or use "
+                "polaris_jax.data.chat_template.builtin_template(name)"
+            )
         return chat_template_lib.render_chat_template(
-            template, messages, add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens,
-            tools=tools, **template_kwargs,
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self._special_tokens,
+            tools=tools,
+            **template_kwargs,
         )
 
     # ------------------------------------------------------------------------------ properties
@@ -210,8 +234,10 @@ class Tokenizer:
         return self.backend.token_to_id("</think>")
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids}, "
-                f"pad_token_id={self.pad_token_id}, chat_template={'yes' if self.chat_template else 'no'})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids}, "
+            f"pad_token_id={self.pad_token_id}, chat_template={'yes' if self.chat_template else 'no'})"
+        )
 
 
 def _add_config_tokens(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -> None:
@@ -222,32 +248,64 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, config: Mapping[str, Any])
         existing = backend.token_to_id(content)
         if existing is not None:
             if existing != int(index):
-                raise ValueError(f"tokenizer_config.json puts {content!r} at id {index} but tokenizer.json has "
-                                 f"it at {existing}")
+                raise ValueError(
+                    f"tokenizer_config.json puts {content!r} at id {index} but tokenizer.json has it at {existing}"
+                )
             continue
         if backend.get_vocab_size(with_added_tokens=True) != int(index):
-            raise ValueError(f"tokenizer_config.json declares {content!r} at id {index}, which cannot be appended "
-                             f"to a vocabulary of {backend.get_vocab_size(with_added_tokens=True)}")
-        backend.add_tokens([tokenizers.AddedToken(
-            content, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
-            rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
-            special=spec.get("special", False))])
+            raise ValueError(
+                f"tokenizer_config.json declares {content!r} at id {index}, which cannot be appended "
+                f"to a vocabulary of {backend.get_vocab_size(with_added_tokens=True)}"
+            )
+        backend.add_tokens(
+            [
+                tokenizers.AddedToken(
+                    content,
+                    single_word=spec.get("single_word", False),
+                    lstrip=spec.get("lstrip", False),
+                    rstrip=spec.get("rstrip", False),
+                    normalized=spec.get("normalized", False),
+                    special=spec.get("special", False),
+                )
+            ]
+        )
 
 
 _FLAVORS = {
     # flavor: (added tokens, template, tokenizer_config fields)
-    "qwen3": (qwen_vocab.QWEN3_ADDED_TOKENS, "qwen3", {
-        "add_prefix_space": False, "bos_token": None, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-        "additional_special_tokens": [t for t, special in qwen_vocab.QWEN3_ADDED_TOKENS[1:14] if special],
-    }),
-    "r1_distill_qwen": (qwen_vocab.R1_DISTILL_ADDED_TOKENS, "r1_distill_qwen", {
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<｜begin▁of▁sentence｜>",
-        "clean_up_tokenization_spaces": False, "eos_token": "<｜end▁of▁sentence｜>", "legacy": True,
-        "model_max_length": 16384, "pad_token": "<｜end▁of▁sentence｜>", "unk_token": None,
-        "tokenizer_class": "LlamaTokenizerFast",
-    }),
+    "qwen3": (
+        qwen_vocab.QWEN3_ADDED_TOKENS,
+        "qwen3",
+        {
+            "add_prefix_space": False,
+            "bos_token": None,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>",
+            "errors": "replace",
+            "model_max_length": 131072,
+            "pad_token": "<|endoftext|>",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+            "additional_special_tokens": [t for t, special in qwen_vocab.QWEN3_ADDED_TOKENS[1:14] if special],
+        },
+    ),
+    "r1_distill_qwen": (
+        qwen_vocab.R1_DISTILL_ADDED_TOKENS,
+        "r1_distill_qwen",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<｜begin▁of▁sentence｜>",
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<｜end▁of▁sentence｜>",
+            "legacy": True,
+            "model_max_length": 16384,
+            "pad_token": "<｜end▁of▁sentence｜>",
+            "unk_token": None,
+            "tokenizer_class": "LlamaTokenizerFast",
+        },
+    ),
 }
 
 
@@ -267,9 +325,12 @@ def qwen_tokenizer_offline(flavor: str = "qwen3") -> Tokenizer:
     bos = config.get("bos_token")
     if config.get("add_bos_token") and bos is not None:
         bos_id = backend.token_to_id(bos)
-        backend.post_processor = tokenizers.processors.Sequence([
-            tokenizers.processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-            tokenizers.processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                     special_tokens=[(bos, bos_id)]),
-        ])
+        backend.post_processor = tokenizers.processors.Sequence(
+            [
+                tokenizers.processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+                tokenizers.processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+                ),
+            ]
+        )
     return Tokenizer(backend, config)

@@ -7,10 +7,21 @@ harness.
 
 from polaris_jax import lazy
 
-_METRICS = ("avg_at_n", "cons_at_n", "default_ks", "group_answers", "majority_index", "mean_pass_at_k",
-            "pass_at_k", "summarize")
+_METRICS = (
+    "avg_at_n",
+    "cons_at_n",
+    "default_ks",
+    "group_answers",
+    "majority_index",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "summarize",
+)
 
-__getattr__, __dir__, __all__ = lazy.attach(__name__, exports={
-    **{name: "polaris_jax.evals.metrics" for name in _METRICS},
-    "run_eval": "polaris_jax.evals.harness",
-})
+__getattr__, __dir__, __all__ = lazy.attach(
+    __name__,
+    exports={
+        **{name: "polaris_jax.evals.metrics" for name in _METRICS},
+        "run_eval": "polaris_jax.evals.harness",
+    },
+)

@@ -33,6 +33,7 @@ from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify
 
 def _is_writer() -> bool:
     import jax
+
     return jax.process_index() == 0
 
 
@@ -65,9 +66,11 @@ def load_model(config, mesh=None, rules=None):
 def mesh_and_rules(config):
     """The config's device mesh and logical-axis rules; no mesh (one device) for a config without one."""
     from polaris_jax.models.sharding import DEFAULT_RULES
+
     if "mesh" not in config:
         return None, DEFAULT_RULES
     from polaris_jax.models.sharding import mesh_from_config, sharding_rules
+
     return mesh_from_config(config), sharding_rules(config)
 
 
@@ -106,21 +109,45 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     n = int(config.n)
     problem_list = _problems(config, problems, tokenizer)
     chunks = -(-len(problem_list) // max(1, int(config.problems_per_batch)))
-    settings = RolloutSettings(max_response_len=int(config.max_new_tokens), temperature=config.temperature,
-                               samples_per_prompt=n, prompt_width=prompt_width(problem_list), top_p=config.top_p,
-                               top_k=config.top_k, chunks=chunks)
+    settings = RolloutSettings(
+        max_response_len=int(config.max_new_tokens),
+        temperature=config.temperature,
+        samples_per_prompt=n,
+        prompt_width=prompt_width(problem_list),
+        top_p=config.top_p,
+        top_k=config.top_k,
+        chunks=chunks,
+    )
     with VerifierPool(
         num_workers=config.verifier_workers or None, timeout_s=config.verifier_timeout_s, extraction=extraction
     ) as pool:
-        verified = sample_and_verify(model_config, params, problem_list, settings, tokenizer=tokenizer, pool=pool,
-                                     seed=int(config.seed), mesh=mesh, rules=rules)
+        verified = sample_and_verify(
+            model_config,
+            params,
+            problem_list,
+            settings,
+            tokenizer=tokenizer,
+            pool=pool,
+            seed=int(config.seed),
+            mesh=mesh,
+            rules=rules,
+        )
         rollouts = verified.rollouts
-        records = [{
-            "id": problems[row // n]["id"], "sample": row % n, "gold": problems[row // n]["answer"],
-            "answer": score.answer, "reward": score.reward, "reason": score.reason,
-            "num_tokens": int(rollouts.response_len_b[row]), "finish_reason": reason, "completion": text,
-        } for row, (score, text, reason) in enumerate(zip(verified.scores, verified.texts, rollouts.finish_reasons))]
-        answers_gn = [[r["answer"] for r in records[i:i + n]] for i in range(0, len(records), n)]
+        records = [
+            {
+                "id": problems[row // n]["id"],
+                "sample": row % n,
+                "gold": problems[row // n]["answer"],
+                "answer": score.answer,
+                "reward": score.reward,
+                "reason": score.reason,
+                "num_tokens": int(rollouts.response_len_b[row]),
+                "finish_reason": reason,
+                "completion": text,
+            }
+            for row, (score, text, reason) in enumerate(zip(verified.scores, verified.texts, rollouts.finish_reasons))
+        ]
+        answers_gn = [[r["answer"] for r in records[i : i + n]] for i in range(0, len(records), n)]
         labels_gn = metrics_lib.group_answers(answers_gn, _equivalent_pairs(pool))
         verifier_failures = dict(pool.failures)
     for i, record in enumerate(records):
@@ -134,14 +161,27 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
 
     out_dir = Path(workdir) / "eval" / Path(str(config.benchmark).rstrip("/")).stem
     summary = {
-        "benchmark": str(config.benchmark), "checkpoint": str(config.checkpoint),
-        "num_problems": len(problems), "n": n, "temperature": config.temperature,
-        "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed, "force_think": config.force_think, "think_policy": extraction.think,
-        "metrics": metrics, "verifier_failures": verifier_failures, "wall_s": time.time() - started,
+        "benchmark": str(config.benchmark),
+        "checkpoint": str(config.checkpoint),
+        "num_problems": len(problems),
+        "n": n,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "force_think": config.force_think,
+        "think_policy": extraction.think,
+        "metrics": metrics,
+        "verifier_failures": verifier_failures,
+        "wall_s": time.time() - started,
     }
     if _is_writer():  # multi-host: every process holds every sample; one writes
         write_atomic(out_dir / "samples.jsonl", jsonl(records))
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return {**metrics, "num_problems": len(problems), "samples_path": str(out_dir / "samples.jsonl"),
-            "summary_path": str(out_dir / "summary.json")}
+    return {
+        **metrics,
+        "num_problems": len(problems),
+        "samples_path": str(out_dir / "samples.jsonl"),
+        "summary_path": str(out_dir / "summary.json"),
+    }

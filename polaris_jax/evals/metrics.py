@@ -9,14 +9,23 @@ plus mean response length in tokens and the fraction of samples cut off at the t
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from polaris_jax.rewards.equivalence import string_key
 from polaris_jax.rewards.estimators import avg_at_n, mean_pass_at_k, pass_at_k
 
-__all__ = ["avg_at_n", "cons_at_n", "default_ks", "group_answers", "majority_index", "mean_pass_at_k", "pass_at_k", "summarize"]
+__all__ = [
+    "avg_at_n",
+    "cons_at_n",
+    "default_ks",
+    "group_answers",
+    "majority_index",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "summarize",
+]
 
 
 def default_ks(n: int) -> list[int]:

@@ -9,7 +9,25 @@ from polaris_jax.models.sharding import DEFAULT_RULES, make_mesh, param_sharding
 from polaris_jax.models.transformer import forward, lm_head, logits, positions_from_mask
 
 __all__ = [
-    "ConfigError", "ModelConfig", "PRESETS", "preset", "init_cache", "init_params", "param_axes",
-    "param_shapes", "forward", "lm_head", "logits", "positions_from_mask", "load_hf", "save_hf", "add_lora",
-    "lora_mask", "merge_lora", "DEFAULT_RULES", "make_mesh", "param_shardings", "tree_shardings",
+    "ConfigError",
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "init_cache",
+    "init_params",
+    "param_axes",
+    "param_shapes",
+    "forward",
+    "lm_head",
+    "logits",
+    "positions_from_mask",
+    "load_hf",
+    "save_hf",
+    "add_lora",
+    "lora_mask",
+    "merge_lora",
+    "DEFAULT_RULES",
+    "make_mesh",
+    "param_shardings",
+    "tree_shardings",
 ]

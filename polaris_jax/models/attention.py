@@ -38,10 +38,10 @@ class HeadMajorKV:
     def dtype(self):
         return self.data.dtype
 
-    def astype(self, dtype) -> "HeadMajorKV":
+    def astype(self, dtype) -> HeadMajorKV:
         return dataclasses.replace(self, data=self.data.astype(dtype))
 
-    def replace_data(self, data) -> "HeadMajorKV":
+    def replace_data(self, data) -> HeadMajorKV:
         return dataclasses.replace(self, data=data)
 
 
@@ -50,10 +50,11 @@ def init_cache(config, batch: int, max_len: int, dtype=None, *, per_layer: bool 
     meta = dict(valid_bs=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32))
     if per_layer:
         kv, h = config.num_kv_heads, config.head_dim
-        return dict(k=tuple(HeadMajorKV(jnp.zeros((batch, kv, h, max_len), dtype), True)
-                            for _ in range(config.num_layers)),
-                    v=tuple(HeadMajorKV(jnp.zeros((batch, kv, max_len, h), dtype), False)
-                            for _ in range(config.num_layers)), **meta)
+        return dict(
+            k=tuple(HeadMajorKV(jnp.zeros((batch, kv, h, max_len), dtype), True) for _ in range(config.num_layers)),
+            v=tuple(HeadMajorKV(jnp.zeros((batch, kv, max_len, h), dtype), False) for _ in range(config.num_layers)),
+            **meta,
+        )
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), **meta)
 
@@ -83,7 +84,7 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jnp.ndarray:
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
-    scores = scores * (h ** -0.5)
+    scores = scores * (h**-0.5)
     scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
@@ -99,7 +100,7 @@ def _head_major_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jnp.ndarray:
     cache would be written at every step."""
     b, t, n, h = q_btnh.shape
     kv = k_bkhs.shape[1]
-    q_bktgh = jnp.swapaxes(q_btnh.reshape(b, t, kv, n // kv, h), 1, 2) * jnp.asarray(h ** -0.5, q_btnh.dtype)
+    q_bktgh = jnp.swapaxes(q_btnh.reshape(b, t, kv, n // kv, h), 1, 2) * jnp.asarray(h**-0.5, q_btnh.dtype)
     q_bktgh = q_bktgh.astype(k_bkhs.dtype)
     if t == 1:
         scores = jnp.sum(q_bktgh[:, :, 0, :, :, None] * k_bkhs[:, :, None], axis=3, dtype=jnp.float32)[:, :, :, None]
@@ -108,8 +109,9 @@ def _head_major_attention(q_btnh, k_bkhs, v_bksh, mask_bts) -> jnp.ndarray:
     scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     if t == 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None].astype(v_bksh.dtype) * v_bksh[:, :, None], axis=3,
-                      dtype=jnp.float32)[:, None]
+        out = jnp.sum(probs[:, :, :, 0, :, None].astype(v_bksh.dtype) * v_bksh[:, :, None], axis=3, dtype=jnp.float32)[
+            :, None
+        ]
     else:
         out = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh.astype(jnp.float32))
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
@@ -137,8 +139,10 @@ def write_cache_layer(k_cache_bskh, v_cache_bskh, k_btkh, v_btkh, end):
     """Writes this call's keys/values at slot `end` of one layer's cache (either layout)."""
     if isinstance(k_cache_bskh, HeadMajorKV):
         k_bkht, v_bkth = jnp.transpose(k_btkh, (0, 2, 3, 1)), jnp.transpose(v_btkh, (0, 2, 1, 3))
-        return (k_cache_bskh.replace_data(_write_slots(k_cache_bskh.data, k_bkht, end, axis=3)),
-                v_cache_bskh.replace_data(_write_slots(v_cache_bskh.data, v_bkth, end, axis=2)))
+        return (
+            k_cache_bskh.replace_data(_write_slots(k_cache_bskh.data, k_bkht, end, axis=3)),
+            v_cache_bskh.replace_data(_write_slots(v_cache_bskh.data, v_bkth, end, axis=2)),
+        )
     return _write_slots(k_cache_bskh, k_btkh, end, axis=1), _write_slots(v_cache_bskh, v_btkh, end, axis=1)
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import jax.numpy as jnp
 
 ARCHITECTURES = {
-        "Qwen2ForCausalLM": "qwen2",
-        "Qwen3ForCausalLM": "qwen3",
-        "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -83,7 +83,8 @@ class ModelConfig:
             raise ConfigError(f"attention blocks ({self.attention_block_q}, {self.attention_block_kv}) must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
-                    f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
         bad_targets = set(self.lora_targets) - set(LORA_TARGETS)
         if bad_targets:
             raise ConfigError(f"lora_targets {sorted(bad_targets)} are not among {LORA_TARGETS}")
@@ -91,7 +92,9 @@ class ModelConfig:
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0")
         if self.is_moe and not (self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts):
             raise ConfigError(
-                    f"qwen3_moe needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts ({self.num_experts})")
+                f"qwen3_moe needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) "
+                f"<= num_experts ({self.num_experts})"
+            )
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -114,8 +117,7 @@ class ModelConfig:
 
     def layer_is_moe(self, layer: int) -> bool:
         """Transformers' rule for which decoder layers use the sparse MoE block."""
-        return (self.is_moe and layer not in self.mlp_only_layers
-                        and (layer + 1) % self.decoder_sparse_step == 0)
+        return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
     def layer_runs(self) -> list[tuple[str, int, int]]:
         """Contiguous runs of same-kind layers: [(kind, first_layer, count)]; each run is one scan."""
@@ -138,9 +140,20 @@ class ModelConfig:
     @classmethod
     def tiny(cls, arch: str = "qwen3", **overrides) -> ModelConfig:
         """A few-hundred-KB model for tests and CPU demos."""
-        base = dict(arch=arch, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                head_dim=16, intermediate_size=128, max_position_embeddings=2048, rope_theta=10000.0,
-                                qkv_bias=arch == "qwen2", qk_norm=arch != "qwen2")
+        base = dict(
+            arch=arch,
+            vocab_size=256,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            max_position_embeddings=2048,
+            rope_theta=10000.0,
+            qkv_bias=arch == "qwen2",
+            qk_norm=arch != "qwen2",
+        )
         if arch == "qwen3_moe":
             base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         base.update(overrides)
@@ -148,24 +161,68 @@ class ModelConfig:
 
     @classmethod
     def qwen3_0p6b(cls, **kw):
-        return cls(**{**dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
-                                                  intermediate_size=3072, tie_word_embeddings=True), **kw})
+        return cls(
+            **{
+                **dict(
+                    hidden_size=1024,
+                    num_layers=28,
+                    num_heads=16,
+                    num_kv_heads=8,
+                    intermediate_size=3072,
+                    tie_word_embeddings=True,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def qwen3_1p7b(cls, **kw):
-        return cls(**{**dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
-                                                  intermediate_size=6144, tie_word_embeddings=True), **kw})
+        return cls(
+            **{
+                **dict(
+                    hidden_size=2048,
+                    num_layers=28,
+                    num_heads=16,
+                    num_kv_heads=8,
+                    intermediate_size=6144,
+                    tie_word_embeddings=True,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def qwen3_4b(cls, **kw):
-        return cls(**{**dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8,
-                                                  intermediate_size=9728, tie_word_embeddings=True), **kw})
+        return cls(
+            **{
+                **dict(
+                    hidden_size=2560,
+                    num_layers=36,
+                    num_heads=32,
+                    num_kv_heads=8,
+                    intermediate_size=9728,
+                    tie_word_embeddings=True,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def qwen3_8b(cls, **kw):
         """Qwen3-8B (40960 positions; 131072 with YaRN)."""
-        return cls(**{**dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
-                                                  intermediate_size=12288, max_position_embeddings=131072 if kw.get("rope_scaling") else 40960), **kw})
+        return cls(
+            **{
+                **dict(
+                    hidden_size=4096,
+                    num_layers=36,
+                    num_heads=32,
+                    num_kv_heads=8,
+                    intermediate_size=12288,
+                    max_position_embeddings=131072 if kw.get("rope_scaling") else 40960,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def deepseek_r1_0528_qwen3_8b(cls, **kw):
@@ -174,14 +231,28 @@ class ModelConfig:
 
     @classmethod
     def qwen3_14b(cls, **kw):
-        return cls(**{**dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8,
-                                                  intermediate_size=17408), **kw})
+        return cls(
+            **{**dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, intermediate_size=17408), **kw}
+        )
 
     @classmethod
     def qwen3_30b_a3b(cls, **kw):
-        return cls(**{**dict(arch="qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
-                                                  intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-                                                  moe_intermediate_size=768), **kw})
+        return cls(
+            **{
+                **dict(
+                    arch="qwen3_moe",
+                    hidden_size=2048,
+                    num_layers=48,
+                    num_heads=32,
+                    num_kv_heads=4,
+                    intermediate_size=6144,
+                    num_experts=128,
+                    num_experts_per_tok=8,
+                    moe_intermediate_size=768,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def _qwen2(cls, **kw):
@@ -189,15 +260,42 @@ class ModelConfig:
 
     @classmethod
     def qwen2p5_math_1p5b(cls, **kw):
-        return cls._qwen2(**{**dict(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                                                                head_dim=128, intermediate_size=8960, rope_theta=10000.0,
-                                                                max_position_embeddings=4096, tie_word_embeddings=True), **kw})
+        return cls._qwen2(
+            **{
+                **dict(
+                    vocab_size=151936,
+                    hidden_size=1536,
+                    num_layers=28,
+                    num_heads=12,
+                    num_kv_heads=2,
+                    head_dim=128,
+                    intermediate_size=8960,
+                    rope_theta=10000.0,
+                    max_position_embeddings=4096,
+                    tie_word_embeddings=True,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def qwen2p5_math_7b(cls, **kw):
-        return cls._qwen2(**{**dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                                                                head_dim=128, intermediate_size=18944, rope_theta=10000.0,
-                                                                max_position_embeddings=4096), **kw})
+        return cls._qwen2(
+            **{
+                **dict(
+                    vocab_size=152064,
+                    hidden_size=3584,
+                    num_layers=28,
+                    num_heads=28,
+                    num_kv_heads=4,
+                    head_dim=128,
+                    intermediate_size=18944,
+                    rope_theta=10000.0,
+                    max_position_embeddings=4096,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def r1_distill_qwen_1p5b(cls, **kw):
@@ -209,9 +307,23 @@ class ModelConfig:
 
     @classmethod
     def r1_distill_qwen_14b(cls, **kw):
-        return cls._qwen2(**{**dict(vocab_size=152064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
-                                                                head_dim=128, intermediate_size=13824, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-                                                                max_position_embeddings=131072), **kw})
+        return cls._qwen2(
+            **{
+                **dict(
+                    vocab_size=152064,
+                    hidden_size=5120,
+                    num_layers=48,
+                    num_heads=40,
+                    num_kv_heads=8,
+                    head_dim=128,
+                    intermediate_size=13824,
+                    rope_theta=1_000_000.0,
+                    rms_norm_eps=1e-5,
+                    max_position_embeddings=131072,
+                ),
+                **kw,
+            }
+        )
 
     # -- Hugging Face ----------------------------------------------------------
     @classmethod
@@ -230,12 +342,18 @@ class ModelConfig:
 
 
 PRESETS = {
-        "qwen3_0p6b": ModelConfig.qwen3_0p6b, "qwen3_1p7b": ModelConfig.qwen3_1p7b,
-        "qwen3_4b": ModelConfig.qwen3_4b, "qwen3_8b": ModelConfig.qwen3_8b, "qwen3_14b": ModelConfig.qwen3_14b,
-        "deepseek_r1_0528_qwen3_8b": ModelConfig.deepseek_r1_0528_qwen3_8b, "qwen3_30b_a3b": ModelConfig.qwen3_30b_a3b,
-        "qwen2p5_math_1p5b": ModelConfig.qwen2p5_math_1p5b, "qwen2p5_math_7b": ModelConfig.qwen2p5_math_7b,
-        "r1_distill_qwen_1p5b": ModelConfig.r1_distill_qwen_1p5b, "r1_distill_qwen_7b": ModelConfig.r1_distill_qwen_7b,
-        "r1_distill_qwen_14b": ModelConfig.r1_distill_qwen_14b,
+    "qwen3_0p6b": ModelConfig.qwen3_0p6b,
+    "qwen3_1p7b": ModelConfig.qwen3_1p7b,
+    "qwen3_4b": ModelConfig.qwen3_4b,
+    "qwen3_8b": ModelConfig.qwen3_8b,
+    "qwen3_14b": ModelConfig.qwen3_14b,
+    "deepseek_r1_0528_qwen3_8b": ModelConfig.deepseek_r1_0528_qwen3_8b,
+    "qwen3_30b_a3b": ModelConfig.qwen3_30b_a3b,
+    "qwen2p5_math_1p5b": ModelConfig.qwen2p5_math_1p5b,
+    "qwen2p5_math_7b": ModelConfig.qwen2p5_math_7b,
+    "r1_distill_qwen_1p5b": ModelConfig.r1_distill_qwen_1p5b,
+    "r1_distill_qwen_7b": ModelConfig.r1_distill_qwen_7b,
+    "r1_distill_qwen_14b": ModelConfig.r1_distill_qwen_14b,
 }
 
 
@@ -261,8 +379,8 @@ def _arch_of(hf: dict[str, Any]) -> str:
     if model_type in ARCHITECTURES.values():
         return model_type
     raise ConfigError(
-        f"unknown architecture: architectures={names}, model_type={model_type!r}; "
-        f"supported: {sorted(ARCHITECTURES)}")
+        f"unknown architecture: architectures={names}, model_type={model_type!r}; supported: {sorted(ARCHITECTURES)}"
+    )
 
 
 def _rope(hf: dict[str, Any], arch: str, max_pos: int) -> tuple[float, tuple | None]:
@@ -347,14 +465,23 @@ def config_to_hf(config) -> dict[str, Any]:
     """The `config.json` transformers needs to load what `save_hf` writes."""
     arch_name = {v: k for k, v in ARCHITECTURES.items()}[config.arch]
     hf: dict[str, Any] = dict(
-        architectures=[arch_name], model_type=config.arch, vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim, intermediate_size=config.intermediate_size, hidden_act="silu",
-        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        architectures=[arch_name],
+        model_type=config.arch,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        intermediate_size=config.intermediate_size,
+        hidden_act="silu",
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
         max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=config.tie_word_embeddings, torch_dtype=config.param_dtype,
-        use_sliding_window=False, attention_dropout=0.0,
+        tie_word_embeddings=config.tie_word_embeddings,
+        torch_dtype=config.param_dtype,
+        use_sliding_window=False,
+        attention_dropout=0.0,
     )
     if config.arch == "qwen3":
         hf["attention_bias"] = config.qkv_bias
@@ -362,13 +489,25 @@ def config_to_hf(config) -> dict[str, Any]:
         hf["eos_token_id"] = list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_ids[0]
     if config.rope_scaling is not None:
         _, factor, orig, beta_fast, beta_slow, attn, truncate = config.rope_scaling
-        hf["rope_scaling"] = dict(rope_type="yarn", factor=factor, original_max_position_embeddings=orig,
-                                  beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
+        hf["rope_scaling"] = dict(
+            rope_type="yarn",
+            factor=factor,
+            original_max_position_embeddings=orig,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+            truncate=truncate,
+        )
         if attn is not None:
             hf["rope_scaling"]["attention_factor"] = attn
     if config.is_moe:
-        hf.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                  moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
-                  decoder_sparse_step=config.decoder_sparse_step, mlp_only_layers=list(config.mlp_only_layers),
-                  router_aux_loss_coef=config.router_aux_loss_coef, output_router_logits=False)
+        hf.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+            router_aux_loss_coef=config.router_aux_loss_coef,
+            output_router_logits=False,
+        )
     return hf

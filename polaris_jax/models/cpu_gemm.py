@@ -57,7 +57,7 @@ class PackedWeight:
     def unpacked_kn(self) -> jax.Array:
         """The [K, N] matrix (a copy)."""
         p, k, t = self.panels_pkt.shape
-        return jnp.transpose(self.panels_pkt, (1, 0, 2)).reshape(k, p * t)[:, :int(np.prod(self.out_shape))]
+        return jnp.transpose(self.panels_pkt, (1, 0, 2)).reshape(k, p * t)[:, : int(np.prod(self.out_shape))]
 
 
 @jax.tree_util.register_dataclass
@@ -106,13 +106,15 @@ def _library():
     """The loaded kernel library, registered with XLA, or None (with one warning) if it cannot be built."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
-        warnings.warn("polaris_jax: no C++ compiler found; CPU decoding uses XLA's matmuls (slower)")
+        warnings.warn("polaris_jax: no C++ compiler found; CPU decoding uses XLA's matmuls (slower)", stacklevel=2)
         return None
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"polaris_jax: building the CPU matmul kernel failed, using XLA's matmuls: {detail}")
+        warnings.warn(
+            f"polaris_jax: building the CPU matmul kernel failed, using XLA's matmuls: {detail}", stacklevel=2
+        )
         return None
     lib.polaris_cpu_gemm_panel.restype = ctypes.c_int64
     for target, symbol in zip(TARGETS.values(), (lib.PolarisCpuGemm, lib.PolarisCpuGemmBf16)):
@@ -143,8 +145,8 @@ def pack(weight: jax.Array, in_axes: int) -> PackedWeight:
 def matmul(x, weight: PackedWeight) -> jax.Array:
     """x [..., *in_shape] @ weight -> float32 [..., *out_shape]; products and sums in float32 (x is widened
     to float32, so a bfloat16 x and weight multiply as in XLA's bf16 dot with a float32 result)."""
-    lead = x.shape[:x.ndim - len(weight.in_shape)]
-    if x.shape[len(lead):] != weight.in_shape:
+    lead = x.shape[: x.ndim - len(weight.in_shape)]
+    if x.shape[len(lead) :] != weight.in_shape:
         raise ValueError(f"x {x.shape} does not end with the weight's input shape {weight.in_shape}")
     rows, k = int(np.prod(lead)), int(np.prod(weight.in_shape))
     n = int(np.prod(weight.out_shape))
@@ -173,6 +175,11 @@ def pack_projections(params: dict) -> dict:
         if not isinstance(layers, (list, tuple)):
             raise ValueError(f"{name} is stacked; pack the decode layout (transformer.unstack_layers)")
         packed_names = {**_ATTENTION, **(_MLP if name == "dense_layers" else {})}
-        out[name] = tuple({key: pack(w, packed_names[key]) if key in packed_names and w.dtype in TARGETS
-                           else w for key, w in layer.items()} for layer in layers)
+        out[name] = tuple(
+            {
+                key: pack(w, packed_names[key]) if key in packed_names and w.dtype in TARGETS else w
+                for key, w in layer.items()
+            }
+            for layer in layers
+        )
     return out

@@ -34,13 +34,16 @@ def _blocks(x, axis: int, block: int, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, padded - size)
     x = jnp.pad(x, widths, constant_values=value)
-    return x.reshape(x.shape[:axis] + (padded // block, block) + x.shape[axis + 1:])
+    return x.reshape(x.shape[:axis] + (padded // block, block) + x.shape[axis + 1 :])
 
 
 def _block_mask(q_seg_bq, kv_seg_bk, q_slot_q, kv_slot_k):
     """[B, 1, 1, bq, bk] visibility of one (query block, key block) pair."""
-    visible = ((kv_slot_k[None, None, :] <= q_slot_q[None, :, None])
-               & (q_seg_bq[:, :, None] == kv_seg_bk[:, None, :]) & (kv_seg_bk[:, None, :] != 0))
+    visible = (
+        (kv_slot_k[None, None, :] <= q_slot_q[None, :, None])
+        & (q_seg_bq[:, :, None] == kv_seg_bk[:, None, :])
+        & (kv_seg_bk[:, None, :] != 0)
+    )
     return visible[:, None, None]
 
 
@@ -63,7 +66,7 @@ def _forward(q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, block_
     """Returns out [B, nq, bq, K, G, H] (q's dtype) and lse [B, nq, K, G, bq] (float32)."""
     b, num_q, _, kv, g, h = q_bnqkgh.shape
     num_kv = k_bnskh.shape[1]
-    scale = h ** -0.5
+    scale = h**-0.5
 
     def query_block(i, carry):
         out, lse = carry
@@ -77,12 +80,16 @@ def _forward(q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, block_
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
-            o = o * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v_bnskh.dtype), v_bnskh[:, j],
-                                                       preferred_element_type=jnp.float32)
+            o = o * correction[..., None] + jnp.einsum(
+                "bkgqs,bskh->bkgqh", p.astype(v_bnskh.dtype), v_bnskh[:, j], preferred_element_type=jnp.float32
+            )
             return m_new, l * correction + jnp.sum(p, axis=-1), o
 
-        init = (jnp.full((b, kv, g, block_q), _MASKED, jnp.float32), jnp.zeros((b, kv, g, block_q), jnp.float32),
-                jnp.zeros((b, kv, g, block_q, h), jnp.float32))
+        init = (
+            jnp.full((b, kv, g, block_q), _MASKED, jnp.float32),
+            jnp.zeros((b, kv, g, block_q), jnp.float32),
+            jnp.zeros((b, kv, g, block_q, h), jnp.float32),
+        )
         hi = _last_kv_block(i, q_offset, block_q, block_kv, num_kv)
         m, l, o = jax.lax.fori_loop(0, hi, key_block, init)
         o_bqkgh = jnp.transpose(o / l[..., None], (0, 3, 1, 2, 4)).astype(out.dtype)
@@ -96,7 +103,7 @@ def _forward(q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, block_
 def _backward(block_q, block_kv, residuals, d_out):
     q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, out, lse = residuals
     num_q, num_kv, h = q_bnqkgh.shape[1], k_bnskh.shape[1], q_bnqkgh.shape[-1]
-    scale = h ** -0.5
+    scale = h**-0.5
     # delta = rowsum(dO ∘ O), the softmax backward's per-query term, as [B, nq, K, G, bq].
     delta = jnp.einsum("bnqkgh,bnqkgh->bnkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -110,7 +117,9 @@ def _backward(block_q, block_kv, residuals, d_out):
             q_i, do_i = q_bnqkgh[:, i], d_out[:, i]
             mask = _block_mask(q_seg_bnq[:, i], kv_seg_j, q_offset + i * block_q + jnp.arange(block_q), kv_slot)
             p = jnp.exp(_scores(q_i, k_j, mask, scale) - lse[:, i][..., None])
-            dv_j = dv_j + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+            dv_j = dv_j + jnp.einsum(
+                "bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32
+            )
             dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
             ds = p * (dp - delta[:, i][..., None]) * scale
             dk_j = dk_j + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
@@ -121,8 +130,11 @@ def _backward(block_q, block_kv, residuals, d_out):
         lo = _first_q_block(j, q_offset, block_q, block_kv, num_q)
         zeros = jnp.zeros(k_j.shape, jnp.float32)
         dq, dk_j, dv_j = jax.lax.fori_loop(lo, num_q, query_block, (dq, zeros, zeros))
-        return (dq, jax.lax.dynamic_update_index_in_dim(dk, dk_j.astype(dk.dtype), j, axis=1),
-                jax.lax.dynamic_update_index_in_dim(dv, dv_j.astype(dv.dtype), j, axis=1))
+        return (
+            dq,
+            jax.lax.dynamic_update_index_in_dim(dk, dk_j.astype(dk.dtype), j, axis=1),
+            jax.lax.dynamic_update_index_in_dim(dv, dv_j.astype(dv.dtype), j, axis=1),
+        )
 
     init = (jnp.zeros(q_bnqkgh.shape, jnp.float32), jnp.zeros_like(k_bnskh), jnp.zeros_like(v_bnskh))
     dq, dk, dv = jax.lax.fori_loop(0, num_kv, key_block, init)
@@ -142,8 +154,9 @@ def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv):
 _blockwise.defvjp(_blockwise_fwd, _backward)
 
 
-def flash_attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset=0, *,
-                    block_q: int = 512, block_kv: int = 512) -> jnp.ndarray:
+def flash_attention(
+    q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset=0, *, block_q: int = 512, block_kv: int = 512
+) -> jnp.ndarray:
     """Grouped-query attention [B, T, N, H] (q's dtype) over keys/values [B, S, K, H], blockwise.
 
     Same result as `attention.grouped_attention` under the mask described in the module docstring,

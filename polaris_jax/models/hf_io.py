@@ -23,8 +23,15 @@ from polaris_jax.models.config import ModelConfig
 from polaris_jax.models.params import param_specs
 from polaris_jax.models.safetensors_io import CheckpointReader, write_safetensors
 
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-               "vocab.json", "merges.txt", "chat_template.jinja")
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
 
 
 def _np_dtype(dtype):
@@ -34,18 +41,20 @@ def _np_dtype(dtype):
 def _leaf_reader(config, reader, path: tuple[str, ...], dtype):
     """A function (index tuple of slices) -> numpy block of the leaf at `path`, in our layout."""
     if path[0].endswith("_layers"):
-        kind, name = path[0][:-len("_layers")], path[1]
+        kind, name = path[0][: -len("_layers")], path[1]
         layers = [i for i in range(config.num_layers) if ("moe" if config.layer_is_moe(i) else "dense") == kind]
 
         def read(index):
             rows = range(len(layers))[index[0]]
             blocks = [hf_names.read_layer_tensor(config, reader, layers[j], kind, name)[index[1:]] for j in rows]
             return np.stack(blocks).astype(dtype)
+
         return read
     name = path[0]
 
     def read(index):
         return hf_names.read_top_tensor(config, reader, name)[index].astype(dtype)
+
     return read
 
 
@@ -70,8 +79,9 @@ def load_hf(path, dtype=None, *, shardings=None, config_overrides=None):
     np_dtype = _np_dtype(config.weight_dtype)
     specs = param_specs(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: hasattr(x, "axes"))
-    flat_shardings = (jax.tree.leaves(shardings) if shardings is not None
-                      else [SingleDeviceSharding(jax.devices()[0])] * len(flat))
+    flat_shardings = (
+        jax.tree.leaves(shardings) if shardings is not None else [SingleDeviceSharding(jax.devices()[0])] * len(flat)
+    )
     leaves = []
     for (key_path, spec), sharding in zip(flat, flat_shardings):
         keys = tuple(k.key for k in key_path)
@@ -95,8 +105,7 @@ def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
-def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30,
-            overwrite: bool = False):
+def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
     """Exports params in the layout `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     LoRA adapters, if present, are merged into the base weights. Tensors are fetched to the host one
@@ -107,6 +116,7 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
     a time), process 0 alone writes, and all return once the export is in place.
     """
     from polaris_jax.models.lora import merge_lora
+
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
@@ -118,6 +128,7 @@ def save_hf(config, params, path, *, tokenizer_dir=None, max_shard_bytes: int = 
     if jax.process_count() == 1:
         return _write_hf(config, params, path, plan, sizes, tokenizer_dir)
     from jax.experimental import multihost_utils
+
     # Process 0 checks that it can write before the collectives start, so a bad path fails everywhere
     # instead of leaving the other processes waiting in an all-gather.
     problem = _unwritable_parent(path) if jax.process_index() == 0 else ""

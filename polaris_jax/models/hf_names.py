@@ -13,8 +13,12 @@ import numpy as np
 from polaris_jax.models.sharding import to_host
 
 _ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
-_NORMS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-          "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+_NORMS = {
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
@@ -66,7 +70,7 @@ def read_layer_tensor(config, reader, layer: int, kind: str, name: str) -> np.nd
             return _checked(reader, prefix + _ATTN[name] + ".weight", (d, n * h)).T.reshape(n, h, d)
         return _checked(reader, prefix + _ATTN[name] + ".weight", (n * h, d)).T.reshape(d, n, h)
     if name.endswith("_bias"):
-        base = name[:-len("_bias")]
+        base = name[: -len("_bias")]
         n = _heads(config, base)
         return _checked(reader, prefix + _ATTN[base] + ".bias", (n * h,)).reshape(n, h)
     if name == "router":

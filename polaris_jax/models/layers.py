@@ -45,8 +45,9 @@ def project(config, layer: dict, name: str, x):
         y = jnp.einsum(base_eq, x, layer[name].astype(dtype), preferred_element_type=jnp.float32)
     if name + "_lora_a" in layer:
         low = jnp.einsum(a_eq, x, layer[name + "_lora_a"].astype(dtype), preferred_element_type=jnp.float32)
-        y = y + lora_scale(config) * jnp.einsum(b_eq, low.astype(dtype), layer[name + "_lora_b"].astype(dtype),
-                                                preferred_element_type=jnp.float32)
+        y = y + lora_scale(config) * jnp.einsum(
+            b_eq, low.astype(dtype), layer[name + "_lora_b"].astype(dtype), preferred_element_type=jnp.float32
+        )
     return y.astype(dtype)
 
 
@@ -74,11 +75,19 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
         valid_bs = cache_meta["valid_bs"]
         if config.use_flash_attention(t, valid_bs.shape[1]):
             # The cache's validity is the key mask; every query counts as segment 1 (see flash_attention).
-            out = flash_attention(q, attn_lib.length_major(k_cache).astype(q.dtype),
-                                  attn_lib.length_major(v_cache).astype(q.dtype), jnp.ones((b, t), jnp.int32),
-                                  valid_bs, cache_meta["end"], **blocks)
+            out = flash_attention(
+                q,
+                attn_lib.length_major(k_cache).astype(q.dtype),
+                attn_lib.length_major(v_cache).astype(q.dtype),
+                jnp.ones((b, t), jnp.int32),
+                valid_bs,
+                cache_meta["end"],
+                **blocks,
+            )
         else:
-            out = attn_lib.grouped_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), cache_meta["mask_bts"])
+            out = attn_lib.grouped_attention(
+                q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), cache_meta["mask_bts"]
+            )
         new_cache_layer = (k_cache, v_cache)
     return project(config, layer, "o", out), new_cache_layer
 
@@ -124,15 +133,19 @@ def moe_block(config, layer, x_btd, token_mask_bt):
     # Load-balancing statistics (Switch Transformer / transformers' load_balancing_loss_func).
     m_n = token_mask_bt.reshape(-1).astype(jnp.float32)
     expert_onehot_nke = jax.nn.one_hot(top_e_nk, e, dtype=jnp.float32)
-    stats = dict(dispatch_ke=jnp.einsum("nke,n->ke", expert_onehot_nke, m_n),
-                 prob_e=jnp.einsum("ne,n->e", probs_ne, m_n), tokens=jnp.sum(m_n))
+    stats = dict(
+        dispatch_ke=jnp.einsum("nke,n->ke", expert_onehot_nke, m_n),
+        prob_e=jnp.einsum("ne,n->e", probs_ne, m_n),
+        tokens=jnp.sum(m_n),
+    )
     return out_nd.reshape(b, t, d), stats
 
 
 def decoder_layer(config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta):
     h = rms_norm(x_btd, layer["attn_norm"], config.rms_norm_eps)
     attn_out, new_cache_layer = attention_block(
-        config, layer, h, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta)
+        config, layer, h, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta
+    )
     x_btd = x_btd + attn_out
     h = rms_norm(x_btd, layer["mlp_norm"], config.rms_norm_eps)
     if kind == "moe":

@@ -22,8 +22,9 @@ def add_lora(config, params, rng, *, rank: int, alpha: float = 32.0, targets=Non
     """Returns (config with LoRA, params with fresh adapters next to the given base weights)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    new_config = config.replace(lora_rank=rank, lora_alpha=float(alpha),
-                                lora_targets=tuple(targets or config.lora_targets))
+    new_config = config.replace(
+        lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(targets or config.lora_targets)
+    )
     fresh = init_params(new_config, rng)
     merged = jax.tree.map(lambda x: x, fresh)
     for key, value in params.items():
@@ -45,8 +46,9 @@ def _delta(a, b, w_ndim: int):
     lead_s = "".join(next(letters) for _ in range(lead))
     in_s = "".join(next(letters) for _ in range(a.ndim - lead - 1))
     out_s = "".join(next(letters) for _ in range(b.ndim - lead - 1))
-    return jnp.einsum(f"{lead_s}{in_s}r,{lead_s}r{out_s}->{lead_s}{in_s}{out_s}",
-                      a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(
+        f"{lead_s}{in_s}r,{lead_s}r{out_s}->{lead_s}{in_s}{out_s}", a.astype(jnp.float32), b.astype(jnp.float32)
+    )
 
 
 def merge_lora(config, params):

@@ -11,7 +11,7 @@ Layout (kernels are [in, out]; per-layer tensors are stacked on a leading `layer
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,10 @@ def _lora_specs(name: str, in_shape, in_axes, out_shape, out_axes, rank, experts
     fan_in = int(np.prod(in_shape))
     lead, lead_axes = ((experts,), ("experts",)) if experts else ((), ())
     return {
-        name + "_lora_a": ParamSpec(lead + tuple(in_shape) + (rank,), lead_axes + tuple(in_axes) + (None,),
-                                    "lora_a", fan_in),
-        name + "_lora_b": ParamSpec(lead + (rank,) + tuple(out_shape), lead_axes + (None,) + tuple(out_axes),
-                                    "zeros"),
+        name + "_lora_a": ParamSpec(
+            lead + tuple(in_shape) + (rank,), lead_axes + tuple(in_axes) + (None,), "lora_a", fan_in
+        ),
+        name + "_lora_b": ParamSpec(lead + (rank,) + tuple(out_shape), lead_axes + (None,) + tuple(out_axes), "zeros"),
     }
 
 
@@ -54,21 +54,28 @@ def layer_specs(config, kind: str) -> dict[str, ParamSpec]:
         "o": ((n, h), ("heads", "head_dim"), (d,), ("embed",)),
     }
     if config.qkv_bias:
-        specs.update(q_bias=ParamSpec((n, h), ("heads", "head_dim"), "zeros"),
-                     k_bias=ParamSpec((kv, h), ("kv_heads", "head_dim"), "zeros"),
-                     v_bias=ParamSpec((kv, h), ("kv_heads", "head_dim"), "zeros"))
+        specs.update(
+            q_bias=ParamSpec((n, h), ("heads", "head_dim"), "zeros"),
+            k_bias=ParamSpec((kv, h), ("kv_heads", "head_dim"), "zeros"),
+            v_bias=ParamSpec((kv, h), ("kv_heads", "head_dim"), "zeros"),
+        )
     if config.qk_norm:
         specs.update(q_norm=ParamSpec((h,), (None,), "ones"), k_norm=ParamSpec((h,), (None,), "ones"))
     experts = config.num_experts if kind == "moe" else 0
     f = config.moe_intermediate_size if experts else config.intermediate_size
     lead, lead_axes = ((experts,), ("experts",)) if experts else ((), ())
-    specs.update(gate=ParamSpec(lead + (d, f), lead_axes + ("embed", "mlp"), "normal", d),
-                 up=ParamSpec(lead + (d, f), lead_axes + ("embed", "mlp"), "normal", d),
-                 down=ParamSpec(lead + (f, d), lead_axes + ("mlp", "embed"), "normal", f))
+    specs.update(
+        gate=ParamSpec(lead + (d, f), lead_axes + ("embed", "mlp"), "normal", d),
+        up=ParamSpec(lead + (d, f), lead_axes + ("embed", "mlp"), "normal", d),
+        down=ParamSpec(lead + (f, d), lead_axes + ("mlp", "embed"), "normal", f),
+    )
     if experts:
         specs["router"] = ParamSpec((d, experts), ("embed", None), "normal", d)
-    mlp_io = {"gate": ((d,), ("embed",), (f,), ("mlp",)), "up": ((d,), ("embed",), (f,), ("mlp",)),
-              "down": ((f,), ("mlp",), (d,), ("embed",))}
+    mlp_io = {
+        "gate": ((d,), ("embed",), (f,), ("mlp",)),
+        "up": ((d,), ("embed",), (f,), ("mlp",)),
+        "down": ((f,), ("mlp",), (d,), ("embed",)),
+    }
     if config.lora_rank:
         for name in config.lora_targets:
             if name in io:
@@ -81,8 +88,7 @@ def layer_specs(config, kind: str) -> dict[str, ParamSpec]:
 def param_specs(config) -> dict:
     """The full parameter tree as ParamSpec leaves."""
     d, v = config.hidden_size, config.vocab_size
-    tree = {"embed": ParamSpec((v, d), ("vocab", "embed"), "normal", 1),
-            "final_norm": ParamSpec((d,), (None,), "ones")}
+    tree = {"embed": ParamSpec((v, d), ("vocab", "embed"), "normal", 1), "final_norm": ParamSpec((d,), (None,), "ones")}
     if not config.tie_word_embeddings:
         tree["lm_head"] = ParamSpec((d, v), ("embed", "vocab"), "normal", d)
     for kind in ("dense", "moe"):
@@ -90,7 +96,8 @@ def param_specs(config) -> dict:
         if count:
             tree[kind + "_layers"] = {
                 name: dataclasses.replace(spec, shape=(count,) + spec.shape, axes=("layers",) + spec.axes)
-                for name, spec in layer_specs(config, kind).items()}
+                for name, spec in layer_specs(config, kind).items()
+            }
     return tree
 
 
@@ -123,7 +130,7 @@ def init_params(config, rng: jax.Array, std: float = 0.02) -> dict:
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
-        scale = std if spec.init == "normal" else spec.fan_in ** -0.5
+        scale = std if spec.init == "normal" else spec.fan_in**-0.5
         return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
 
     return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(specs, keys)])

@@ -14,8 +14,18 @@ import struct
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -45,7 +55,7 @@ class SafetensorsFile:
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        buf = memoryview(self._mmap)[self._data_start + start:self._data_start + end]
+        buf = memoryview(self._mmap)[self._data_start + start : self._data_start + end]
         return np.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -58,8 +68,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         array = np.ascontiguousarray(array)
         if array.dtype not in _NAMES:
             raise ValueError(f"cannot write tensor {name!r} of dtype {array.dtype}")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
         arrays.append(array)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -95,8 +108,7 @@ class CheckpointReader:
             file = SafetensorsFile(single_path)
             self._where = {name: file for name in file.keys()}
         else:
-            raise FileNotFoundError(
-                f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+            raise FileNotFoundError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
         self.directory = directory
 
     def __contains__(self, name: str) -> bool:

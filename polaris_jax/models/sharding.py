@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -68,25 +68,32 @@ def _is_axes(x) -> bool:
 def tree_shardings(axes_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes_tree=None):
     """NamedShardings for a pytree of logical-axes tuples (and optional matching shapes)."""
     if shapes_tree is None:
-        return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, mesh, rules)), axes_tree,
-                            is_leaf=_is_axes)
-    return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, rules, s.shape)),
-                        axes_tree, shapes_tree, is_leaf=_is_axes)
+        return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, mesh, rules)), axes_tree, is_leaf=_is_axes)
+    return jax.tree.map(
+        lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, rules, s.shape)),
+        axes_tree,
+        shapes_tree,
+        is_leaf=_is_axes,
+    )
 
 
 def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
     from polaris_jax.models.params import param_axes, param_shapes
+
     return tree_shardings(param_axes(config), mesh, rules, param_shapes(config))
 
 
 def to_host(tree):
     """Every array of `tree` whole on this host, as numpy. Arrays spread over other processes' devices are
     all-gathered: a collective, so every process must fetch the same arrays in the same order."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
+
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
+
     return jax.tree.map(one, tree)
 
 
@@ -130,5 +137,6 @@ def mesh_from_config(config):
 
 def sharding_rules(config):
     """`config.sharding_rules` as a tuple of (logical axis, mesh axis or axes) pairs."""
-    return tuple((name, tuple(target) if isinstance(target, list) else target)
-                 for name, target in config.sharding_rules)
+    return tuple(
+        (name, tuple(target) if isinstance(target, list) else target) for name, target in config.sharding_rules
+    )

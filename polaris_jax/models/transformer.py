@@ -38,8 +38,8 @@ def _run_params(config, params, kind: str, first: int, count: int):
     if offset == 0 and count == config.num_layers_of(kind):
         return stack
     if isinstance(stack, (list, tuple)):
-        return tuple(stack[offset:offset + count])
-    return jax.tree.map(lambda p: p[offset:offset + count], stack)
+        return tuple(stack[offset : offset + count])
+    return jax.tree.map(lambda p: p[offset : offset + count], stack)
 
 
 def unstack_layers(params) -> dict:
@@ -92,12 +92,14 @@ def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, ca
 def lm_head(config, params, hidden_btd) -> jnp.ndarray:
     """Final projection to float32 logits [B, T, V] (a tied model's `lm_head` copy, if any: `unstack_layers`)."""
     if config.tie_word_embeddings and "lm_head" not in params:
-        return jnp.einsum("btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype), preferred_element_type=jnp.float32
+        )
     if isinstance(params["lm_head"], cpu_gemm.PackedWeight):
         return cpu_gemm.matmul(hidden_btd, params["lm_head"])
-    return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(hidden_btd.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "btd,dv->btv", hidden_btd, params["lm_head"].astype(hidden_btd.dtype), preferred_element_type=jnp.float32
+    )
 
 
 def router_aux_loss(config, stats_list) -> jnp.ndarray:
@@ -109,8 +111,17 @@ def router_aux_loss(config, stats_list) -> jnp.ndarray:
     return config.num_experts * jnp.sum((dispatch_ke / denom) * (prob_e / denom)[None, :])
 
 
-def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cache=None,
-            return_hidden: bool = False, return_aux: bool = False):
+def forward(
+    config,
+    params,
+    tokens_bt,
+    positions_bt,
+    *,
+    segment_ids_bt=None,
+    cache=None,
+    return_hidden: bool = False,
+    return_aux: bool = False,
+):
     """Runs the decoder.
 
     Args:
@@ -130,16 +141,22 @@ def forward(config, params, tokens_bt, positions_bt, *, segment_ids_bt=None, cac
     cache_meta, new_cache = None, None
     if cache is not None:
         valid_bs, new_end = attn_lib.advance_cache_validity(cache, segment_ids_bt)
-        cache_meta = {"end": cache["end"], "valid_bs": valid_bs,
-                      "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1])}
+        cache_meta = {
+            "end": cache["end"],
+            "valid_bs": valid_bs,
+            "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1]),
+        }
     per_layer_cache = cache is not None and isinstance(cache["k"], (list, tuple))
     new_k, new_v, stats_list = [], [], []
     for kind, first, count in config.layer_runs():
         stack = _run_params(config, params, kind, first, count)
         kv = None
         if cache is not None:
-            kv = (cache["k"], cache["v"]) if count == config.num_layers else (
-                cache["k"][first:first + count], cache["v"][first:first + count])
+            kv = (
+                (cache["k"], cache["v"])
+                if count == config.num_layers
+                else (cache["k"][first : first + count], cache["v"][first : first + count])
+            )
         run = _unrolled_run if per_layer_cache or isinstance(stack, (list, tuple)) else _scan_run
         x_btd, (run_kv, stats) = run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
         if cache is not None:

@@ -9,7 +9,8 @@ A reward spec maps reward names to their weight and parameters, e.g. in a config
 
 `combine_rewards` evaluates each named reward on a RewardBatch and returns the weighted
 total with every component, so the trainer can log them. A reward that raises does not stop
-training: it is retried sample by sample and scores 0 where it still raises (counted, logged). `score_and_shape_async` runs the
+training: it is retried sample by sample and scores 0 where it still raises (counted, logged).
+`score_and_shape_async` runs the
 verifier pool first and resolves to the same, so reward work overlaps the next rollout.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +67,12 @@ def _one_reward(name: str, fn, batch: RewardBatch, params: dict) -> tuple[np.nda
     reward_b = np.zeros(batch.size, np.float32)
     failed = 0
     for i in range(batch.size):
-        one = RewardBatch(completions=[batch.completions[i]], num_tokens_b=batch.num_tokens_b[i:i + 1],
-                          correct_b=batch.correct_b[i:i + 1], group_ids_b=batch.group_ids_b[i:i + 1])
+        one = RewardBatch(
+            completions=[batch.completions[i]],
+            num_tokens_b=batch.num_tokens_b[i : i + 1],
+            correct_b=batch.correct_b[i : i + 1],
+            group_ids_b=batch.group_ids_b[i : i + 1],
+        )
         try:
             value = np.asarray(fn(one, **params), np.float32).reshape(-1)
             if value.shape != (1,) or not np.isfinite(value[0]):

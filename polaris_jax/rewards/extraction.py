@@ -74,7 +74,7 @@ def answer_region(completion: str, think: str) -> str | None:
         return completion
     close_at = completion.rfind(THINK_CLOSE)
     if close_at >= 0:
-        return completion[close_at + len(THINK_CLOSE):]
+        return completion[close_at + len(THINK_CLOSE) :]
     if think == "require" or THINK_OPEN in completion:
         return None
     return completion
@@ -101,7 +101,7 @@ def answer_is(text: str) -> str | None:
     found = _last_match(_ANSWER_IS, text)
     if found is None:
         return None
-    rest = text[found.end():]
+    rest = text[found.end() :]
     end = _SENTENCE_END.search(rest)
     answer = (rest[: end.start()] if end else rest).strip()
     answer = answer.strip("$").strip()

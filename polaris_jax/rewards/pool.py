@@ -186,9 +186,7 @@ class VerifierPool:
             self._fail_all("VerifierPool is closed")
         return batch.future
 
-    def score_async(
-        self, completions: Sequence[str], golds: Sequence[str]
-    ) -> concurrent.futures.Future:
+    def score_async(self, completions: Sequence[str], golds: Sequence[str]) -> concurrent.futures.Future:
         """Future of one `Score` per (completion, gold) pair."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
@@ -258,8 +256,7 @@ class VerifierPool:
                     item.fn = None
                     return item
             if worker.inflight and (
-                len(worker.inflight) >= _PREFETCH_ITEMS
-                or worker.unread_bytes() + len(item.payload) > _PREFETCH_BYTES
+                len(worker.inflight) >= _PREFETCH_ITEMS or worker.unread_bytes() + len(item.payload) > _PREFETCH_BYTES
             ):
                 return None
             return self._pending.popleft()

@@ -6,7 +6,7 @@ a float32 array with one value per completion.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from polaris_jax.registry import Registry
 

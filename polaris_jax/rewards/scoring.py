@@ -20,9 +20,7 @@ class Score(NamedTuple):
     answer: str | None = None
 
 
-def score_completion(
-    completion: str, gold: str, extraction: ExtractionConfig = ExtractionConfig()
-) -> Score:
+def score_completion(completion: str, gold: str, extraction: ExtractionConfig = ExtractionConfig()) -> Score:
     """1.0 when the final answer of `completion` is mathematically `gold`, else 0.0."""
     if not isinstance(gold, str):
         raise TypeError(f"gold must be a str (normalise it when loading), got {type(gold).__name__}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -77,9 +77,7 @@ def format_reward(batch: RewardBatch, think_in_prompt: bool = False) -> np.ndarr
 
 
 @register_reward("tag_count")
-def tag_count(
-    batch: RewardBatch, tags: Sequence[str] = (THINK_OPEN + "\n", "\n" + THINK_CLOSE + "\n")
-) -> np.ndarray:
+def tag_count(batch: RewardBatch, tags: Sequence[str] = (THINK_OPEN + "\n", "\n" + THINK_CLOSE + "\n")) -> np.ndarray:
     """r = (1/|T|) * sum_{t in T} [count(t) == 1]: partial credit per tag used exactly once.
 
     Open-R1 `tag_count_reward` gives 0.25 for each of `<think>\\n`, `\\n</think>\\n`,
@@ -97,9 +95,9 @@ def tag_count(
 def soft_overlong(batch: RewardBatch, max_tokens: int, cache_tokens: int) -> np.ndarray:
     """DAPO overlong reward shaping (Yu et al. 2025, eq. 13), with L = completion tokens:
 
-        R = 0                                   if L <= L_max - L_cache
-        R = ((L_max - L_cache) - L) / L_cache   if L_max - L_cache < L <= L_max
-        R = -1                                  if L > L_max
+    R = 0                                   if L <= L_max - L_cache
+    R = ((L_max - L_cache) - L) / L_cache   if L_max - L_cache < L <= L_max
+    R = -1                                  if L > L_max
     """
     if not 0 < cache_tokens <= max_tokens:
         raise ValueError(f"need 0 < cache_tokens <= max_tokens, got {cache_tokens} and {max_tokens}")

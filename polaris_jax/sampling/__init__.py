@@ -62,10 +62,22 @@ the same logical-axis rules as training. YaRN and every other rope setting come 
 
 from polaris_jax.sampling.buckets import Buckets
 from polaris_jax.sampling.decode_loop import EOS as FINISH_EOS
-from polaris_jax.sampling.decode_loop import LENGTH as FINISH_LENGTH
 from polaris_jax.sampling.decode_loop import FINISH_REASONS
+from polaris_jax.sampling.decode_loop import LENGTH as FINISH_LENGTH
 from polaris_jax.sampling.decode_loop import STOP as FINISH_STOP
 from polaris_jax.sampling.sampler import SampleOutput, generate
 from polaris_jax.sampling.strategies import TRUNCATIONS, SamplingSettings, register_truncation, sample
 
-__all__ = ["Buckets", "FINISH_EOS", "FINISH_LENGTH", "FINISH_REASONS", "FINISH_STOP", "SampleOutput", "SamplingSettings", "TRUNCATIONS", "generate", "register_truncation", "sample"]
+__all__ = [
+    "Buckets",
+    "FINISH_EOS",
+    "FINISH_LENGTH",
+    "FINISH_REASONS",
+    "FINISH_STOP",
+    "SampleOutput",
+    "SamplingSettings",
+    "TRUNCATIONS",
+    "generate",
+    "register_truncation",
+    "sample",
+]

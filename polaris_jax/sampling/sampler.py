@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,12 @@ _last_unstacked: dict = {}
 def _unstacked(params, pack: bool):
     leaves = jax.tree.leaves(params)
     hit = _last_unstacked.get("entry")
-    if (hit is not None and hit[2] == pack and len(hit[0]) == len(leaves)
-            and all(r() is x for r, x in zip(hit[0], leaves))):
+    if (
+        hit is not None
+        and hit[2] == pack
+        and len(hit[0]) == len(leaves)
+        and all(r() is x for r, x in zip(hit[0], leaves))
+    ):
         return hit[1]
     _last_unstacked.clear()  # free the old copy before making the new one
     per_layer = (_unstack_and_pack if pack else _unstack)(params)
@@ -100,15 +104,16 @@ def _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens: int, vocab_siz
     eos = _check_ids("eos_token_ids", eos_token_ids, vocab_size) if len(eos_token_ids) else []
     stops = [_check_ids(f"stop_sequences[{i}]", s, vocab_size) for i, s in enumerate(stop_sequences)]
     eos_e = np.full(round_up(max(len(eos), 1), None, MIN_EOS_IDS), -1, np.int32)
-    eos_e[:len(eos)] = eos
+    eos_e[: len(eos)] = eos
     width = round_up(max([len(s) for s in stops] + [1]), None, MIN_STOP_LENGTH)
     stop_sl = np.full((round_up(max(len(stops), 1), None, MIN_STOP_SEQUENCES), width), -1, np.int32)
     stop_len_s = np.zeros(stop_sl.shape[0], np.int32)
     for i, seq in enumerate(stops):
-        stop_sl[i, width - len(seq):] = seq
+        stop_sl[i, width - len(seq) :] = seq
         stop_len_s[i] = len(seq)
-    return decode_loop.StopCriteria(eos_e=eos_e, stop_sl=stop_sl, stop_len_s=stop_len_s,
-                                    max_new_tokens=np.int32(max_new_tokens))
+    return decode_loop.StopCriteria(
+        eos_e=eos_e, stop_sl=stop_sl, stop_len_s=stop_len_s, max_new_tokens=np.int32(max_new_tokens)
+    )
 
 
 def _batch_shards(mesh, rules) -> int:
@@ -131,6 +136,7 @@ def _put(tree, mesh, rules, *, rows: bool):
         x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))
         axes = ("batch",) + (None,) * (np.ndim(x) - 1) if rows else (None,) * np.ndim(x)
         return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, np.shape(x))))
+
     return jax.tree.map(one, tree)
 
 
@@ -138,8 +144,10 @@ def _check_params_on_mesh(params, mesh):
     devices = set(mesh.devices.flat)
     for leaf in jax.tree.leaves(params):
         if isinstance(leaf, jax.Array) and not leaf.sharding.device_set <= devices:
-            raise ValueError("params live outside the mesh passed as mesh=; place them with "
-                             "models.sharding.shard_params(params, param_shardings(config, mesh)) first")
+            raise ValueError(
+                "params live outside the mesh passed as mesh=; place them with "
+                "models.sharding.shard_params(params, param_shardings(config, mesh)) first"
+            )
 
 
 def _pack_batch(prompts, n: int, width: int, buckets: Buckets, shards: int):
@@ -150,19 +158,35 @@ def _pack_batch(prompts, n: int, width: int, buckets: Buckets, shards: int):
     prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
     prompt_len_b = np.zeros(prefill_batch, np.int32)
     for i, prompt in enumerate(prompts):
-        prompt_bt[i, width - len(prompt):] = prompt
+        prompt_bt[i, width - len(prompt) :] = prompt
         prompt_len_b[i] = len(prompt)
     row_d = np.arange(decode_batch, dtype=np.int32)
     row_src_d = np.where(row_d < rows, row_d // n, 0).astype(np.int32)
     return prompt_bt, prompt_len_b, row_src_d, row_d, row_d < rows
 
 
-def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, n: int = 1, eos_token_ids: Sequence[int] = (), seed: int = 0,
-             min_p: float = 0.0, stop_sequences: Sequence[Sequence[int]] = (), mesh=None, rules=DEFAULT_RULES,
-             buckets: Buckets = Buckets(), unstack_params: bool | None = None,
-             compact_rows: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-             pack_weights: bool | None = None) -> SampleOutput:
+def generate(
+    config,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    n: int = 1,
+    eos_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    min_p: float = 0.0,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    mesh=None,
+    rules=DEFAULT_RULES,
+    buckets: Buckets = Buckets(),
+    unstack_params: bool | None = None,
+    compact_rows: bool = True,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    pack_weights: bool | None = None,
+) -> SampleOutput:
     """Samples n continuations of every prompt; see the package docstring for the design.
 
     Args:
@@ -196,7 +220,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
         raise ValueError(f"n={n} must be a positive integer")
     if int(prefill_chunk) != prefill_chunk or prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be an integer >= 0")
-    if int(seed) != seed or not 0 <= seed < 2 ** 31:
+    if int(seed) != seed or not 0 <= seed < 2**31:
         raise ValueError(f"seed={seed} must be an integer in [0, 2**31)")
     if mesh is not None:
         _check_params_on_mesh(params, mesh)
@@ -216,24 +240,45 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
         unstack_params = on_cpu
     if pack_weights is not False:
         # Only where the kernel computes what XLA would: weights stored in the compute dtype.
-        dtype_ok = jnp.dtype(config.dtype) == jnp.dtype(config.weight_dtype) and jnp.dtype(config.dtype) in cpu_gemm.TARGETS
+        dtype_ok = (
+            jnp.dtype(config.dtype) == jnp.dtype(config.weight_dtype) and jnp.dtype(config.dtype) in cpu_gemm.TARGETS
+        )
         can_pack = bool(unstack_params) and mesh is None and dtype_ok and cpu_gemm.available()
         if pack_weights and not can_pack:
-            raise ValueError("pack_weights=True needs unstack_params, no mesh, float32 or bfloat16 weights in the "
-                             "compute dtype, the CPU backend and a C++ compiler for models/cpu_gemm.cc")
+            raise ValueError(
+                "pack_weights=True needs unstack_params, no mesh, float32 or bfloat16 weights in the "
+                "compute dtype, the CPU backend and a C++ compiler for models/cpu_gemm.cc"
+            )
         pack_weights = can_pack
     if unstack_params:
         params = _unstacked(params, bool(pack_weights))
     # On CPU a 16-bit cache costs more than its bytes save: XLA copies it at every write (BENCHMARKS.md).
     cache_dtype = jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize < 4 else None
     cache_len = buckets.cache_length(width + 1)
-    state = decode_loop.start(config, params, prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d, seed_arr,
-                              settings, criteria, cache_len=cache_len, cache_dtype=cache_dtype,
-                              prefill_chunk=int(prefill_chunk), mesh=mesh, rules=rules)
+    state = decode_loop.start(
+        config,
+        params,
+        prompt_bt,
+        prompt_len_b,
+        row_src_d,
+        row_id_d,
+        row_live_d,
+        seed_arr,
+        settings,
+        criteria,
+        cache_len=cache_len,
+        cache_dtype=cache_dtype,
+        prefill_chunk=int(prefill_chunk),
+        mesh=mesh,
+        rules=rules,
+    )
     row_of_d = np.arange(len(row_src_d))  # the output row each decode row holds; >= rows: a dummy
-    outputs = SampleOutput(tokens_br=np.zeros((rows, int(max_new_tokens)), np.int32),
-                           logprobs_br=np.zeros((rows, int(max_new_tokens)), np.float32),
-                           lengths_b=np.zeros(rows, np.int32), finish_b=np.full(rows, decode_loop.RUNNING, np.int32))
+    outputs = SampleOutput(
+        tokens_br=np.zeros((rows, int(max_new_tokens)), np.int32),
+        logprobs_br=np.zeros((rows, int(max_new_tokens)), np.float32),
+        lengths_b=np.zeros(rows, np.int32),
+        finish_b=np.full(rows, decode_loop.RUNNING, np.int32),
+    )
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
         done_d = to_host(state.done_d)
@@ -245,7 +290,7 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
         keep_d = None
         if compact_rows and live_batch < len(done_d):
             _collect_finished(state, row_of_d, rows, width - 1, outputs)
-            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[:live_batch - len(live_d)]]).astype(np.int32)
+            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[: live_batch - len(live_d)]]).astype(np.int32)
             row_of_d = np.where(np.arange(live_batch) < len(live_d), row_of_d[keep_d], rows)  # fillers: dummies
             keep_d = _put(keep_d, mesh, rules, rows=False)
         state = decode_loop.grow(state, keep_d, cache_len=cache_len, mesh=mesh, rules=rules)
@@ -256,10 +301,11 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens
 def _collect_finished(state, row_of_d, rows: int, first: int, outputs: SampleOutput) -> None:
     """Copies every finished real row's tokens, logprobs, length and finish code into `outputs` (once)."""
     tokens_dc, logprobs_dc, num_new_d, reason_d = to_host(
-        (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d))
+        (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d)
+    )
     for d, row in enumerate(row_of_d):
         if row < rows and outputs.finish_b[row] == decode_loop.RUNNING and reason_d[d] != decode_loop.RUNNING:
             n = int(num_new_d[d])
-            outputs.tokens_br[row, :n] = tokens_dc[d, first:first + n]
-            outputs.logprobs_br[row, :n] = logprobs_dc[d, first:first + n]
+            outputs.tokens_br[row, :n] = tokens_dc[d, first : first + n]
+            outputs.logprobs_br[row, :n] = logprobs_dc[d, first : first + n]
             outputs.lengths_b[row], outputs.finish_b[row] = n, reason_d[d]

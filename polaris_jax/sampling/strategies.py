@@ -15,7 +15,7 @@ recompiles); top_k and the names of the active truncations are static (they fix 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +27,13 @@ TRUNCATION_ORDER = ("top_k", "top_p", "min_p")
 
 def register_truncation(name: str):
     """Adds a truncation `(scaled_logits_bv, settings) -> scaled_logits_bv` to the registry."""
+
     def wrap(fn):
         if name in TRUNCATIONS:
             raise ValueError(f"truncation {name!r} is already registered")
         TRUNCATIONS[name] = fn
         return fn
+
     return wrap
 
 
@@ -48,8 +50,14 @@ class SamplingSettings:
     truncations: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @classmethod
-    def create(cls, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-               vocab_size: int | None = None) -> "SamplingSettings":
+    def create(
+        cls,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        vocab_size: int | None = None,
+    ) -> SamplingSettings:
         if not temperature >= 0.0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
         if not 0.0 < top_p <= 1.0:
@@ -62,8 +70,14 @@ class SamplingSettings:
             top_k = 0  # keeping the whole vocabulary is no truncation
         active = {"top_k": top_k > 0, "top_p": top_p < 1.0, "min_p": min_p > 0.0}
         greedy = temperature == 0.0
-        return cls(temperature=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=int(top_k),
-                   greedy=greedy, truncations=() if greedy else tuple(n for n in TRUNCATION_ORDER if active[n]))
+        return cls(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            min_p=float(min_p),
+            top_k=int(top_k),
+            greedy=greedy,
+            truncations=() if greedy else tuple(n for n in TRUNCATION_ORDER if active[n]),
+        )
 
 
 @register_truncation("top_k")

@@ -22,8 +22,8 @@ from polaris_jax.data import synthetic_arith
 from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.tools import plots
 from polaris_jax.train.grpo import loop as grpo_loop
-from polaris_jax.train.sft import loop as sft_loop
 from polaris_jax.train.grpo.config import validate_config
+from polaris_jax.train.sft import loop as sft_loop
 from polaris_jax.train.sft.config import default_config as sft_default_config
 
 
@@ -38,8 +38,9 @@ def write_task(config, data_dir: str) -> dict[str, str]:
     synthetic_arith.build_tokenizer(paths["tokenizer"])
     task = synthetic_arith.ArithTask(min_operands=d.min_operands, max_operands=d.max_operands)
     held_out = synthetic_arith.sample_problems(config.seed + 1, d.eval_problems, task)
-    rl_problems = synthetic_arith.sample_problems(config.seed + 2, d.rl_problems, task,
-                                                  exclude=[p.text for p in held_out])
+    rl_problems = synthetic_arith.sample_problems(
+        config.seed + 2, d.rl_problems, task, exclude=[p.text for p in held_out]
+    )
     # SFT problems may repeat among themselves but never meet an RL or held-out problem.
     unseen = {p.text for p in held_out} | {p.text for p in rl_problems}
     rng_seed = config.seed + 3
@@ -47,13 +48,19 @@ def write_task(config, data_dir: str) -> dict[str, str]:
     traces = synthetic_arith.sft_traces(sft_problems, dict(d.trace_mix.to_dict()), rng_seed, task)
     write_atomic(paths["sft"], jsonl({"prompt": p.text, "response": text} for p, _, text in traces))
     for name, problems in (("rl", rl_problems), ("eval", held_out)):
-        write_atomic(paths[name], jsonl({"id": f"{name}-{i}", **record} for i, record in
-                                        enumerate(synthetic_arith.problems_as_records(problems))))
+        write_atomic(
+            paths[name],
+            jsonl(
+                {"id": f"{name}-{i}", **record}
+                for i, record in enumerate(synthetic_arith.problems_as_records(problems))
+            ),
+        )
     return paths
 
 
 def _sample_allowing_repeats(seed: int, count: int, task, excluded: set[str]):
     import numpy as np
+
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < count:

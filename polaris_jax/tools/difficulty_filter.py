@@ -6,7 +6,8 @@ and write the rest as the next stage's dataset.
         --config.filter.checkpoint=/ckpt/polaris_qwen3_4b/export/hf
 
 Writes WORKDIR/filtered.jsonl ({"id", "problem", "answer", "pass_rate"}; the output path can be set)
-and WORKDIR/solve_counts.jsonl (one line per k: how many problems got k correct answers; the histogram of correct answers per problem: Polaris's difficulty
+and WORKDIR/solve_counts.jsonl (one line per k: how many problems got k correct answers; the histogram of
+correct answers per problem: Polaris's difficulty
 distribution, which should look like a mirrored J).
 """
 
@@ -19,19 +20,27 @@ import jax
 import ml_collections
 import numpy as np
 
+from polaris_jax.data import problems as grpo_data
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.models import load_hf
-from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
+from polaris_jax.models.sharding import DEFAULT_RULES, mesh_from_config, param_shardings, sharding_rules
 from polaris_jax.rewards import ExtractionConfig, VerifierPool
 from polaris_jax.rewards.extraction import resolve_think_policy
-from polaris_jax.data import problems as grpo_data
-from polaris_jax.train.grpo.config import default_config
 from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
-from polaris_jax.models.sharding import mesh_from_config, sharding_rules
+from polaris_jax.train.grpo.config import default_config
 
-def filter_config(*, model_dir: str, dataset: str, samples: int = 8, temperature: float = 1.0,
-                  max_response_len: int = 4096, instruction: str = "", mesh=None) -> ml_collections.ConfigDict:
+
+def filter_config(
+    *,
+    model_dir: str,
+    dataset: str,
+    samples: int = 8,
+    temperature: float = 1.0,
+    max_response_len: int = 4096,
+    instruction: str = "",
+    mesh=None,
+) -> ml_collections.ConfigDict:
     """The GRPO schema plus a `filter` section; `--config.filter.*` overrides any of it."""
     c = default_config()
     c.job = "difficulty_filter"
@@ -57,6 +66,7 @@ def load_policy(checkpoint: str, mesh=None, rules=DEFAULT_RULES, dtype=None):
     shardings = None
     if mesh is not None:
         from polaris_jax.models import ModelConfig
+
         shardings = param_shardings(ModelConfig.from_hf(checkpoint), mesh, rules)
     model_config, params = load_hf(checkpoint, dtype=dtype, shardings=shardings)
     return tokenizer, model_config, params
@@ -81,29 +91,56 @@ def run(config, workdir: str) -> dict:
     rows = grpo_data.load_rows(f.dataset)
     problems = grpo_data.load_problems(f.dataset, tokenizer, config.data, rows=rows)
     by_id = {row["id"]: row for row in rows}
-    settings = RolloutSettings(max_response_len=f.max_response_len, temperature=f.temperature,
-                               samples_per_prompt=f.samples, prompt_width=prompt_width(problems),
-                               top_p=config.rollout.top_p)
+    settings = RolloutSettings(
+        max_response_len=f.max_response_len,
+        temperature=f.temperature,
+        samples_per_prompt=f.samples,
+        prompt_width=prompt_width(problems),
+        top_p=config.rollout.top_p,
+    )
     think = resolve_think_policy(config.verifier.think_policy, grpo_data.prompt_text("1+1", tokenizer, config.data))
     correct = []
-    with VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s,
-                      extraction=ExtractionConfig(think=think)) as pool:
+    with VerifierPool(
+        num_workers=config.reward_workers or None,
+        timeout_s=config.reward_timeout_s,
+        extraction=ExtractionConfig(think=think),
+    ) as pool:
         for start in range(0, len(problems), f.prompts_per_batch):
-            chunk = problems[start:start + f.prompts_per_batch]
-            verified = sample_and_verify(model_config, params, chunk, settings, tokenizer=tokenizer, pool=pool,
-                                         seed=rollout_seed(config.seed, start), mesh=mesh, rules=rules)
+            chunk = problems[start : start + f.prompts_per_batch]
+            verified = sample_and_verify(
+                model_config,
+                params,
+                chunk,
+                settings,
+                tokenizer=tokenizer,
+                pool=pool,
+                seed=rollout_seed(config.seed, start),
+                mesh=mesh,
+                rules=rules,
+            )
             correct.append(verified.rollouts.correct_b.reshape(len(chunk), f.samples))
     correct_gn = np.concatenate(correct)
     keep_g = keep_mask(correct_gn, f.max_pass_rate)
     output = f.output or os.path.join(workdir, "filtered.jsonl")
     if jax.process_index() == 0:
-        write_atomic(output, jsonl({**by_id[p.id], "pass_rate": float(correct_gn[i].mean())}
-                                   for i, p in enumerate(problems) if keep_g[i]))
+        write_atomic(
+            output,
+            jsonl(
+                {**by_id[p.id], "pass_rate": float(correct_gn[i].mean())} for i, p in enumerate(problems) if keep_g[i]
+            ),
+        )
         counts = np.bincount(correct_gn.sum(axis=1).astype(int), minlength=f.samples + 1)
-        write_atomic(os.path.join(workdir, "solve_counts.jsonl"),
-                     jsonl({"correct": c, "problems": int(n)} for c, n in enumerate(counts)))
+        write_atomic(
+            os.path.join(workdir, "solve_counts.jsonl"),
+            jsonl({"correct": c, "problems": int(n)} for c, n in enumerate(counts)),
+        )
     solved_all = int((correct_gn.mean(axis=1) == 1.0).sum())
-    return {"problems": len(problems), "kept": int(keep_g.sum()), "dropped_solved_all": solved_all,
-            "dropped_above_threshold": int(len(problems) - keep_g.sum() - solved_all),
-            "mean_pass_rate": float(correct_gn.mean()), "output": output,
-            "time_s": time.perf_counter() - started}
+    return {
+        "problems": len(problems),
+        "kept": int(keep_g.sum()),
+        "dropped_solved_all": solved_all,
+        "dropped_above_threshold": int(len(problems) - keep_g.sum() - solved_all),
+        "mean_pass_rate": float(correct_gn.mean()),
+        "output": output,
+        "time_s": time.perf_counter() - started,
+    }

@@ -77,7 +77,7 @@ def matmul_flops(hlo_text: str) -> float:
     """Dot FLOPs of one execution of the program's ENTRY computation (per device for SPMD programs)."""
     comps, entry = _parse(hlo_text)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def total(name: str) -> int:
         flops = 0
         for kind, payload in comps.get(name, ()):

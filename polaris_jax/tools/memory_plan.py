@@ -30,17 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from polaris_jax.tools import hlo_flops
 from polaris_jax.models.lora import lora_mask
 from polaris_jax.models.params import param_shapes
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
+from polaris_jax.tools import hlo_flops
 from polaris_jax.train import losses, partitioning
-from polaris_jax.train.sft import step as sft_step
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.optimizer import make_optimizer
+from polaris_jax.train.sft import step as sft_step
 
-GIB = 1024 ** 3
+GIB = 1024**3
 _CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
@@ -65,11 +65,14 @@ class PlanRequest:
             raise ValueError(f"batch_size {self.batch_size} does not split into {self.microbatches} microbatches")
         if (self.rollout_batch > 0) != (self.rollout_len > 0):
             raise ValueError("rollout_batch and rollout_len are set together (both > 0) or not at all")
-        if self.rollout_batch and (self.rollout_batch % self.samples_per_prompt
-                                   or self.rollout_len <= self.rollout_prompt_len):
-            raise ValueError(f"rollout_batch {self.rollout_batch} must be a multiple of samples_per_prompt "
-                             f"{self.samples_per_prompt}, and rollout_len {self.rollout_len} must exceed "
-                             f"rollout_prompt_len {self.rollout_prompt_len}")
+        if self.rollout_batch and (
+            self.rollout_batch % self.samples_per_prompt or self.rollout_len <= self.rollout_prompt_len
+        ):
+            raise ValueError(
+                f"rollout_batch {self.rollout_batch} must be a multiple of samples_per_prompt "
+                f"{self.samples_per_prompt}, and rollout_len {self.rollout_len} must exceed "
+                f"rollout_prompt_len {self.rollout_prompt_len}"
+            )
 
 
 def per_device_bytes(tree) -> int:
@@ -90,15 +93,18 @@ def abstract_train_state(model_config, optimizer, mesh: Mesh, rules=DEFAULT_RULE
     shapes = param_shapes(model_config)
     mask = lora_mask(shapes) if model_config.lora_rank else jax.tree.map(lambda _: True, shapes)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh, rules)
-    state_shapes = jax.eval_shape(lambda p, key: state_lib.init_state(p, optimizer, key, mask), shapes,
-                                  jax.random.key(0))
+    state_shapes = jax.eval_shape(
+        lambda p, key: state_lib.init_state(p, optimizer, key, mask), shapes, jax.random.key(0)
+    )
     return _with_shardings(state_shapes, shardings), shardings, mask
 
 
 def abstract_batch(mesh: Mesh, rules, batch_size: int, seq_len: int) -> dict:
     shardings = partitioning.batch_shardings(mesh, rules, (batch_size, seq_len))
-    return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=shardings[key])
-            for key in partitioning.BATCH_KEYS}
+    return {
+        key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=shardings[key])
+        for key in partitioning.BATCH_KEYS
+    }
 
 
 def _flops(compiled) -> float | None:
@@ -110,9 +116,13 @@ def _flops(compiled) -> float | None:
 
 def _memory(compiled) -> dict:
     mem = compiled.memory_analysis()
-    return {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
-            "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
-            "code": int(mem.generated_code_size_in_bytes)}
+    return {
+        "argument": int(mem.argument_size_in_bytes),
+        "output": int(mem.output_size_in_bytes),
+        "alias": int(mem.alias_size_in_bytes),
+        "temp": int(mem.temp_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes),
+    }
 
 
 def _peak(mem: dict) -> int:
@@ -130,10 +140,17 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     state, shardings, _ = abstract_train_state(cfg, optimizer, mesh, rules)
     batch = abstract_batch(mesh, rules, request.batch_size, request.seq_len)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=partitioning.replicated(mesh))
-    step = sft_step.make_sft_step(cfg, optimizer, schedule, mesh=mesh, state_shardings=shardings, rules=rules,
-                                  loss_settings=losses.LossSettings(chunk_size=request.loss_chunk),
-                                  microbatches=request.microbatches,
-                                  batch_shape=(request.batch_size, request.seq_len))
+    step = sft_step.make_sft_step(
+        cfg,
+        optimizer,
+        schedule,
+        mesh=mesh,
+        state_shardings=shardings,
+        rules=rules,
+        loss_settings=losses.LossSettings(chunk_size=request.loss_chunk),
+        microbatches=request.microbatches,
+        batch_shape=(request.batch_size, request.seq_len),
+    )
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -181,18 +198,37 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
         spec = logical_to_spec(axes, mesh, rules, shape) if axes else None
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec) if axes else rep)
 
-    inputs = (struct((prompts, width), jnp.int32, ("batch", None)), struct((prompts,), jnp.int32, ("batch",)),
-              struct((rows,), jnp.int32, ("batch",)), struct((rows,), jnp.int32, ("batch",)),
-              struct((rows,), jnp.bool_, ("batch",)), struct((), jnp.int32, ()))
+    inputs = (
+        struct((prompts, width), jnp.int32, ("batch", None)),
+        struct((prompts,), jnp.int32, ("batch",)),
+        struct((rows,), jnp.int32, ("batch",)),
+        struct((rows,), jnp.int32, ("batch",)),
+        struct((rows,), jnp.bool_, ("batch",)),
+        struct((), jnp.int32, ()),
+    )
     settings = SamplingSettings.create(temperature=1.0, vocab_size=cfg.vocab_size)
-    criteria = decode_loop.StopCriteria(eos_e=np.zeros(1, np.int32), stop_sl=np.full((1, 1), -1, np.int32),
-                                        stop_len_s=np.zeros(1, np.int32),
-                                        max_new_tokens=np.int32(request.rollout_len - width))
+    criteria = decode_loop.StopCriteria(
+        eos_e=np.zeros(1, np.int32),
+        stop_sl=np.full((1, 1), -1, np.int32),
+        stop_len_s=np.zeros(1, np.int32),
+        max_new_tokens=np.int32(request.rollout_len - width),
+    )
     statics = dict(mesh=mesh, rules=rules)
-    start = decode_loop.start.lower(cfg, params, *inputs, settings, criteria, cache_len=request.rollout_len,
-                                    prefill_chunk=DEFAULT_PREFILL_CHUNK, **statics).compile()
-    state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                         start.out_info, start.output_shardings)
+    start = decode_loop.start.lower(
+        cfg,
+        params,
+        *inputs,
+        settings,
+        criteria,
+        cache_len=request.rollout_len,
+        prefill_chunk=DEFAULT_PREFILL_CHUNK,
+        **statics,
+    ).compile()
+    state = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        start.out_info,
+        start.output_shardings,
+    )
     decode = decode_loop.decode.lower(cfg, params, state, settings, criteria, **statics).compile()
     params_bytes = per_device_bytes(params)
     live = {"start": _peak(_memory(start)) - params_bytes, "decode": _peak(_memory(decode)) - params_bytes}
@@ -207,13 +243,23 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
     mem = train["xla"]
     train_peak = _peak(mem)
     out = {
-        "mesh": dict(mesh.shape), "devices": int(mesh.devices.size), "lora_rank": cfg.lora_rank,
-        "batch_size": request.batch_size, "seq_len": request.seq_len, "microbatches": request.microbatches,
-        "remat_policy": cfg.remat_policy, "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
-        "params_bytes": train["params"], "trainable_params_bytes": train["trainable_params"],
-        "optimizer_state_bytes": train["optimizer_state"], "batch_bytes": train["batch"],
-        "activations_bytes": mem["temp"], "xla_argument_bytes": mem["argument"],
-        "xla_output_bytes": mem["output"], "xla_alias_bytes": mem["alias"],
+        "mesh": dict(mesh.shape),
+        "devices": int(mesh.devices.size),
+        "lora_rank": cfg.lora_rank,
+        "batch_size": request.batch_size,
+        "seq_len": request.seq_len,
+        "microbatches": request.microbatches,
+        "remat_policy": cfg.remat_policy,
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "params_bytes": train["params"],
+        "trainable_params_bytes": train["trainable_params"],
+        "optimizer_state_bytes": train["optimizer_state"],
+        "batch_bytes": train["batch"],
+        "activations_bytes": mem["temp"],
+        "xla_argument_bytes": mem["argument"],
+        "xla_output_bytes": mem["output"],
+        "xla_alias_bytes": mem["alias"],
         "train_peak_bytes": train_peak,
         "xla_flops_per_device": train["xla_flops_per_device"],
         "matmul_flops_per_device": train["matmul_flops_per_device"],
@@ -223,11 +269,15 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
     if request.rollout_batch:
         rollout = plan_rollout(request, mesh, rules)
         rollout_bytes = max(rollout["live_beside_params"].values())
-        out.update(rollout_batch=request.rollout_batch, rollout_len=request.rollout_len,
-                   rollout_prompt_len=request.rollout_prompt_len, kv_cache_bytes=rollout["kv_cache"],
-                   rollout_temp_bytes=rollout_bytes,
-                   # The train state stays resident while the sampler runs; the cache is in the programs' bytes.
-                   rollout_peak_bytes=train["params"] + train["optimizer_state"] + rollout_bytes)
+        out.update(
+            rollout_batch=request.rollout_batch,
+            rollout_len=request.rollout_len,
+            rollout_prompt_len=request.rollout_prompt_len,
+            kv_cache_bytes=rollout["kv_cache"],
+            rollout_temp_bytes=rollout_bytes,
+            # The train state stays resident while the sampler runs; the cache is in the programs' bytes.
+            rollout_peak_bytes=train["params"] + train["optimizer_state"] + rollout_bytes,
+        )
     return out
 
 
@@ -236,7 +286,7 @@ def format_bytes(num: float | None) -> str:
         return "-"
     if num >= GIB / 10:
         return f"{num / GIB:.2f} GiB"
-    return f"{num / 2 ** 20:.1f} MiB" if num >= 2 ** 20 / 10 else f"{num / 1024:.1f} KiB"
+    return f"{num / 2**20:.1f} MiB" if num >= 2**20 / 10 else f"{num / 1024:.1f} KiB"
 
 
 def format_flops(num: float | None) -> str:
@@ -244,27 +294,35 @@ def format_flops(num: float | None) -> str:
         return "-"
     exp = int(math.floor(math.log10(num) / 3) * 3)
     prefix = {0: "", 3: "K", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E", 21: "Z"}.get(exp, f"e{exp}")
-    return f"{num / 10 ** exp:.2f} {prefix}FLOP"
+    return f"{num / 10**exp:.2f} {prefix}FLOP"
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(label, value) rows for printing one plan."""
-    rows = [("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
-            ("batch x seq_len", f"{result['batch_size']} x {result['seq_len']} ({result['microbatches']} microbatches)"),
-            ("lora rank", str(result["lora_rank"]) if result["lora_rank"] else "full fine-tuning"),
-            ("params / device", format_bytes(result["params_bytes"])),
-            ("  of which trainable", format_bytes(result["trainable_params_bytes"])),
-            ("optimizer state / device", format_bytes(result["optimizer_state_bytes"])),
-            ("activations (XLA temp) / device", format_bytes(result["activations_bytes"])),
-            ("train step peak / device", format_bytes(result["train_peak_bytes"]))]
+    rows = [
+        ("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
+        ("batch x seq_len", f"{result['batch_size']} x {result['seq_len']} ({result['microbatches']} microbatches)"),
+        ("lora rank", str(result["lora_rank"]) if result["lora_rank"] else "full fine-tuning"),
+        ("params / device", format_bytes(result["params_bytes"])),
+        ("  of which trainable", format_bytes(result["trainable_params_bytes"])),
+        ("optimizer state / device", format_bytes(result["optimizer_state_bytes"])),
+        ("activations (XLA temp) / device", format_bytes(result["activations_bytes"])),
+        ("train step peak / device", format_bytes(result["train_peak_bytes"])),
+    ]
     if "kv_cache_bytes" in result:
-        rows += [(f"kv cache ({result['rollout_batch']} rows x {result['rollout_len']}) / device",
-                  format_bytes(result["kv_cache_bytes"])),
-                 ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
-                 ("rollout peak (+ params, optimizer) / device", format_bytes(result["rollout_peak_bytes"]))]
-    rows += [("compiled matmul flops / device / step", format_flops(result["matmul_flops_per_device"])),
-             ("  x devices", format_flops(result["matmul_flops_per_device"] * result["devices"])),
-             ("model flops / step (6ND + attention)", format_flops(result["model_flops_per_step"])),
-             ("XLA cost_analysis flops / device (loop bodies once)", format_flops(result["xla_flops_per_device"])),
-             ("compile time", f"{result['compile_s']} s")]
+        rows += [
+            (
+                f"kv cache ({result['rollout_batch']} rows x {result['rollout_len']}) / device",
+                format_bytes(result["kv_cache_bytes"]),
+            ),
+            ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
+            ("rollout peak (+ params, optimizer) / device", format_bytes(result["rollout_peak_bytes"])),
+        ]
+    rows += [
+        ("compiled matmul flops / device / step", format_flops(result["matmul_flops_per_device"])),
+        ("  x devices", format_flops(result["matmul_flops_per_device"] * result["devices"])),
+        ("model flops / step (6ND + attention)", format_flops(result["model_flops_per_step"])),
+        ("XLA cost_analysis flops / device (loop bodies once)", format_flops(result["xla_flops_per_device"])),
+        ("compile time", f"{result['compile_s']} s"),
+    ]
     return rows

@@ -18,16 +18,24 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from polaris_jax.models.config import ModelConfig
 from polaris_jax.models.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
-               "model.safetensors.index.json")
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+)
 
 
 def _file_layout(directory: str) -> dict[str, list[str]]:
@@ -61,8 +69,9 @@ def _check_inputs(inputs: Sequence[str], weights: Sequence[float]) -> None:
             raise ValueError(f"{path} has a different architecture from {inputs[0]} (compare their config.json)")
 
 
-def merge_checkpoints(inputs: Sequence[str], weights: Sequence[float], output: str, *, normalize: bool = True,
-                      overwrite: bool = False) -> str:
+def merge_checkpoints(
+    inputs: Sequence[str], weights: Sequence[float], output: str, *, normalize: bool = True, overwrite: bool = False
+) -> str:
     """Writes the weighted average of `inputs` to `output`; returns its absolute path."""
     inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
     weights = [float(w) for w in weights]
@@ -81,9 +90,11 @@ def merge_checkpoints(inputs: Sequence[str], weights: Sequence[float], output: s
     tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=os.path.dirname(output))
     try:
         for file_name, names in layout.items():
-            write_safetensors(os.path.join(tmp, file_name), {n: _merged_tensor(readers, weights, n) for n in names},
-                              metadata={"format": "pt", "merged_from": json.dumps(inputs),
-                                        "merge_weights": json.dumps(weights)})
+            write_safetensors(
+                os.path.join(tmp, file_name),
+                {n: _merged_tensor(readers, weights, n) for n in names},
+                metadata={"format": "pt", "merged_from": json.dumps(inputs), "merge_weights": json.dumps(weights)},
+            )
         for name in _SIDE_FILES:
             if os.path.exists(os.path.join(inputs[0], name)):
                 shutil.copy2(os.path.join(inputs[0], name), os.path.join(tmp, name))
@@ -104,8 +115,10 @@ def _merged_tensor(readers, weights, name: str) -> np.ndarray:
             raise KeyError(f"checkpoint {reader.directory} is missing tensor {name!r}")
         tensor = reader.get(name)
         if tensor.shape != first.shape:
-            raise ValueError(f"tensor {name!r} has shape {tensor.shape} in {reader.directory} "
-                             f"but {first.shape} in {readers[0].directory}")
+            raise ValueError(
+                f"tensor {name!r} has shape {tensor.shape} in {reader.directory} "
+                f"but {first.shape} in {readers[0].directory}"
+            )
         acc += weight * tensor.astype(np.float32)
     return acc.astype(first.dtype)
 
@@ -113,22 +126,30 @@ def _merged_tensor(readers, weights, name: str) -> np.ndarray:
 def run(config, workdir: str) -> dict:
     """The `merge` job of polaris_jax.main: config.inputs, config.weights, config.output ('' = workdir/merged)."""
     output = config.output or os.path.join(workdir, "merged")
-    path = merge_checkpoints(list(config.inputs), list(config.weights), output, normalize=config.normalize,
-                             overwrite=config.overwrite)
+    path = merge_checkpoints(
+        list(config.inputs), list(config.weights), output, normalize=config.normalize, overwrite=config.overwrite
+    )
     return {"output": path, "num_inputs": len(config.inputs)}
 
 
 def _main(argv) -> None:
     del argv
     from absl import flags
+
     values = flags.FLAGS
-    path = merge_checkpoints(values.inputs, [float(w) for w in values.weights], values.output,
-                             normalize=values.normalize, overwrite=values.overwrite)
+    path = merge_checkpoints(
+        values.inputs,
+        [float(w) for w in values.weights],
+        values.output,
+        normalize=values.normalize,
+        overwrite=values.overwrite,
+    )
     print(json.dumps({"output": path, "num_inputs": len(values.inputs)}))
 
 
 if __name__ == "__main__":
     from absl import app, flags
+
     flags.DEFINE_list("inputs", None, "Comma-separated Hugging Face checkpoint directories.", required=True)
     flags.DEFINE_list("weights", None, "Comma-separated weights, one per input.", required=True)
     flags.DEFINE_string("output", None, "Output directory.", required=True)

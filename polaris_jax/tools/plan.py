@@ -28,8 +28,12 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]); default: "
-                                          "the SFT defaults of train/sft_config.py.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Experiment config (configs/*.py[:arg]); default: the SFT defaults of train/sft_config.py.",
+    lock_config=True,
+)
 _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=2,fsdp=4,tensor=1' (default: the config's mesh).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake devices when the mesh holds a -1 size (default 8).")
 _MODEL = flags.DEFINE_string("model", "", "A models.PRESETS name planned instead of the config's model.")
@@ -37,10 +41,16 @@ _LORA_RANK = flags.DEFINE_integer("lora_rank", None, "LoRA rank (0 = full fine-t
 _LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: the config's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global rows per optimiser step (default: config.data.batch_size).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: config.data.seq_len).")
-_MICRO = flags.DEFINE_integer("microbatches", None, "Gradient accumulation passes (default: config.train.microbatches).")
+_MICRO = flags.DEFINE_integer(
+    "microbatches", None, "Gradient accumulation passes (default: config.train.microbatches)."
+)
 _REMAT = flags.DEFINE_string("remat", "", "Remat policy: none | full | dots | dots_no_batch (default: the config's).")
-_ATTENTION = flags.DEFINE_enum("attention_impl", "", ["", "auto", "dense", "flash"],
-                               "Attention over many queries (default: the config's; see models.flash_attention).")
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl",
+    "",
+    ["", "auto", "dense", "flash"],
+    "Attention over many queries (default: the config's; see models.flash_attention).",
+)
 _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Rows decoded together in a rollout (0 = no KV cache plan).")
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "Prompt + response tokens the rollout cache holds.")
 _ROLLOUT_PROMPT_LEN = flags.DEFINE_integer("rollout_prompt_len", None, "Prompt tokens per rollout row (default 512).")
@@ -51,6 +61,7 @@ _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table a
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; a size may be -1 (the remaining devices)."""
     from polaris_jax.models.sharding import MESH_AXES
+
     shape = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, size = part.partition("=")
@@ -87,10 +98,13 @@ def use_fake_cpu_devices(count: int) -> None:
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
     import jax
+
     jax.config.update("jax_platforms", "cpu")
     if jax.device_count() != count:
-        raise RuntimeError(f"asked XLA for {count} CPU devices but got {jax.device_count()}: a JAX backend was "
-                           f"started before the planner could set XLA_FLAGS")
+        raise RuntimeError(
+            f"asked XLA for {count} CPU devices but got {jax.device_count()}: a JAX backend was "
+            f"started before the planner could set XLA_FLAGS"
+        )
 
 
 def model_config_for(config, model_preset: str):
@@ -98,13 +112,17 @@ def model_config_for(config, model_preset: str):
     from polaris_jax.models.config import preset
     from polaris_jax.train import setup
     from polaris_jax.train.sft import data as sft_setup
+
     m = config.model
     if model_preset:
-        return preset(model_preset, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                      remat_policy=m.remat_policy)
+        return preset(
+            model_preset, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy
+        )
     if m.init_from and not os.path.exists(os.path.join(m.init_from, "config.json")):
-        raise app.UsageError(f"model.init_from={m.init_from!r} has no config.json here; pass --model=PRESET "
-                             f"to plan with that preset's shape")
+        raise app.UsageError(
+            f"model.init_from={m.init_from!r} has no config.json here; pass --model=PRESET "
+            f"to plan with that preset's shape"
+        )
     tokenizer = None
     if "overrides" in m and m.overrides.get("vocab_size", None) == 0:
         # The vocabulary is the synthetic task's tokenizer's, which the run writes at start-up.
@@ -113,11 +131,14 @@ def model_config_for(config, model_preset: str):
                 tokenizer = sft_setup.load_tokenizer(config, tmp)[0]
             elif config.get("job", "") == "demo":
                 from polaris_jax.data import synthetic_arith
+
                 tokenizer = synthetic_arith.build_tokenizer(tmp)
             else:
-                raise app.UsageError("model.overrides.vocab_size=0 takes the tokenizer's size, which this config "
-                                     "only knows at run time; pass --model=PRESET or "
-                                     "--config.model.overrides.vocab_size=N")
+                raise app.UsageError(
+                    "model.overrides.vocab_size=0 takes the tokenizer's size, which this config "
+                    "only knows at run time; pass --model=PRESET or "
+                    "--config.model.overrides.vocab_size=N"
+                )
     return setup.model_config_from(config, tokenizer)
 
 
@@ -126,22 +147,40 @@ def shape_defaults(config) -> dict:
     if "rollout" in config and "schedule" in config:  # the GRPO schema (jobs grpo and demo)
         rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
         length = config.data.max_prompt_len + max(config.schedule.max_response_len)
-        return dict(batch_size=rows // config.algo.minibatches, seq_len=length,
-                    microbatches=config.algo.microbatches, loss_chunk=config.train.loss_chunk_size,
-                    rollout_batch=rows // config.rollout.chunks, rollout_len=length,
-                    rollout_prompt_len=config.data.max_prompt_len,
-                    samples_per_prompt=config.rollout.samples_per_prompt)
-    return dict(batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-                microbatches=config.train.microbatches, loss_chunk=config.train.loss_chunk_size)
+        return dict(
+            batch_size=rows // config.algo.minibatches,
+            seq_len=length,
+            microbatches=config.algo.microbatches,
+            loss_chunk=config.train.loss_chunk_size,
+            rollout_batch=rows // config.rollout.chunks,
+            rollout_len=length,
+            rollout_prompt_len=config.data.max_prompt_len,
+            samples_per_prompt=config.rollout.samples_per_prompt,
+        )
+    return dict(
+        batch_size=config.data.batch_size,
+        seq_len=config.data.seq_len,
+        microbatches=config.train.microbatches,
+        loss_chunk=config.train.loss_chunk_size,
+    )
 
 
 def optimizer_for(config):
     """The config's AdamW (+ clipping); the schedule's length does not change memory."""
     from polaris_jax.train.optimizer import make_optimizer
+
     o = config.optimizer
-    return make_optimizer(peak_lr=o.peak_lr, total_steps=1000, warmup_ratio=o.warmup_ratio,
-                          min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip_norm=o.grad_clip_norm or None)
+    return make_optimizer(
+        peak_lr=o.peak_lr,
+        total_steps=1000,
+        warmup_ratio=o.warmup_ratio,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        grad_clip_norm=o.grad_clip_norm or None,
+    )
 
 
 def main(argv):
@@ -150,13 +189,13 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         from polaris_jax.train.sft.config import default_config
+
         config = default_config()
     mesh_shape = parse_mesh(_MESH.value) if _MESH.value else {k: int(v) for k, v in config.mesh.items()}
     use_fake_cpu_devices(device_count(mesh_shape, _DEVICES.value))
 
+    from polaris_jax.models.sharding import make_mesh, sharding_rules
     from polaris_jax.tools import memory_plan
-    from polaris_jax.models.sharding import make_mesh
-    from polaris_jax.models.sharding import sharding_rules
 
     model_config = model_config_for(config, _MODEL.value)
     if _REMAT.value:
@@ -166,12 +205,19 @@ def main(argv):
     rank = config.lora.rank if _LORA_RANK.value is None else _LORA_RANK.value
     alpha = config.lora.alpha if _LORA_ALPHA.value is None else _LORA_ALPHA.value
     if rank:
-        model_config = model_config.replace(lora_rank=rank, lora_alpha=float(alpha),
-                                            lora_targets=tuple(config.lora.targets))
+        model_config = model_config.replace(
+            lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(config.lora.targets)
+        )
     fields = shape_defaults(config)
-    flag_values = {"batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "microbatches": _MICRO.value,
-                   "rollout_batch": _ROLLOUT_BATCH.value or None, "rollout_len": _ROLLOUT_LEN.value or None,
-                   "rollout_prompt_len": _ROLLOUT_PROMPT_LEN.value, "samples_per_prompt": _SAMPLES.value}
+    flag_values = {
+        "batch_size": _BATCH.value,
+        "seq_len": _SEQ_LEN.value,
+        "microbatches": _MICRO.value,
+        "rollout_batch": _ROLLOUT_BATCH.value or None,
+        "rollout_len": _ROLLOUT_LEN.value or None,
+        "rollout_prompt_len": _ROLLOUT_PROMPT_LEN.value,
+        "samples_per_prompt": _SAMPLES.value,
+    }
     fields.update({k: v for k, v in flag_values.items() if v is not None})
     request = memory_plan.PlanRequest(model_config=model_config, **fields)
     result = memory_plan.plan(request, make_mesh(mesh_shape), sharding_rules(config), optimizer_for(config))

@@ -152,8 +152,14 @@ def _grid(panels: Sequence[tuple[str, Series]], path: str, smooth: float = 0.0, 
     for ax, (title, curves) in zip(axes.flat, panels):
         for name, points in curves.items():
             steps, values = [p[0] for p in points], [p[1] for p in points]
-            line, = ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3,
-                            alpha=0.35 if smooth else 1.0, label=name)
+            (line,) = ax.plot(
+                steps,
+                values,
+                marker="o" if len(steps) < 12 else None,
+                markersize=3,
+                alpha=0.35 if smooth else 1.0,
+                label=name,
+            )
             if smooth:
                 ax.plot(steps, ema(values, smooth), color=line.get_color(), label=f"{name} (ema {smooth})")
         ax.set_title(title, fontsize=10)
@@ -162,7 +168,7 @@ def _grid(panels: Sequence[tuple[str, Series]], path: str, smooth: float = 0.0, 
         if len(curves) > 1 or smooth:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     png = io.BytesIO()
@@ -220,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="run directory holding metrics.jsonl or TensorBoard events")
     parser.add_argument("--out", default="", help="where the PNGs go (default: WORKDIR/plots)")
     parser.add_argument("--metrics", default="", help="comma-separated metric names (default: every scalar logged)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="exponential moving average weight in [0, 1) drawn over the raw curves")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="exponential moving average weight in [0, 1) drawn over the raw curves",
+    )
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     paths = plot_run(args.workdir, args.out, metrics, args.smooth)

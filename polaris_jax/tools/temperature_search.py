@@ -29,9 +29,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampler seed.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
-def search(checkpoint: str, dataset: str, temperatures, *, num_problems: int = 64, samples: int = 8,
-           max_response_len: int = 4096, instruction: str = "", accuracy_tolerance: float = 0.03,
-           diversity_target: float | None = None, seed: int = 0) -> dict:
+def search(
+    checkpoint: str,
+    dataset: str,
+    temperatures,
+    *,
+    num_problems: int = 64,
+    samples: int = 8,
+    max_response_len: int = 4096,
+    instruction: str = "",
+    accuracy_tolerance: float = 0.03,
+    diversity_target: float | None = None,
+    seed: int = 0,
+) -> dict:
     import ml_collections
 
     from polaris_jax.data import problems as grpo_data
@@ -46,32 +56,63 @@ def search(checkpoint: str, dataset: str, temperatures, *, num_problems: int = 6
     problems = grpo_data.load_problems(dataset, tokenizer, data_config)[:num_problems]
     think = resolve_think_policy("auto", grpo_data.prompt_text("1+1", tokenizer, data_config))
     with VerifierPool(extraction=ExtractionConfig(think=think)) as pool:
+
         def sample_fn(temperature: float):
-            settings = RolloutSettings(max_response_len=max_response_len, temperature=temperature,
-                                       samples_per_prompt=samples, prompt_width=prompt_width(problems))
-            rollouts = sample_and_verify(model_config, params, problems, settings, tokenizer=tokenizer, pool=pool,
-                                         seed=rollout_seed(seed)).rollouts
+            settings = RolloutSettings(
+                max_response_len=max_response_len,
+                temperature=temperature,
+                samples_per_prompt=samples,
+                prompt_width=prompt_width(problems),
+            )
+            rollouts = sample_and_verify(
+                model_config, params, problems, settings, tokenizer=tokenizer, pool=pool, seed=rollout_seed(seed)
+            ).rollouts
             lengths = rollouts.response_len_b
-            responses = [rollouts.response_br[i, :lengths[i]].tolist() for i in range(len(lengths))]
+            responses = [rollouts.response_br[i, : lengths[i]].tolist() for i in range(len(lengths))]
             return responses, (rollouts.correct_b > 0.5).tolist()
 
-        result = rl.search_temperature(sample_fn, [float(t) for t in temperatures], group_size=samples,
-                                       accuracy_tolerance=accuracy_tolerance, diversity_target=diversity_target)
-    return {"chosen_temperature": result.chosen_temperature, "rule": result.rule,
-            "scans": [{"temperature": s.temperature, "distinct_4": s.diversity, "accuracy": s.accuracy,
-                       "responses": s.num_responses} for s in result.scans]}
+        result = rl.search_temperature(
+            sample_fn,
+            [float(t) for t in temperatures],
+            group_size=samples,
+            accuracy_tolerance=accuracy_tolerance,
+            diversity_target=diversity_target,
+        )
+    return {
+        "chosen_temperature": result.chosen_temperature,
+        "rule": result.rule,
+        "scans": [
+            {
+                "temperature": s.temperature,
+                "distinct_4": s.diversity,
+                "accuracy": s.accuracy,
+                "responses": s.num_responses,
+            }
+            for s in result.scans
+        ],
+    }
 
 
 def main(argv):
     del argv
     if not _CHECKPOINT.value or not _DATASET.value:
         raise app.UsageError("--checkpoint and --dataset are required")
-    out = search(_CHECKPOINT.value, _DATASET.value, _TEMPERATURES.value, num_problems=_NUM_PROBLEMS.value,
-                 samples=_SAMPLES.value, max_response_len=_MAX_LEN.value, instruction=_INSTRUCTION.value,
-                 accuracy_tolerance=_TOLERANCE.value, diversity_target=_DIVERSITY.value, seed=_SEED.value)
+    out = search(
+        _CHECKPOINT.value,
+        _DATASET.value,
+        _TEMPERATURES.value,
+        num_problems=_NUM_PROBLEMS.value,
+        samples=_SAMPLES.value,
+        max_response_len=_MAX_LEN.value,
+        instruction=_INSTRUCTION.value,
+        accuracy_tolerance=_TOLERANCE.value,
+        diversity_target=_DIVERSITY.value,
+        seed=_SEED.value,
+    )
     line = json.dumps(out, sort_keys=True)
     if _OUT.value:
         from polaris_jax.files import write_atomic
+
         write_atomic(_OUT.value, line + "\n")
     print(line)
 

@@ -1,1 +1,2 @@
-"""Training: shared state, partitioning, optimizer, checkpoint, metrics and losses; sft/, grpo/ and the rl/ objective library."""
+"""Training: shared state, partitioning, optimizer, checkpoint, metrics and losses; sft/, grpo/ and the
+rl/ objective library."""

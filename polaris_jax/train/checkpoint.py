@@ -32,14 +32,16 @@ def abstract_like(tree):
 class Checkpointer:
     """An orbax CheckpointManager for the train state and the data iterator."""
 
-    def __init__(self, directory: str, *, every: int = 1000, keep: int = 3, async_save: bool = True,
-                 lora_only: bool = False):
+    def __init__(
+        self, directory: str, *, every: int = 1000, keep: int = 3, async_save: bool = True, lora_only: bool = False
+    ):
         if every < 1:
             raise ValueError(f"checkpoint every must be >= 1 step, got {every}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.every, self.lora_only = every, lora_only
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep > 0 else None, create=True, enable_async_checkpointing=async_save
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def _saved_part(self, state: dict) -> dict:
@@ -66,8 +68,9 @@ class Checkpointer:
     def restore(self, step: int, state_template: dict, data_iterator=None) -> dict:
         """The state saved at `step`, placed like `state_template`; also rewinds `data_iterator` in place."""
         if step not in self.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                                    f"available steps: {self.all_steps() or 'none'}")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps() or 'none'}"
+            )
         items = {"state": ocp.args.StandardRestore(abstract_like(self._saved_part(state_template)))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -96,8 +99,10 @@ def open_existing(directory: str, **kwargs) -> Checkpointer:
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     ckpt = Checkpointer(directory, **kwargs)
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"checkpoint directory {directory} holds no finished checkpoint "
-                                f"(expected numbered step directories written by orbax)")
+        raise FileNotFoundError(
+            f"checkpoint directory {directory} holds no finished checkpoint "
+            f"(expected numbered step directories written by orbax)"
+        )
     return ckpt
 
 

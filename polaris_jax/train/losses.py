@@ -50,8 +50,16 @@ def _chunk_stats(config, params, hidden_bcd, targets_bc, temperature: float, wit
     return out
 
 
-def hidden_token_stats(config, params, hidden_btd, targets_bt, *, chunk_size: int = 512,
-                       temperature: float = 1.0, with_entropy: bool = False) -> dict:
+def hidden_token_stats(
+    config,
+    params,
+    hidden_btd,
+    targets_bt,
+    *,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> dict:
     """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D]."""
     b, t, d = hidden_btd.shape
     chunk = min(chunk_size, t)
@@ -72,13 +80,31 @@ def hidden_token_stats(config, params, hidden_btd, targets_bt, *, chunk_size: in
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_nbc)
 
 
-def token_stats(config, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *, chunk_size: int = 512,
-                temperature: float = 1.0, with_entropy: bool = False) -> dict:
+def token_stats(
+    config,
+    params,
+    tokens_bt,
+    positions_bt,
+    segment_ids_bt,
+    targets_bt,
+    *,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> dict:
     """Runs the model and returns per-token {logprobs, lse[, entropy]} [B, T] plus `router_aux_loss` (scalar)."""
-    hidden_btd, _, aux = forward(config, params, tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt,
-                                 return_hidden=True, return_aux=True)
-    stats = hidden_token_stats(config, params, hidden_btd, targets_bt, chunk_size=chunk_size,
-                               temperature=temperature, with_entropy=with_entropy)
+    hidden_btd, _, aux = forward(
+        config, params, tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt, return_hidden=True, return_aux=True
+    )
+    stats = hidden_token_stats(
+        config,
+        params,
+        hidden_btd,
+        targets_bt,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
     stats["router_aux_loss"] = aux["router_aux_loss"]
     return stats
 
@@ -89,8 +115,15 @@ def router_aux_coef(config, settings: LossSettings) -> float:
     return config.router_aux_loss_coef if settings.router_aux_coef is None else settings.router_aux_coef
 
 
-def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(), *,
-             num_target_tokens=None, aux_weight: float = 1.0):
+def sft_loss(
+    config,
+    params,
+    batch: dict,
+    settings: LossSettings = LossSettings(),
+    *,
+    num_target_tokens=None,
+    aux_weight: float = 1.0,
+):
     """Token-mean cross entropy over `loss_mask_bt`, plus optional z-loss and MoE router loss.
 
     Args:
@@ -102,8 +135,16 @@ def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(
       (loss, terms) where terms holds the summed numerators and the router loss for metrics.
     """
     mask_bt = batch["loss_mask_bt"].astype(jnp.float32)
-    stats = token_stats(config, params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"],
-                        batch["targets_bt"], chunk_size=settings.chunk_size, temperature=settings.temperature)
+    stats = token_stats(
+        config,
+        params,
+        batch["tokens_bt"],
+        batch["positions_bt"],
+        batch["segment_ids_bt"],
+        batch["targets_bt"],
+        chunk_size=settings.chunk_size,
+        temperature=settings.temperature,
+    )
     if num_target_tokens is None:
         num_target_tokens = jnp.maximum(jnp.sum(mask_bt), 1.0)
     ce_sum = -jnp.sum(stats["logprobs"] * mask_bt)
@@ -118,11 +159,13 @@ def sft_loss(config, params, batch: dict, settings: LossSettings = LossSettings(
 def split_microbatches(batch, microbatches: int):
     """[B, ...] -> [M, B/M, ...] for every array of a pytree (a dict, an `UpdateBatch`, ...); microbatch m
     takes rows m, m+M, ... so each keeps every data shard busy."""
+
     def split(x_bt):
         b = x_bt.shape[0]
         if b % microbatches:
             raise ValueError(f"batch of {b} rows does not split into {microbatches} microbatches")
         return x_bt.reshape(b // microbatches, microbatches, *x_bt.shape[1:]).swapaxes(0, 1)
+
     return jax.tree.map(split, batch)
 
 
@@ -157,9 +200,15 @@ def jit_step(step_fn, *, mesh, rules, in_shardings, out_shardings, compiler_opti
     """The one jitted shape of the SFT and GRPO steps: `step_fn(state, ...)` traced inside
     `activation_sharding(mesh, rules)` (the model pins its residual stream to the batch sharding, so XLA
     does not all-gather activations), with explicit shardings, and the state (argument 0) donated."""
+
     def step(*args):
         with activation_sharding(mesh, rules):
             return step_fn(*args)
 
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,),
-                   compiler_options=compiler_options)
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
+    )

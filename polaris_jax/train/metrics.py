@@ -25,10 +25,23 @@ from clu import metrics as clu_metrics
 
 # Dense bf16 peak FLOP/s per chip, matched as a lowercase substring of `device.device_kind` (first hit wins).
 PEAK_FLOPS = (
-    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989.4e12), ("h200", 989.4e12), ("gh200", 989.4e12),
-    ("b200", 2250e12), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12), ("a10g", 70e12),
-    ("tpu v4", 275e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
-    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12),
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989.4e12),
+    ("h200", 989.4e12),
+    ("gh200", 989.4e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("a10g", 70e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12),
+    ("tpu v6e", 918e12),
 )
 LAST_VALUE_METRICS = ("learning_rate", "param_norm")
 
@@ -85,8 +98,10 @@ def step_flops(model_config, num_tokens: int, pairs: int, lora: bool = False) ->
 
 def make_collection(names):
     """A clu Collection type averaging each named scalar over a logging interval (last value for a few)."""
-    fields = {name: (clu_metrics.LastValue if name in LAST_VALUE_METRICS else clu_metrics.Average).from_output(name)
-              for name in names}
+    fields = {
+        name: (clu_metrics.LastValue if name in LAST_VALUE_METRICS else clu_metrics.Average).from_output(name)
+        for name in names
+    }
     return clu_metrics.Collection.create(**fields)
 
 
@@ -153,20 +168,22 @@ class ProgressBar:
         eta = (self.total - step) * elapsed / done_steps if done_steps > 0 else float("nan")
         frac = min(max(step / max(self.total, 1), 0.0), 1.0)
         filled = int(round(frac * self.width))
-        return (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] {100 * frac:3.0f}% "
-                f"eta {_format_seconds(eta)}")
+        return (
+            f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] {100 * frac:3.0f}% "
+            f"eta {_format_seconds(eta)}"
+        )
 
 
 class MetricWriter:
     """Writes scalars to TensorBoard event files, `metrics.jsonl` and the console (with a progress bar)."""
 
-    def __init__(self, logdir: str, *, total_steps: int, tensorboard: bool = True, console: bool = True,
-                 stream=None):
+    def __init__(self, logdir: str, *, total_steps: int, tensorboard: bool = True, console: bool = True, stream=None):
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
         self._tb = None
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(logdir=logdir, flush_secs=30)
         self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
         self._console = console and jax.process_index() == 0

@@ -32,10 +32,14 @@ def state_shardings(model_config, optimizer, trainable_mask, mesh: Mesh, rules=D
     trainable, frozen = state_lib.partition(full, trainable_mask)
     opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes(model_config, trainable_mask))
     opt = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, sharding: sharding, opt_shapes, trainable,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=_is_none)
-    return {"params": trainable, "frozen": frozen, "opt_state": opt, "step": replicated(mesh),
-            "rng": replicated(mesh)}
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_shapes,
+        trainable,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=_is_none,
+    )
+    return {"params": trainable, "frozen": frozen, "opt_state": opt, "step": replicated(mesh), "rng": replicated(mesh)}
 
 
 def trainable_shapes(model_config, trainable_mask):
@@ -65,8 +69,9 @@ def init_sharded_state(params, optimizer, rng, trainable_mask, shardings: dict) 
     trainable, frozen = state_lib.partition(params, trainable_mask)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
     # jit with out_shardings (not device_put) so this also works when the mesh spans several processes.
-    step, rng = jax.jit(lambda r: (jax.numpy.zeros((), jax.numpy.int32), r),
-                        out_shardings=(shardings["step"], shardings["rng"]))(rng)
+    step, rng = jax.jit(
+        lambda r: (jax.numpy.zeros((), jax.numpy.int32), r), out_shardings=(shardings["step"], shardings["rng"])
+    )(rng)
     return {"params": trainable, "frozen": frozen, "opt_state": opt_state, "step": step, "rng": rng}
 
 
@@ -76,5 +81,8 @@ def put_batch(batch: dict, shardings: dict) -> dict:
         return {key: jax.device_put(batch[key], shardings[key]) for key in BATCH_KEYS}
     # Multi-host: each process holds its own rows; stitch them into global arrays.
     from jax.experimental import multihost_utils
-    return {key: multihost_utils.host_local_array_to_global_array(batch[key], shardings[key].mesh,
-                                                                  shardings[key].spec) for key in BATCH_KEYS}
+
+    return {
+        key: multihost_utils.host_local_array_to_global_array(batch[key], shardings[key].mesh, shardings[key].spec)
+        for key in BATCH_KEYS
+    }

@@ -16,11 +16,11 @@ import ml_collections
 
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.files import write_atomic
 from polaris_jax.models import lora as lora_lib
 from polaris_jax.models.config import LORA_TARGETS, ConfigError, ModelConfig, preset
 from polaris_jax.models.hf_io import load_hf
 from polaris_jax.models.sharding import param_shardings
-from polaris_jax.files import write_atomic
 from polaris_jax.train import partitioning
 
 
@@ -44,8 +44,11 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
 def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig:
     """The ModelConfig a run trains (before LoRA), from init_from's config.json or a preset."""
     overrides = dict(config.model.overrides.to_dict()) if "overrides" in config.model else {}
-    overrides.update(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                     remat_policy=config.model.remat_policy)
+    overrides.update(
+        param_dtype=config.model.param_dtype,
+        compute_dtype=config.model.compute_dtype,
+        remat_policy=config.model.remat_policy,
+    )
     if overrides.get("vocab_size", None) == 0:
         if tokenizer is None:
             raise ValueError("model.overrides.vocab_size=0 takes the tokenizer's size, but there is no tokenizer")
@@ -62,16 +65,18 @@ def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig
     except TypeError as e:  # an override that is not a ModelConfig field
         raise ConfigError(f"model.overrides: {e}") from e
     if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{model_config.vocab_size}")
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
+        )
     return model_config
 
 
 def with_lora(config, model_config: ModelConfig) -> ModelConfig:
     if config.lora.rank <= 0:
         return model_config
-    return model_config.replace(lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha),
-                                lora_targets=tuple(config.lora.targets))
+    return model_config.replace(
+        lora_rank=config.lora.rank, lora_alpha=float(config.lora.alpha), lora_targets=tuple(config.lora.targets)
+    )
 
 
 def build_params(config, model_config: ModelConfig, mesh, rules, rng):
@@ -79,9 +84,12 @@ def build_params(config, model_config: ModelConfig, mesh, rules, rng):
     init_rng, lora_rng = jax.random.split(rng)
     if config.model.init_from:
         shardings = param_shardings(model_config, mesh, rules)
-        _, params = load_hf(config.model.init_from, dtype=model_config.param_dtype, shardings=shardings,
-                            config_overrides={k: getattr(model_config, k) for k in
-                                              ("compute_dtype", "remat_policy")})
+        _, params = load_hf(
+            config.model.init_from,
+            dtype=model_config.param_dtype,
+            shardings=shardings,
+            config_overrides={k: getattr(model_config, k) for k in ("compute_dtype", "remat_policy")},
+        )
     else:
         params = partitioning.init_sharded_params(model_config, init_rng, mesh, rules)
     if config.lora.rank <= 0:
@@ -89,11 +97,16 @@ def build_params(config, model_config: ModelConfig, mesh, rules, rng):
     lora_config = with_lora(config, model_config)
 
     def add(base, key):  # builds only the adapters: XLA drops the unused fresh base weights
-        return lora_lib.add_lora(model_config, base, key, rank=lora_config.lora_rank, alpha=lora_config.lora_alpha,
-                                 targets=lora_config.lora_targets)[1]
+        return lora_lib.add_lora(
+            model_config,
+            base,
+            key,
+            rank=lora_config.lora_rank,
+            alpha=lora_config.lora_alpha,
+            targets=lora_config.lora_targets,
+        )[1]
 
-    params = jax.jit(add, out_shardings=param_shardings(lora_config, mesh, rules), donate_argnums=0)(params,
-                                                                                                        lora_rng)
+    params = jax.jit(add, out_shardings=param_shardings(lora_config, mesh, rules), donate_argnums=0)(params, lora_rng)
     return lora_config, params, lora_lib.lora_mask(params)
 
 

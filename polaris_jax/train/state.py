@@ -32,8 +32,13 @@ def init_state(params, optimizer, rng, trainable_mask=None) -> dict:
     if trainable_mask is None:
         trainable_mask = jax.tree.map(lambda _: True, params)
     trainable, frozen = partition(params, trainable_mask)
-    return {"params": trainable, "frozen": frozen, "opt_state": optimizer.init(trainable),
-            "step": jnp.zeros((), jnp.int32), "rng": rng}
+    return {
+        "params": trainable,
+        "frozen": frozen,
+        "opt_state": optimizer.init(trainable),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": rng,
+    }
 
 
 def full_params(state):

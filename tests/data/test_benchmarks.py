@@ -19,8 +19,15 @@ from polaris_jax.data.benchmarks import (
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Row counts from polaris_jax/data/benchmark_files/README.md.
 EXPECTED_ROWS = {
-    "aime_2024": 30, "aime_2025": 30, "hmmt_2025": 30, "math500": 500, "amc23": 40, "gsm8k_test": 1319,
-    "minerva_math": 272, "polaris_aime24": 30, "polaris_aime25": 30,
+    "aime_2024": 30,
+    "aime_2025": 30,
+    "hmmt_2025": 30,
+    "math500": 500,
+    "amc23": 40,
+    "gsm8k_test": 1319,
+    "minerva_math": 272,
+    "polaris_aime24": 30,
+    "polaris_aime25": 30,
 }
 
 

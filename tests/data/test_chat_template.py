@@ -6,12 +6,22 @@ import pytest
 
 from polaris_jax.data.chat_template import builtin_template, render_chat_template
 
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "a < b & c > d",
-                                           "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "a < b & c > d",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}}},
+        },
+    }
+]
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is 2+2?"}],
-    "system": [{"role": "system", "content": "You are a careful mathematician."},
-               {"role": "user", "content": "Solve x^2=4."}],
+    "system": [
+        {"role": "system", "content": "You are a careful mathematician."},
+        {"role": "user", "content": "Solve x^2=4."},
+    ],
     "multi_turn_inline_think": [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
@@ -26,12 +36,17 @@ CONVERSATIONS = {
         {"role": "user", "content": "Is 9 prime?"},
         {"role": "assistant", "content": "No.", "thinking": "9 = 3 * 3."},
     ],
-    "unicode": [{"role": "user", "content": "证明 √2 是无理数 🤔"},
-                {"role": "assistant", "content": "<think>反证法</think>\n\n见上"}],
+    "unicode": [
+        {"role": "user", "content": "证明 √2 是无理数 🤔"},
+        {"role": "assistant", "content": "<think>反证法</think>\n\n见上"},
+    ],
     "tools": [
         {"role": "user", "content": "add 1 and 2"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
-                                                             "function": {"name": "add", "arguments": {"a": 1}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}],
+        },
         {"role": "tool", "content": "3"},
         {"role": "tool", "content": "done"},
     ],
@@ -57,10 +72,12 @@ def test_qwen3_published_prompt_format(qwen3_tok):
     messages = [{"role": "user", "content": "Hi"}]
     assert qwen3_tok.apply_chat_template(messages) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert qwen3_tok.apply_chat_template(messages, enable_thinking=False) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     full = messages + [{"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"}]
     assert qwen3_tok.apply_chat_template(full, add_generation_prompt=False) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\n\nHello!<|im_end|>\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\n\nHello!<|im_end|>\n"
+    )
 
 
 def test_r1_distill_published_prompt_format(r1_tok):
@@ -69,20 +86,28 @@ def test_r1_distill_published_prompt_format(r1_tok):
 
 
 # R1-Distill's template concatenates tool-call arguments as strings, so it gets no dict-argument case.
-CASES = [(t, n) for t in ("qwen3", "r1_distill_qwen") for n in sorted(CONVERSATIONS) if (t, n) != ("r1_distill_qwen",
-                                                                                                  "tools")]
+CASES = [
+    (t, n)
+    for t in ("qwen3", "r1_distill_qwen")
+    for n in sorted(CONVERSATIONS)
+    if (t, n) != ("r1_distill_qwen", "tools")
+]
 
 
 @pytest.mark.parametrize("template_name, name", CASES)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_builtin_templates_match_transformers(hf_render, qwen3_tok, r1_tok, name, template_name,
-                                              add_generation_prompt):
+def test_builtin_templates_match_transformers(hf_render, qwen3_tok, r1_tok, name, template_name, add_generation_prompt):
     tok = qwen3_tok if template_name == "qwen3" else r1_tok
     messages = CONVERSATIONS[name]
     tools = TOOLS if name == "tools" else None
     ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-    theirs = hf_render(builtin_template(template_name), messages, tools=tools,
-                       add_generation_prompt=add_generation_prompt, **tok.special_tokens_map)
+    theirs = hf_render(
+        builtin_template(template_name),
+        messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        **tok.special_tokens_map,
+    )
     assert ours == theirs
 
 
@@ -90,8 +115,13 @@ def test_builtin_templates_match_transformers(hf_render, qwen3_tok, r1_tok, name
 def test_enable_thinking_matches_transformers(hf_render, qwen3_tok, enable_thinking):
     messages = CONVERSATIONS["multi_turn_inline_think"][:3]
     ours = qwen3_tok.apply_chat_template(messages, enable_thinking=enable_thinking)
-    theirs = hf_render(builtin_template("qwen3"), messages, add_generation_prompt=True,
-                       enable_thinking=enable_thinking, **qwen3_tok.special_tokens_map)
+    theirs = hf_render(
+        builtin_template("qwen3"),
+        messages,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+        **qwen3_tok.special_tokens_map,
+    )
     assert ours == theirs
 
 
@@ -106,8 +136,12 @@ EXOTIC_TEMPLATE = (
 
 
 def test_environment_matches_transformers(hf_render):
-    messages = [{"role": "user", "content": "<b>&'\"</b> ü"}, {"role": "assistant", "content": "ok"},
-                {"role": "user", "content": "x"}, {"role": "assistant", "content": "never shown"}]
+    messages = [
+        {"role": "user", "content": "<b>&'\"</b> ü"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "never shown"},
+    ]
     tokens = {"bos_token": "<s>", "eos_token": "</s>"}
     ours = render_chat_template(EXOTIC_TEMPLATE, messages, special_tokens=tokens)
     assert ours == hf_render(EXOTIC_TEMPLATE, messages, **tokens)

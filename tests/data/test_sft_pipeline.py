@@ -17,8 +17,11 @@ NO_ASSISTANT_ROWS = (7, 23)
 def make_row(i):
     if i in NO_ASSISTANT_ROWS:
         return {"prompt": f"row {i}: unanswered", "difficulty": i % 4}
-    return {"prompt": f"row {i}: what is {i}*{i}?",
-            "response": f"<think>\n{'hm ' * (i % 7)}multiply\n</think>\n\n{i * i}", "difficulty": i % 4}
+    return {
+        "prompt": f"row {i}: what is {i}*{i}?",
+        "response": f"<think>\n{'hm ' * (i % 7)}multiply\n</think>\n\n{i * i}",
+        "difficulty": i % 4,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,34 +55,47 @@ def segments(batch, tok):
 
 # ------------------------------------------------------------------------------ tokenisation
 
+
 def test_qwen3_loss_mask_is_the_assistant_turn(qwen3_tok):
-    example = {"messages": [{"role": "user", "content": "Q?"},
-                            {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]}
+    example = {
+        "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]
+    }
     out = tokenize_example(example, qwen3_tok, TokenizeOptions(max_length=64))
     tokens, mask = out["tokens"], out["loss_mask"].astype(bool)
     prompt = qwen3_tok.encode("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
     assert tokens[: len(prompt)].tolist() == prompt and not mask[: len(prompt)].any()
     assert qwen3_tok.decode(tokens[mask]) == "<think>\nR\n</think>\n\nA<|im_end|>"
-    assert qwen3_tok.decode(tokens) == ("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
-                                        "<think>\nR\n</think>\n\nA<|im_end|>\n")
+    assert qwen3_tok.decode(tokens) == (
+        "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n"
+    )
     assert np.flatnonzero(mask).tolist() == list(range(len(prompt), len(tokens) - 1))  # trailing "\n" untrained
 
 
 def test_reasoning_field_equals_inline_think(qwen3_tok):
     opts = TokenizeOptions(max_length=64)
-    inline = tokenize_example({"messages": [{"role": "user", "content": "Q"},
-                                            {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]},
-                              qwen3_tok, opts)
-    field = tokenize_example({"messages": [{"role": "user", "content": "Q"},
-                                           {"role": "assistant", "content": "A", "reasoning_content": "R"}]},
-                             qwen3_tok, opts)
+    inline = tokenize_example(
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]},
+        qwen3_tok,
+        opts,
+    )
+    field = tokenize_example(
+        {
+            "messages": [
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A", "reasoning_content": "R"},
+            ]
+        },
+        qwen3_tok,
+        opts,
+    )
     np.testing.assert_array_equal(inline["tokens"], field["tokens"])
     np.testing.assert_array_equal(inline["loss_mask"], field["loss_mask"])
 
 
 def test_r1_distill_keeps_reasoning_the_template_drops(r1_tok):
-    example = {"messages": [{"role": "user", "content": "Q"},
-                            {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]}
+    example = {
+        "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}]
+    }
     out = tokenize_example(example, r1_tok, TokenizeOptions(max_length=64))
     mask = out["loss_mask"].astype(bool)
     prompt = r1_tok.encode("<｜begin▁of▁sentence｜><｜User｜>Q<｜Assistant｜><think>\n")
@@ -90,20 +106,27 @@ def test_r1_distill_keeps_reasoning_the_template_drops(r1_tok):
 
 
 def test_only_the_last_assistant_turn_is_trained(qwen3_tok):
-    example = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
-                            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]}
+    example = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "second"},
+        ]
+    }
     out = tokenize_example(example, qwen3_tok, TokenizeOptions(max_length=128))
-    assert qwen3_tok.decode(out["tokens"][out["loss_mask"].astype(bool)]) == (
-        "<think>\n\n</think>\n\nsecond<|im_end|>")
+    assert qwen3_tok.decode(out["tokens"][out["loss_mask"].astype(bool)]) == ("<think>\n\n</think>\n\nsecond<|im_end|>")
 
 
 def test_skips_and_truncation(qwen3_tok):
-    no_answer = tokenize_example({"messages": [{"role": "user", "content": "q"}]}, qwen3_tok,
-                                 TokenizeOptions(max_length=64))
+    no_answer = tokenize_example(
+        {"messages": [{"role": "user", "content": "q"}]}, qwen3_tok, TokenizeOptions(max_length=64)
+    )
     assert no_answer["skip"] == sft_tokenize.SKIP_NO_ASSISTANT
     long_prompt = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "x"}]}
     assert tokenize_example(long_prompt, qwen3_tok, TokenizeOptions(max_length=32))["skip"] == (
-        sft_tokenize.SKIP_PROMPT_TOO_LONG)
+        sft_tokenize.SKIP_PROMPT_TOO_LONG
+    )
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 100}]}
     out = tokenize_example(long_answer, qwen3_tok, TokenizeOptions(max_length=32))
     assert out["truncated"] and len(out["tokens"]) == 32 and out["loss_mask"][-1] == 1
@@ -111,10 +134,11 @@ def test_skips_and_truncation(qwen3_tok):
 
 # ---------------------------------------------------------------------------------- packing
 
+
 def check_row_invariants(tokens, positions, seg, targets, mask, pad_id):
     k = seg.max()
     used = np.flatnonzero(seg)
-    assert (seg[: len(used)] > 0).all() and (seg[len(used):] == 0).all(), "padding only at the end"
+    assert (seg[: len(used)] > 0).all() and (seg[len(used) :] == 0).all(), "padding only at the end"
     assert (np.diff(seg[: len(used)]) >= 0).all() and set(seg[: len(used)]) == set(range(1, k + 1))
     for s in range(1, k + 1):
         where = np.flatnonzero(seg == s)
@@ -133,14 +157,23 @@ def test_packing_invariants_and_stream(qwen3_tok, data_path):
     got = []
     for batch in batches:
         assert {k: v.shape for k, v in batch.items()} == {
-            k: (3, 96) for k in ("tokens_bt", "positions_bt", "segment_ids_bt", "targets_bt", "loss_mask_bt")}
-        for row in zip(*(batch[k] for k in ("tokens_bt", "positions_bt", "segment_ids_bt", "targets_bt",
-                                            "loss_mask_bt"))):
+            k: (3, 96) for k in ("tokens_bt", "positions_bt", "segment_ids_bt", "targets_bt", "loss_mask_bt")
+        }
+        for row in zip(
+            *(batch[k] for k in ("tokens_bt", "positions_bt", "segment_ids_bt", "targets_bt", "loss_mask_bt"))
+        ):
             check_row_invariants(*row, pad_id=qwen3_tok.pad_token_id)
         for row_id, tokens, mask in segments(batch, qwen3_tok):
-            ref = tokenize_example({"messages": [{"role": "user", "content": make_row(row_id)["prompt"]},
-                                                 {"role": "assistant", "content": make_row(row_id)["response"]}]},
-                                   qwen3_tok, opts)
+            ref = tokenize_example(
+                {
+                    "messages": [
+                        {"role": "user", "content": make_row(row_id)["prompt"]},
+                        {"role": "assistant", "content": make_row(row_id)["response"]},
+                    ]
+                },
+                qwen3_tok,
+                opts,
+            )
             np.testing.assert_array_equal(tokens, ref["tokens"])
             # Loss mask aligns with targets: mask[t] is the token mask of t + 1.
             np.testing.assert_array_equal(mask, np.append(ref["loss_mask"][1:], 0))
@@ -180,6 +213,7 @@ def test_length_bucketing(qwen3_tok, data_path):
 
 # ---------------------------------------------------------------------------------- ordering
 
+
 def row_order(batches, tok):
     return [row_id for b in batches for row_id, _, _ in segments(b, tok)]
 
@@ -207,18 +241,28 @@ def test_shuffle_is_deterministic_per_seed(qwen3_tok, data_path):
 
 
 def test_shards_are_disjoint_and_complete(qwen3_tok, data_path):
-    orders = [row_order(run(config(data_path, order="shuffle", shard_index=i, shard_count=2), qwen3_tok)[0],
-                        qwen3_tok) for i in range(2)]
+    orders = [
+        row_order(run(config(data_path, order="shuffle", shard_index=i, shard_count=2), qwen3_tok)[0], qwen3_tok)
+        for i in range(2)
+    ]
     assert not set(orders[0]) & set(orders[1])
     assert sorted(orders[0] + orders[1]) == [i for i in range(NUM_ROWS) if i not in NO_ASSISTANT_ROWS]
 
 
 # ------------------------------------------------------------------------------------ resume
 
+
 @pytest.mark.parametrize("mode", ["pack", "bucket"])
 def test_resume_sees_the_same_batches(qwen3_tok, data_path, mode):
-    cfg = config(data_path, mode=mode, order="shuffle", num_epochs=3, seed=5, batch_size=2,
-                 buckets=(32, 36) if mode == "bucket" else ())
+    cfg = config(
+        data_path,
+        mode=mode,
+        order="shuffle",
+        num_epochs=3,
+        seed=5,
+        batch_size=2,
+        buckets=(32, 36) if mode == "bucket" else (),
+    )
     straight = make_sft_iterator(cfg, qwen3_tok)
     expected = list(straight)
     assert len(expected) > 20
@@ -281,6 +325,7 @@ def test_state_from_another_pipeline_is_refused(qwen3_tok, data_path):
 
 
 # --------------------------------------------------------------------------------- bad input
+
 
 def test_malformed_rows_raise_or_are_counted(qwen3_tok, tmp_path):
     path = tmp_path / "bad.jsonl"

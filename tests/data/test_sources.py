@@ -9,13 +9,24 @@ from polaris_jax.data import sources
 
 ROWS = [
     {"prompt": "What is 1+1?", "response": "<think>\n1+1=2\n</think>\n\n2", "difficulty": 0.5},
-    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "3*3?"},
-                  {"role": "assistant", "content": "9"}], "difficulty": 2.0},
+    {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "3*3?"},
+            {"role": "assistant", "content": "9"},
+        ],
+        "difficulty": 2.0,
+    },
     {"prompt": "unanswered", "difficulty": 1.0},
 ]
 EXPECTED = [
-    {"messages": [{"role": "user", "content": "What is 1+1?"},
-                  {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n\n2"}], "difficulty": 0.5},
+    {
+        "messages": [
+            {"role": "user", "content": "What is 1+1?"},
+            {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n\n2"},
+        ],
+        "difficulty": 0.5,
+    },
     {"messages": ROWS[1]["messages"], "difficulty": 2.0},
     {"messages": [{"role": "user", "content": "unanswered"}], "difficulty": 1.0},
 ]
@@ -48,8 +59,17 @@ def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "d.parquet"
-    table = pa.Table.from_pylist([{"prompt": r.get("prompt"), "response": r.get("response"),
-                                   "messages": r.get("messages"), "difficulty": r["difficulty"]} for r in ROWS])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "prompt": r.get("prompt"),
+                "response": r.get("response"),
+                "messages": r.get("messages"),
+                "difficulty": r["difficulty"],
+            }
+            for r in ROWS
+        ]
+    )
     pq.write_table(table, path)
     src = sources.open_source(str(path))
     assert parsed_rows(src) == EXPECTED
@@ -63,10 +83,12 @@ def tfds_dir(tmp_path_factory):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            features = tfds.features.FeaturesDict({
-                "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()}),
-                "difficulty": np.float32,
-            })
+            features = tfds.features.FeaturesDict(
+                {
+                    "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()}),
+                    "difficulty": np.float32,
+                }
+            )
             return tfds.core.DatasetInfo(builder=self, features=features)
 
         def _split_generators(self, dl_manager):
@@ -99,18 +121,21 @@ def test_concat_names_original_source(tmp_path):
         parsed[4]
 
 
-@pytest.mark.parametrize("line, reason", [
-    ('{"prompt": "x", ', "row 1: line 2 is not valid JSON"),
-    ('"just a string"', "row 1: line 2 is a JSON str, not an object"),
-    ('{"question": "x"}', "row 1: row has neither 'messages' nor 'prompt'"),
-    ('{"messages": [{"content": "x"}]}', "row 1: message 0 needs 'role' and 'content'"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', "row 1: message 0 has unknown role 'robot'"),
-    ('{"messages": [{"role": "user", "content": 5}]}', "row 1: message 0 content must be a string"),
-    ('{"messages": "hello"}', "row 1: 'messages' must be a list"),
-    ('{"prompt": "x", "response": ["a"]}', "row 1: 'response' must be a string"),
-    ('{"prompt": "x", "difficulty": "hard"}', "row 1: difficulty 'hard' is not a number"),
-    ('{"prompt": "x", "difficulty": NaN}', "row 1: difficulty nan is not finite"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"prompt": "x", ', "row 1: line 2 is not valid JSON"),
+        ('"just a string"', "row 1: line 2 is a JSON str, not an object"),
+        ('{"question": "x"}', "row 1: row has neither 'messages' nor 'prompt'"),
+        ('{"messages": [{"content": "x"}]}', "row 1: message 0 needs 'role' and 'content'"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "row 1: message 0 has unknown role 'robot'"),
+        ('{"messages": [{"role": "user", "content": 5}]}', "row 1: message 0 content must be a string"),
+        ('{"messages": "hello"}', "row 1: 'messages' must be a list"),
+        ('{"prompt": "x", "response": ["a"]}', "row 1: 'response' must be a string"),
+        ('{"prompt": "x", "difficulty": "hard"}', "row 1: difficulty 'hard' is not a number"),
+        ('{"prompt": "x", "difficulty": NaN}', "row 1: difficulty nan is not finite"),
+    ],
+)
 def test_malformed_rows_name_the_row(tmp_path, line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", ROWS[:1], raw_lines=[line])
     parsed = sources.ParsedSource(sources.open_source(str(path)))
@@ -123,8 +148,9 @@ def test_malformed_rows_name_the_row(tmp_path, line, reason):
 
 def test_named_difficulty_levels_and_system_prompt():
     row = {"prompt": "p", "response": "r", "level": "medium"}
-    out = sources.parse_row(row, difficulty_key="level", difficulty_levels=("easy", "medium", "hard"),
-                            system_prompt="Reason step by step.")
+    out = sources.parse_row(
+        row, difficulty_key="level", difficulty_levels=("easy", "medium", "hard"), system_prompt="Reason step by step."
+    )
     assert out["difficulty"] == 1.0
     assert [m["role"] for m in out["messages"]] == ["system", "user", "assistant"]
 

@@ -64,10 +64,23 @@ def test_digits_are_split_one_by_one(qwen3_tok):
 
 
 def test_qwen3_special_tokens(qwen3_tok):
-    expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
-                "<|video_pad|>": 151656, "<tool_call>": 151657, "</tool_call>": 151658, "<|fim_prefix|>": 151659,
-                "<|fim_pad|>": 151662, "<|repo_name|>": 151663, "<|file_sep|>": 151664, "<tool_response>": 151665,
-                "</tool_response>": 151666, "<think>": 151667, "</think>": 151668}
+    expected = {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|object_ref_start|>": 151646,
+        "<|video_pad|>": 151656,
+        "<tool_call>": 151657,
+        "</tool_call>": 151658,
+        "<|fim_prefix|>": 151659,
+        "<|fim_pad|>": 151662,
+        "<|repo_name|>": 151663,
+        "<|file_sep|>": 151664,
+        "<tool_response>": 151665,
+        "</tool_response>": 151666,
+        "<think>": 151667,
+        "</think>": 151668,
+    }
     assert {t: qwen3_tok.token_to_id(t) for t in expected} == expected
     assert qwen3_tok.vocab_size == 151669
     assert qwen3_tok.eos_token_ids == (151645, 151643)
@@ -83,9 +96,17 @@ def test_skip_special_tokens_keeps_think(qwen3_tok):
 
 
 def test_r1_distill_special_tokens(r1_tok):
-    expected = {"<｜end▁of▁sentence｜>": 151643, "<｜User｜>": 151644, "<｜Assistant｜>": 151645,
-                "<｜begin▁of▁sentence｜>": 151646, "<|EOT|>": 151647, "<think>": 151648, "</think>": 151649,
-                "<|quad_start|>": 151650, "<|file_sep|>": 151664}
+    expected = {
+        "<｜end▁of▁sentence｜>": 151643,
+        "<｜User｜>": 151644,
+        "<｜Assistant｜>": 151645,
+        "<｜begin▁of▁sentence｜>": 151646,
+        "<|EOT|>": 151647,
+        "<think>": 151648,
+        "</think>": 151649,
+        "<|quad_start|>": 151650,
+        "<|file_sep|>": 151664,
+    }
     assert {t: r1_tok.token_to_id(t) for t in expected} == expected
     assert r1_tok.vocab_size == 151665
     assert r1_tok.eos_token_ids == (151643,)
@@ -121,6 +142,7 @@ def test_from_dir_rejects_unknown_eos(qwen3_tok, tmp_path):
 
 
 # ------------------------------------------------------------------ live parity with transformers
+
 
 @pytest.fixture(scope="module")
 def hf_tokenizers(qwen3_tok, r1_tok, tmp_path_factory):

@@ -15,10 +15,10 @@ sampling = pytest.importorskip("polaris_jax.sampling")
 import jax  # noqa: E402
 import tokenizers  # noqa: E402
 
+from polaris_jax import rollout  # noqa: E402
 from polaris_jax.data.benchmarks import benchmark_file  # noqa: E402
 from polaris_jax.data.chat_template import builtin_template  # noqa: E402
 from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
-from polaris_jax import rollout  # noqa: E402
 from polaris_jax.evals import run_eval  # noqa: E402
 from polaris_jax.models import ModelConfig, init_params, save_hf  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_eval_scores_and_votes_with_the_verifier(checkpoint, tmp_path, monkeypat
             for j, (template, reason) in enumerate(script[:n]):
                 text = template % golds[start + i] if "%s" in template else template
                 ids = tokenizer.encode(text) + ([eos] if reason == "eos" else [])
-                tokens_br[i * n + j, :len(ids)], lengths_b[i * n + j] = ids, len(ids)
+                tokens_br[i * n + j, : len(ids)], lengths_b[i * n + j] = ids, len(ids)
                 finish_b[i * n + j] = codes[reason]
         return sampling.SampleOutput(tokens_br, np.zeros(tokens_br.shape, np.float32), lengths_b, finish_b)
 
@@ -166,8 +166,14 @@ def test_eval_on_a_four_device_data_mesh_gives_the_same_samples(checkpoint, tmp_
     """Rows are split over a 4-device mesh (fake CPU devices, in a subprocess); each row's sample
     depends on the seed and its index only, so every completion must equal the one-device run's."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_EVAL, str(checkpoint), str(tmp_path / "sharded")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_EVAL, str(checkpoint), str(tmp_path / "sharded")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}

@@ -84,5 +84,12 @@ class Experiment:
         assert isinstance(job.executor, Local) and all(isinstance(a, ShellSafeArg) for a in job.args), job
         argv = [job.executable.path] + [a.arg for a in job.args]
         self.jobs.append({"argv": argv, "env": job.executable.env_vars})
-        self._processes.append(subprocess.Popen(argv, env=job.executable.env_vars, cwd=self._cwd.name,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._processes.append(
+            subprocess.Popen(
+                argv,
+                env=job.executable.env_vars,
+                cwd=self._cwd.name,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )

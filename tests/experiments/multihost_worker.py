@@ -45,15 +45,20 @@ def global_batch(step: int) -> dict:
     tokens = rng.integers(1, 256, size=(BATCH, LENGTH + 1)).astype(np.int32)
     segments = np.where(np.arange(LENGTH) < LENGTH // 2, 1, 2)[None].repeat(BATCH, 0).astype(np.int32)
     positions = np.where(segments == 1, np.arange(LENGTH), np.arange(LENGTH) - LENGTH // 2).astype(np.int32)
-    return {"tokens_bt": tokens[:, :-1], "positions_bt": positions, "segment_ids_bt": segments,
-            "targets_bt": tokens[:, 1:], "loss_mask_bt": (positions > 0).astype(np.int32)}
+    return {
+        "tokens_bt": tokens[:, :-1],
+        "positions_bt": positions,
+        "segment_ids_bt": segments,
+        "targets_bt": tokens[:, 1:],
+        "loss_mask_bt": (positions > 0).astype(np.int32),
+    }
 
 
 def local_rows(batch: dict) -> dict:
     """This process's rows: batch rows are sharded over (data, fsdp) in process order."""
     per_process = BATCH // jax.process_count()
     start = jax.process_index() * per_process
-    return {k: v[start:start + per_process] for k, v in batch.items()}
+    return {k: v[start : start + per_process] for k, v in batch.items()}
 
 
 def main():
@@ -67,10 +72,12 @@ def main():
     params = partitioning.init_sharded_params(config, jax.random.key(0), mesh, DEFAULT_RULES)
     # jit with out_shardings, not device_put: device_put cannot place a process-local value onto devices
     # of other processes, while jit treats it as a replicated input and each process builds its shards.
-    state = jax.jit(lambda p, key: state_lib.init_state(p, optimizer, key, mask),
-                    out_shardings=shardings)(params, jax.random.key(1))
-    step_fn = make_sft_step(config, optimizer, schedule, mesh=mesh, state_shardings=shardings,
-                            batch_shape=(BATCH, LENGTH))
+    state = jax.jit(lambda p, key: state_lib.init_state(p, optimizer, key, mask), out_shardings=shardings)(
+        params, jax.random.key(1)
+    )
+    step_fn = make_sft_step(
+        config, optimizer, schedule, mesh=mesh, state_shardings=shardings, batch_shape=(BATCH, LENGTH)
+    )
     batch_shardings = partitioning.batch_shardings(mesh, DEFAULT_RULES, (BATCH, LENGTH))
     losses = []
     for step in range(STEPS):
@@ -93,15 +100,29 @@ def main():
             raise
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     greedy = generate(config, state["params"], prompts, max_new_tokens=12, temperature=0.0, mesh=mesh)
-    sampled = generate(config, state["params"], prompts, max_new_tokens=12, temperature=1.0, n=2, seed=7,
-                       eos_token_ids=(3, 4, 5, 6, 7, 8, 9, 10), mesh=mesh)
-    samples = {"greedy_tokens": np.asarray(greedy.tokens), "sampled_tokens": _ragged(sampled.tokens),
-               "sampled_reasons": np.asarray(sampled.finish_reasons)}
+    sampled = generate(
+        config,
+        state["params"],
+        prompts,
+        max_new_tokens=12,
+        temperature=1.0,
+        n=2,
+        seed=7,
+        eos_token_ids=(3, 4, 5, 6, 7, 8, 9, 10),
+        mesh=mesh,
+    )
+    samples = {
+        "greedy_tokens": np.asarray(greedy.tokens),
+        "sampled_tokens": _ragged(sampled.tokens),
+        "sampled_reasons": np.asarray(sampled.finish_reasons),
+    }
+
     # A GRPO update batch is whole on every process (the rollout gathered it); in its shards it must hold
     # exactly those values.
     def rows(name):
         shape = (BATCH,) if name.endswith("_b") else (BATCH, LENGTH)
         return np.arange(np.prod(shape)).reshape(shape).astype(np.float32)
+
     update = grpo_step.UpdateBatch(**{f.name: rows(f.name) for f in dataclasses.fields(grpo_step.UpdateBatch)})
     placed = grpo_step.put_update_batch(update, grpo_step.batch_shardings(mesh, DEFAULT_RULES, BATCH))
     gathered_update = multihost_utils.process_allgather(placed, tiled=True)
@@ -110,8 +131,9 @@ def main():
             raise SystemExit(f"put_update_batch changed {f.name}")
     gathered = multihost_utils.process_allgather(state["params"], tiled=True)
     if jax.process_index() == 0:
-        flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(gathered)}
+        flat = {
+            jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(gathered)
+        }
         np.savez(OUT, losses=np.asarray(losses), process_count=jax.process_count(), **samples, **flat)
 
 
@@ -119,7 +141,7 @@ def _ragged(rows: list[list[int]]) -> np.ndarray:
     """Token lists padded with -1 into one array."""
     out = np.full((len(rows), max(map(len, rows))), -1, np.int64)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = row
+        out[i, : len(row)] = row
     return out
 
 

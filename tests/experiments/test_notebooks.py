@@ -35,8 +35,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
     assert book.cells[1].cell_type == "code" and "%pip install" in book.cells[1].source  # install cell first
     book = _with_parameters(book, {**TINY[name], "WORKDIR": str(tmp_path)})
     env_before = os.environ.get("JAX_PLATFORMS")
-    client = NotebookClient(book, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(COLABS)}})
+    client = NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(COLABS)}})
     client.execute()  # raises CellExecutionError naming the cell that failed
     assert os.environ.get("JAX_PLATFORMS") == env_before
     outputs = [o for cell in book.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]

@@ -16,8 +16,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_grid_is_a_cartesian_product_slowest_axis_first():
-    s = sweep_lib.Sweep(config="configs/x.py", base={"train.steps": 3},
-                        grid={"a.lr": [1, 2], "b.g": [4, 8, 16]})
+    s = sweep_lib.Sweep(config="configs/x.py", base={"train.steps": 3}, grid={"a.lr": [1, 2], "b.g": [4, 8, 16]})
     points = s.points()
     assert len(points) == 6
     assert [(p["a.lr"], p["b.g"]) for p in points] == [(1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16)]
@@ -32,21 +31,27 @@ def test_zipped_lists_advance_together_as_one_more_axis():
     assert s.swept_keys == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(zipped={"a": [1, 2], "b": [1]}), "one length"),
-    (dict(grid={"a": [1]}, zipped={"a": [2]}), "more than one"),
-    (dict(base={"a": 1}, grid={"a": [2]}), "more than one"),
-    (dict(grid={"a": []}), "non-empty list"),
-    (dict(grid={"a": "123"}), "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(zipped={"a": [1, 2], "b": [1]}), "one length"),
+        (dict(grid={"a": [1]}, zipped={"a": [2]}), "more than one"),
+        (dict(base={"a": 1}, grid={"a": [2]}), "more than one"),
+        (dict(grid={"a": []}), "non-empty list"),
+        (dict(grid={"a": "123"}), "non-empty list"),
+    ],
+)
 def test_bad_sweeps_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sweep_lib.Sweep(config="configs/x.py", **kwargs)
 
 
 def test_point_names_are_unique_and_path_safe(tmp_path):
-    s = sweep_lib.Sweep(config="configs/x.py", grid={"optimizer.peak_lr": [1e-4, 3e-4]},
-                        zipped={"data.sources": [("a/b.jsonl",), ("c d.jsonl",)]})
+    s = sweep_lib.Sweep(
+        config="configs/x.py",
+        grid={"optimizer.peak_lr": [1e-4, 3e-4]},
+        zipped={"data.sources": [("a/b.jsonl",), ("c d.jsonl",)]},
+    )
     specs = sweep_lib.run_specs(s, str(tmp_path))
     names = [spec.name for spec in specs]
     assert len(set(names)) == 4 and all("/" not in n and " " not in n for n in names)
@@ -66,7 +71,7 @@ def test_summary_table_from_records(tmp_path):
     assert "| 0.5 |" in md
 
 
-SWEEP_FILE = textwrap.dedent('''
+SWEEP_FILE = textwrap.dedent("""
     def get_sweep(arg=""):
         return dict(
             name="sft_tiny_test",
@@ -77,7 +82,7 @@ SWEEP_FILE = textwrap.dedent('''
             zipped={"train.microbatches": [1, 2, "two"]},
             metrics=("loss", "learning_rate", "step"),
         )
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +90,20 @@ def sft_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     sweep_file = root / "sft_tiny_sweep.py"
     sweep_file.write_text(SWEEP_FILE)
-    proc = subprocess.run([sys.executable, "experiments/sweep.py", f"--sweep={sweep_file}", f"--root={root}/runs",
-                           "--parallel=2", "--timeout_s=300"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/sweep.py",
+            f"--sweep={sweep_file}",
+            f"--root={root}/runs",
+            "--parallel=2",
+            "--timeout_s=300",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     with open(root / "runs" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     return proc, rows, root / "runs"
@@ -117,6 +133,7 @@ def test_sweep_runs_every_point_and_writes_the_summary(sft_sweep):
 def test_failed_point_records_its_error(sft_sweep):
     _, rows, _ = sft_sweep
     import json
+
     failed = [r for r in rows if r["status"] == "failed"]
     record = json.loads((pathlib.Path(failed[0]["workdir"]) / "result.json").read_text())
     assert record["returncode"] not in (0, None)
@@ -126,8 +143,20 @@ def test_failed_point_records_its_error(sft_sweep):
 def test_dry_run_prints_one_exact_command_per_point(tmp_path):
     sweep_file = tmp_path / "s.py"
     sweep_file.write_text(SWEEP_FILE)
-    proc = subprocess.run([sys.executable, "experiments/sweep.py", f"--sweep={sweep_file}", f"--root={tmp_path}/r",
-                           "--dry_run", "--set=seed=3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/sweep.py",
+            f"--sweep={sweep_file}",
+            f"--root={tmp_path}/r",
+            "--dry_run",
+            "--set=seed=3",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 6
@@ -137,11 +166,13 @@ def test_dry_run_prints_one_exact_command_per_point(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
-@pytest.mark.parametrize("spec", ["experiments/sweeps/grpo_tiny_sweep.py",
-                                  "experiments/sweeps/grpo_tiny_sweep.py:smoke"])
+@pytest.mark.parametrize(
+    "spec", ["experiments/sweeps/grpo_tiny_sweep.py", "experiments/sweeps/grpo_tiny_sweep.py:smoke"]
+)
 def test_grpo_tiny_sweep_overrides_exist_in_its_config(spec):
     """Every key the example sweep sets is a field of configs/grpo_tiny.py (a locked config refuses others)."""
     import importlib.util
+
     s = sweep_lib.load_sweep(str(REPO_ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec else ""))
     assert len(s.points()) >= 4
     module_spec = importlib.util.spec_from_file_location("grpo_tiny", REPO_ROOT / s.config)

@@ -33,39 +33,114 @@ MIN_ROUTER_GAP = 1e-4  # k-th minus (k+1)-th router probability; keeps expert ch
 MIN_DISTINCT_NEW = 12  # distinct tokens per generated row
 MAX_SEED_TRIES = 60
 
-_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
-               eos_token_id=None, bos_token_id=None, pad_token_id=None)
-_MOE = dict(_COMMON, vocab_size=128, intermediate_size=96, num_hidden_layers=3, head_dim=16,
-            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.02,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
-            max_position_embeddings=512)
+_COMMON = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_act="silu",
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+_MOE = dict(
+    _COMMON,
+    vocab_size=128,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    router_aux_loss_coef=0.02,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    rms_norm_eps=1e-6,
+    max_position_embeddings=512,
+)
 
 # name -> (architecture, config kwargs, first seed, has SFT golden)
 MODELS = {
-    "qwen2": ("Qwen2ForCausalLM", dict(
-        _COMMON, vocab_size=256, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, rms_norm_eps=1e-5,
-        max_position_embeddings=512), 1000, False),
-    "qwen3_tied": ("Qwen3ForCausalLM", dict(
-        _COMMON, vocab_size=256, intermediate_size=128, num_hidden_layers=2, head_dim=32,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        rms_norm_eps=1e-6, max_position_embeddings=512), 2000, True),
-    "qwen3_untied": ("Qwen3ForCausalLM", dict(
-        _COMMON, vocab_size=256, intermediate_size=128, num_hidden_layers=2, head_dim=16,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        rms_norm_eps=1e-6, max_position_embeddings=512), 3000, False),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(
-        _MOE, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0], tie_word_embeddings=False),
-        4000, True),
-    "qwen3_moe_nonorm": ("Qwen3MoeForCausalLM", dict(
-        _MOE, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], tie_word_embeddings=False),
-        5000, False),
-    "qwen3_yarn": ("Qwen3ForCausalLM", dict(
-        _COMMON, vocab_size=256, intermediate_size=128, num_hidden_layers=2, head_dim=32,
-        tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=1024,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 256, "beta_fast": 16.0, "beta_slow": 2.0}),
-        6000, False),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        dict(
+            _COMMON,
+            vocab_size=256,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+            rms_norm_eps=1e-5,
+            max_position_embeddings=512,
+        ),
+        1000,
+        False,
+    ),
+    "qwen3_tied": (
+        "Qwen3ForCausalLM",
+        dict(
+            _COMMON,
+            vocab_size=256,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            rms_norm_eps=1e-6,
+            max_position_embeddings=512,
+        ),
+        2000,
+        True,
+    ),
+    "qwen3_untied": (
+        "Qwen3ForCausalLM",
+        dict(
+            _COMMON,
+            vocab_size=256,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            rms_norm_eps=1e-6,
+            max_position_embeddings=512,
+        ),
+        3000,
+        False,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        dict(_MOE, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0], tie_word_embeddings=False),
+        4000,
+        True,
+    ),
+    "qwen3_moe_nonorm": (
+        "Qwen3MoeForCausalLM",
+        dict(_MOE, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], tie_word_embeddings=False),
+        5000,
+        False,
+    ),
+    "qwen3_yarn": (
+        "Qwen3ForCausalLM",
+        dict(
+            _COMMON,
+            vocab_size=256,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            head_dim=32,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10_000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            },
+        ),
+        6000,
+        False,
+    ),
 }
 
 
@@ -100,8 +175,8 @@ def _left_padded(rng: np.random.RandomState, lengths: list[int], vocab: int):
     ids_bt = np.full((len(lengths), width), PAD_ID, np.int32)
     mask_bt = np.zeros((len(lengths), width), np.int32)
     for row, length in enumerate(lengths):
-        ids_bt[row, width - length:] = rng.randint(1, vocab, size=length)
-        mask_bt[row, width - length:] = 1
+        ids_bt[row, width - length :] = rng.randint(1, vocab, size=length)
+        mask_bt[row, width - length :] = 1
     return ids_bt, mask_bt
 
 
@@ -160,28 +235,49 @@ def _forward_golden(model, model64, vocab: int, rng) -> dict:
         noise = max(noise, (logits_btv[row, torch.as_tensor(valid)].double() - alone_tv).abs().max().item())
     if noise > 1e-4:
         raise RuntimeError(f"left-padded logits differ from unpadded float64 logits by {noise}")
-    return dict(input_ids=ids_bt, attention_mask=mask_bt, position_ids=pos_bt,
-                logits=logits_btv.numpy().astype(np.float32),
-                logits_fp32_vs_fp64_max_abs=np.float64(noise))
+    return dict(
+        input_ids=ids_bt,
+        attention_mask=mask_bt,
+        position_ids=pos_bt,
+        logits=logits_btv.numpy().astype(np.float32),
+        logits_fp32_vs_fp64_max_abs=np.float64(noise),
+    )
 
 
 def _generate_golden(model, vocab: int, rng) -> dict:
     ids_bt, mask_bt = _left_padded(rng, [10, 6, 3], vocab)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS,
-                              eos_token_id=None, pad_token_id=PAD_ID, bos_token_id=None)
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=PAD_ID,
+        bos_token_id=None,
+    )
     with torch.no_grad():
-        out_bt = model.generate(input_ids=torch.as_tensor(ids_bt, dtype=torch.long),
-                                attention_mask=torch.as_tensor(mask_bt, dtype=torch.long),
-                                generation_config=config).numpy().astype(np.int32)
-    new_bt = out_bt[:, ids_bt.shape[1]:]
+        out_bt = (
+            model.generate(
+                input_ids=torch.as_tensor(ids_bt, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask_bt, dtype=torch.long),
+                generation_config=config,
+            )
+            .numpy()
+            .astype(np.int32)
+        )
+    new_bt = out_bt[:, ids_bt.shape[1] :]
     if new_bt.shape != (3, NEW_TOKENS):
         raise RuntimeError(f"generate() returned {new_bt.shape[1]} new tokens, expected {NEW_TOKENS}")
     check_bt, margins = _greedy_by_full_forward(model, ids_bt, mask_bt, NEW_TOKENS)
     if not np.array_equal(check_bt, new_bt):
         raise RuntimeError("generate() disagrees with the full-forward greedy loop")
-    return dict(gen_prompt_ids=ids_bt, gen_attention_mask=mask_bt, gen_output_ids=out_bt,
-                gen_new_ids=new_bt, gen_min_logit_margin=margins.astype(np.float32),
-                gen_pad_token_id=np.int32(PAD_ID))
+    return dict(
+        gen_prompt_ids=ids_bt,
+        gen_attention_mask=mask_bt,
+        gen_output_ids=out_bt,
+        gen_new_ids=new_bt,
+        gen_min_logit_margin=margins.astype(np.float32),
+        gen_pad_token_id=np.int32(PAD_ID),
+    )
 
 
 def _sft_batch(rng, vocab: int):
@@ -239,37 +335,56 @@ def _sft_golden(model, file_names, vocab: int, rng, is_moe: bool):
     model.zero_grad(set_to_none=True)
     out = _forward(model, ids_bt, mask_bt, pos_bt, **({"output_router_logits": True} if is_moe else {}))
     targets = torch.as_tensor(labels_bt[:, 1:], dtype=torch.long)
-    token_loss_bt = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), targets,
-                                    ignore_index=-100, reduction="none")
+    token_loss_bt = F.cross_entropy(
+        out.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
     num_tokens = int((targets != -100).sum())
     loss = token_loss_bt.sum() / num_tokens
     hf_loss = _forward(model, ids_bt, mask_bt, pos_bt, labels=torch.as_tensor(labels_bt, dtype=torch.long)).loss
     if abs(hf_loss.item() - loss.item()) > 1e-6:
         raise RuntimeError(f"token-mean loss {loss.item()} != transformers loss {hf_loss.item()}")
-    result = dict(sft_input_ids=ids_bt, sft_attention_mask=mask_bt, sft_labels=labels_bt,
-                  sft_position_ids=pos_bt, sft_token_loss=token_loss_bt.detach().numpy().astype(np.float32),
-                  sft_loss=np.float32(loss.item()), sft_num_tokens=np.int32(num_tokens))
+    result = dict(
+        sft_input_ids=ids_bt,
+        sft_attention_mask=mask_bt,
+        sft_labels=labels_bt,
+        sft_position_ids=pos_bt,
+        sft_token_loss=token_loss_bt.detach().numpy().astype(np.float32),
+        sft_loss=np.float32(loss.item()),
+        sft_num_tokens=np.int32(num_tokens),
+    )
     loss.backward(retain_graph=is_moe)
     grads = {f"grad/{k}": v for k, v in _grads_by_file_name(model, file_names).items()}
     if is_moe:
         coef = model.config.router_aux_loss_coef
         aux = out.aux_loss
-        hf_total = _forward(model, ids_bt, mask_bt, pos_bt, labels=torch.as_tensor(labels_bt, dtype=torch.long),
-                            output_router_logits=True).loss
+        hf_total = _forward(
+            model,
+            ids_bt,
+            mask_bt,
+            pos_bt,
+            labels=torch.as_tensor(labels_bt, dtype=torch.long),
+            output_router_logits=True,
+        ).loss
         total = loss + coef * aux
         if abs(hf_total.item() - total.item()) > 1e-6:
             raise RuntimeError(f"loss + coef*aux {total.item()} != transformers loss {hf_total.item()}")
         unmasked = transformers.models.qwen3_moe.modeling_qwen3_moe.load_balancing_loss_func(
-            out.router_logits, model.config.num_experts, model.config.num_experts_per_tok, None)
-        result.update(router_aux_loss=np.float32(aux.item()), router_aux_loss_coef=np.float32(coef),
-                      router_aux_loss_unmasked=np.float32(unmasked.item()),
-                      sft_loss_with_aux=np.float32(total.item()),
-                      sft_router_min_topk_gap=np.float64(
-                          _router_min_gap(out.router_logits, mask_bt, model.config.num_experts_per_tok)))
+            out.router_logits, model.config.num_experts, model.config.num_experts_per_tok, None
+        )
+        result.update(
+            router_aux_loss=np.float32(aux.item()),
+            router_aux_loss_coef=np.float32(coef),
+            router_aux_loss_unmasked=np.float32(unmasked.item()),
+            sft_loss_with_aux=np.float32(total.item()),
+            sft_router_min_topk_gap=np.float64(
+                _router_min_gap(out.router_logits, mask_bt, model.config.num_experts_per_tok)
+            ),
+        )
         model.zero_grad(set_to_none=True)
         aux.backward()  # unscaled; only tensors upstream of a router get a gradient
-        grads.update({f"grad_router_aux/{k}": v for k, v in
-                      _grads_by_file_name(model, file_names, allow_missing=True).items()})
+        grads.update(
+            {f"grad_router_aux/{k}": v for k, v in _grads_by_file_name(model, file_names, allow_missing=True).items()}
+        )
     return result, grads
 
 
@@ -301,13 +416,16 @@ def _build_once(name: str, seed: int, workdir: str):
         k = config.num_experts_per_tok
         gen_mask = np.concatenate([arrays["gen_attention_mask"], np.ones((3, NEW_TOKENS), np.int32)], 1)
         with torch.no_grad():
-            fwd = _forward(model, arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"],
-                           output_router_logits=True)
-            gen = _forward(model, arrays["gen_output_ids"], gen_mask, hf_positions(gen_mask),
-                           output_router_logits=True)
-        arrays["router_min_topk_gap"] = np.float64(min(
-            _router_min_gap(fwd.router_logits, arrays["attention_mask"], k),
-            _router_min_gap(gen.router_logits, gen_mask, k)))
+            fwd = _forward(
+                model, arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"], output_router_logits=True
+            )
+            gen = _forward(model, arrays["gen_output_ids"], gen_mask, hf_positions(gen_mask), output_router_logits=True)
+        arrays["router_min_topk_gap"] = np.float64(
+            min(
+                _router_min_gap(fwd.router_logits, arrays["attention_mask"], k),
+                _router_min_gap(gen.router_logits, gen_mask, k),
+            )
+        )
         if arrays["router_min_topk_gap"] < MIN_ROUTER_GAP:
             return None
     grads = None
@@ -351,14 +469,21 @@ def build(name: str) -> None:
             np.savez(os.path.join(staging, "sft_grads.npz"), **grads)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    print(f"{name}: seed {arrays['seed']}, min greedy margin {arrays['gen_min_logit_margin'].min():.4f}, "
-          f"fp32 vs fp64 logits {arrays['logits_fp32_vs_fp64_max_abs']:.2e}", flush=True)
+    print(
+        f"{name}: seed {arrays['seed']}, min greedy margin {arrays['gen_min_logit_margin'].min():.4f}, "
+        f"fp32 vs fp64 logits {arrays['logits_fp32_vs_fp64_max_abs']:.2e}",
+        flush=True,
+    )
 
 
 def write_versions() -> None:
-    lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"transformers {transformers.__version__}", f"numpy {np.__version__}",
-             f"safetensors {safetensors.__version__}"]
+    lines = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+        f"numpy {np.__version__}",
+        f"safetensors {safetensors.__version__}",
+    ]
     tmp = os.path.join(GOLDEN_DIR, "VERSIONS.txt.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

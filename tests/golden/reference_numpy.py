@@ -32,8 +32,9 @@ def rope_inv_freq_and_scale(cfg: dict, head_dim: int) -> tuple[np.ndarray, float
     if attention_factor is None:
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         get = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
-        attention_factor = get(factor, mscale) / get(factor, mscale_all_dim) if mscale and mscale_all_dim \
-            else get(factor)
+        attention_factor = (
+            get(factor, mscale) / get(factor, mscale_all_dim) if mscale and mscale_all_dim else get(factor)
+        )
     corr = lambda rot: head_dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
     low, high = corr(beta_fast), corr(beta_slow)
     if rope.get("truncate", True):
@@ -82,14 +83,19 @@ def moe_block(cfg, w, prefix, x_nd):
         if rows.size == 0:
             continue
         xe = x_nd[rows]
-        h = silu(xe @ w[f"{prefix}.experts.{e}.gate_proj.weight"].T) * (xe @ w[f"{prefix}.experts.{e}.up_proj.weight"].T)
+        h = silu(xe @ w[f"{prefix}.experts.{e}.gate_proj.weight"].T) * (
+            xe @ w[f"{prefix}.experts.{e}.up_proj.weight"].T
+        )
         out_nd[rows] += (h @ w[f"{prefix}.experts.{e}.down_proj.weight"].T) * top_w_nk[rows, slot][:, None]
     return out_nd, router_logits_ne
 
 
 def is_moe_layer(cfg, layer):
-    return (cfg.get("num_local_experts", 0) > 0 and layer not in cfg.get("mlp_only_layers", [])
-            and (layer + 1) % cfg.get("decoder_sparse_step", 1) == 0)
+    return (
+        cfg.get("num_local_experts", 0) > 0
+        and layer not in cfg.get("mlp_only_layers", [])
+        and (layer + 1) % cfg.get("decoder_sparse_step", 1) == 0
+    )
 
 
 def forward(cfg, w, ids_bt, mask_bt, pos_bt):
@@ -169,28 +175,37 @@ def check(name: str) -> None:
     gen_mask = np.concatenate([g["gen_attention_mask"], np.ones_like(g["gen_new_ids"])], 1)
     gen_logits, _ = forward(cfg, w, g["gen_output_ids"], gen_mask, np.clip(np.cumsum(gen_mask, -1) - 1, 0, None))
     prompt_len = g["gen_prompt_ids"].shape[1]
-    greedy = gen_logits[:, prompt_len - 1:-1].argmax(-1)
+    greedy = gen_logits[:, prompt_len - 1 : -1].argmax(-1)
     assert np.array_equal(greedy, g["gen_new_ids"]), name
     report.append("greedy tokens equal")
     if "sft_loss" in g.files:
         ids, mask, labels = g["sft_input_ids"], g["sft_attention_mask"], g["sft_labels"]
         logits, router = forward(cfg, w, ids, mask, g["sft_position_ids"])
-        logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        logp = (
+            logits[:, :-1]
+            - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits[:, :-1].max(-1, keepdims=True)
+        )
         target = labels[:, 1:]
-        token_loss = np.where(target != -100, -np.take_along_axis(logp, np.maximum(target, 0)[..., None], -1)[..., 0], 0)
+        token_loss = np.where(
+            target != -100, -np.take_along_axis(logp, np.maximum(target, 0)[..., None], -1)[..., 0], 0
+        )
         assert np.abs(token_loss - g["sft_token_loss"]).max() < 1e-4, name
         assert abs(token_loss.sum() / (target != -100).sum() - g["sft_loss"]) < 1e-5, name
         report.append("sft token loss equal")
         if router:
             aux = load_balancing_loss(router, mask, cfg["num_local_experts"], cfg["num_experts_per_tok"])
-            aux_all = load_balancing_loss(router, np.ones_like(mask), cfg["num_local_experts"], cfg["num_experts_per_tok"])
+            aux_all = load_balancing_loss(
+                router, np.ones_like(mask), cfg["num_local_experts"], cfg["num_experts_per_tok"]
+            )
             assert abs(aux - g["router_aux_loss"]) < 1e-5 and abs(aux_all - g["router_aux_loss_unmasked"]) < 1e-5, name
             report.append(f"router aux loss equal ({aux:.6f}, unmasked {aux_all:.6f})")
     print(f"{name}: " + ", ".join(report))
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or sorted(d for d in os.listdir(GOLDEN_DIR) if os.path.isfile(os.path.join(GOLDEN_DIR, d, "golden.npz")))
+    names = sys.argv[1:] or sorted(
+        d for d in os.listdir(GOLDEN_DIR) if os.path.isfile(os.path.join(GOLDEN_DIR, d, "golden.npz"))
+    )
     for name in names:
         check(name)

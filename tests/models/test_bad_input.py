@@ -51,13 +51,16 @@ def test_unknown_architecture_is_named(tmp_path):
         load_hf(path)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("hidden_act", "gelu", "hidden_act"),
-    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}, "rope_type"),
-    ("use_sliding_window", True, "use_sliding_window"),
-    ("num_key_value_heads", 3, "num_key_value_heads"),
-    ("dtype", "int8", "dtype"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("hidden_act", "gelu", "hidden_act"),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}, "rope_type"),
+        ("use_sliding_window", True, "use_sliding_window"),
+        ("num_key_value_heads", 3, "num_key_value_heads"),
+        ("dtype", "int8", "dtype"),
+    ],
+)
 def test_unsupported_config_values_are_named(tmp_path, field, value, match):
     path = _copy(tmp_path)
     _edit_config(path, **{field: value})

@@ -95,6 +95,7 @@ def test_without_a_compiler_the_sampler_keeps_xla(monkeypatch, tmp_path):
 
 def test_sampler_refuses_packing_weights_stored_in_another_dtype():
     from polaris_jax.sampling import generate
+
     config = ModelConfig.tiny("qwen3", param_dtype="float32", compute_dtype="bfloat16")
     params = init_params(config, jax.random.key(0))
     with pytest.raises(ValueError, match="pack_weights=True needs"):

@@ -7,8 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from polaris_jax.models import ModelConfig, add_lora, init_params, load_hf, logits, save_hf
-from polaris_jax.models import hf_io
+from polaris_jax.models import ModelConfig, add_lora, hf_io, init_params, load_hf, logits, save_hf
 
 IDS = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 2, 7, 1, 8, 2, 8]], np.int32)
 MASK = np.array([[1] * 8, [0, 0] + [1] * 6], np.int32)
@@ -24,6 +23,7 @@ def test_round_trip_through_transformers(arch, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from tests.models.hf_factory import hf_logits
+
     config = _config(arch)
     params = init_params(config, jax.random.key(1), std=0.2)
     # Shards of ~50 KB force the index + multi-file layout.
@@ -43,8 +43,7 @@ def test_lora_is_merged_on_export(tmp_path):
     base = init_params(config, jax.random.key(0), std=0.2)
     lora_config, params = add_lora(config, base, jax.random.key(1), rank=4, alpha=8.0)
     # Non-zero B so the adapters actually change the model.
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.1 if "_lora_b" in str(p) else x, params)
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.1 if "_lora_b" in str(p) else x, params)
     save_hf(lora_config, params, tmp_path / "merged")
     merged_config, merged = load_hf(tmp_path / "merged")
     before = np.asarray(logits(lora_config, params, IDS, MASK))
@@ -60,6 +59,7 @@ def test_failed_export_leaves_no_partial_directory(tmp_path, monkeypatch):
     def broken(path, tensors, metadata=None):
         open(path, "wb").write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(hf_io, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save_hf(config, params, tmp_path / "out")

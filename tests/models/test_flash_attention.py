@@ -67,7 +67,7 @@ def test_prefill_over_a_cache_matches_the_dense_cache_mask():
     s, end = 64, 9  # queries written at slots 9..45 of a 64-slot cache; slots 0..3 are invalid
     q, k, v = _qkv(s=s)
     valid = np.zeros((B, s), bool)
-    valid[:, 4:end + T] = True
+    valid[:, 4 : end + T] = True
     valid[1, 20] = False
     valid = jnp.asarray(valid)
     dense = attn_lib.grouped_attention(q, k, v, attn_lib.cache_mask(valid, jnp.int32(end), T))
@@ -127,15 +127,16 @@ def test_model_prefill_with_cache_matches(tiny_model):
     for impl in ("dense", "flash"):
         cfg = config.replace(attention_impl=impl, attention_block_q=8, attention_block_kv=8)
         cache = init_cache(cfg, B, 48, per_layer=True)
-        outs[impl], _ = forward(cfg, params, tokens, positions, segment_ids_bt=(seg != 0).astype(jnp.int32),
-                                cache=cache)
+        outs[impl], _ = forward(
+            cfg, params, tokens, positions, segment_ids_bt=(seg != 0).astype(jnp.int32), cache=cache
+        )
     real = np.asarray(seg != 0)[..., None]
     np.testing.assert_allclose(np.where(real, outs["flash"], 0), np.where(real, outs["dense"], 0), atol=1e-4)
 
 
 def test_auto_switches_on_the_score_count_and_bad_values_are_named():
     config = ModelConfig.tiny("qwen3")
-    assert not config.use_flash_attention(1, 10 ** 6)  # decode keeps its own path
+    assert not config.use_flash_attention(1, 10**6)  # decode keeps its own path
     assert not config.use_flash_attention(1024, 1024)
     assert config.use_flash_attention(4096, 4096)
     assert config.replace(attention_impl="flash").use_flash_attention(8, 8)

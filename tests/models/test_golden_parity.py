@@ -10,8 +10,10 @@ MODELS = ["qwen2", "qwen3_tied", "qwen3_untied", "qwen3_moe", "qwen3_moe_nonorm"
 
 
 # flash: blockwise attention (models.flash_attention) in blocks small enough to split every row.
-IMPLS = {"dense": dict(attention_impl="dense"),
-         "flash": dict(attention_impl="flash", attention_block_q=3, attention_block_kv=5)}
+IMPLS = {
+    "dense": dict(attention_impl="dense"),
+    "flash": dict(attention_impl="flash", attention_block_q=3, attention_block_kv=5),
+}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -31,6 +33,7 @@ def test_logits_match_transformers(name, impl):
 
 def test_goldens_cover_the_required_architectures():
     import json
+
     archs = {json.loads((GOLDEN_DIR / n / "config.json").read_text())["architectures"][0] for n in MODELS}
     assert archs == {"Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}
     tied = {n: json.loads((GOLDEN_DIR / n / "config.json").read_text())["tie_word_embeddings"] for n in MODELS}

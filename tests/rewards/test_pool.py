@@ -89,9 +89,10 @@ def test_unpicklable_item_fails_alone(pool):
 def test_items_queued_behind_a_killed_worker_are_retried_not_failed():
     with VerifierPool(num_workers=1, timeout_s=1.0) as small_pool:
         # the sleep is killed at its timeout; the small items sent ahead of time must still run
-        results = small_pool.map_async(
-            abs, [(-1,), (-2,)], on_failure=lambda reason: reason
-        ), small_pool.map_async(time.sleep, [(30,)], on_failure=lambda reason: reason)
+        results = (
+            small_pool.map_async(abs, [(-1,), (-2,)], on_failure=lambda reason: reason),
+            small_pool.map_async(time.sleep, [(30,)], on_failure=lambda reason: reason),
+        )
         later = small_pool.map_async(abs, [(-i,) for i in range(20)], on_failure=lambda reason: reason)
         assert results[0].result(timeout=60) == [1, 2]
         assert results[1].result(timeout=60)[0].startswith("timeout")

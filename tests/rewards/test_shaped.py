@@ -17,7 +17,13 @@ def make_batch(completions, num_tokens, correct, groups=None):
 
 def test_registry_lists_every_shaped_reward():
     assert set(reward_names()) >= {
-        "accuracy", "format", "tag_count", "soft_overlong", "cosine_length", "repetition", "kimi_length",
+        "accuracy",
+        "format",
+        "tag_count",
+        "soft_overlong",
+        "cosine_length",
+        "repetition",
+        "kimi_length",
     }
     with pytest.raises(KeyError, match="available"):
         get_reward("nope")
@@ -127,7 +133,11 @@ def test_spec_errors_name_the_problem():
 def test_score_and_shape_runs_the_verifier_then_combines(pool):
     completions = ["<think>\nx\n</think>\n\\boxed{\\frac{1}{2}}", "\\boxed{3}"]
     future = score_and_shape_async(
-        pool, completions, ["0.5", "4"], np.array([5, 5]), np.array([0, 0]),
+        pool,
+        completions,
+        ["0.5", "4"],
+        np.array([5, 5]),
+        np.array([0, 0]),
         {"accuracy": {"weight": 1.0}, "format": {"weight": 0.1}},
     )
     total, parts, failures, scores = future.result(timeout=60)

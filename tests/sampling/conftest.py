@@ -37,6 +37,7 @@ def spy_decode_batches(set_attribute) -> list:
     """Wraps `decode_loop.decode` (through `set_attribute`, e.g. monkeypatch.setattr) to record the decode
     batch of every call; returns that list."""
     from polaris_jax.sampling import decode_loop
+
     batches, original = [], decode_loop.decode
 
     def spy(config, params, state, *args, **kwargs):

@@ -42,9 +42,11 @@ def test_head_major_write_places_tokens(dtype):
     v_cache = HeadMajorKV(jnp.zeros((b, kv, s, h), dtype), False)
     k_cache, v_cache = write_cache_layer(k_cache, v_cache, k_btkh, v_btkh, jnp.int32(end))
     assert k_cache.data.dtype == dtype and v_cache.data.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(k_cache.data[..., end:end + t], np.float32),
-                                  np.asarray(k_btkh, np.float32).transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(np.asarray(v_cache.data[:, :, end:end + t], np.float32),
-                                  np.asarray(v_btkh, np.float32).transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(
+        np.asarray(k_cache.data[..., end : end + t], np.float32), np.asarray(k_btkh, np.float32).transpose(0, 2, 3, 1)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(v_cache.data[:, :, end : end + t], np.float32), np.asarray(v_btkh, np.float32).transpose(0, 2, 1, 3)
+    )
     assert not np.asarray(k_cache.data[..., :end], np.float32).any()
-    assert not np.asarray(v_cache.data[:, :, end + t:], np.float32).any()
+    assert not np.asarray(v_cache.data[:, :, end + t :], np.float32).any()

@@ -13,7 +13,7 @@ from polaris_jax.sampling import generate
 
 def _first_end(tokens: list[int], is_end) -> int | None:
     """Index of the first token at which `is_end(tokens[:i + 1])` holds."""
-    return next((i for i in range(len(tokens)) if is_end(tokens[:i + 1])), None)
+    return next((i for i in range(len(tokens)) if is_end(tokens[: i + 1])), None)
 
 
 def _expected(reference: list[list[int]], max_new: int, eos=(), stops=()):
@@ -21,11 +21,11 @@ def _expected(reference: list[list[int]], max_new: int, eos=(), stops=()):
     for row in reference:
         row = row[:max_new]
         at_eos = _first_end(row, lambda seq: seq[-1] in eos)
-        at_stop = _first_end(row, lambda seq: any(len(seq) >= len(s) and seq[-len(s):] == list(s) for s in stops))
+        at_stop = _first_end(row, lambda seq: any(len(seq) >= len(s) and seq[-len(s) :] == list(s) for s in stops))
         ends = [(i, r) for i, r in ((at_eos, "eos"), (at_stop, "stop")) if i is not None]
         if ends:
             end, reason = min(ends, key=lambda e: (e[0], e[1] != "eos"))
-            tokens.append(row[:end + 1])
+            tokens.append(row[: end + 1])
             reasons.append(reason)
         else:
             tokens.append(row)
@@ -52,8 +52,15 @@ def test_eos_and_length(tied):
 
 def test_stop_sequences(tied):
     stops = (tied.new_ids[1][12:15], tied.new_ids[0][40:42], [255, 254, 253, 252, 251, 250, 249, 248])
-    out = generate(tied.config, tied.params, tied.prompts, max_new_tokens=64, temperature=0.0, stop_sequences=stops,
-                   eos_token_ids=(tied.new_ids[2][50],))
+    out = generate(
+        tied.config,
+        tied.params,
+        tied.prompts,
+        max_new_tokens=64,
+        temperature=0.0,
+        stop_sequences=stops,
+        eos_token_ids=(tied.new_ids[2][50],),
+    )
     tokens, reasons = _expected(tied.new_ids, 64, eos=(tied.new_ids[2][50],), stops=stops)
     assert reasons.count("stop") >= 2
     assert out.tokens == tokens
@@ -69,8 +76,9 @@ def test_max_new_tokens_one(tied):
 def test_shared_prefill_equals_repeated_prompts(tied):
     prompts = tied.prompts[:2]
     shared = generate(tied.config, tied.params, prompts, max_new_tokens=24, temperature=0.0, n=2)
-    repeated = generate(tied.config, tied.params, [p for p in prompts for _ in range(2)], max_new_tokens=24,
-                        temperature=0.0)
+    repeated = generate(
+        tied.config, tied.params, [p for p in prompts for _ in range(2)], max_new_tokens=24, temperature=0.0
+    )
     assert shared.tokens == repeated.tokens
     assert shared.tokens[0] == tied.new_ids[0][:24] and shared.tokens[3] == tied.new_ids[1][:24]
     np.testing.assert_allclose(np.array(shared.logprobs), np.array(repeated.logprobs), atol=1e-5)
@@ -85,12 +93,12 @@ def _reference_logprobs(tied, prompts, completions, temperature):
     ids = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros_like(ids)
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        ids[row, :len(p) + len(c)] = p + c
-        mask[row, :len(p) + len(c)] = 1
+        ids[row, : len(p) + len(c)] = p + c
+        mask[row, : len(p) + len(c)] = 1
     logits_btv = np.asarray(logits(tied.config, tied.params, ids, mask), np.float64) / temperature
     logits_btv -= logits_btv.max(-1, keepdims=True)
     logprob_btv = logits_btv - np.log(np.exp(logits_btv).sum(-1, keepdims=True))
-    return [logprob_btv[row, len(p) - 1:len(p) + len(c) - 1] for row, (p, c) in enumerate(zip(prompts, completions))]
+    return [logprob_btv[row, len(p) - 1 : len(p) + len(c) - 1] for row, (p, c) in enumerate(zip(prompts, completions))]
 
 
 def test_logprobs_are_temperature_scaled_before_truncation(tied):
@@ -99,7 +107,7 @@ def test_logprobs_are_temperature_scaled_before_truncation(tied):
     for tokens, logprobs, logprob_tv in zip(out.tokens, out.logprobs, references):
         np.testing.assert_allclose(logprobs, logprob_tv[np.arange(len(tokens)), tokens], atol=2e-4)
         for t, token in enumerate(tokens):  # every drawn token survives top-k then top-p
-            order = np.argsort(-logprob_tv[t])[:SAMPLING["top_k"]]
+            order = np.argsort(-logprob_tv[t])[: SAMPLING["top_k"]]
             probs = np.exp(logprob_tv[t][order])
             probs /= probs.sum()
             kept = order[np.concatenate([[0.0], np.cumsum(probs)[:-1]]) < SAMPLING["top_p"]]
@@ -118,21 +126,24 @@ def test_rows_depend_on_seed_and_index_only(tied):
     assert reseeded.tokens != base.tokens
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[]), "prompts is empty"),
-    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
-    (dict(prompts=[[1, 999]]), "outside the vocabulary"),
-    (dict(prompts=[[1, 2.5]]), "not an integer"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(min_p=1.0), "min_p"),
-    (dict(n=0), "n=0"),
-    (dict(eos_token_ids=(300,)), "eos_token_ids"),
-    (dict(stop_sequences=([],)), r"stop_sequences\[0\] is empty"),
-    (dict(prefill_chunk=-8), "prefill_chunk=-8"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+        (dict(prompts=[[1, 999]]), "outside the vocabulary"),
+        (dict(prompts=[[1, 2.5]]), "not an integer"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(n=0), "n=0"),
+        (dict(eos_token_ids=(300,)), "eos_token_ids"),
+        (dict(stop_sequences=([],)), r"stop_sequences\[0\] is empty"),
+        (dict(prefill_chunk=-8), "prefill_chunk=-8"),
+    ],
+)
 def test_bad_input_is_named(tied, kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4)
     args.update(kwargs)
@@ -145,6 +156,7 @@ def test_bfloat16_model_decodes_like_its_full_forward(tied):
     teacher-forced bf16 full forward up to bf16 rounding, and logprobs agree with it."""
     import jax
     import jax.numpy as jnp
+
     config = tied.config.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tied.params)
     bf16 = type(tied).__new__(type(tied))
@@ -165,6 +177,7 @@ def test_new_params_are_never_served_from_the_per_layer_copy(tied):
     import jax
 
     from polaris_jax.sampling import sampler
+
     perturbed = jax.tree.map(lambda x: x * 1.5, tied.params)
     kwargs = dict(max_new_tokens=8, temperature=0.0)
     assert generate(tied.config, tied.params, tied.prompts, **kwargs).tokens == [r[:8] for r in tied.new_ids]
@@ -208,10 +221,10 @@ def test_finished_rows_are_compacted_away_when_the_cache_grows(tied, decode_batc
 def test_chunked_prefill_matches_golden(name):
     """Prompt bucket 16 prefilled in 4 passes of 4 tokens (each attending to the cache written so far)."""
     from tests.sampling.conftest import golden
+
     model = golden(name)
     whole = generate(model.config, model.params, model.prompts, max_new_tokens=64, temperature=0.0, prefill_chunk=0)
-    chunked = generate(model.config, model.params, model.prompts, max_new_tokens=64, temperature=0.0,
-                       prefill_chunk=4)
+    chunked = generate(model.config, model.params, model.prompts, max_new_tokens=64, temperature=0.0, prefill_chunk=4)
     assert chunked.tokens == model.new_ids
     for got, want in zip(chunked.logprobs, whole.logprobs):
         np.testing.assert_allclose(got, want, atol=1e-4)

@@ -17,8 +17,15 @@ ONE_BUCKET = Buckets(min_cache_length=128)
 def test_greedy_matches_golden_generate(name, pack_weights):
     model = golden(name)
     assert len({len(p) for p in model.prompts}) == len(model.prompts), "golden prompts should be ragged"
-    out = generate(model.config, model.params, model.prompts, max_new_tokens=len(model.new_ids[0]), temperature=0.0,
-                   buckets=ONE_BUCKET, pack_weights=pack_weights)
+    out = generate(
+        model.config,
+        model.params,
+        model.prompts,
+        max_new_tokens=len(model.new_ids[0]),
+        temperature=0.0,
+        buckets=ONE_BUCKET,
+        pack_weights=pack_weights,
+    )
     assert len(model.new_ids[0]) >= 64
     for row, (ours, expected) in enumerate(zip(out.tokens, model.new_ids)):
         first_diff = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), None)
@@ -29,11 +36,24 @@ def test_greedy_matches_golden_generate(name, pack_weights):
 def _tiny_hf_qwen3(seed: int):
     import torch
     import transformers
+
     torch.manual_seed(seed)
     config = transformers.Qwen3Config(
-        vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        vocab_size=192,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     model = transformers.Qwen3ForCausalLM(config).eval()
     with torch.no_grad():  # large random weights so every component shows in the logits
         for name, p in model.named_parameters():
@@ -58,8 +78,9 @@ def test_greedy_matches_live_transformers(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torch's thread pool stalls badly when the cores are shared
     with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=72, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=72, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[:, width:].tolist()
     torch.set_num_threads(threads)
     out = generate(config, params, prompts, max_new_tokens=72, temperature=0.0, buckets=ONE_BUCKET)
     assert out.tokens == expected

@@ -30,10 +30,22 @@ def test_no_compilation_after_warmup(tied):
     try:
         outs = [
             run([[7, 8, 9], [4] * 8], max_new_tokens=35, temperature=0.8, seed=5),
-            run([list(range(20, 36))], max_new_tokens=33, temperature=1.3, n=2, seed=9, eos_token_ids=(3, 4),
-                stop_sequences=([5, 6], [7, 8, 9])),
-            run([[11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]], params=new_params, max_new_tokens=12,
-                temperature=0.6, eos_token_ids=(1,)),
+            run(
+                [list(range(20, 36))],
+                max_new_tokens=33,
+                temperature=1.3,
+                n=2,
+                seed=9,
+                eos_token_ids=(3, 4),
+                stop_sequences=([5, 6], [7, 8, 9]),
+            ),
+            run(
+                [[11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]],
+                params=new_params,
+                max_new_tokens=12,
+                temperature=0.6,
+                eos_token_ids=(1,),
+            ),
         ]
     finally:
         _counter["on"] = False

@@ -47,19 +47,27 @@ def sharded_run() -> dict:
     # Rows of prompts 0 and 1 end early (EOS), so the 12-row batch (bucket 16) is compacted to 4 rows.
     batches = spy_decode_batches(setattr)
     eos = (model.new_ids[0][4], model.new_ids[1][6])
-    compacted = generate(model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, n=4,
-                         eos_token_ids=eos, mesh=mesh)
-    return dict(devices=jax.device_count(), greedy=greedy.tokens, sampled=sampled.tokens,
-                sampled_logprobs=[[float(x) for x in row] for row in sampled.logprobs], expected=model.new_ids,
-                compacted=compacted.tokens, compacted_batches=batches, **seen)
+    compacted = generate(
+        model.config, params, model.prompts, max_new_tokens=64, temperature=0.0, n=4, eos_token_ids=eos, mesh=mesh
+    )
+    return dict(
+        devices=jax.device_count(),
+        greedy=greedy.tokens,
+        sampled=sampled.tokens,
+        sampled_logprobs=[[float(x) for x in row] for row in sampled.logprobs],
+        expected=model.new_ids,
+        compacted=compacted.tokens,
+        compacted_batches=batches,
+        **seen,
+    )
 
 
 def test_generate_on_eight_device_mesh(tied):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
     code = "import json, tests.sampling.test_sharded as t; print('RESULT', json.dumps(t.sharded_run()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["devices"] == 8

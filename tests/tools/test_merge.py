@@ -28,8 +28,9 @@ def checkpoints(tmp_path_factory):
 
 def _expected(paths, weights):
     readers = [CheckpointReader(p) for p in paths]
-    return {name: sum(w * r.get(name).astype(np.float64) for w, r in zip(weights, readers))
-            for name in readers[0].names()}
+    return {
+        name: sum(w * r.get(name).astype(np.float64) for w, r in zip(weights, readers)) for name in readers[0].names()
+    }
 
 
 def _assert_merged(path, expected):
@@ -64,18 +65,27 @@ def test_merge_refuses_bad_inputs(checkpoints, tmp_path):
 
 def _run(args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_command_line_and_main_job(checkpoints, tmp_path):
     _, paths = checkpoints
-    out = _run(["polaris_jax.tools.merge", f"--inputs={paths[0]},{paths[1]}", "--weights=1,3",
-                f"--output={tmp_path / 'cli'}"])
+    out = _run(
+        ["polaris_jax.tools.merge", f"--inputs={paths[0]},{paths[1]}", "--weights=1,3", f"--output={tmp_path / 'cli'}"]
+    )
     _assert_merged(out["output"], _expected(paths[:2], [0.25, 0.75]))
-    out = _run(["polaris_jax.main", "--config=configs/merge.py", f"--workdir={tmp_path / 'job'}",
-                f"--config.inputs=('{paths[0]}', '{paths[2]}')", "--config.weights=(0.5, 0.5)"])
+    out = _run(
+        [
+            "polaris_jax.main",
+            "--config=configs/merge.py",
+            f"--workdir={tmp_path / 'job'}",
+            f"--config.inputs=('{paths[0]}', '{paths[2]}')",
+            "--config.weights=(0.5, 0.5)",
+        ]
+    )
     assert out["output"] == str(tmp_path / "job" / "merged")
     _assert_merged(out["output"], _expected([paths[0], paths[2]], [0.5, 0.5]))

@@ -16,24 +16,42 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _plan(*flags) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "polaris_jax.tools.plan", "--format=json", *flags], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "polaris_jax.tools.plan", "--format=json", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, ffn, tied):
     """Parameter count of a dense Qwen3 (q/k RMSNorm per head, no biases)."""
-    per_layer = (d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d  # q, k, v, o
-                 + 3 * d * ffn + 2 * d + 2 * head_dim)  # SwiGLU, two RMSNorms, q_norm and k_norm
+    per_layer = (
+        d * heads * head_dim
+        + 2 * d * kv_heads * head_dim
+        + heads * head_dim * d  # q, k, v, o
+        + 3 * d * ffn
+        + 2 * d
+        + 2 * head_dim
+    )  # SwiGLU, two RMSNorms, q_norm and k_norm
     return vocab * d * (1 if tied else 2) + d + layers * per_layer
 
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return _plan("--config=configs/sft_tiny.py", "--mesh=fsdp=2", "--rollout_batch=8", "--rollout_len=64",
-                 "--rollout_prompt_len=16", "--samples_per_prompt=4",
-                 "--batch_size=4", "--seq_len=64")
+    return _plan(
+        "--config=configs/sft_tiny.py",
+        "--mesh=fsdp=2",
+        "--rollout_batch=8",
+        "--rollout_len=64",
+        "--rollout_prompt_len=16",
+        "--samples_per_prompt=4",
+        "--batch_size=4",
+        "--seq_len=64",
+    )
 
 
 def test_tiny_config_plan(tiny_plan):
@@ -66,8 +84,7 @@ def test_tiny_plan_flops_cover_the_model_flops(tiny_plan):
 
 
 def test_qwen3_8b_lora_rank32_plan():
-    r = _plan("--model=qwen3_8b", "--mesh=fsdp=8", "--lora_rank=32", "--batch_size=8", "--seq_len=256",
-              "--remat=full")
+    r = _plan("--model=qwen3_8b", "--mesh=fsdp=8", "--lora_rank=32", "--batch_size=8", "--seq_len=256", "--remat=full")
     total = _qwen3_params(151936, 4096, 36, 32, 8, 128, 12288, tied=False)
     assert abs(total / 1e9 - 8.19) < 0.01  # Qwen3-8B's model card: 8.2B parameters
     base_per_device = total * 4 / 8

@@ -23,8 +23,16 @@ def _grpo_like_run(workdir, steps=5):
 
     writer = MetricWriter(str(workdir), total_steps=steps, console=False)
     for step in range(1, steps + 1):
-        writer.write_scalars(step, {"reward_mean": step / 10, "accuracy": step / 10, "entropy": 1.0 / step,
-                                    "learning_rate": 1e-3, "data/skipped": 0.0})
+        writer.write_scalars(
+            step,
+            {
+                "reward_mean": step / 10,
+                "accuracy": step / 10,
+                "entropy": 1.0 / step,
+                "learning_rate": 1e-3,
+                "data/skipped": 0.0,
+            },
+        )
     writer.write_scalars(steps, {"eval/pass_at_1": 0.5})
     writer.close()
     with open(workdir / "evals.jsonl", "w") as f:
@@ -36,8 +44,9 @@ def test_metric_writer_output_becomes_pngs(tmp_path):
     _grpo_like_run(tmp_path)
     paths = plots.plot_run(str(tmp_path), smooth=0.5)
     assert paths[0] == str(tmp_path / "plots" / "curves.png")
-    assert sorted(os.path.basename(p) for p in paths[1:]) == sorted([
-        "reward_mean.png", "accuracy.png", "entropy.png", "learning_rate.png", "data_skipped.png", "eval_pass@1.png"])
+    assert sorted(os.path.basename(p) for p in paths[1:]) == sorted(
+        ["reward_mean.png", "accuracy.png", "entropy.png", "learning_rate.png", "data_skipped.png", "eval_pass@1.png"]
+    )
     assert all(_is_png(p) for p in paths)
     series = plots.read_run(str(tmp_path))
     assert series["entropy"] == [(s, 1.0 / s) for s in range(1, 6)]
@@ -49,7 +58,10 @@ def test_metric_writer_output_becomes_pngs(tmp_path):
 def test_training_curves_grid(tmp_path):
     _grpo_like_run(tmp_path)
     assert [title for title, _ in plots._key_panels(plots.read_run(str(tmp_path)))] == [
-        "reward / accuracy", "held-out pass@1", "entropy"]
+        "reward / accuracy",
+        "held-out pass@1",
+        "entropy",
+    ]
     path = plots.plot_training_curves(str(tmp_path))
     assert path == str(tmp_path / "curves.png") and _is_png(path)
     assert not os.path.exists(path + ".tmp.png")
@@ -76,8 +88,20 @@ def test_cli(tmp_path):
             f.write(json.dumps({"step": step, "accuracy": step / 4, "loss": 1 / step}) + "\n")
         f.write('{"step": 4, "accur')  # a line cut off mid-write is ignored
     out = tmp_path / "pngs"
-    proc = subprocess.run([sys.executable, "-m", "polaris_jax.tools.plots", f"--workdir={tmp_path}", f"--out={out}",
-                           "--metrics=accuracy", "--smooth=0.5"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polaris_jax.tools.plots",
+            f"--workdir={tmp_path}",
+            f"--out={out}",
+            "--metrics=accuracy",
+            "--smooth=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"curves": str(out / "curves.png"), "plots": 1}
     assert _is_png(out / "accuracy.png") and _is_png(out / "curves.png")

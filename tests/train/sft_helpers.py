@@ -35,8 +35,10 @@ def hf_tree(config, arrays_by_hf_name: dict) -> dict:
         if key.endswith("_layers"):
             kind = key[: -len("_layers")]
             layers = [i for i in range(config.num_layers) if ("moe" if config.layer_is_moe(i) else "dense") == kind]
-            out[key] = {name: np.stack([hf_names.read_layer_tensor(config, reader, i, kind, name) for i in layers])
-                        for name in spec}
+            out[key] = {
+                name: np.stack([hf_names.read_layer_tensor(config, reader, i, kind, name) for i in layers])
+                for name in spec
+            }
         else:
             out[key] = hf_names.read_top_tensor(config, reader, key)
     return out
@@ -50,8 +52,13 @@ def golden_sft_batch(golden) -> dict:
     targets_bt[:, :-1] = np.where(labels_bt[:, 1:] == IGNORE, 0, labels_bt[:, 1:])
     mask_bt = np.zeros_like(ids_bt)
     mask_bt[:, :-1] = labels_bt[:, 1:] != IGNORE
-    return {"tokens_bt": ids_bt, "positions_bt": golden["sft_position_ids"],
-            "segment_ids_bt": golden["sft_attention_mask"], "targets_bt": targets_bt, "loss_mask_bt": mask_bt}
+    return {
+        "tokens_bt": ids_bt,
+        "positions_bt": golden["sft_position_ids"],
+        "segment_ids_bt": golden["sft_attention_mask"],
+        "targets_bt": targets_bt,
+        "loss_mask_bt": mask_bt,
+    }
 
 
 def random_sequences(rng: np.random.Generator, lengths, vocab: int):
@@ -60,7 +67,7 @@ def random_sequences(rng: np.random.Generator, lengths, vocab: int):
     for length in lengths:
         tokens = rng.integers(1, vocab, size=length).astype(np.int32)
         mask = np.zeros(length, np.int32)
-        mask[rng.integers(1, length):] = 1
+        mask[rng.integers(1, length) :] = 1
         out.append((tokens, mask))
     return out
 
@@ -77,5 +84,5 @@ def random_packed_batch(seed: int, batch: int, length: int, vocab: int) -> dict:
         count = int(rng.integers(1, 4))
         cuts = np.sort(rng.choice(np.arange(4, length - 2), size=count, replace=False))
         lengths = np.diff(np.concatenate([[0], cuts])).tolist()
-        rows.append(random_sequences(rng, [max(l, 2) for l in lengths], vocab))
+        rows.append(random_sequences(rng, [max(n, 2) for n in lengths], vocab))
     return packed_batch(rows, length)

@@ -17,7 +17,9 @@ def _guarded(make):
         def guarded_step(*step_args, **step_kwargs):
             with jax.transfer_guard("disallow"):
                 return step(*step_args, **step_kwargs)
+
         return guarded_step
+
     return make_guarded
 
 

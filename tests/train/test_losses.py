@@ -18,13 +18,26 @@ def _golden_outputs(config, params, batch, aux_coef: float):
 
     @jax.jit
     def run(params, batch):
-        logprobs_bt = losses.token_stats(config, params, batch["tokens_bt"], batch["positions_bt"],
-                                         batch["segment_ids_bt"], batch["targets_bt"], chunk_size=5)["logprobs"]
+        logprobs_bt = losses.token_stats(
+            config,
+            params,
+            batch["tokens_bt"],
+            batch["positions_bt"],
+            batch["segment_ids_bt"],
+            batch["targets_bt"],
+            chunk_size=5,
+        )["logprobs"]
         loss, grads = jax.value_and_grad(lambda p: losses.sft_loss(config, p, batch, NO_AUX)[0])(params)
         loss_with_aux, terms = losses.sft_loss(config, params, batch, with_aux)
         aux_grads = jax.grad(lambda p: losses.sft_loss(config, p, batch, with_aux)[1]["router_aux_loss"])(params)
-        return dict(logprobs_bt=logprobs_bt, loss=loss, grads=grads, loss_with_aux=loss_with_aux,
-                    router_aux_loss=terms["router_aux_loss"], aux_grads=aux_grads)
+        return dict(
+            logprobs_bt=logprobs_bt,
+            loss=loss,
+            grads=grads,
+            loss_with_aux=loss_with_aux,
+            router_aux_loss=terms["router_aux_loss"],
+            aux_grads=aux_grads,
+        )
 
     return jax.device_get(run(params, batch))
 
@@ -50,7 +63,7 @@ def test_token_loss_matches_transformers(golden_case):
 
 def test_gradients_match_transformers(golden_case):
     name, config, _, grads, _, out = golden_case
-    reference = sft_helpers.hf_tree(config, {k[len("grad/"):]: grads[k] for k in grads if k.startswith("grad/")})
+    reference = sft_helpers.hf_tree(config, {k[len("grad/") :]: grads[k] for k in grads if k.startswith("grad/")})
     flat_ours = jax.tree_util.tree_leaves_with_path(out["grads"])
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(reference))
     assert len(flat_ours) == len(flat_ref)
@@ -85,8 +98,9 @@ def tiny():
 
 
 def _full_logits(config, params, batch):
-    logits_btv, _ = jax.jit(lambda p: forward(config, p, batch["tokens_bt"], batch["positions_bt"],
-                                              segment_ids_bt=batch["segment_ids_bt"]))(params)
+    logits_btv, _ = jax.jit(
+        lambda p: forward(config, p, batch["tokens_bt"], batch["positions_bt"], segment_ids_bt=batch["segment_ids_bt"])
+    )(params)
     return np.asarray(logits_btv, np.float64)
 
 
@@ -99,9 +113,19 @@ def test_chunked_stats_equal_full_logits_numpy(tiny, chunk_size):
     logp_ref = np.take_along_axis(logits, batch["targets_bt"][..., None], -1)[..., 0] - lse
     probs = np.exp(logits - lse[..., None])
     entropy_ref = -(probs * np.log(probs)).sum(-1)
-    stats = jax.jit(lambda p: losses.token_stats(
-        config, p, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"], batch["targets_bt"],
-        chunk_size=chunk_size, temperature=0.7, with_entropy=True))(params)
+    stats = jax.jit(
+        lambda p: losses.token_stats(
+            config,
+            p,
+            batch["tokens_bt"],
+            batch["positions_bt"],
+            batch["segment_ids_bt"],
+            batch["targets_bt"],
+            chunk_size=chunk_size,
+            temperature=0.7,
+            with_entropy=True,
+        )
+    )(params)
     np.testing.assert_allclose(np.asarray(stats["logprobs"]), logp_ref, atol=2e-5)
     np.testing.assert_allclose(np.asarray(stats["entropy"]), entropy_ref, atol=2e-5)
     np.testing.assert_allclose(np.asarray(stats["lse"]), lse, atol=2e-5)
@@ -114,7 +138,7 @@ def test_z_loss_is_mean_squared_log_normaliser(tiny):
     lse = np.log(np.exp(logits).sum(-1))
     mask = batch["loss_mask_bt"].astype(np.float64)
     logp = np.take_along_axis(logits, batch["targets_bt"][..., None], -1)[..., 0] - lse
-    expected = (-(logp * mask).sum() + 1e-2 * (lse ** 2 * mask).sum()) / mask.sum()
+    expected = (-(logp * mask).sum() + 1e-2 * (lse**2 * mask).sum()) / mask.sum()
     loss = loss_fn(params, batch, losses.LossSettings(chunk_size=8, z_loss_coef=1e-2))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
@@ -127,8 +151,9 @@ def test_packed_loss_equals_token_weighted_unpacked_losses(tiny):
     assert packed["segment_ids_bt"].max() == 3
     packed_loss = loss_fn(params, packed, losses.LossSettings(chunk_size=8))
     singles = [sft_helpers.packed_batch([[s]], length=16) for s in sequences]
-    per_sequence = [(float(loss_fn(params, b, losses.LossSettings(chunk_size=8))), int(b["loss_mask_bt"].sum()))
-                    for b in singles]
+    per_sequence = [
+        (float(loss_fn(params, b, losses.LossSettings(chunk_size=8))), int(b["loss_mask_bt"].sum())) for b in singles
+    ]
     weighted = sum(loss * n for loss, n in per_sequence) / sum(n for _, n in per_sequence)
     np.testing.assert_allclose(float(packed_loss), weighted, rtol=1e-5)
     assert sum(n for _, n in per_sequence) == int(packed["loss_mask_bt"].sum())

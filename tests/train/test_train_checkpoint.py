@@ -22,9 +22,13 @@ class _Counter:
 
 
 def _state(value: float):
-    return {"params": {"w_lora_a": jnp.full((3,), value), "w": None},
-            "frozen": {"w_lora_a": None, "w": jnp.full((4, 2), 7.0)},
-            "opt_state": (jnp.full((3,), value * 2),), "step": jnp.int32(value), "rng": jax.random.PRNGKey(0)}
+    return {
+        "params": {"w_lora_a": jnp.full((3,), value), "w": None},
+        "frozen": {"w_lora_a": None, "w": jnp.full((4, 2), 7.0)},
+        "opt_state": (jnp.full((3,), value * 2),),
+        "step": jnp.int32(value),
+        "rng": jax.random.PRNGKey(0),
+    }
 
 
 def test_keep_n_and_lora_only_round_trip(tmp_path):

@@ -31,10 +31,18 @@ def _matmul_weights(config) -> int:
     return total
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig.qwen3_0p6b(), ModelConfig.qwen3_8b(), ModelConfig.r1_distill_qwen_14b(),
-    ModelConfig.tiny(arch="qwen3_moe", vocab_size=64), ModelConfig.qwen3_30b_a3b(),
-    ModelConfig.qwen3_0p6b(lora_rank=8, lora_alpha=32.0)], ids=["0p6b", "8b", "14b", "moe", "30b_a3b", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig.qwen3_0p6b(),
+        ModelConfig.qwen3_8b(),
+        ModelConfig.r1_distill_qwen_14b(),
+        ModelConfig.tiny(arch="qwen3_moe", vocab_size=64),
+        ModelConfig.qwen3_30b_a3b(),
+        ModelConfig.qwen3_0p6b(lora_rank=8, lora_alpha=32.0),
+    ],
+    ids=["0p6b", "8b", "14b", "moe", "30b_a3b", "lora"],
+)
 def test_matmul_params_match_the_parameter_shapes(config):
     trainable, frozen = metrics.matmul_params_per_token(config, lora=config.lora_rank > 0)
     assert trainable + frozen == _matmul_weights(config)
@@ -80,8 +88,11 @@ def test_writer_and_accumulator(tmp_path):
     assert averaged == pytest.approx({"loss": 2.0, "learning_rate": 0.2})  # mean, and the last lr
     assert acc.compute() == {}
     lines = []
-    writer = metrics.MetricWriter(str(tmp_path), total_steps=10, stream=type("S", (), {
-        "write": lambda self, s: lines.append(s), "flush": lambda self: None})())
+    writer = metrics.MetricWriter(
+        str(tmp_path),
+        total_steps=10,
+        stream=type("S", (), {"write": lambda self, s: lines.append(s), "flush": lambda self: None})(),
+    )
     writer.write_scalars(2, {"loss": 2.0, "data/examples": 7.0})
     writer.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 2, "loss": 2.0, "data/examples": 7.0}

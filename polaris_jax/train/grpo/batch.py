@@ -11,7 +11,7 @@ raw first-round rollouts, before any shaping changes the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,13 +50,14 @@ def policy_metrics(rollouts: Rollouts, group_size: int, *, distinct: bool) -> di
     }
     if distinct:
         rows = min(len(lengths), _DISTINCT_GROUPS * group_size)
-        responses = [rollouts.response_br[i, :lengths[i]].tolist() for i in range(rows)]
+        responses = [rollouts.response_br[i, : lengths[i]].tolist() for i in range(rows)]
         out["distinct_4"] = rl.group_distinct_n(responses, group_size, 4)
     return out
 
 
-def build_step_batch(*, sample: Callable[[int, int], tuple[Rollouts, list, dict]], config, step: int, host,
-                     group_size: int) -> StepBatch:
+def build_step_batch(
+    *, sample: Callable[[int, int], tuple[Rollouts, list, dict]], config, step: int, host, group_size: int
+) -> StepBatch:
     """`sample(position, round)` rolls out `prompts_per_step` prompts from the stream position and
     returns (rollouts, problems, info); `host` holds the stream position and the rescue buffer."""
     shaping, prompts = config.shaping, config.rollout.prompts_per_step
@@ -77,8 +78,9 @@ def build_step_batch(*, sample: Callable[[int, int], tuple[Rollouts, list, dict]
 
     skip = False
     if shaping.dynamic_sampling:
-        acc = rl.DynamicSamplingAccumulator(prompts, group_size, rewards_key="rewards_b",
-                                            max_rounds=shaping.dynamic_sampling_max_rounds)
+        acc = rl.DynamicSamplingAccumulator(
+            prompts, group_size, rewards_key="rewards_b", max_rounds=shaping.dynamic_sampling_max_rounds
+        )
         acc.add(batch)
         round_index = 1
         while not acc.ready:
@@ -92,8 +94,9 @@ def build_step_batch(*, sample: Callable[[int, int], tuple[Rollouts, list, dict]
         batch, ds_info = acc.pop()
         info.update({k: float(v) for k, v in ds_info.items()})
     elif shaping.polaris_substitution:
-        batch, sub_info = rl.polaris_substitute(batch, group_size, rng, rewards_key="rewards_b",
-                                                min_informative_fraction=shaping.min_informative_fraction)
+        batch, sub_info = rl.polaris_substitute(
+            batch, group_size, rng, rewards_key="rewards_b", min_informative_fraction=shaping.min_informative_fraction
+        )
         skip = bool(sub_info["skip_step"])
         info["num_substituted_groups"] = float(sub_info["num_substituted_groups"])
         info["skipped_step"] = float(skip)
@@ -103,7 +106,10 @@ def build_step_batch(*, sample: Callable[[int, int], tuple[Rollouts, list, dict]
     mask_br = (np.arange(r)[None, :] < batch.response_len_b[:, None]).astype(np.float32)
     if shaping.overlong_filter:
         mask_br = rl.overlong_filter_mask(mask_br, batch.truncated_b)
-    advantages_b = np.asarray(rl.compute_advantages(jnp.asarray(batch.rewards_b, jnp.float32), group_size,
-                                                    config.algo.advantage, **config.algo.advantage_kwargs))
+    advantages_b = np.asarray(
+        rl.compute_advantages(
+            jnp.asarray(batch.rewards_b, jnp.float32), group_size, config.algo.advantage, **config.algo.advantage_kwargs
+        )
+    )
     info["frac_informative_groups"] = float(np.mean(rl.informative_groups(batch.rewards_b, group_size)))
     return StepBatch(batch, advantages_b, mask_br, ids, skip, info)

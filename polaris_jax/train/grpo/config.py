@@ -140,7 +140,8 @@ def stages(config) -> list[Stage]:
     s = config.schedule
     out, first = [], 0
     for i, (length, temperature, steps, dataset) in enumerate(
-            zip(s.max_response_len, s.temperature, s.steps, s.datasets)):
+        zip(s.max_response_len, s.temperature, s.steps, s.datasets)
+    ):
         out.append(Stage(i, first, int(steps), int(length), float(temperature), str(dataset)))
         first += int(steps)
     return out
@@ -201,8 +202,12 @@ def validate_config(config, *, check_files: bool = True) -> None:
     from polaris_jax.train import rl
 
     s = config.schedule
-    lists = {"max_response_len": s.max_response_len, "temperature": s.temperature, "steps": s.steps,
-             "datasets": s.datasets}
+    lists = {
+        "max_response_len": s.max_response_len,
+        "temperature": s.temperature,
+        "steps": s.steps,
+        "datasets": s.datasets,
+    }
     lengths = {k: len(v) for k, v in lists.items()}
     if len(set(lengths.values())) != 1:
         raise ConfigError(f"schedule lists must have one entry per stage, got lengths {lengths}")
@@ -217,8 +222,10 @@ def validate_config(config, *, check_files: bool = True) -> None:
         if not stage.temperature > 0:
             raise ConfigError(f"{where}: temperature={stage.temperature} must be > 0")
         if i and stage.max_response_len < s.max_response_len[i - 1]:
-            raise ConfigError(f"{where}: max_response_len {stage.max_response_len} is shorter than stage "
-                              f"{i - 1}'s {s.max_response_len[i - 1]}; Polaris stages only lengthen responses")
+            raise ConfigError(
+                f"{where}: max_response_len {stage.max_response_len} is shorter than stage "
+                f"{i - 1}'s {s.max_response_len[i - 1]}; Polaris stages only lengthen responses"
+            )
         if not stage.dataset:
             raise ConfigError(f"{where}: no dataset")
         if check_files and not _dataset_exists(stage.dataset):
@@ -227,13 +234,18 @@ def validate_config(config, *, check_files: bool = True) -> None:
         raise ConfigError(f"eval.dataset {config.eval.dataset!r} does not exist")
 
     a, r = config.algo, config.rollout
-    for table, name in ((rl.ADVANTAGES, a.advantage), (rl.POLICY_LOSSES, a.policy_loss),
-                        (rl.LOSS_AGGREGATIONS, a.loss_agg_mode), (rl.KL_ESTIMATORS, a.kl_type)):
+    for table, name in (
+        (rl.ADVANTAGES, a.advantage),
+        (rl.POLICY_LOSSES, a.policy_loss),
+        (rl.LOSS_AGGREGATIONS, a.loss_agg_mode),
+        (rl.KL_ESTIMATORS, a.kl_type),
+    ):
         if name not in table:
             raise ConfigError(f"unknown {table.kind} {name!r}; available: {', '.join(table.names())}")
     if r.prompts_per_step < 1 or r.samples_per_prompt < 1:
-        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} and samples_per_prompt="
-                          f"{r.samples_per_prompt} must be >= 1")
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} and samples_per_prompt={r.samples_per_prompt} must be >= 1"
+        )
     try:
         rl.ADVANTAGES.bind(a.advantage, a.advantage_kwargs)
     except ValueError as e:
@@ -244,24 +256,30 @@ def validate_config(config, *, check_files: bool = True) -> None:
     except ValueError as e:
         raise ConfigError(f"algo.policy_loss_kwargs: {e}") from None
     if r.samples_per_prompt < rl.min_group_size(a.advantage):
-        raise ConfigError(f"algo.advantage={a.advantage!r} needs rollout.samples_per_prompt >= "
-                          f"{rl.min_group_size(a.advantage)}, got {r.samples_per_prompt}")
+        raise ConfigError(
+            f"algo.advantage={a.advantage!r} needs rollout.samples_per_prompt >= "
+            f"{rl.min_group_size(a.advantage)}, got {r.samples_per_prompt}"
+        )
     rows = r.prompts_per_step * r.samples_per_prompt
     if a.minibatches < 1 or rows % a.minibatches:
         raise ConfigError(f"{rows} responses per step do not split into algo.minibatches={a.minibatches}")
     if a.microbatches < 1 or (rows // a.minibatches) % a.microbatches:
-        raise ConfigError(f"a minibatch of {rows // a.minibatches} rows does not split into "
-                          f"algo.microbatches={a.microbatches}")
+        raise ConfigError(
+            f"a minibatch of {rows // a.minibatches} rows does not split into algo.microbatches={a.microbatches}"
+        )
     if a.microbatches > 1 and rl.micro_weight(a.loss_agg_mode) is None:
-        raise ConfigError(f"algo.loss_agg_mode={a.loss_agg_mode!r} declares no microbatch weighting, so "
-                          f"algo.microbatches={a.microbatches} must be 1")
+        raise ConfigError(
+            f"algo.loss_agg_mode={a.loss_agg_mode!r} declares no microbatch weighting, so "
+            f"algo.microbatches={a.microbatches} must be 1"
+        )
     if a.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")
     if a.kl_coef and not a.use_reference:
         raise ConfigError(f"algo.kl_coef={a.kl_coef} needs algo.use_reference=True")
     if r.chunks < 1 or r.prompts_per_step % r.chunks:
-        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not split into "
-                          f"rollout.chunks={r.chunks}")
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} does not split into rollout.chunks={r.chunks}"
+        )
     if config.shaping.dynamic_sampling and config.shaping.polaris_substitution:
         raise ConfigError("choose one of shaping.dynamic_sampling (DAPO) and shaping.polaris_substitution")
     try:
@@ -269,7 +287,8 @@ def validate_config(config, *, check_files: bool = True) -> None:
     except (KeyError, ValueError) as e:
         raise ConfigError(f"rewards: {e}") from None
     if config.verifier.think_policy not in THINK_POLICY_CHOICES:
-        raise ConfigError(f"verifier.think_policy={config.verifier.think_policy!r} is not one of "
-                          f"{THINK_POLICY_CHOICES}")
+        raise ConfigError(
+            f"verifier.think_policy={config.verifier.think_policy!r} is not one of {THINK_POLICY_CHOICES}"
+        )
     if config.data.max_prompt_len < 1:
         raise ConfigError(f"data.max_prompt_len={config.data.max_prompt_len} must be >= 1")

@@ -14,14 +14,33 @@ from polaris_jax.rewards.estimators import avg_at_n, mean_pass_at_k
 from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify
 
 
-def evaluate(model_config, params, problems, *, tokenizer, pool, samples_per_problem: int, temperature: float,
-             max_response_len: int, seed: int, mesh=None, rules=None, top_p: float = 1.0,
-             chunks: int = 1) -> dict:
-    settings = RolloutSettings(max_response_len=max_response_len, temperature=temperature,
-                               samples_per_prompt=samples_per_problem, prompt_width=prompt_width(problems),
-                               top_p=top_p, chunks=chunks)
-    verified = sample_and_verify(model_config, params, problems, settings, tokenizer=tokenizer, pool=pool,
-                                 seed=seed, mesh=mesh, rules=rules)
+def evaluate(
+    model_config,
+    params,
+    problems,
+    *,
+    tokenizer,
+    pool,
+    samples_per_problem: int,
+    temperature: float,
+    max_response_len: int,
+    seed: int,
+    mesh=None,
+    rules=None,
+    top_p: float = 1.0,
+    chunks: int = 1,
+) -> dict:
+    settings = RolloutSettings(
+        max_response_len=max_response_len,
+        temperature=temperature,
+        samples_per_prompt=samples_per_problem,
+        prompt_width=prompt_width(problems),
+        top_p=top_p,
+        chunks=chunks,
+    )
+    verified = sample_and_verify(
+        model_config, params, problems, settings, tokenizer=tokenizer, pool=pool, seed=seed, mesh=mesh, rules=rules
+    )
     rollouts = verified.rollouts
     correct_gn = rollouts.correct_b.reshape(len(problems), samples_per_problem)
     return {

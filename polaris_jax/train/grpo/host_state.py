@@ -19,13 +19,17 @@ class PersistentRescueBuffer(RolloutRescueBuffer):
     """A rollout-rescue buffer that can be written to and read from JSON."""
 
     def to_json(self) -> list:
-        return [[prompt_id, {k: [v.dtype.str, v.tolist()] for k, v in row.items()}]
-                for prompt_id, row in self._store.items()]
+        return [
+            [prompt_id, {k: [v.dtype.str, v.tolist()] for k, v in row.items()}]
+            for prompt_id, row in self._store.items()
+        ]
 
     def load_json(self, entries: list) -> None:
         self._store.clear()
         for prompt_id, row in entries:
-            self._store[prompt_id] = {k: np.asarray(values, dtype=np.dtype(dtype)) for k, (dtype, values) in row.items()}
+            self._store[prompt_id] = {
+                k: np.asarray(values, dtype=np.dtype(dtype)) for k, (dtype, values) in row.items()
+            }
 
 
 class HostState:
@@ -38,11 +42,14 @@ class HostState:
         self._frozen: bytes | None = None
 
     def to_bytes(self) -> bytes:
-        payload = {"stage": self.stage, "position": self.position,
-                   "rescue": None if self.rescue is None else self.rescue.to_json()}
+        payload = {
+            "stage": self.stage,
+            "position": self.position,
+            "rescue": None if self.rescue is None else self.rescue.to_json(),
+        }
         return json.dumps(payload).encode()
 
-    def snapshot(self) -> "HostState":
+    def snapshot(self) -> HostState:
         copy = HostState()
         copy._frozen = self.to_bytes()
         return copy

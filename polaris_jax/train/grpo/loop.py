@@ -8,7 +8,8 @@ checkpoint, held-out evaluation every k steps. The stage schedule changes the re
 temperature and dataset at stage boundaries (one compile per stage).
 
 Workdir: config.json, checkpoints/<step>/ (orbax: train state + host state), metrics.jsonl and
-TensorBoard events, evals.jsonl, export/hf/ (and curves.png when `polaris_jax.main` runs it with config.plots). Rerunning the same command resumes
+TensorBoard events, evals.jsonl, export/hf/ (and curves.png when `polaris_jax.main` runs it with
+config.plots). Rerunning the same command resumes
 exactly from the latest checkpoint. A non-finite loss stops the run with the step, update and
 prompts named, the offending batch saved, and the last good checkpoint untouched.
 """
@@ -23,25 +24,24 @@ import time
 import jax
 import numpy as np
 
+from polaris_jax.data import problems as grpo_data
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
+from polaris_jax.models.sharding import mesh_from_config, sharding_rules
 from polaris_jax.rewards import ExtractionConfig, VerifierPool
 from polaris_jax.rewards.extraction import resolve_think_policy
+from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
 from polaris_jax.train import checkpoint as checkpoint_lib
+from polaris_jax.train import metrics as metrics_lib
+from polaris_jax.train import partitioning, setup
+from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo import batch as grpo_batch
-from polaris_jax.data import problems as grpo_data
 from polaris_jax.train.grpo import evaluate as grpo_eval
 from polaris_jax.train.grpo import step as grpo_step
-from polaris_jax.train import metrics as metrics_lib
-from polaris_jax.train import partitioning
-from polaris_jax.train import setup
-from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
-from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
 from polaris_jax.train.optimizer import make_optimizer
-from polaris_jax.models.sharding import mesh_from_config, sharding_rules
 
 logger = logging.getLogger(__name__)
 
@@ -73,27 +73,50 @@ class Run:
         updates_per_step = config.algo.num_iterations * config.algo.minibatches
         o = config.optimizer
         self.optimizer, self.schedule = make_optimizer(
-            peak_lr=o.peak_lr, total_steps=total_steps(config) * updates_per_step, warmup_ratio=o.warmup_ratio,
-            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-            grad_clip_norm=o.grad_clip_norm or None)
+            peak_lr=o.peak_lr,
+            total_steps=total_steps(config) * updates_per_step,
+            warmup_ratio=o.warmup_ratio,
+            min_lr_ratio=o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            grad_clip_norm=o.grad_clip_norm or None,
+        )
         self.shardings = partitioning.state_shardings(self.model_config, self.optimizer, mask, self.mesh, self.rules)
         # The reference is a real copy: the policy's buffers are donated to every update.
-        self.ref_params = (jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
-                           if config.algo.use_reference else None)
+        self.ref_params = (
+            jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params) if config.algo.use_reference else None
+        )
         self.state = partitioning.init_sharded_state(params, self.optimizer, state_rng, mask, self.shardings)
         del params
-        rescue = (PersistentRescueBuffer(config.rollout.samples_per_prompt, rewards_key="correct_b",
-                                         max_prompts=config.shaping.rescue_max_prompts)
-                  if config.shaping.rollout_rescue else None)
+        rescue = (
+            PersistentRescueBuffer(
+                config.rollout.samples_per_prompt,
+                rewards_key="correct_b",
+                max_prompts=config.shaping.rescue_max_prompts,
+            )
+            if config.shaping.rollout_rescue
+            else None
+        )
         self.host = HostState(rescue)
         c = config.checkpoint
-        self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep,
-                                                async_save=c.async_save, lora_only=c.lora_only)
+        self.ckpt = checkpoint_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            every=c.every,
+            keep=c.keep,
+            async_save=c.async_save,
+            lora_only=c.lora_only,
+        )
         # One think policy for rewards and evaluation, resolved from the prompt the template renders.
-        self.think_policy = resolve_think_policy(config.verifier.think_policy,
-                                                 grpo_data.prompt_text("1+1", self.tokenizer, config.data))
-        self.pool = VerifierPool(num_workers=config.reward_workers or None, timeout_s=config.reward_timeout_s,
-                                 extraction=ExtractionConfig(think=self.think_policy))
+        self.think_policy = resolve_think_policy(
+            config.verifier.think_policy, grpo_data.prompt_text("1+1", self.tokenizer, config.data)
+        )
+        self.pool = VerifierPool(
+            num_workers=config.reward_workers or None,
+            timeout_s=config.reward_timeout_s,
+            extraction=ExtractionConfig(think=self.think_policy),
+        )
         self._streams: dict[int, grpo_data.ProblemStream] = {}
         self._updates: dict[int, tuple] = {}
 
@@ -101,15 +124,23 @@ class Run:
         if stage.index not in self._streams:
             problems = grpo_data.load_problems(stage.dataset, self.tokenizer, self.config.data)
             self._streams[stage.index] = grpo_data.ProblemStream(
-                problems, seed=self.config.seed, stage=stage.index, shuffle=self.config.data.shuffle)
+                problems, seed=self.config.seed, stage=stage.index, shuffle=self.config.data.shuffle
+            )
         return self._streams[stage.index]
 
     def update_fn(self, stage):
         if stage.index not in self._updates:
             rows = self.config.rollout.prompts_per_step * self.config.rollout.samples_per_prompt
-            fn = grpo_step.make_grpo_update(self.model_config, self.optimizer, self.schedule,
-                                            grpo_step.update_settings(self.config, stage), mesh=self.mesh,
-                                            state_shardings=self.shardings, rules=self.rules, rows=rows)
+            fn = grpo_step.make_grpo_update(
+                self.model_config,
+                self.optimizer,
+                self.schedule,
+                grpo_step.update_settings(self.config, stage),
+                mesh=self.mesh,
+                state_shardings=self.shardings,
+                rules=self.rules,
+                rows=rows,
+            )
             self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows))
         return self._updates[stage.index]
 
@@ -124,29 +155,52 @@ class Run:
 def _sampler(run: Run, stage, step: int):
     r = run.config.rollout
     stream = run.stream(stage)
-    settings = RolloutSettings(max_response_len=stage.max_response_len, temperature=stage.temperature,
-                               samples_per_prompt=r.samples_per_prompt,
-                               prompt_width=prompt_width(stream.problems), top_p=r.top_p, top_k=r.top_k,
-                               chunks=r.chunks)
+    settings = RolloutSettings(
+        max_response_len=stage.max_response_len,
+        temperature=stage.temperature,
+        samples_per_prompt=r.samples_per_prompt,
+        prompt_width=prompt_width(stream.problems),
+        top_p=r.top_p,
+        top_k=r.top_k,
+        chunks=r.chunks,
+    )
 
     def sample(position: int, round_index: int):
         problems = stream.take(position, r.prompts_per_step)
-        verified = sample_and_verify(run.model_config, run.params(), problems, settings, tokenizer=run.tokenizer,
-                                     pool=run.pool, reward_spec=run.config.rewards,
-                                     seed=rollout_seed(run.config.seed, step, round_index), mesh=run.mesh,
-                                     rules=run.rules)
+        verified = sample_and_verify(
+            run.model_config,
+            run.params(),
+            problems,
+            settings,
+            tokenizer=run.tokenizer,
+            pool=run.pool,
+            reward_spec=run.config.rewards,
+            seed=rollout_seed(run.config.seed, step, round_index),
+            mesh=run.mesh,
+            rules=run.rules,
+        )
         return verified.rollouts, problems, verified.info
+
     return sample
 
 
 def _evaluate(run: Run, problems, step: int) -> dict:
     e = run.config.eval
     temperature = e.temperature if e.temperature >= 0 else run.stages[0].temperature
-    result = grpo_eval.evaluate(run.model_config, run.params(), problems, tokenizer=run.tokenizer, pool=run.pool,
-                                samples_per_problem=e.samples_per_problem, temperature=temperature,
-                                max_response_len=e.max_response_len or run.stages[-1].max_response_len,
-                                seed=rollout_seed(run.config.seed, 99991), mesh=run.mesh, rules=run.rules,
-                                top_p=run.config.rollout.top_p)
+    result = grpo_eval.evaluate(
+        run.model_config,
+        run.params(),
+        problems,
+        tokenizer=run.tokenizer,
+        pool=run.pool,
+        samples_per_problem=e.samples_per_problem,
+        temperature=temperature,
+        max_response_len=e.max_response_len or run.stages[-1].max_response_len,
+        seed=rollout_seed(run.config.seed, 99991),
+        mesh=run.mesh,
+        rules=run.rules,
+        top_p=run.config.rollout.top_p,
+    )
     result["step"] = step
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "evals.jsonl"), "a") as f:
@@ -165,7 +219,8 @@ def _stop_on_nonfinite(run: Run, step: int, step_batch, update_batch: dict, metr
         f"non-finite loss or gradient at step {step}, update {first} (iteration {first // minibatches}, "
         f"minibatch {first % minibatches}) of {int(metrics['nonfinite_updates'])} bad updates; prompts "
         f"{step_batch.problem_ids[:8]}{'...' if len(step_batch.problem_ids) > 8 else ''}; batch saved to {path}; "
-        f"the last good checkpoint is step {run.ckpt.latest_step()} in {run.ckpt.directory}")
+        f"the last good checkpoint is step {run.ckpt.latest_step()} in {run.ckpt.directory}"
+    )
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -175,8 +230,13 @@ def train_step(run: Run, step: int) -> dict:
     if run.host.stage != stage.index:
         run.host.stage, run.host.position = stage.index, 0
     started = time.perf_counter()
-    step_batch = grpo_batch.build_step_batch(sample=_sampler(run, stage, step), config=config, step=step,
-                                             host=run.host, group_size=config.rollout.samples_per_prompt)
+    step_batch = grpo_batch.build_step_batch(
+        sample=_sampler(run, stage, step),
+        config=config,
+        step=step,
+        host=run.host,
+        group_size=config.rollout.samples_per_prompt,
+    )
     metrics = dict(step_batch.info)
     metrics.update(stage=float(stage.index), temperature=stage.temperature)
     time_update = 0.0
@@ -185,8 +245,9 @@ def train_step(run: Run, step: int) -> dict:
         host_batch = grpo_step.update_batch(step_batch.rollouts, step_batch.advantages_b, step_batch.mask_br)
         device_batch = grpo_step.put_update_batch(host_batch, batch_shardings)
         t0 = time.perf_counter()
-        run.state, update_metrics = update_fn(run.state, device_batch, jax.random.fold_in(run.state["rng"], step),
-                                              run.ref_params)
+        run.state, update_metrics = update_fn(
+            run.state, device_batch, jax.random.fold_in(run.state["rng"], step), run.ref_params
+        )
         update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
         time_update = time.perf_counter() - t0
         if update_metrics["nonfinite_updates"] > 0:
@@ -235,7 +296,7 @@ def _train(run_: Run, started: float) -> dict:
     eval_problems = []
     if config.eval.dataset:
         eval_problems = grpo_data.load_problems(config.eval.dataset, run_.tokenizer, config.data)
-        eval_problems = eval_problems[:config.eval.num_problems or None]
+        eval_problems = eval_problems[: config.eval.num_problems or None]
     final: dict = {}
     if eval_problems and start_step == 0:
         final["accuracy_before"] = _evaluate(run_, eval_problems, 0)["pass@1"]
@@ -267,8 +328,8 @@ def _train(run_: Run, started: float) -> dict:
     writer.close()
     run_.ckpt.maybe_save(steps, run_.state, run_.host.snapshot(), last=True)
     if config.export.hf:
-        final["export_dir"] = checkpoint_lib.export_hf(run_.model_config, run_.params(),
-                                                       os.path.join(workdir, "export", "hf"),
-                                                       tokenizer_dir=run_.tokenizer_dir)
+        final["export_dir"] = checkpoint_lib.export_hf(
+            run_.model_config, run_.params(), os.path.join(workdir, "export", "hf"), tokenizer_dir=run_.tokenizer_dir
+        )
     final.update(step=steps, total_time_s=time.perf_counter() - started)
     return final

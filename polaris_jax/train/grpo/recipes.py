@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import ml_collections
 
-
 POLARIS_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
-def polaris_recipe(c: ml_collections.ConfigDict, *, model_dir: str, dataset: str, eval_dataset: str,
-                   response_lens: tuple[int, ...], temperatures: tuple[float, ...],
-                   steps: tuple[int, ...] = (400, 200, 100)) -> ml_collections.ConfigDict:
+def polaris_recipe(
+    c: ml_collections.ConfigDict,
+    *,
+    model_dir: str,
+    dataset: str,
+    eval_dataset: str,
+    response_lens: tuple[int, ...],
+    temperatures: tuple[float, ...],
+    steps: tuple[int, ...] = (400, 200, 100),
+) -> ml_collections.ConfigDict:
     """The Polaris recipe (An et al. 2025) in place, shared by configs/polaris_*.py, which pick the model
     and its stage schedule: lr 1e-6 constant, 128 prompts x 8 samples, PPO-clip 0.2 / 0.28 (DAPO
     clip-higher), token-mean loss, no KL, no entropy bonus, top_p 1.0, in-batch substitution of
@@ -74,8 +80,9 @@ def make_tiny(c: ml_collections.ConfigDict, stage_lengths=(32, 40, 48)) -> ml_co
     groups then differ in reward and every update path (substitution included) really runs."""
     c.model.init_from = ""
     c.model.preset = "tiny"
-    c.model.overrides = ml_collections.ConfigDict(dict(vocab_size=0, hidden_size=64, num_layers=2,
-                                                       intermediate_size=128))
+    c.model.overrides = ml_collections.ConfigDict(
+        dict(vocab_size=0, hidden_size=64, num_layers=2, intermediate_size=128)
+    )
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"
     if c.lora.rank:
@@ -87,8 +94,9 @@ def make_tiny(c: ml_collections.ConfigDict, stage_lengths=(32, 40, 48)) -> ml_co
     c.schedule.max_response_len = tuple(stage_lengths[:stages_n])
     c.schedule.steps = (2,) * stages_n
     c.schedule.datasets = ("synthetic_arith:train:256",) * stages_n
-    c.rewards.soft_overlong = ml_collections.ConfigDict(dict(weight=1.0, max_tokens=min(stage_lengths[:stages_n]),
-                                                             cache_tokens=16))
+    c.rewards.soft_overlong = ml_collections.ConfigDict(
+        dict(weight=1.0, max_tokens=min(stage_lengths[:stages_n]), cache_tokens=16)
+    )
     c.rollout.prompts_per_step = 4
     c.rollout.samples_per_prompt = min(c.rollout.samples_per_prompt, 4)
     c.rollout.chunks = 2

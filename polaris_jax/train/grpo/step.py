@@ -90,8 +90,10 @@ class UpdateSettings:
             object.__setattr__(self, "policy_loss_kwargs", tuple(sorted(self.policy_loss_kwargs.items())))
         rl.POLICY_LOSSES.bind(self.policy_loss, dict(self.policy_loss_kwargs))
         if self.microbatches > 1 and rl.micro_weight(self.loss_agg_mode) is None:
-            raise ValueError(f"microbatches > 1 needs a microbatch weighting, and loss_agg_mode="
-                             f"{self.loss_agg_mode!r} registers none")
+            raise ValueError(
+                f"microbatches > 1 needs a microbatch weighting, and loss_agg_mode="
+                f"{self.loss_agg_mode!r} registers none"
+            )
         if self.kl_coef and not self.use_reference:
             raise ValueError(f"kl_coef={self.kl_coef} needs use_reference=True")
 
@@ -100,24 +102,46 @@ def update_settings(config, stage) -> UpdateSettings:
     """The update's settings for one stage (a `config.Stage`) of a validated GRPO config."""
     a = config.algo
     return UpdateSettings(
-        max_response_len=stage.max_response_len, temperature=stage.temperature, policy_loss=a.policy_loss,
-        policy_loss_kwargs=policy_loss_kwargs(config), loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef,
-        kl_type=a.kl_type, use_reference=a.use_reference, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap or None,
-        num_iterations=a.num_iterations, minibatches=a.minibatches, microbatches=a.microbatches,
-        chunk_size=config.train.loss_chunk_size)
+        max_response_len=stage.max_response_len,
+        temperature=stage.temperature,
+        policy_loss=a.policy_loss,
+        policy_loss_kwargs=policy_loss_kwargs(config),
+        loss_agg_mode=a.loss_agg_mode,
+        kl_coef=a.kl_coef,
+        kl_type=a.kl_type,
+        use_reference=a.use_reference,
+        entropy_coef=a.entropy_coef,
+        tis_cap=a.tis_cap or None,
+        num_iterations=a.num_iterations,
+        minibatches=a.minibatches,
+        microbatches=a.microbatches,
+        chunk_size=config.train.loss_chunk_size,
+    )
 
 
 def response_stats(model_config, params, batch: UpdateBatch, settings: UpdateSettings) -> dict:
     """{logprobs, entropy} [B, R] of the response tokens at the sampling temperature."""
     r = batch.response_br.shape[1]
     p = batch.tokens_bt.shape[1] - r
-    hidden_btd, _ = forward(model_config, params, batch.tokens_bt, batch.positions_bt,
-                            segment_ids_bt=batch.segment_ids_bt, return_hidden=True)
+    hidden_btd, _ = forward(
+        model_config,
+        params,
+        batch.tokens_bt,
+        batch.positions_bt,
+        segment_ids_bt=batch.segment_ids_bt,
+        return_hidden=True,
+    )
     # The token at position t is predicted from position t - 1: response token j from slot p - 1 + j.
-    hidden_brd = hidden_btd[:, p - 1:p - 1 + r]
-    return losses.hidden_token_stats(model_config, params, hidden_brd, batch.response_br,
-                                     chunk_size=settings.chunk_size, temperature=settings.temperature,
-                                     with_entropy=True)
+    hidden_brd = hidden_btd[:, p - 1 : p - 1 + r]
+    return losses.hidden_token_stats(
+        model_config,
+        params,
+        hidden_brd,
+        batch.response_br,
+        chunk_size=settings.chunk_size,
+        temperature=settings.temperature,
+        with_entropy=True,
+    )
 
 
 def _no_grad_logprobs(model_config, params, batch: UpdateBatch, settings):
@@ -135,10 +159,19 @@ def _rl_loss(logprobs_br, rows, mask_br, entropy_br, settings: UpdateSettings):
         kwargs.update(ref_logprobs_bt=ref_logprobs_br, kl_coef=settings.kl_coef, kl_type=settings.kl_type)
     if settings.tis_cap is not None:
         kwargs.update(sampler_logprobs_bt=batch.sampler_logprobs_br, tis_cap=settings.tis_cap)
-    return rl.rl_loss(logprobs_br, old_logprobs_br, batch.advantages_b, mask_br, policy_loss=settings.policy_loss,
-                      policy_loss_kwargs=dict(settings.policy_loss_kwargs), loss_agg_mode=settings.loss_agg_mode,
-                      max_response_len=settings.max_response_len, entropy_bt=entropy_br,
-                      entropy_coef=settings.entropy_coef, **kwargs)
+    return rl.rl_loss(
+        logprobs_br,
+        old_logprobs_br,
+        batch.advantages_b,
+        mask_br,
+        policy_loss=settings.policy_loss,
+        policy_loss_kwargs=dict(settings.policy_loss_kwargs),
+        loss_agg_mode=settings.loss_agg_mode,
+        max_response_len=settings.max_response_len,
+        entropy_bt=entropy_br,
+        entropy_coef=settings.entropy_coef,
+        **kwargs,
+    )
 
 
 def minibatch_loss(model_config, trainable, frozen, rows, settings: UpdateSettings, total_mask_br):
@@ -162,7 +195,10 @@ def _minibatch_grads(model_config, trainable, frozen, rows, settings: UpdateSett
     total_mask_br = rows[0].mask_br.astype(jnp.float32)
     return accumulate_gradients(
         lambda t, m: minibatch_loss(model_config, t, frozen, m, settings, total_mask_br),
-        trainable, rows, settings.microbatches)
+        trainable,
+        rows,
+        settings.microbatches,
+    )
 
 
 def _finite(tree) -> jax.Array:
@@ -171,11 +207,13 @@ def _finite(tree) -> jax.Array:
 
 def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
     """The un-jitted update; `make_grpo_update` wraps it with shardings and donation."""
+
     def update(state, batch: UpdateBatch, rng, ref_params):
         del rng  # the update is deterministic; the argument keeps the SFT/GRPO step signature
         old_logprobs_br = _no_grad_logprobs(model_config, state_lib.full_params(state), batch, settings)
-        ref_logprobs_br = (_no_grad_logprobs(model_config, ref_params, batch, settings)
-                           if settings.use_reference else None)
+        ref_logprobs_br = (
+            _no_grad_logprobs(model_config, ref_params, batch, settings) if settings.use_reference else None
+        )
         minis = split_microbatches((batch, old_logprobs_br, ref_logprobs_br), settings.minibatches)
 
         def one_update(state, index):
@@ -185,11 +223,19 @@ def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
             params = optax.apply_updates(state["params"], updates)
             ok = jnp.isfinite(loss) & _finite(grads)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            new_state = {**state, "params": keep(params, state["params"]),
-                         "opt_state": keep(opt_state, state["opt_state"]),
-                         "step": state["step"] + ok.astype(state["step"].dtype)}
-            metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-                       "learning_rate": schedule(state["step"]), "nonfinite": 1.0 - ok.astype(jnp.float32)}
+            new_state = {
+                **state,
+                "params": keep(params, state["params"]),
+                "opt_state": keep(opt_state, state["opt_state"]),
+                "step": state["step"] + ok.astype(state["step"].dtype),
+            }
+            metrics = {
+                **metrics,
+                "loss": loss,
+                "grad_norm": optax.global_norm(grads),
+                "learning_rate": schedule(state["step"]),
+                "nonfinite": 1.0 - ok.astype(jnp.float32),
+            }
             return new_state, metrics
 
         updates = settings.num_iterations * settings.minibatches
@@ -209,24 +255,42 @@ def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
 
 def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None) -> UpdateBatch:
     """The sharding of every `UpdateBatch` field: rows split over the mesh's batch axes."""
+
     def sharding(name: str):
         ndim = 1 if name.endswith("_b") else 2
         axes = ("batch",) + ("length",) * (ndim - 1)
         shape = None if rows is None else (rows,) + (1,) * (ndim - 1)
         return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
+
     return UpdateBatch(**{f.name: sharding(f.name) for f in dataclasses.fields(UpdateBatch)})
 
 
-def make_grpo_update(model_config, optimizer, schedule, settings: UpdateSettings, *, mesh: Mesh,
-                     state_shardings: dict, rules=DEFAULT_RULES, rows: int | None = None, compiler_options=None):
+def make_grpo_update(
+    model_config,
+    optimizer,
+    schedule,
+    settings: UpdateSettings,
+    *,
+    mesh: Mesh,
+    state_shardings: dict,
+    rules=DEFAULT_RULES,
+    rows: int | None = None,
+    compiler_options=None,
+):
     """Jitted `update(state, batch, rng, ref_params) -> (state, metrics)`; the state is donated.
     `ref_params` is None unless `settings.use_reference`."""
     fn = grpo_update_fn(model_config, optimizer, schedule, settings)
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
     in_shardings = (state_shardings, batch_shardings(mesh, rules, rows), replicated, ref_shardings)
-    return losses.jit_step(fn, mesh=mesh, rules=rules, in_shardings=in_shardings,
-                           out_shardings=(state_shardings, replicated), compiler_options=compiler_options)
+    return losses.jit_step(
+        fn,
+        mesh=mesh,
+        rules=rules,
+        in_shardings=in_shardings,
+        out_shardings=(state_shardings, replicated),
+        compiler_options=compiler_options,
+    )
 
 
 def update_batch(rollouts, advantages_b: np.ndarray, mask_br: np.ndarray) -> UpdateBatch:
@@ -253,5 +317,4 @@ def put_update_batch(batch: UpdateBatch, shardings: UpdateBatch) -> UpdateBatch:
     """The whole update batch (every process holds all of it: rollouts are gathered) in its shards."""
     if jax.process_count() == 1:
         return jax.tree.map(jax.device_put, batch, shardings)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
-                        batch, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), batch, shardings)

@@ -21,13 +21,10 @@ from polaris_jax.train.rl.registry import ADVANTAGES, get_advantage, min_group_s
 
 def _check_groups(rewards_gn, name: str):
     if rewards_gn.ndim != 2:
-        raise ValueError(
-            f"{name}: rewards must be [num_groups, group_size], got shape {rewards_gn.shape}"
-        )
+        raise ValueError(f"{name}: rewards must be [num_groups, group_size], got shape {rewards_gn.shape}")
     if rewards_gn.shape[1] < min_group_size(name):
         raise ValueError(
-            f"{name}: needs at least {min_group_size(name)} samples per group, "
-            f"got group_size={rewards_gn.shape[1]}"
+            f"{name}: needs at least {min_group_size(name)} samples per group, got group_size={rewards_gn.shape[1]}"
         )
     return jnp.asarray(rewards_gn, jnp.float32)
 
@@ -76,9 +73,7 @@ def compute_advantages(rewards_b, group_size: int, estimator: str = "grpo", **es
     if rewards_b.ndim != 1:
         raise ValueError(f"rewards must be flat [batch], got shape {rewards_b.shape}")
     if group_size < 1 or rewards_b.shape[0] % group_size:
-        raise ValueError(
-            f"batch of {rewards_b.shape[0]} rewards does not split into groups of {group_size}"
-        )
+        raise ValueError(f"batch of {rewards_b.shape[0]} rewards does not split into groups of {group_size}")
     kwargs = ADVANTAGES.bind(estimator, estimator_kwargs)
     rewards_gn = rewards_b.reshape(-1, group_size)
     return get_advantage(estimator)(rewards_gn, **kwargs).reshape(-1)

@@ -22,9 +22,7 @@ from polaris_jax.train.rl.registry import get_loss_aggregation, register_loss_ag
 
 def _check(loss_bt, mask_bt):
     if loss_bt.ndim != 2 or loss_bt.shape != mask_bt.shape:
-        raise ValueError(
-            f"loss and mask must both be [batch, time]; got {loss_bt.shape} and {mask_bt.shape}"
-        )
+        raise ValueError(f"loss and mask must both be [batch, time]; got {loss_bt.shape} and {mask_bt.shape}")
     return loss_bt, mask_bt.astype(loss_bt.dtype)
 
 

@@ -9,7 +9,8 @@ modified in place.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,9 +45,7 @@ def group_rewards(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
     if rewards_b.ndim != 1:
         raise ValueError(f"rewards must be flat [batch], got shape {rewards_b.shape}")
     if group_size < 1 or rewards_b.shape[0] % group_size:
-        raise ValueError(
-            f"{rewards_b.shape[0]} rewards do not split into groups of {group_size}"
-        )
+        raise ValueError(f"{rewards_b.shape[0]} rewards do not split into groups of {group_size}")
     return rewards_b.reshape(-1, group_size)
 
 
@@ -116,9 +115,7 @@ class DynamicSamplingAccumulator:
         atol: float = 1e-6,
     ):
         if target_groups < 1 or group_size < 1:
-            raise ValueError(
-                f"target_groups and group_size must be >= 1, got {target_groups}, {group_size}"
-            )
+            raise ValueError(f"target_groups and group_size must be >= 1, got {target_groups}, {group_size}")
         self.target_groups = target_groups
         self.group_size = group_size
         self.rewards_key = rewards_key
@@ -155,9 +152,7 @@ class DynamicSamplingAccumulator:
     def pop(self) -> tuple[Batch, dict]:
         """Exactly `target_groups` groups plus stats; resets the accumulator."""
         if not self.ready:
-            raise RuntimeError(
-                f"dynamic sampling: only {self._num_kept}/{self.target_groups} groups so far"
-            )
+            raise RuntimeError(f"dynamic sampling: only {self._num_kept}/{self.target_groups} groups so far")
         rows = self.target_groups * self.group_size
         batch = jax.tree.map(lambda v: v[:rows], concat_batches(self._kept))
         stats = {
@@ -213,7 +208,5 @@ def overlong_filter_mask(mask_bt: np.ndarray, truncated_b: np.ndarray) -> np.nda
     mask_bt = np.asarray(mask_bt)
     truncated_b = np.asarray(truncated_b, dtype=bool)
     if truncated_b.shape != mask_bt.shape[:1]:
-        raise ValueError(
-            f"truncated flags {truncated_b.shape} do not match mask rows {mask_bt.shape}"
-        )
+        raise ValueError(f"truncated flags {truncated_b.shape} do not match mask rows {mask_bt.shape}")
     return np.where(truncated_b[:, None], np.zeros_like(mask_bt), mask_bt)

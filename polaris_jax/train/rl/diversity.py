@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -54,9 +54,7 @@ def group_distinct_n(responses: Sequence[TokenList], group_size: int, n: int = 4
         raise ValueError(f"{len(responses)} responses do not split into groups of {group_size}")
     if not responses:
         raise ValueError("no responses")
-    scores = [
-        distinct_n(responses[i : i + group_size], n) for i in range(0, len(responses), group_size)
-    ]
+    scores = [distinct_n(responses[i : i + group_size], n) for i in range(0, len(responses), group_size)]
     return float(np.mean(scores))
 
 
@@ -98,8 +96,7 @@ def choose_temperature(
                 )
     return stable[-1].temperature, (
         f"highest temperature with accuracy within {accuracy_tolerance} of the best "
-        f"({best_accuracy:.4f})"
-        + ("" if diversity_target is None else f"; none reached diversity {diversity_target}")
+        f"({best_accuracy:.4f})" + ("" if diversity_target is None else f"; none reached diversity {diversity_target}")
     )
 
 
@@ -121,8 +118,7 @@ def search_temperature(
         responses, correct = sample_fn(float(temperature))
         if len(responses) != len(correct):
             raise ValueError(
-                f"sample_fn({temperature}) gave {len(responses)} responses "
-                f"but {len(correct)} correctness flags"
+                f"sample_fn({temperature}) gave {len(responses)} responses but {len(correct)} correctness flags"
             )
         scans.append(
             TemperatureScan(
@@ -132,7 +128,5 @@ def search_temperature(
                 num_responses=len(responses),
             )
         )
-    chosen, rule = choose_temperature(
-        scans, accuracy_tolerance=accuracy_tolerance, diversity_target=diversity_target
-    )
+    chosen, rule = choose_temperature(scans, accuracy_tolerance=accuracy_tolerance, diversity_target=diversity_target)
     return TemperatureSearchResult(chosen_temperature=chosen, scans=tuple(scans), rule=rule)

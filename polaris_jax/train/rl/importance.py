@@ -20,8 +20,7 @@ def tis_weights(old_logprobs_bt, sampler_logprobs_bt, mask_bt, cap: float):
     """Per-token weights min(exp(old - sampler), cap), 1 on masked tokens, no gradient."""
     if old_logprobs_bt.shape != sampler_logprobs_bt.shape:
         raise ValueError(
-            f"sampler_logprobs shape {sampler_logprobs_bt.shape} != "
-            f"old_logprobs shape {old_logprobs_bt.shape}"
+            f"sampler_logprobs shape {sampler_logprobs_bt.shape} != old_logprobs shape {old_logprobs_bt.shape}"
         )
     if isinstance(cap, (int, float)) and cap <= 0:
         raise ValueError(f"TIS cap must be positive, got {cap}")

@@ -20,12 +20,8 @@ from polaris_jax.train.rl.registry import get_kl_estimator, register_kl_estimato
 
 def _log_ratio(logprobs_bt, ref_logprobs_bt):
     if logprobs_bt.shape != ref_logprobs_bt.shape:
-        raise ValueError(
-            f"ref_logprobs shape {ref_logprobs_bt.shape} != logprobs shape {logprobs_bt.shape}"
-        )
-    return logprobs_bt.astype(jnp.float32) - jax.lax.stop_gradient(
-        ref_logprobs_bt.astype(jnp.float32)
-    )
+        raise ValueError(f"ref_logprobs shape {ref_logprobs_bt.shape} != logprobs shape {logprobs_bt.shape}")
+    return logprobs_bt.astype(jnp.float32) - jax.lax.stop_gradient(ref_logprobs_bt.astype(jnp.float32))
 
 
 @register_kl_estimator("k1")

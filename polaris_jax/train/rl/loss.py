@@ -60,17 +60,13 @@ def rl_loss(
         sampler's log-probs (see importance.py); both or neither.
     """
     kwargs = POLICY_LOSSES.bind(policy_loss, policy_loss_kwargs or {})
-    loss_bt, metrics = POLICY_LOSSES.get(policy_loss)(
-        logprobs_bt, old_logprobs_bt, advantages, mask_bt, **kwargs
-    )
+    loss_bt, metrics = POLICY_LOSSES.get(policy_loss)(logprobs_bt, old_logprobs_bt, advantages, mask_bt, **kwargs)
     metrics = dict(metrics)
 
     if (tis_cap is None) != (sampler_logprobs_bt is None):
         raise ValueError("TIS needs both sampler_logprobs_bt and tis_cap, or neither")
     if tis_cap is not None:
-        loss_bt, tis_metrics = apply_tis(
-            loss_bt, old_logprobs_bt, sampler_logprobs_bt, mask_bt, tis_cap
-        )
+        loss_bt, tis_metrics = apply_tis(loss_bt, old_logprobs_bt, sampler_logprobs_bt, mask_bt, tis_cap)
         metrics.update(tis_metrics)
 
     def agg(values_bt):

@@ -39,8 +39,7 @@ def broadcast_advantages(advantages, mask_bt):
     if advantages.shape == mask_bt.shape:
         return advantages
     raise ValueError(
-        f"advantages must be [batch] or [batch, time] matching mask {mask_bt.shape}, "
-        f"got {advantages.shape}"
+        f"advantages must be [batch] or [batch, time] matching mask {mask_bt.shape}, got {advantages.shape}"
     )
 
 
@@ -49,9 +48,7 @@ def _check_inputs(logprobs_bt, old_logprobs_bt, mask_bt, name):
         raise ValueError(f"{name}: logprobs must be [batch, time], got {logprobs_bt.shape}")
     for label, arr in (("old_logprobs", old_logprobs_bt), ("mask", mask_bt)):
         if arr.shape != logprobs_bt.shape:
-            raise ValueError(
-                f"{name}: {label} shape {arr.shape} != logprobs shape {logprobs_bt.shape}"
-            )
+            raise ValueError(f"{name}: {label} shape {arr.shape} != logprobs shape {logprobs_bt.shape}")
 
 
 def _check_clip(clip_low, clip_high, name, max_clip_low):
@@ -64,9 +61,7 @@ def _check_clip(clip_low, clip_high, name, max_clip_low):
 
 def _log_ratio_bt(logprobs_bt, old_logprobs_bt, mask_bt):
     """log(pi_theta / pi_old) per token, 0 on masked tokens so padding garbage cannot overflow."""
-    log_ratio_bt = logprobs_bt.astype(jnp.float32) - jax.lax.stop_gradient(
-        old_logprobs_bt.astype(jnp.float32)
-    )
+    log_ratio_bt = logprobs_bt.astype(jnp.float32) - jax.lax.stop_gradient(old_logprobs_bt.astype(jnp.float32))
     log_ratio_bt = jnp.where(mask_bt > 0, log_ratio_bt, 0.0)
     return jnp.clip(log_ratio_bt, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
 
@@ -147,15 +142,9 @@ def gspo(
     adv_bt = broadcast_advantages(advantages, mask_bt)
     mask_f_bt = mask_bt.astype(jnp.float32)
     log_ratio_bt = _log_ratio_bt(logprobs_bt, old_logprobs_bt, mask_bt)
-    seq_log_ratio_b = (log_ratio_bt * mask_f_bt).sum(axis=1) / jnp.maximum(
-        mask_f_bt.sum(axis=1), 1.0
-    )
+    seq_log_ratio_b = (log_ratio_bt * mask_f_bt).sum(axis=1) / jnp.maximum(mask_f_bt.sum(axis=1), 1.0)
     logprobs_f_bt = logprobs_bt.astype(jnp.float32)
-    log_s_bt = (
-        jax.lax.stop_gradient(seq_log_ratio_b)[:, None]
-        + logprobs_f_bt
-        - jax.lax.stop_gradient(logprobs_f_bt)
-    )
+    log_s_bt = jax.lax.stop_gradient(seq_log_ratio_b)[:, None] + logprobs_f_bt - jax.lax.stop_gradient(logprobs_f_bt)
     s_bt = jnp.exp(jnp.clip(log_s_bt, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
     unclipped_bt = -adv_bt * s_bt
     clipped_bt = -adv_bt * jnp.clip(s_bt, 1.0 - clip_low, 1.0 + clip_high)

@@ -22,7 +22,7 @@ the current batch cannot be rescued and is skipped.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -72,9 +72,7 @@ class RolloutRescueBuffer:
         if self.rewards_key not in batch:
             raise KeyError(f"rollout batch has no {self.rewards_key!r} entry: {sorted(batch)}")
         if len(prompt_ids_g) * self.group_size != rows:
-            raise ValueError(
-                f"{len(prompt_ids_g)} prompt ids x group_size {self.group_size} != {rows} rows"
-            )
+            raise ValueError(f"{len(prompt_ids_g)} prompt ids x group_size {self.group_size} != {rows} rows")
         rewards_gn = group_rewards(batch[self.rewards_key], self.group_size)
         return rewards_gn >= self.success_threshold
 
@@ -94,9 +92,7 @@ class RolloutRescueBuffer:
             self._store.popitem(last=False)
         return stored
 
-    def rescue(
-        self, batch: Batch, prompt_ids_g: Sequence[Hashable], rng: np.random.Generator
-    ) -> tuple[dict, dict]:
+    def rescue(self, batch: Batch, prompt_ids_g: Sequence[Hashable], rng: np.random.Generator) -> tuple[dict, dict]:
         """Swaps a stored correct response into each all-wrong group that has one.
         Returns the new batch and {'rescued_groups', 'rescue_skipped_too_long'}."""
         correct_gn = self._correct_gn(batch, prompt_ids_g)
@@ -108,8 +104,7 @@ class RolloutRescueBuffer:
             stored = self._store[prompt_id]
             if set(stored) != set(out):
                 raise ValueError(
-                    f"stored response for prompt {prompt_id!r} has entries {sorted(stored)}, "
-                    f"batch has {sorted(out)}"
+                    f"stored response for prompt {prompt_id!r} has entries {sorted(stored)}, batch has {sorted(out)}"
                 )
             fitted = {k: _fit_row(stored[k], out[k], self.pad_value) for k in out}
             if any(v is None for v in fitted.values()):

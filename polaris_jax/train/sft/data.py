@@ -36,8 +36,9 @@ def prepare_synthetic(config, workdir: str) -> tuple[tuple[str, ...], str] | Non
     if jax.process_index() == 0 and not os.path.exists(path):
         os.makedirs(data_dir, exist_ok=True)
         synthetic_arith.build_tokenizer(tokenizer_dir)
-        problems = synthetic_arith.sample_problems(config.synthetic.seed, config.synthetic.num_examples,
-                                                   synthetic_arith.ArithTask())
+        problems = synthetic_arith.sample_problems(
+            config.synthetic.seed, config.synthetic.num_examples, synthetic_arith.ArithTask()
+        )
         traces = synthetic_arith.sft_traces(problems, _ARITH_MIX, config.synthetic.seed)
         records = ({"prompt": p.text, "response": text, "difficulty": len(p.operands)} for p, _, text in traces)
         write_atomic(path, jsonl(records))
@@ -71,14 +72,17 @@ def data_config(config, sources) -> SFTDataConfig:
         values["num_epochs"] = None
     if jax.process_count() > 1:  # each host reads its own slice of every epoch's order and its share of rows
         if values["batch_size"] % jax.process_count():
-            raise ValueError(f"data.batch_size={values['batch_size']} (global rows per step) does not divide "
-                             f"over {jax.process_count()} processes")
-        values.update(shard_index=jax.process_index(), shard_count=jax.process_count(),
-                      batch_size=values["batch_size"] // jax.process_count())
+            raise ValueError(
+                f"data.batch_size={values['batch_size']} (global rows per step) does not divide "
+                f"over {jax.process_count()} processes"
+            )
+        values.update(
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            batch_size=values["batch_size"] // jax.process_count(),
+        )
     return SFTDataConfig.from_config(values)
 
 
 def make_data_iterator(config, tokenizer: Tokenizer, sources):
     return make_sft_iterator(data_config(config, sources), tokenizer)
-
-

@@ -18,13 +18,11 @@ import jax
 
 from polaris_jax.models.sharding import mesh_from_config, sharding_rules
 from polaris_jax.train import checkpoint as checkpoint_lib
-from polaris_jax.train import losses
+from polaris_jax.train import losses, partitioning, setup
 from polaris_jax.train import metrics as metrics_lib
-from polaris_jax.train import partitioning
-from polaris_jax.train import setup
-from polaris_jax.train.sft import data as sft_setup
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.optimizer import make_optimizer
+from polaris_jax.train.sft import data as sft_setup
 from polaris_jax.train.sft.step import make_sft_step
 
 logger = logging.getLogger(__name__)
@@ -32,15 +30,24 @@ logger = logging.getLogger(__name__)
 
 def optimizer_from_config(config):
     o = config.optimizer
-    return make_optimizer(peak_lr=o.peak_lr, total_steps=config.train.steps, warmup_ratio=o.warmup_ratio,
-                          min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip_norm=o.grad_clip_norm or None)
+    return make_optimizer(
+        peak_lr=o.peak_lr,
+        total_steps=config.train.steps,
+        warmup_ratio=o.warmup_ratio,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        grad_clip_norm=o.grad_clip_norm or None,
+    )
 
 
 def loss_settings_from_config(config) -> losses.LossSettings:
     t = config.train
-    return losses.LossSettings(chunk_size=t.loss_chunk_size, z_loss_coef=t.z_loss_coef,
-                               router_aux_coef=t.router_aux_coef)
+    return losses.LossSettings(
+        chunk_size=t.loss_chunk_size, z_loss_coef=t.z_loss_coef, router_aux_coef=t.router_aux_coef
+    )
 
 
 def _resume(config, ckpt, state, iterator):
@@ -72,20 +79,36 @@ def run(config, workdir: str) -> dict:
     state = partitioning.init_sharded_state(params, optimizer, state_rng, mask, shardings)
     del params
     iterator = sft_setup.make_data_iterator(config, tokenizer, sources)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                       lora_only=config.checkpoint.lora_only)
+    ckpt = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+        lora_only=config.checkpoint.lora_only,
+    )
     state = _resume(config, ckpt, state, iterator)
     batch_shape = (config.data.batch_size, config.data.seq_len)
-    step_fn = make_sft_step(model_config, optimizer, schedule, mesh=mesh, state_shardings=shardings, rules=rules,
-                            loss_settings=loss_settings_from_config(config), microbatches=config.train.microbatches,
-                            batch_shape=batch_shape)
+    step_fn = make_sft_step(
+        model_config,
+        optimizer,
+        schedule,
+        mesh=mesh,
+        state_shardings=shardings,
+        rules=rules,
+        loss_settings=loss_settings_from_config(config),
+        microbatches=config.train.microbatches,
+        batch_shape=batch_shape,
+    )
     batch_shardings = partitioning.batch_shardings(mesh, rules, batch_shape)
     writer = metrics_lib.MetricWriter(workdir, total_steps=config.train.steps)
     lora = model_config.lora_rank > 0
     peak = metrics_lib.peak_flops_per_device(override=config.train.peak_flops_per_device)
-    logger.info("training %s params (%s trainable) on mesh %s", state_lib.count_params(
-        state_lib.full_params(state)), state_lib.count_params(state["params"]), dict(mesh.shape))
+    logger.info(
+        "training %s params (%s trainable) on mesh %s",
+        state_lib.count_params(state_lib.full_params(state)),
+        state_lib.count_params(state["params"]),
+        dict(mesh.shape),
+    )
 
     step = int(jax.device_get(state["step"]))
     accumulator, final = metrics_lib.Accumulator(), {}
@@ -102,8 +125,9 @@ def run(config, workdir: str) -> dict:
         accumulator.add(step_metrics)
         real_tokens = int((batch["segment_ids_bt"] != 0).sum())
         window["tokens"] += real_tokens
-        window["flops"] += metrics_lib.step_flops(model_config, real_tokens,
-                                                  metrics_lib.attended_pairs(batch["segment_ids_bt"]), lora)
+        window["flops"] += metrics_lib.step_flops(
+            model_config, real_tokens, metrics_lib.attended_pairs(batch["segment_ids_bt"]), lora
+        )
         window["steps"] += 1
         ckpt.maybe_save(step, state, iterator, last=step == config.train.steps)
         if step % config.train.log_every == 0 or step == config.train.steps:
@@ -114,8 +138,12 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     if config.export.hf:
-        export_dir = checkpoint_lib.export_hf(model_config, state_lib.full_params(state),
-                                              os.path.join(workdir, "export", "hf"), tokenizer_dir=tokenizer_dir)
+        export_dir = checkpoint_lib.export_hf(
+            model_config,
+            state_lib.full_params(state),
+            os.path.join(workdir, "export", "hf"),
+            tokenizer_dir=tokenizer_dir,
+        )
         final["export_dir"] = export_dir
     final["step"] = step
     return final

@@ -23,9 +23,16 @@ from polaris_jax.train import losses, partitioning
 from polaris_jax.train import state as state_lib
 
 
-def sft_step_fn(model_config, optimizer, schedule, loss_settings: losses.LossSettings, microbatches: int = 1,
-                microbatch_sharding=None):
+def sft_step_fn(
+    model_config,
+    optimizer,
+    schedule,
+    loss_settings: losses.LossSettings,
+    microbatches: int = 1,
+    microbatch_sharding=None,
+):
     """The un-jitted step; `make_sft_step` wraps it with shardings and donation."""
+
     def step(state, batch, rng):
         del rng  # SFT has no stochastic layers; the argument keeps one signature for the SFT and GRPO steps
         frozen = state["frozen"]
@@ -33,11 +40,18 @@ def sft_step_fn(model_config, optimizer, schedule, loss_settings: losses.LossSet
 
         def loss_fn(trainable, mb):
             params = state_lib.combine(trainable, frozen)
-            return losses.sft_loss(model_config, params, mb, loss_settings, num_target_tokens=num_target_tokens,
-                                   aux_weight=1.0 / microbatches)
+            return losses.sft_loss(
+                model_config,
+                params,
+                mb,
+                loss_settings,
+                num_target_tokens=num_target_tokens,
+                aux_weight=1.0 / microbatches,
+            )
 
-        loss, terms, grads = losses.accumulate_gradients(loss_fn, state["params"], batch, microbatches,
-                                                  microbatch_sharding)
+        loss, terms, grads = losses.accumulate_gradients(
+            loss_fn, state["params"], batch, microbatches, microbatch_sharding
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -56,9 +70,19 @@ def sft_step_fn(model_config, optimizer, schedule, loss_settings: losses.LossSet
     return step
 
 
-def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardings: dict, rules=DEFAULT_RULES,
-                  loss_settings: losses.LossSettings = losses.LossSettings(), microbatches: int = 1,
-                  batch_shape: tuple[int, int] | None = None, compiler_options: dict | None = None):
+def make_sft_step(
+    model_config,
+    optimizer,
+    schedule,
+    *,
+    mesh: Mesh,
+    state_shardings: dict,
+    rules=DEFAULT_RULES,
+    loss_settings: losses.LossSettings = losses.LossSettings(),
+    microbatches: int = 1,
+    batch_shape: tuple[int, int] | None = None,
+    compiler_options: dict | None = None,
+):
     """Jitted `step(state, batch, rng) -> (state, metrics)` with explicit shardings; the state is donated.
 
     `batch_shape` (rows, length) lets the rules skip mesh axes that do not divide the rows;
@@ -69,6 +93,11 @@ def make_sft_step(model_config, optimizer, schedule, *, mesh: Mesh, state_shardi
     micro_sharding = NamedSharding(mesh, partitioning.batch_spec(mesh, rules, micro_shape, leading=1))
     step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
     rep = partitioning.replicated(mesh)
-    return losses.jit_step(step, mesh=mesh, rules=rules,
-                           in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
-                           out_shardings=(state_shardings, rep), compiler_options=compiler_options)
+    return losses.jit_step(
+        step,
+        mesh=mesh,
+        rules=rules,
+        in_shardings=(state_shardings, partitioning.batch_shardings(mesh, rules, batch_shape), rep),
+        out_shardings=(state_shardings, rep),
+        compiler_options=compiler_options,
+    )

@@ -46,13 +46,19 @@ def random_rollout(seed: int, rows: int = 8, *, prompt: int = PROMPT, response: 
     prompt_bt = np.zeros((rows, prompt), np.int32)
     response_br = np.zeros((rows, response), np.int32)
     for i in range(rows):
-        prompt_bt[i, prompt - prompt_len_b[i]:] = rng.integers(1, VOCAB, prompt_len_b[i])
-        response_br[i, :response_len_b[i]] = rng.integers(1, VOCAB, response_len_b[i])
-    return Rollouts(prompt_bt=prompt_bt, prompt_len_b=prompt_len_b, response_br=response_br,
-                    response_len_b=response_len_b,
-                    sampler_logprobs_br=-rng.uniform(0.5, 4.0, (rows, response)).astype(np.float32),
-                    finish_b=np.full(rows, FINISH_EOS, np.int32), correct_b=np.zeros(rows, np.float32),
-                    rewards_b=np.zeros(rows, np.float32), group_b=np.arange(rows, dtype=np.int32))
+        prompt_bt[i, prompt - prompt_len_b[i] :] = rng.integers(1, VOCAB, prompt_len_b[i])
+        response_br[i, : response_len_b[i]] = rng.integers(1, VOCAB, response_len_b[i])
+    return Rollouts(
+        prompt_bt=prompt_bt,
+        prompt_len_b=prompt_len_b,
+        response_br=response_br,
+        response_len_b=response_len_b,
+        sampler_logprobs_br=-rng.uniform(0.5, 4.0, (rows, response)).astype(np.float32),
+        finish_b=np.full(rows, FINISH_EOS, np.int32),
+        correct_b=np.zeros(rows, np.float32),
+        rewards_b=np.zeros(rows, np.float32),
+        group_b=np.arange(rows, dtype=np.int32),
+    )
 
 
 def host_update_batch(seed: int, rows: int = 8) -> grpo_step.UpdateBatch:
@@ -62,8 +68,16 @@ def host_update_batch(seed: int, rows: int = 8) -> grpo_step.UpdateBatch:
     return grpo_step.update_batch(rollout, advantages_b, mask_br)
 
 
-def make_update(settings: grpo_step.UpdateSettings, *, mesh=None, rows: int = 8, lr: float = 1e-2,
-                model_config=None, seed: int = 0, sgd: bool = False):
+def make_update(
+    settings: grpo_step.UpdateSettings,
+    *,
+    mesh=None,
+    rows: int = 8,
+    lr: float = 1e-2,
+    model_config=None,
+    seed: int = 0,
+    sgd: bool = False,
+):
     """(update fn, fresh state, batch shardings, model config) for a tiny model on `mesh`."""
     model_config = model_config or tiny_config()
     mesh = mesh or make_mesh({"fsdp": 1}, jax.devices()[:1])
@@ -74,6 +88,14 @@ def make_update(settings: grpo_step.UpdateSettings, *, mesh=None, rows: int = 8,
         optimizer = optax.sgd(schedule)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh)
     state = partitioning.init_sharded_state(params, optimizer, jax.random.PRNGKey(1), mask, shardings)
-    update = grpo_step.make_grpo_update(model_config, optimizer, schedule, settings, mesh=mesh,
-                                       state_shardings=shardings, rows=rows, compiler_options=FAST_COMPILE)
+    update = grpo_step.make_grpo_update(
+        model_config,
+        optimizer,
+        schedule,
+        settings,
+        mesh=mesh,
+        state_shardings=shardings,
+        rows=rows,
+        compiler_options=FAST_COMPILE,
+    )
     return update, state, grpo_step.batch_shardings(mesh, rows=rows), model_config

@@ -1,11 +1,11 @@
 """Run by test_grpo_step.py under XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-    python -m tests.train.grpo.grpo_sharding_worker          two GRPO updates on a data x fsdp x tensor =
-                                                             2 x 2 x 2 mesh must equal the same updates on
-                                                             one device; prints MATCH
-    python -m tests.train.grpo.grpo_sharding_worker memory   peak bytes per device of the update compiled
-                                                             with the activation-sharding context and
-                                                             without it; prints MEMORY {json}
+python -m tests.train.grpo.grpo_sharding_worker          two GRPO updates on a data x fsdp x tensor =
+                                                         2 x 2 x 2 mesh must equal the same updates on
+                                                         one device; prints MATCH
+python -m tests.train.grpo.grpo_sharding_worker memory   peak bytes per device of the update compiled
+                                                         with the activation-sharding context and
+                                                         without it; prints MEMORY {json}
 """
 
 import json
@@ -48,14 +48,19 @@ def memory() -> dict:
         update, state, shardings, model_config = grpo_helpers.make_update(settings, mesh=mesh, rows=16)
         optimizer, schedule = make_optimizer(peak_lr=1e-2, total_steps=100, grad_clip_norm=1.0)  # as make_update
         replicated = NamedSharding(mesh, PartitionSpec())
-        bare = jax.jit(grpo_step.grpo_update_fn(model_config, optimizer, schedule, settings),
-                       in_shardings=(jax.tree.map(lambda x: x.sharding, state), shardings, replicated, None),
-                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated), donate_argnums=(0,),
-                       compiler_options=grpo_helpers.FAST_COMPILE)
+        bare = jax.jit(
+            grpo_step.grpo_update_fn(model_config, optimizer, schedule, settings),
+            in_shardings=(jax.tree.map(lambda x: x.sharding, state), shardings, replicated, None),
+            out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated),
+            donate_argnums=(0,),
+            compiler_options=grpo_helpers.FAST_COMPILE,
+        )
         batch = grpo_step.put_update_batch(grpo_helpers.host_update_batch(0, rows=16), shardings)
         args = (state, batch, jax.random.PRNGKey(0), None)
-        out[microbatches] = {"with": peak_bytes(update.lower(*args).compile()),
-                             "without": peak_bytes(bare.lower(*args).compile())}
+        out[microbatches] = {
+            "with": peak_bytes(update.lower(*args).compile()),
+            "without": peak_bytes(bare.lower(*args).compile()),
+        }
     return out
 
 

@@ -14,20 +14,34 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.train.step_guard import guarded_train_steps
 from polaris_jax import main
 from polaris_jax.train.grpo import loop as grpo_loop
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import ConfigError, validate_config
+from tests.train.step_guard import guarded_train_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIG = os.path.join(ROOT, "configs", "polaris_qwen3_4b.py")
 # The Polaris recipe's CPU variant (3 stages x 2 steps), checkpointed every 2 steps, with an HF export.
 OVERRIDES = {"checkpoint.every": 2, "checkpoint.keep": 5, "export.hf": True, "train.log_every": 1}
-REQUIRED_METRICS = ("reward_mean", "accuracy", "frac_all_correct_groups", "frac_all_wrong_groups",
-                    "response_len_mean", "response_len_max", "truncation_rate", "clip_fraction", "approx_kl",
-                    "entropy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward",
-                    "time_update", "distinct_4")
+REQUIRED_METRICS = (
+    "reward_mean",
+    "accuracy",
+    "frac_all_correct_groups",
+    "frac_all_wrong_groups",
+    "response_len_mean",
+    "response_len_max",
+    "truncation_rate",
+    "clip_fraction",
+    "approx_kl",
+    "entropy",
+    "rollout_tokens_per_s",
+    "train_tokens_per_s",
+    "time_rollout",
+    "time_reward",
+    "time_update",
+    "distinct_4",
+)
 
 
 def polaris_tiny(**overrides):
@@ -54,7 +68,8 @@ def _rows(workdir):
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *a, **k: _COMPILES.append(name) if name.endswith("backend_compile_duration") else None)
+    lambda name, *a, **k: _COMPILES.append(name) if name.endswith("backend_compile_duration") else None
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +118,14 @@ def test_resume_after_sigkill_continues_exactly(finished_run, tmp_path):
     workdir = str(tmp_path / "killed")
     args = [sys.executable, "-m", "polaris_jax.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     deadline = time.monotonic() + 300
     while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -137,8 +158,15 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
         return original(rollout, advantages_b, mask_br)
 
     monkeypatch.setattr(grpo_step, "update_batch", poisoned)
-    config = polaris_tiny(**{"checkpoint.every": 1, "checkpoint.async_save": False, "export.hf": False,
-                             "plots": False, "eval.dataset": ""})
+    config = polaris_tiny(
+        **{
+            "checkpoint.every": 1,
+            "checkpoint.async_save": False,
+            "export.hf": False,
+            "plots": False,
+            "eval.dataset": "",
+        }
+    )
     with config.unlocked():
         config.schedule.max_response_len, config.schedule.temperature = (32,), (1.4,)
         config.schedule.steps, config.schedule.datasets = (4,), (config.schedule.datasets[0],)
@@ -152,17 +180,23 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
 _BAD = {
     "unequal": lambda c: c.schedule.update(dict(temperature=(1.4, 1.45))),
     "shrinking": lambda c: c.schedule.update(dict(max_response_len=(48, 40, 56))),
-    "missing": lambda c: c.schedule.update(dict(datasets=("synthetic_arith:train:8", "/nonexistent.jsonl",
-                                                          "synthetic_arith:train:8"))),
+    "missing": lambda c: c.schedule.update(
+        dict(datasets=("synthetic_arith:train:8", "/nonexistent.jsonl", "synthetic_arith:train:8"))
+    ),
     "no_steps": lambda c: c.schedule.update(dict(steps=(2, 0, 2))),
     "loss_name": lambda c: c.algo.update(dict(policy_loss="ppo_clipp")),
     "kl_without_reference": lambda c: c.algo.update(dict(kl_coef=0.1)),
     "indivisible": lambda c: c.algo.update(dict(minibatches=3)),
 }
-_MESSAGES = {"unequal": "one entry per stage", "shrinking": "stage 1: max_response_len 40 is shorter",
-             "missing": "stage 1: dataset '/nonexistent.jsonl' does not exist", "no_steps": "stage 1: steps=0",
-             "loss_name": "unknown policy loss 'ppo_clipp'", "kl_without_reference": "use_reference",
-             "indivisible": "minibatches=3"}
+_MESSAGES = {
+    "unequal": "one entry per stage",
+    "shrinking": "stage 1: max_response_len 40 is shorter",
+    "missing": "stage 1: dataset '/nonexistent.jsonl' does not exist",
+    "no_steps": "stage 1: steps=0",
+    "loss_name": "unknown policy loss 'ppo_clipp'",
+    "kl_without_reference": "use_reference",
+    "indivisible": "minibatches=3",
+}
 
 
 @pytest.mark.parametrize("name", sorted(_BAD))
@@ -193,9 +227,11 @@ def test_every_grpo_recipe_has_a_tiny_cpu_variant_and_its_command(name):
 def test_rescue_buffer_survives_the_checkpoint_round_trip():
     from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
 
-    rows = {"response_br": np.arange(12, dtype=np.int32).reshape(4, 3),
-            "correct_b": np.array([0.0, 1.0, 0.0, 0.0], np.float32),
-            "sampler_logprobs_br": np.linspace(-1, 0, 12, dtype=np.float32).reshape(4, 3)}
+    rows = {
+        "response_br": np.arange(12, dtype=np.int32).reshape(4, 3),
+        "correct_b": np.array([0.0, 1.0, 0.0, 0.0], np.float32),
+        "sampler_logprobs_br": np.linspace(-1, 0, 12, dtype=np.float32).reshape(4, 3),
+    }
     host = HostState(PersistentRescueBuffer(2, rewards_key="correct_b"))
     host.position, host.stage = 17, 1
     host.rescue.update(rows, ["a", "b"])  # group "a" has a correct answer (row 1), "b" has none

@@ -32,10 +32,12 @@ def _reference_logprobs_br(config, params, rollout, temperature):
     """log pi(response token j) from one full forward over the concatenated prompt and response, as
     transformers computes it: token j of the response is predicted at position P - 1 + j."""
     tokens_bt = np.concatenate([rollout.prompt_bt, rollout.response_br], axis=1)
-    attention_bt = np.concatenate([np.arange(P)[None] >= P - rollout.prompt_len_b[:, None],
-                                   np.arange(R)[None] < rollout.response_len_b[:, None]], axis=1)
+    attention_bt = np.concatenate(
+        [np.arange(P)[None] >= P - rollout.prompt_len_b[:, None], np.arange(R)[None] < rollout.response_len_b[:, None]],
+        axis=1,
+    )
     logp_btv = jax.nn.log_softmax(logits(config, params, tokens_bt, attention_bt) / temperature, axis=-1)
-    predicts_response_brv = logp_btv[:, P - 1:P - 1 + R]
+    predicts_response_brv = logp_btv[:, P - 1 : P - 1 + R]
     return jnp.take_along_axis(predicts_response_brv, jnp.asarray(rollout.response_br)[..., None], axis=-1)[..., 0]
 
 
@@ -57,8 +59,11 @@ def _seq_mean_token_sum_norm(s_br, m_br, max_len):
     return sum(jnp.sum(s_br[i] * m_br[i]) for i in range(len(m_br))) / (len(m_br) * max_len)
 
 
-PUBLISHED = {"token-mean": _token_mean, "seq-mean-token-mean": _seq_mean_token_mean,
-             "seq-mean-token-sum-norm": _seq_mean_token_sum_norm}
+PUBLISHED = {
+    "token-mean": _token_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+}
 
 
 def test_every_registered_aggregation_has_a_published_reference():
@@ -83,8 +88,7 @@ def test_update_matches_the_published_objective_on_independent_logprobs(mode):
     batch = grpo_step.put_update_batch(grpo_step.update_batch(rollout, advantages_b, mask_br), shardings)
     state, metrics = update(state, batch, jax.random.PRNGKey(0), None)
     metrics = jax.device_get(metrics)
-    step_grads = jax.tree.map(lambda a, b: (a - b) / metrics["learning_rate"], before,
-                              jax.device_get(state["params"]))
+    step_grads = jax.tree.map(lambda a, b: (a - b) / metrics["learning_rate"], before, jax.device_get(state["params"]))
 
     clip = dict(settings.policy_loss_kwargs)  # the config's clip range
 
@@ -114,11 +118,11 @@ def test_response_logprobs_align_with_model_logits():
     full = np.asarray(logits(config, params, batch.tokens_bt, batch.segment_ids_bt), np.float64) / 0.7
     top = full.max(-1, keepdims=True)
     logp = full - np.log(np.exp(full - top).sum(-1, keepdims=True)) - top
-    want = np.take_along_axis(logp[:, P - 1:P - 1 + R], batch.response_br[..., None], -1)[..., 0]
+    want = np.take_along_axis(logp[:, P - 1 : P - 1 + R], batch.response_br[..., None], -1)[..., 0]
     mask = batch.mask_br > 0
     np.testing.assert_allclose(np.asarray(stats["logprobs"])[mask], want[mask], atol=2e-5)
-    probs = np.exp(logp[:, P - 1:P - 1 + R])
-    entropy = -(probs * logp[:, P - 1:P - 1 + R]).sum(-1)
+    probs = np.exp(logp[:, P - 1 : P - 1 + R])
+    entropy = -(probs * logp[:, P - 1 : P - 1 + R]).sum(-1)
     np.testing.assert_allclose(np.asarray(stats["entropy"])[mask], entropy[mask], atol=2e-5)
 
 
@@ -130,7 +134,8 @@ def test_microbatches_give_the_full_minibatch_update(mode):
     results = []
     for micro in (1, 2):
         update, state, shardings, _ = grpo_helpers.make_update(
-            grpo_helpers.settings(loss_agg_mode=mode, microbatches=micro), lr=1.0, sgd=True)
+            grpo_helpers.settings(loss_agg_mode=mode, microbatches=micro), lr=1.0, sgd=True
+        )
         state, metrics = update(state, grpo_step.put_update_batch(batch, shardings), jax.random.PRNGKey(0), None)
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     for params, metrics in results[1:]:
@@ -202,19 +207,28 @@ def test_a_new_policy_loss_with_its_own_knob_runs_from_the_config():
 
 
 _BAD_KWARGS = {
-    "unknown_loss_kwarg": (dict(policy_loss_kwargs=dict(clip_ratio=3.0)),
-                           r"algo.policy_loss_kwargs: policy loss 'ppo_clip'.*unexpected keyword argument "
-                           r"'clip_ratio'"),
-    "missing_loss_kwarg": (dict(policy_loss="my_test_loss"),
-                           r"policy loss 'my_test_loss'.*missing a required argument: 'my_knob'"),
-    "clip_for_a_loss_that_has_none": (dict(policy_loss="my_test_loss", policy_loss_kwargs=dict(my_knob=1.0,
-                                                                                                clip_ratio_c=3.0)),
-                                      r"'my_test_loss'.*unexpected keyword argument 'clip_ratio_c'"),
+    "unknown_loss_kwarg": (
+        dict(policy_loss_kwargs=dict(clip_ratio=3.0)),
+        r"algo.policy_loss_kwargs: policy loss 'ppo_clip'.*unexpected keyword argument "
+        r"'clip_ratio'",
+    ),
+    "missing_loss_kwarg": (
+        dict(policy_loss="my_test_loss"),
+        r"policy loss 'my_test_loss'.*missing a required argument: 'my_knob'",
+    ),
+    "clip_for_a_loss_that_has_none": (
+        dict(policy_loss="my_test_loss", policy_loss_kwargs=dict(my_knob=1.0, clip_ratio_c=3.0)),
+        r"'my_test_loss'.*unexpected keyword argument 'clip_ratio_c'",
+    ),
     "clip_range_in_kwargs": (dict(policy_loss_kwargs=dict(clip_high=0.3)), r"set algo.clip_high instead"),
-    "unhashable": (dict(policy_loss_kwargs=dict(clip_ratio_c=dict(a=1))),
-                   r"clip_ratio_c is a ConfigDict; it must be a number"),
-    "unknown_advantage_kwarg": (dict(advantage="dr_grpo", advantage_kwargs=dict(epsilon=1e-6)),
-                                r"advantage estimator 'dr_grpo'.*unexpected keyword argument 'epsilon'"),
+    "unhashable": (
+        dict(policy_loss_kwargs=dict(clip_ratio_c=dict(a=1))),
+        r"clip_ratio_c is a ConfigDict; it must be a number",
+    ),
+    "unknown_advantage_kwarg": (
+        dict(advantage="dr_grpo", advantage_kwargs=dict(epsilon=1e-6)),
+        r"advantage estimator 'dr_grpo'.*unexpected keyword argument 'epsilon'",
+    ),
 }
 
 
@@ -244,8 +258,14 @@ def test_config_refuses_what_the_registries_declare_and_bad_think_policy(monkeyp
 
 def _worker(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", "tests.train.grpo.grpo_sharding_worker", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.train.grpo.grpo_sharding_worker", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
 
@@ -259,5 +279,5 @@ def test_activation_sharding_does_not_raise_peak_memory():
     """The update traced in the activation-sharding context (as SFT) against the same function jitted bare,
     both compiled here on a data x fsdp x tensor = 2 x 2 x 2 mesh."""
     line = next(line for line in _worker("memory").splitlines() if line.startswith("MEMORY "))
-    for microbatches, peak in json.loads(line[len("MEMORY "):]).items():
+    for microbatches, peak in json.loads(line[len("MEMORY ") :]).items():
         assert peak["with"] <= peak["without"], (microbatches, peak)

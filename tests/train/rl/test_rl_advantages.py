@@ -9,9 +9,7 @@ import pytest
 
 from polaris_jax.train import rl
 
-REWARDS_GN = np.array(
-    [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.25]]
-)
+REWARDS_GN = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.25]])
 
 
 def _loop_stats(r):
@@ -38,8 +36,7 @@ def test_dr_grpo():
 def test_rloo():
     """Ahmadian et al. 2024 (arXiv:2402.14740) eq. 6: baseline = mean of the other samples."""
     want = [
-        [r[i] - sum(r[j] for j in range(len(r)) if j != i) / (len(r) - 1) for i in range(len(r))]
-        for r in REWARDS_GN
+        [r[i] - sum(r[j] for j in range(len(r)) if j != i) / (len(r) - 1) for i in range(len(r))] for r in REWARDS_GN
     ]
     np.testing.assert_allclose(np.asarray(rl.rloo(REWARDS_GN)), want, atol=1e-6)
 
@@ -50,9 +47,7 @@ def test_reinforce_pp_baseline():
     centred = [x - sum(r) / len(r) for r in REWARDS_GN for x in r]
     mean, std = _loop_stats(centred)
     want = np.array([(x - mean) / (std + 1e-6) for x in centred]).reshape(REWARDS_GN.shape)
-    np.testing.assert_allclose(
-        np.asarray(rl.reinforce_pp_baseline(REWARDS_GN)), want, rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(np.asarray(rl.reinforce_pp_baseline(REWARDS_GN)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_compute_advantages_flat_and_jit():

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rl_reference_batch import GROUP_SIZE, T, make_batch, numpy_grpo_advantages
 
 from polaris_jax.train.rl import rl_loss
-from rl_reference_batch import GROUP_SIZE, T, make_batch, numpy_grpo_advantages
 
 
 def _f32(x):
@@ -161,11 +161,12 @@ def gspo_batch():
 def test_gspo_matches_sequence_level_objective(gspo_batch):
     b = gspo_batch
     adv_b = numpy_grpo_advantages(b["rewards_b"])
-    want = numpy_gspo_objective(
-        b["logprobs_bt"], b["old_logprobs_bt"], b["mask_bt"], adv_b, 3e-4, 4e-4
-    )
+    want = numpy_gspo_objective(b["logprobs_bt"], b["old_logprobs_bt"], b["mask_bt"], adv_b, 3e-4, 4e-4)
     got, metrics = _ours(
-        b, adv_b, policy_loss="gspo", policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
+        b,
+        adv_b,
+        policy_loss="gspo",
+        policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
         loss_agg_mode="seq-mean-token-mean",
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -193,8 +194,12 @@ def test_gspo_gradient_matches_finite_differences(gspo_batch):
 
     def jax_loss(lp):
         return rl_loss(
-            lp, _f32(b["old_logprobs_bt"]), _f32(adv_b), _f32(b["mask_bt"]),
-            policy_loss="gspo", policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
+            lp,
+            _f32(b["old_logprobs_bt"]),
+            _f32(adv_b),
+            _f32(b["mask_bt"]),
+            policy_loss="gspo",
+            policy_loss_kwargs=dict(clip_low=3e-4, clip_high=4e-4),
             loss_agg_mode="seq-mean-token-mean",
         )[0]
 
@@ -213,9 +218,9 @@ def test_dapo_gradient_matches_finite_differences(batch):
     loss_fn = functools.partial(
         rl_loss, policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28), loss_agg_mode="token-mean"
     )
-    got = jax.grad(lambda lp: loss_fn(
-        lp, _f32(batch["old_logprobs_bt"]), _f32(adv_b), _f32(batch["mask_bt"])
-    )[0])(_f32(batch["logprobs_bt"]))
+    got = jax.grad(lambda lp: loss_fn(lp, _f32(batch["old_logprobs_bt"]), _f32(adv_b), _f32(batch["mask_bt"]))[0])(
+        _f32(batch["logprobs_bt"])
+    )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
     # Padding tokens never get gradient.
     assert np.all(np.asarray(got)[batch["mask_bt"] == 0] == 0)

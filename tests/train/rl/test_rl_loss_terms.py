@@ -68,9 +68,7 @@ def test_cispo_gradient_is_clipped_weight_times_score(batch):
     got = jax.grad(lambda x: loss_fn(x, *_args(batch)[1:])[0])(_f32(lp))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
     _, metrics = loss_fn(*_args(batch))
-    np.testing.assert_allclose(
-        float(metrics["clip_fraction"]), ((r > 1.28) * mask).sum() / mask.sum(), rtol=1e-6
-    )
+    np.testing.assert_allclose(float(metrics["clip_fraction"]), ((r > 1.28) * mask).sum() / mask.sum(), rtol=1e-6)
 
 
 def test_tis_reweights_each_token(batch):
@@ -96,9 +94,7 @@ def test_kl_estimators_match_schulman(batch):
         got = rl.kl_penalty(_f32(lp), _f32(ref), _f32(mask), name)
         np.testing.assert_allclose(np.asarray(got), value * mask, rtol=1e-5, atol=1e-6)
     # low_var_kl is k3, clamped to [-10, 10] for extreme tokens (verl's low_var_kl).
-    extreme = rl.kl_penalty(
-        _f32([[0.0, -30.0]]), _f32([[-30.0, 0.0]]), _f32([[1, 1]]), "low_var_kl"
-    )
+    extreme = rl.kl_penalty(_f32([[0.0, -30.0]]), _f32([[-30.0, 0.0]]), _f32([[1, 1]]), "low_var_kl")
     assert np.asarray(extreme).max() <= 10.0 and np.isfinite(np.asarray(extreme)).all()
 
 
@@ -127,6 +123,7 @@ def test_on_policy_first_step_is_plain_policy_gradient(batch):
     want = -(adv[:, None] * mask) / mask.sum()
     old = _f32(batch["old_logprobs_bt"])
     for name in ("ppo_clip", "gspo", "cispo"):
+
         def loss(x, name=name):
             return rl.rl_loss(x, old, _f32(adv), _f32(mask), policy_loss=name, policy_loss_kwargs=PPO)[0]
 
@@ -135,12 +132,16 @@ def test_on_policy_first_step_is_plain_policy_gradient(batch):
 
 
 def test_rl_loss_jits_and_matches_eager(batch):
-    kwargs = dict(policy_loss="ppo_clip", policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28),
-                  loss_agg_mode="seq-mean-token-sum-norm", kl_coef=0.01, kl_type="k3",
-                  tis_cap=2.0)
+    kwargs = dict(
+        policy_loss="ppo_clip",
+        policy_loss_kwargs=dict(clip_low=0.2, clip_high=0.28),
+        loss_agg_mode="seq-mean-token-sum-norm",
+        kl_coef=0.01,
+        kl_type="k3",
+        tis_cap=2.0,
+    )
     args = _args(batch)
-    extra = dict(ref_logprobs_bt=_f32(batch["ref_logprobs_bt"]),
-                 sampler_logprobs_bt=_f32(batch["sampler_logprobs_bt"]))
+    extra = dict(ref_logprobs_bt=_f32(batch["ref_logprobs_bt"]), sampler_logprobs_bt=_f32(batch["sampler_logprobs_bt"]))
     eager_loss, eager_metrics = rl.rl_loss(*args, **extra, **kwargs)
     jitted = jax.jit(functools.partial(rl.rl_loss, **kwargs))
     loss, metrics = jitted(*args, **extra)
@@ -188,8 +189,11 @@ def test_registry_accepts_new_losses_and_refuses_clashes():
     assert rl.get_policy_loss("test_only_vanilla_pg") is vanilla
     assert rl.POLICY_LOSSES.knobs("test_only_vanilla_pg") == ("scale",)
     assert rl.POLICY_LOSSES.bind("test_only_vanilla_pg", {"scale": 2.0}) == {"scale": 2.0}
-    with pytest.raises(ValueError, match=r"'test_only_vanilla_pg': got an unexpected keyword argument 'scal' "
-                                         r"\(its keyword arguments: scale\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'test_only_vanilla_pg': got an unexpected keyword argument 'scal' "
+        r"\(its keyword arguments: scale\)",
+    ):
         rl.POLICY_LOSSES.bind("test_only_vanilla_pg", {"scal": 2.0})
     with pytest.raises(ValueError, match="already registered"):
         rl.register_policy_loss("ppo_clip")(vanilla)
@@ -197,7 +201,11 @@ def test_registry_accepts_new_losses_and_refuses_clashes():
 
 def test_estimators_declare_their_minimum_group_size():
     assert {name: rl.min_group_size(name) for name in rl.ADVANTAGES.names()} == {
-        "dr_grpo": 1, "grpo": 2, "reinforce_pp_baseline": 1, "rloo": 2}
+        "dr_grpo": 1,
+        "grpo": 2,
+        "reinforce_pp_baseline": 1,
+        "rloo": 2,
+    }
     assert rl.ADVANTAGES.knobs("grpo") == ("epsilon",) and rl.ADVANTAGES.knobs("rloo") == ()
 
 
@@ -210,6 +218,8 @@ def test_micro_weights_make_microbatch_losses_sum_to_the_minibatch_loss(batch, m
     weight = rl.micro_weight(mode)
     assert weight is not None
     full = rl.aggregate_loss(loss_bt, mask_bt, mode, max_response_len=16)
-    parts = [rl.aggregate_loss(loss_bt[m::3], mask_bt[m::3], mode, max_response_len=16)
-             * weight(mask_bt[m::3], mask_bt) for m in range(3)]
+    parts = [
+        rl.aggregate_loss(loss_bt[m::3], mask_bt[m::3], mode, max_response_len=16) * weight(mask_bt[m::3], mask_bt)
+        for m in range(3)
+    ]
     np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-6)

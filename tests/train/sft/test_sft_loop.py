@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from tests.train.step_guard import guarded_train_steps
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.models import load_hf
 from polaris_jax.train.sft import loop as sft_loop
+from tests.train.step_guard import guarded_train_steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SFT_CONFIGS = ["sft_tiny", "sft_r1_distill_qwen3_8b", "sft_fathom_r1_14b"]
@@ -27,8 +27,10 @@ def _load_config(name: str, arg: str | None = None):
 
 
 def _write_rows(path: pathlib.Path) -> None:
-    rows = [{"prompt": f"{a}+{b}", "response": f"<think>\n{a}+{b}={a + b}\n</think>\n\n\\boxed{{{a + b}}}"}
-            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]]
+    rows = [
+        {"prompt": f"{a}+{b}", "response": f"<think>\n{a}+{b}={a + b}\n</think>\n\n\\boxed{{{a + b}}}"}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]
+    ]
     rows.insert(3, {"messages": [{"role": "user", "content": "1+1"}]})  # no assistant turn
     rows.insert(6, {"unexpected": "layout"})  # neither messages nor prompt
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -61,11 +63,11 @@ def test_rows_without_an_assistant_turn_are_skipped_and_counted(finished_run):
 
 def test_run_writes_metrics_checkpoints_and_a_loadable_export(finished_run):
     config, workdir, final = finished_run
-    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == list(range(1, final["step"] + 1))
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == list(range(1, final["step"] + 1))
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "ce_loss"):
-        assert all(key in l for l in lines), key
-    assert all(l["tokens_per_s"] > 0 for l in lines)
+        assert all(key in row for row in lines), key
+    assert all(row["tokens_per_s"] > 0 for row in lines)
     assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
     assert final["step"] in [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     model_config, params = load_hf(final["export_dir"])
@@ -108,15 +110,26 @@ def test_recipe_numbers_of_the_r1_distillation_config():
     lora, _ = _load_config("sft_r1_distill_qwen3_8b", "lora")
     assert lora.optimizer.peak_lr == pytest.approx(10 * o.peak_lr)  # the LoRA ~10x rule
     fathom, _ = _load_config("sft_fathom_r1_14b")
-    assert (fathom.data.seq_len, fathom.data.order, fathom.model.preset) == (16384, "curriculum",
-                                                                            "r1_distill_qwen_14b")
+    assert (fathom.data.seq_len, fathom.data.order, fathom.model.preset) == (16384, "curriculum", "r1_distill_qwen_14b")
 
 
 def test_unknown_config_key_is_refused_on_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-m", "polaris_jax.main", "--config=configs/sft_tiny.py",
-                             f"--workdir={tmp_path}", "--config.train.no_such_key=3"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polaris_jax.main",
+            "--config=configs/sft_tiny.py",
+            f"--workdir={tmp_path}",
+            "--config.train.no_such_key=3",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
     assert not (tmp_path / "config.json").exists()  # refused before anything ran

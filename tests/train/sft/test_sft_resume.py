@@ -19,17 +19,29 @@ import orbax.checkpoint as ocp
 from polaris_jax.models.safetensors_io import CheckpointReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-FLAGS = ["--config.train.steps=30", "--config.checkpoint.every=10", "--config.checkpoint.keep=5",
-         "--config.train.log_every=1", "--config.synthetic.num_examples=400", "--config.data.batch_size=4",
-         "--config.data.seq_len=128"]
+FLAGS = [
+    "--config.train.steps=30",
+    "--config.checkpoint.every=10",
+    "--config.checkpoint.keep=5",
+    "--config.train.log_every=1",
+    "--config.synthetic.num_examples=400",
+    "--config.data.batch_size=4",
+    "--config.data.seq_len=128",
+]
 
 
 def _launch(workdir: str, log_name: str) -> subprocess.Popen:
     # The resumed run reuses the executables the first two runs compiled (same program, same bits).
     cache = os.path.join(os.path.dirname(workdir), "jax_cache")
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # quicker CPU compiles, same in every run
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    }  # quicker CPU compiles, same in every run
     log = open(os.path.join(os.path.dirname(workdir), log_name), "w")
     cmd = [sys.executable, "-m", "polaris_jax.main", "--config=configs/sft_tiny.py", f"--workdir={workdir}", *FLAGS]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

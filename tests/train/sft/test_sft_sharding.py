@@ -53,7 +53,8 @@ _SCRIPT = textwrap.dedent("""
 def test_sharded_steps_equal_single_device():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert "sharded ok" in result.stdout

@@ -19,14 +19,16 @@ VOCAB = 64
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time; both sides of each comparison use it
 
 
-def _setup(model_config, *, lora_rank=0, microbatches=1, peak_lr=1e-3, steps=50, batch_shape=(4, 32), std=0.02,
-           sgd=False):
+def _setup(
+    model_config, *, lora_rank=0, microbatches=1, peak_lr=1e-3, steps=50, batch_shape=(4, 32), std=0.02, sgd=False
+):
     mesh = make_mesh({"fsdp": 1})
     rng = jax.random.PRNGKey(0)
     params = partitioning.init_sharded_params(model_config, rng, mesh, std=std)
     if lora_rank:
-        model_config, params = lora_lib.add_lora(model_config, params, jax.random.PRNGKey(1), rank=lora_rank,
-                                                 alpha=16.0)
+        model_config, params = lora_lib.add_lora(
+            model_config, params, jax.random.PRNGKey(1), rank=lora_rank, alpha=16.0
+        )
         mask = lora_lib.lora_mask(params)
     else:
         mask = jax.tree.map(lambda _: True, params)
@@ -35,9 +37,17 @@ def _setup(model_config, *, lora_rank=0, microbatches=1, peak_lr=1e-3, steps=50,
         optimizer = optax.sgd(schedule)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh)
     state = partitioning.init_sharded_state(params, optimizer, jax.random.PRNGKey(2), mask, shardings)
-    step = make_sft_step(model_config, optimizer, schedule, mesh=mesh, state_shardings=shardings,
-                         loss_settings=losses.LossSettings(chunk_size=16), microbatches=microbatches,
-                         batch_shape=batch_shape, compiler_options=FAST_COMPILE)
+    step = make_sft_step(
+        model_config,
+        optimizer,
+        schedule,
+        mesh=mesh,
+        state_shardings=shardings,
+        loss_settings=losses.LossSettings(chunk_size=16),
+        microbatches=microbatches,
+        batch_shape=batch_shape,
+        compiler_options=FAST_COMPILE,
+    )
     return model_config, state, step, mesh
 
 
@@ -51,8 +61,11 @@ def one_step_results():
     config = ModelConfig.tiny(vocab_size=VOCAB)
     batch = sft_helpers.random_packed_batch(0, batch=4, length=32, vocab=VOCAB)
     results = {}
-    for name, model_config, microbatches in [("fp32", config, 1), ("fp32_x2", config, 2),
-                                             ("bf16", config.replace(compute_dtype="bfloat16"), 1)]:
+    for name, model_config, microbatches in [
+        ("fp32", config, 1),
+        ("fp32_x2", config, 2),
+        ("bf16", config.replace(compute_dtype="bfloat16"), 1),
+    ]:
         _, state, step, _ = _setup(model_config, microbatches=microbatches, peak_lr=1.0, sgd=True)
         state, metrics = step(state, batch, jax.random.PRNGKey(3))
         results[name] = (jax.device_get(state), jax.device_get(metrics))
@@ -90,8 +103,10 @@ def test_lora_rank8_trainable_state_is_under_5_percent_of_full_state_on_qwen3_0p
         opt = jax.eval_shape(optimizer.init, trainable)
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves((trainable, opt)))
 
-    full_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        (param_shapes(full_config), jax.eval_shape(optimizer.init, param_shapes(full_config)))))
+    full_state = sum(
+        int(np.prod(x.shape))
+        for x in jax.tree.leaves((param_shapes(full_config), jax.eval_shape(optimizer.init, param_shapes(full_config))))
+    )
     lora_state = state_size(mask)
     assert 0 < lora_state <= 0.05 * full_state, (lora_state, full_state)
     assert sum(jax.tree.leaves(mask)) == 7 * 2  # A and B on 7 projections, stacked over the 28 layers
@@ -101,16 +116,17 @@ def _cycle_batch(rows: int, length: int, period: int = 8) -> dict:
     """A task LoRA can learn on a random base: each row cycles through `period` tokens from a random start."""
     rng = np.random.default_rng(6)
     symbols = rng.permutation(np.arange(1, VOCAB))[:period]
-    sequences = [(symbols[(rng.integers(period) + np.arange(length)) % period].astype(np.int32),
-                  np.ones(length, np.int32)) for _ in range(rows)]
+    sequences = [
+        (symbols[(rng.integers(period) + np.arange(length)) % period].astype(np.int32), np.ones(length, np.int32))
+        for _ in range(rows)
+    ]
     return sft_helpers.packed_batch([[s] for s in sequences], length)
 
 
 @pytest.fixture(scope="module")
 def trained_lora():
     # A random base with large weights stands in for a pretrained one (std 0.02 caps logits near zero).
-    config, state, step, _ = _setup(ModelConfig.tiny(vocab_size=VOCAB), lora_rank=8, peak_lr=1e-2, steps=30,
-                                    std=0.3)
+    config, state, step, _ = _setup(ModelConfig.tiny(vocab_size=VOCAB), lora_rank=8, peak_lr=1e-2, steps=30, std=0.3)
     frozen_before = jax.device_get(state["frozen"])
     batch = _cycle_batch(4, 32)
     losses_seen = []
@@ -142,7 +158,8 @@ def test_lora_merged_export_matches_unmerged_logits(trained_lora, tmp_path):
     exported = np.asarray(logits(merged_config, merged, ids, mask))
     assert np.abs(unmerged - exported).max() <= 1e-4 * max(1.0, np.abs(unmerged).max())
     # The adapters matter: the base weights alone give different logits.
-    base = {k: {n: w for n, w in v.items() if "_lora_" not in n} if isinstance(v, dict) else v
-            for k, v in params.items()}
+    base = {
+        k: {n: w for n, w in v.items() if "_lora_" not in n} if isinstance(v, dict) else v for k, v in params.items()
+    }
     base_logits = np.asarray(logits(config.replace(lora_rank=0, lora_alpha=0.0), base, ids, mask))
     assert np.abs(base_logits - unmerged).max() > 1e-2
