@@ -8,5 +8,5 @@ from polaris_jax import lazy
 __version__ = "0.1.0"
 
 __getattr__, __dir__, __all__ = lazy.attach(
-    __name__, submodules=("models", "sampling", "rewards", "data", "train", "evals", "tools")
+    __name__, submodules=("models", "data", "sampling", "rewards", "rollout", "train", "evals", "tools", "files")
 )

@@ -26,6 +26,8 @@ import numpy as np
 
 from polaris_jax.data.problems import Problem
 from polaris_jax.rewards.combine import combine_rewards
+from polaris_jax.rewards.extraction import ExtractionConfig, resolve_think_policy
+from polaris_jax.rewards.pool import VerifierPool
 from polaris_jax.rewards.scoring import Score
 from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
@@ -98,6 +100,14 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     chunks: int = 1
+
+
+def verifier_pool(think_policy: str, prompt_text: str, **pool_kwargs) -> VerifierPool:
+    """The VerifierPool for completions of prompts like `prompt_text` (one rendered prompt), with the config's
+    `verifier.think_policy` resolved for it (`rewards.extraction.resolve_think_policy`). Every caller of
+    `sample_and_verify` builds its pool here, so training and evaluation score a completion alike."""
+    think = resolve_think_policy(think_policy, prompt_text)
+    return VerifierPool(extraction=ExtractionConfig(think=think), **pool_kwargs)
 
 
 def rollout_seed(*parts: int) -> int:

@@ -82,7 +82,7 @@ def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_th
         config.rewards = {"accuracy": {"weight": 1.0}}
     run = grpo_loop.Run(config, str(tmp_path / "grpo"))
     try:
-        assert run.think_policy == "require"
+        assert run.pool.extraction.think == "require"
         rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0)(0, 0)
         np.testing.assert_array_equal(rollouts.correct_b, expected)
         np.testing.assert_array_equal(rollouts.rewards_b, expected)

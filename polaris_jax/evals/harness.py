@@ -26,9 +26,9 @@ from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, build_math_prompt, 
 from polaris_jax.data.problems import Problem
 from polaris_jax.evals import metrics as metrics_lib
 from polaris_jax.files import jsonl, write_atomic
-from polaris_jax.rewards import ExtractionConfig, VerifierPool, scoring
+from polaris_jax.rewards import VerifierPool, scoring
 from polaris_jax.rewards.extraction import resolve_think_policy
-from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify
+from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify, verifier_pool
 
 
 def _is_writer() -> bool:
@@ -55,12 +55,8 @@ def load_model(config, mesh=None, rules=None):
         return model_config, params, tokenizer
     if not config.checkpoint:
         raise ValueError("config.checkpoint is empty: name a Hugging Face checkpoint directory or 'tiny'")
-    tokenizer = Tokenizer.from_dir(config.tokenizer or config.checkpoint)
-    shardings = None
-    if mesh is not None:
-        shardings = param_shardings(ModelConfig.from_hf(config.checkpoint), mesh, rules)
-    model_config, params = load_hf(config.checkpoint, dtype=config.dtype or None, shardings=shardings)
-    return model_config, params, tokenizer
+    model_config, params = load_hf(config.checkpoint, dtype=config.dtype or None, mesh=mesh, rules=rules)
+    return model_config, params, Tokenizer.from_dir(config.tokenizer or config.checkpoint)
 
 
 def mesh_and_rules(config):
@@ -105,7 +101,6 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         problems = problems[: config.num_problems]
     mesh, rules = mesh_and_rules(config)
     model_config, params, tokenizer = load_model(config, mesh, rules)
-    extraction = ExtractionConfig(think=think_policy(config, tokenizer))
     n = int(config.n)
     problem_list = _problems(config, problems, tokenizer)
     chunks = -(-len(problem_list) // max(1, int(config.problems_per_batch)))
@@ -118,8 +113,11 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         top_k=config.top_k,
         chunks=chunks,
     )
-    with VerifierPool(
-        num_workers=config.verifier_workers or None, timeout_s=config.verifier_timeout_s, extraction=extraction
+    with verifier_pool(
+        config.verifier.think_policy,
+        _prompt_text(config, "1+1", tokenizer),
+        num_workers=config.verifier_workers or None,
+        timeout_s=config.verifier_timeout_s,
     ) as pool:
         verified = sample_and_verify(
             model_config,
@@ -149,7 +147,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         ]
         answers_gn = [[r["answer"] for r in records[i : i + n]] for i in range(0, len(records), n)]
         labels_gn = metrics_lib.group_answers(answers_gn, _equivalent_pairs(pool))
-        verifier_failures = dict(pool.failures)
+        verifier_failures, think = dict(pool.failures), pool.extraction.think
     for i, record in enumerate(records):
         record["group"] = labels_gn[i // n][i % n]
 
@@ -171,7 +169,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
         "force_think": config.force_think,
-        "think_policy": extraction.think,
+        "think_policy": think,
         "metrics": metrics,
         "verifier_failures": verifier_failures,
         "wall_s": time.time() - started,

@@ -22,6 +22,7 @@ from polaris_jax.models import hf_names
 from polaris_jax.models.config import ModelConfig
 from polaris_jax.models.params import param_specs
 from polaris_jax.models.safetensors_io import CheckpointReader, write_safetensors
+from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
 
 _SIDE_FILES = (
     "tokenizer.json",
@@ -58,7 +59,7 @@ def _leaf_reader(config, reader, path: tuple[str, ...], dtype):
     return read
 
 
-def load_hf(path, dtype=None, *, shardings=None, config_overrides=None):
+def load_hf(path, dtype=None, *, shardings=None, mesh=None, rules=None, config_overrides=None):
     """Loads a HF checkpoint directory -> (ModelConfig, params).
 
     Args:
@@ -66,6 +67,8 @@ def load_hf(path, dtype=None, *, shardings=None, config_overrides=None):
       dtype: parameter dtype (e.g. "float32", "bfloat16"); defaults to the checkpoint's.
       shardings: optional pytree of `jax.sharding.Sharding` matching the params (see
         `models.sharding.param_shardings`); by default everything goes to the first device.
+      mesh, rules: instead of `shardings`, place each parameter in its shards of `mesh` under the
+        logical-axis `rules` (default `models.sharding.DEFAULT_RULES`).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -74,6 +77,8 @@ def load_hf(path, dtype=None, *, shardings=None, config_overrides=None):
     if dtype is not None:
         overrides["param_dtype"] = jnp.dtype(dtype).name
     config = ModelConfig.from_hf(path, **overrides)
+    if mesh is not None and shardings is None:
+        shardings = param_shardings(config, mesh, DEFAULT_RULES if rules is None else rules)
     reader = CheckpointReader(path)
     hf_names.check_checkpoint(config, reader)
     np_dtype = _np_dtype(config.weight_dtype)

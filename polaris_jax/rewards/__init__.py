@@ -7,7 +7,7 @@ shaped rewards selected by name.
         scores = pool.score_async(completions, golds).result()
 """
 
-from polaris_jax.rewards.combine import combine_rewards, score_and_shape_async, validate_spec
+from polaris_jax.rewards.combine import combine_rewards, validate_spec
 from polaris_jax.rewards.equivalence import Verdict, answers_equivalent, normalize_answer
 from polaris_jax.rewards.extraction import Extraction, ExtractionConfig, extract_answer
 from polaris_jax.rewards.pool import VerifierPool, default_pool, math_reward
@@ -33,7 +33,6 @@ __all__ = [
     "normalize_answer",
     "register_reward",
     "reward_names",
-    "score_and_shape_async",
     "score_completion",
     "validate_spec",
 ]

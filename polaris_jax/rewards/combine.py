@@ -10,16 +10,14 @@ A reward spec maps reward names to their weight and parameters, e.g. in a config
 `combine_rewards` evaluates each named reward on a RewardBatch and returns the weighted
 total with every component, so the trainer can log them. A reward that raises does not stop
 training: it is retried sample by sample and scores 0 where it still raises (counted, logged).
-`score_and_shape_async` runs the
-verifier pool first and resolves to the same, so reward work overlaps the next rollout.
+`rollout.sample_and_verify` is the one caller on the training and evaluation paths.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,6 @@ from polaris_jax.rewards.registry import get_reward
 from polaris_jax.rewards.shaped import RewardBatch
 
 logger = logging.getLogger(__name__)
-_SHAPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-shaping")
 
 
 def _as_dict(spec: Any) -> dict:
@@ -101,35 +98,3 @@ def combine_rewards(
         total_b += np.float32(entry["weight"]) * reward_b
         failures += failed
     return total_b, parts, failures
-
-
-def score_and_shape_async(
-    pool,
-    completions: Sequence[str],
-    golds: Sequence[str],
-    num_tokens_b: np.ndarray,
-    group_ids_b: np.ndarray,
-    spec: Mapping[str, Mapping[str, Any]],
-) -> concurrent.futures.Future:
-    """Future of (total_b, parts, failures, scores): verify in `pool`, then combine per `spec`."""
-    validate_spec(spec)
-    result: concurrent.futures.Future = concurrent.futures.Future()
-    result.set_running_or_notify_cancel()
-
-    def shape(scores_future: concurrent.futures.Future) -> None:
-        try:
-            scores = scores_future.result()
-            batch = RewardBatch(
-                completions=list(completions),
-                num_tokens_b=np.asarray(num_tokens_b),
-                correct_b=np.asarray([s.reward for s in scores], np.float32),
-                group_ids_b=np.asarray(group_ids_b),
-            )
-            result.set_result((*combine_rewards(batch, spec), scores))
-        except BaseException as error:
-            result.set_exception(error)
-
-    # Shape on our own thread: done-callbacks run on the pool's dispatcher thread, which must
-    # stay free to enforce timeouts.
-    pool.score_async(list(completions), list(golds)).add_done_callback(lambda done: _SHAPER.submit(shape, done))
-    return result

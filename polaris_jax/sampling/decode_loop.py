@@ -5,8 +5,11 @@ Three compiled functions, each keyed only by bucketed shapes (and the static con
   decode(decode batch, cache bucket)
   grow(decode batch, cache bucket -> next bucket), optionally keeping only some rows (compaction)
 Slot layout: prompts are left-padded to width P, so slot s of every row holds prompt token s - (P - len)
-for s < P, and `tokens_dc[:, s]` holds the token *predicted* at slot s. Generated token g of a row is
+for s < P, and `tokens_bs[:, s]` holds the token *predicted* at slot s. Generated token g of a row is
 thus at slot P - 1 + g, and is fed to the model at slot P + g.
+
+Suffixes (CONTRIBUTING.md): g the distinct prompts of the prefill, b the decode rows (n per prompt),
+s cache slots, c prefill-chunk positions, q stop sequences, l positions within a stop sequence.
 """
 
 from __future__ import annotations
@@ -32,25 +35,25 @@ FINISH_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 class StopCriteria:
     """When a row finishes. Shapes are bucketed; -1 pads never match a token."""
 
-    eos_e: jax.Array  # int32 [E] end-of-sequence ids
-    stop_sl: jax.Array  # int32 [S, L] stop sequences, right-aligned, left-padded with -1 (wildcard)
-    stop_len_s: jax.Array  # int32 [S] true lengths; 0 marks a padding row that never matches
+    eos_ids: jax.Array  # int32 [E] end-of-sequence ids
+    stop_ql: jax.Array  # int32 [S, L] stop sequences, right-aligned, left-padded with -1 (wildcard)
+    stop_len_q: jax.Array  # int32 [S] true lengths; 0 marks a padding row that never matches
     max_new_tokens: jax.Array  # int32 []
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    cache: dict  # models.attention per-layer cache: k, v tuples of HeadMajorKV, valid_bs [D, C], end []
-    next_token_d: jax.Array  # int32: sampled, not yet fed to the model
-    tokens_dc: jax.Array  # int32: token predicted at each slot
-    logprobs_dc: jax.Array  # float32: its log-probability (see strategies.sample)
-    num_new_d: jax.Array  # int32: tokens generated so far
-    done_d: jax.Array  # bool; dummy rows start done
-    reason_d: jax.Array  # int32: RUNNING / EOS / STOP / LENGTH
-    window_dl: jax.Array  # int32: the last L generated tokens, for stop sequences (-2 before any)
-    prompt_len_d: jax.Array  # int32: real prompt tokens; positions continue from here
-    row_key_d: jax.Array  # typed PRNG keys, one per row, folded from (seed, row id)
+    cache: dict  # models.attention per-layer cache: k, v tuples of HeadMajorKV, valid_bs [B, S], end []
+    next_token_b: jax.Array  # int32: sampled, not yet fed to the model
+    tokens_bs: jax.Array  # int32: token predicted at each slot
+    logprobs_bs: jax.Array  # float32: its log-probability (see strategies.sample)
+    num_new_b: jax.Array  # int32: tokens generated so far
+    done_b: jax.Array  # bool; dummy rows start done
+    reason_b: jax.Array  # int32: RUNNING / EOS / STOP / LENGTH
+    window_bl: jax.Array  # int32: the last L generated tokens, for stop sequences (-2 before any)
+    prompt_len_b: jax.Array  # int32: real prompt tokens; positions continue from here
+    row_key_b: jax.Array  # typed PRNG keys, one per row, folded from (seed, row id)
     prompt_width: jax.Array  # int32 []: P, the first generated token's feed slot
 
     def replace(self, **changes) -> DecodeState:
@@ -70,15 +73,15 @@ def _state_axes(state: DecodeState) -> DecodeState:
         cache=dict(
             k=tuple(map(_kv_axes, cache["k"])), v=tuple(map(_kv_axes, cache["v"])), valid_bs=("batch", "length"), end=()
         ),
-        next_token_d=("batch",),
-        tokens_dc=("batch", "length"),
-        logprobs_dc=("batch", "length"),
-        num_new_d=("batch",),
-        done_d=("batch",),
-        reason_d=("batch",),
-        window_dl=("batch", None),
-        prompt_len_d=("batch",),
-        row_key_d=("batch",),
+        next_token_b=("batch",),
+        tokens_bs=("batch", "length"),
+        logprobs_bs=("batch", "length"),
+        num_new_b=("batch",),
+        done_b=("batch",),
+        reason_b=("batch",),
+        window_bl=("batch", None),
+        prompt_len_b=("batch",),
+        row_key_b=("batch",),
         prompt_width=(),
     )
 
@@ -106,48 +109,48 @@ def _map_kv(cache: dict, fn) -> dict:
     )
 
 
-def _stop_match_d(window_dl, criteria: StopCriteria):
-    """[D] True where the last generated tokens end with one of the stop sequences."""
-    length = criteria.stop_sl.shape[1]
-    tail_dl = window_dl[:, window_dl.shape[1] - length :]
-    hit_dsl = (tail_dl[:, None, :] == criteria.stop_sl[None]) | (criteria.stop_sl[None] == -1)
-    return jnp.any(jnp.all(hit_dsl, axis=-1) & (criteria.stop_len_s[None] > 0), axis=-1)
+def _stop_match_b(window_bl, criteria: StopCriteria):
+    """[B] True where the last generated tokens end with one of the stop sequences."""
+    length = criteria.stop_ql.shape[1]
+    tail_bl = window_bl[:, window_bl.shape[1] - length :]
+    hit_dsl = (tail_bl[:, None, :] == criteria.stop_ql[None]) | (criteria.stop_ql[None] == -1)
+    return jnp.any(jnp.all(hit_dsl, axis=-1) & (criteria.stop_len_q[None] > 0), axis=-1)
 
 
 def _record(state: DecodeState, logits_dv, slot, settings: SamplingSettings, criteria: StopCriteria):
     """Samples the next token of every running row from the logits at `slot` and updates who is done."""
-    keys_d = jax.vmap(jax.random.fold_in)(state.row_key_d, state.num_new_d)
-    token_d, logprob_d = sample(logits_dv, keys_d, settings)
-    live_d = ~state.done_d
-    token_d = jnp.where(live_d, token_d, 0)
-    tokens_dc = jax.lax.dynamic_update_slice_in_dim(state.tokens_dc, token_d[:, None], slot, axis=1)
-    logprobs_dc = jax.lax.dynamic_update_slice_in_dim(
-        state.logprobs_dc, jnp.where(live_d, logprob_d, 0.0)[:, None], slot, axis=1
+    keys_b = jax.vmap(jax.random.fold_in)(state.row_key_b, state.num_new_b)
+    token_b, logprob_b = sample(logits_dv, keys_b, settings)
+    live_b = ~state.done_b
+    token_b = jnp.where(live_b, token_b, 0)
+    tokens_bs = jax.lax.dynamic_update_slice_in_dim(state.tokens_bs, token_b[:, None], slot, axis=1)
+    logprobs_bs = jax.lax.dynamic_update_slice_in_dim(
+        state.logprobs_bs, jnp.where(live_b, logprob_b, 0.0)[:, None], slot, axis=1
     )
-    num_new_d = state.num_new_d + live_d.astype(jnp.int32)
-    shifted_dl = jnp.concatenate([state.window_dl[:, 1:], token_d[:, None]], axis=1)
-    window_dl = jnp.where(live_d[:, None], shifted_dl, state.window_dl)
-    is_eos_d = jnp.any(token_d[:, None] == criteria.eos_e[None], axis=-1)
-    is_stop_d = _stop_match_d(window_dl, criteria)
-    is_length_d = num_new_d >= criteria.max_new_tokens
-    reason_d = jnp.select(
-        [~live_d, is_eos_d, is_stop_d, is_length_d],
+    num_new_b = state.num_new_b + live_b.astype(jnp.int32)
+    shifted_bl = jnp.concatenate([state.window_bl[:, 1:], token_b[:, None]], axis=1)
+    window_bl = jnp.where(live_b[:, None], shifted_bl, state.window_bl)
+    is_eos_b = jnp.any(token_b[:, None] == criteria.eos_ids[None], axis=-1)
+    is_stop_b = _stop_match_b(window_bl, criteria)
+    is_length_b = num_new_b >= criteria.max_new_tokens
+    reason_b = jnp.select(
+        [~live_b, is_eos_b, is_stop_b, is_length_b],
         [
-            state.reason_d,
-            jnp.full_like(state.reason_d, EOS),
-            jnp.full_like(state.reason_d, STOP),
-            jnp.full_like(state.reason_d, LENGTH),
+            state.reason_b,
+            jnp.full_like(state.reason_b, EOS),
+            jnp.full_like(state.reason_b, STOP),
+            jnp.full_like(state.reason_b, LENGTH),
         ],
-        state.reason_d,
+        state.reason_b,
     )
     return state.replace(
-        next_token_d=jnp.where(live_d, token_d, state.next_token_d),
-        tokens_dc=tokens_dc,
-        logprobs_dc=logprobs_dc,
-        num_new_d=num_new_d,
-        done_d=state.done_d | (reason_d != RUNNING),
-        reason_d=reason_d,
-        window_dl=window_dl,
+        next_token_b=jnp.where(live_b, token_b, state.next_token_b),
+        tokens_bs=tokens_bs,
+        logprobs_bs=logprobs_bs,
+        num_new_b=num_new_b,
+        done_b=state.done_b | (reason_b != RUNNING),
+        reason_b=reason_b,
+        window_bl=window_bl,
     )
 
 
@@ -157,28 +160,28 @@ def _pad_length(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _prefill(config, params, prompt_bt, positions_bt, segment_bt, cache, chunk: int):
-    """The prompt's forward pass into the cache; returns (last position's hidden [B, 1, D], cache).
+def _prefill(config, params, prompt_gt, positions_gt, segment_gt, cache, chunk: int):
+    """The prompt's forward pass into the cache; returns (last position's hidden [G, 1, D], cache).
 
     With 0 < chunk < P (and P a multiple of it) the prompt runs as P / chunk passes of `chunk` tokens
     under one `lax.scan`, each attending to the cache written so far, so activations are those of
     one chunk."""
-    p = prompt_bt.shape[1]
+    p = prompt_gt.shape[1]
     if not 0 < chunk < p or p % chunk:
         hidden_btd, cache = forward(
-            config, params, prompt_bt, positions_bt, segment_ids_bt=segment_bt, cache=cache, return_hidden=True
+            config, params, prompt_gt, positions_gt, segment_ids_bt=segment_gt, cache=cache, return_hidden=True
         )
         return hidden_btd[:, -1:], cache
     chunks = lambda x: jnp.swapaxes(x.reshape(x.shape[0], p // chunk, chunk), 0, 1)
 
     def one_chunk(cache, xs):
-        tokens_bc, positions_bc, segment_bc = xs
+        tokens_gc, positions_gc, segment_gc = xs
         hidden_bcd, cache = forward(
-            config, params, tokens_bc, positions_bc, segment_ids_bt=segment_bc, cache=cache, return_hidden=True
+            config, params, tokens_gc, positions_gc, segment_ids_bt=segment_gc, cache=cache, return_hidden=True
         )
         return cache, hidden_bcd[:, -1:]
 
-    cache, last_hidden = jax.lax.scan(one_chunk, cache, (chunks(prompt_bt), chunks(positions_bt), chunks(segment_bt)))
+    cache, last_hidden = jax.lax.scan(one_chunk, cache, (chunks(prompt_gt), chunks(positions_gt), chunks(segment_gt)))
     return last_hidden[-1], cache
 
 
@@ -186,11 +189,11 @@ def _prefill(config, params, prompt_bt, positions_bt, segment_bt, cache, chunk: 
 def start(
     config,
     params,
-    prompt_bt,
-    prompt_len_b,
-    row_src_d,
-    row_id_d,
-    row_live_d,
+    prompt_gt,
+    prompt_len_g,
+    row_src_b,
+    row_id_b,
+    row_live_b,
     seed,
     settings,
     criteria,
@@ -205,62 +208,62 @@ def start(
 
     cache_dtype: the KV cache's dtype (None: the model's compute dtype).
     prefill_chunk: tokens per prefill pass (0: the whole prompt bucket at once; see `_prefill`)."""
-    b, p = prompt_bt.shape
-    segment_bt = (jnp.arange(p)[None, :] >= p - prompt_len_b[:, None]).astype(jnp.int32)
-    positions_bt = jnp.maximum(jnp.cumsum(segment_bt, axis=1) - 1, 0).astype(jnp.int32)
-    last_hidden_b1d, cache = _prefill(
+    b, p = prompt_gt.shape
+    segment_gt = (jnp.arange(p)[None, :] >= p - prompt_len_g[:, None]).astype(jnp.int32)
+    positions_gt = jnp.maximum(jnp.cumsum(segment_gt, axis=1) - 1, 0).astype(jnp.int32)
+    last_hidden_g1d, cache = _prefill(
         config,
         params,
-        prompt_bt,
-        positions_bt,
-        segment_bt,
+        prompt_gt,
+        positions_gt,
+        segment_gt,
         init_cache(config, b, p, cache_dtype, per_layer=True),
         prefill_chunk,
     )
-    last_logits_bv = lm_head(config, params, last_hidden_b1d)[:, 0]
-    rows = functools.partial(jnp.take, indices=row_src_d, axis=0)
+    last_logits_gv = lm_head(config, params, last_hidden_g1d)[:, 0]
+    rows = functools.partial(jnp.take, indices=row_src_b, axis=0)
     cache = _map_kv(cache, lambda x, length_axis: _pad_length(rows(x), length_axis, cache_len))
-    d = row_src_d.shape[0]
-    window_len = criteria.stop_sl.shape[1]
+    d = row_src_b.shape[0]
+    window_len = criteria.stop_ql.shape[1]
     state = DecodeState(
         cache=dict(cache, valid_bs=_pad_length(rows(cache["valid_bs"]), 1, cache_len, False)),
-        next_token_d=jnp.zeros((d,), jnp.int32),
-        tokens_dc=jnp.zeros((d, cache_len), jnp.int32),
-        logprobs_dc=jnp.zeros((d, cache_len), jnp.float32),
-        num_new_d=jnp.zeros((d,), jnp.int32),
-        done_d=~row_live_d,
-        reason_d=jnp.zeros((d,), jnp.int32),
-        window_dl=jnp.full((d, window_len), -2, jnp.int32),
-        prompt_len_d=rows(prompt_len_b),
+        next_token_b=jnp.zeros((d,), jnp.int32),
+        tokens_bs=jnp.zeros((d, cache_len), jnp.int32),
+        logprobs_bs=jnp.zeros((d, cache_len), jnp.float32),
+        num_new_b=jnp.zeros((d,), jnp.int32),
+        done_b=~row_live_b,
+        reason_b=jnp.zeros((d,), jnp.int32),
+        window_bl=jnp.full((d, window_len), -2, jnp.int32),
+        prompt_len_b=rows(prompt_len_g),
         prompt_width=jnp.asarray(p, jnp.int32),
-        row_key_d=jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(row_id_d),
+        row_key_b=jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(row_id_b),
     )
-    state = _record(_constrain(state, mesh, rules), rows(last_logits_bv), p - 1, settings, criteria)
+    state = _record(_constrain(state, mesh, rules), rows(last_logits_gv), p - 1, settings, criteria)
     return _constrain(state, mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"), donate_argnames=("state",))
 def decode(config, params, state: DecodeState, settings, criteria, *, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
     """Decodes until every row is done or the cache bucket is full, one `while_loop` step per token."""
-    cache_len = state.tokens_dc.shape[1]
+    cache_len = state.tokens_bs.shape[1]
 
     def running(s: DecodeState):
-        return jnp.any(~s.done_d) & (s.cache["end"] < cache_len)
+        return jnp.any(~s.done_b) & (s.cache["end"] < cache_len)
 
     def step(s: DecodeState):
         slot = s.cache["end"]
-        positions_d1 = (s.prompt_len_d + slot - s.prompt_width)[:, None]
-        logits_d1v, cache = forward(config, params, s.next_token_d[:, None], positions_d1, cache=s.cache)
+        positions_b1 = (s.prompt_len_b + slot - s.prompt_width)[:, None]
+        logits_d1v, cache = forward(config, params, s.next_token_b[:, None], positions_b1, cache=s.cache)
         s = _record(s.replace(cache=cache), logits_d1v[:, 0], slot, settings, criteria)
         return _constrain(s, mesh, rules)
 
     return jax.lax.while_loop(running, step, _constrain(state, mesh, rules))
 
 
-def _take_rows(state: DecodeState, keep_d) -> DecodeState:
-    """The state of rows `keep_d` only, in that order (every field but the cache's `end` and `prompt_width`
+def _take_rows(state: DecodeState, keep_b) -> DecodeState:
+    """The state of rows `keep_b` only, in that order (every field but the cache's `end` and `prompt_width`
     has the batch first)."""
-    rows = functools.partial(jnp.take, indices=keep_d, axis=0)
+    rows = functools.partial(jnp.take, indices=keep_b, axis=0)
     cache = _map_kv(state.cache, lambda x, length_axis: rows(x))
     per_row = {
         f.name: rows(getattr(state, f.name))
@@ -271,14 +274,14 @@ def _take_rows(state: DecodeState, keep_d) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("cache_len", "mesh", "rules"))
-def grow(state: DecodeState, keep_d=None, *, cache_len: int, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
-    """Copies the state into the next, larger cache bucket; with `keep_d` (int32 [D']), only those rows."""
-    if keep_d is not None:
-        state = _take_rows(state, keep_d)
+def grow(state: DecodeState, keep_b=None, *, cache_len: int, mesh=None, rules=DEFAULT_RULES) -> DecodeState:
+    """Copies the state into the next, larger cache bucket; with `keep_b` (int32 [B']), only those rows."""
+    if keep_b is not None:
+        state = _take_rows(state, keep_b)
     cache = _map_kv(state.cache, lambda x, length_axis: _pad_length(x, length_axis, cache_len))
     state = state.replace(
         cache=dict(cache, valid_bs=_pad_length(cache["valid_bs"], 1, cache_len, False)),
-        tokens_dc=_pad_length(state.tokens_dc, 1, cache_len),
-        logprobs_dc=_pad_length(state.logprobs_dc, 1, cache_len),
+        tokens_bs=_pad_length(state.tokens_bs, 1, cache_len),
+        logprobs_bs=_pad_length(state.logprobs_bs, 1, cache_len),
     )
     return _constrain(state, mesh, rules)

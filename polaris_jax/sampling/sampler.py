@@ -103,16 +103,16 @@ def _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens: int, vocab_siz
     """Host arrays of `StopCriteria`, padded to power-of-two shapes so new stop lists rarely recompile."""
     eos = _check_ids("eos_token_ids", eos_token_ids, vocab_size) if len(eos_token_ids) else []
     stops = [_check_ids(f"stop_sequences[{i}]", s, vocab_size) for i, s in enumerate(stop_sequences)]
-    eos_e = np.full(round_up(max(len(eos), 1), None, MIN_EOS_IDS), -1, np.int32)
-    eos_e[: len(eos)] = eos
+    eos_ids = np.full(round_up(max(len(eos), 1), None, MIN_EOS_IDS), -1, np.int32)
+    eos_ids[: len(eos)] = eos
     width = round_up(max([len(s) for s in stops] + [1]), None, MIN_STOP_LENGTH)
-    stop_sl = np.full((round_up(max(len(stops), 1), None, MIN_STOP_SEQUENCES), width), -1, np.int32)
-    stop_len_s = np.zeros(stop_sl.shape[0], np.int32)
+    stop_ql = np.full((round_up(max(len(stops), 1), None, MIN_STOP_SEQUENCES), width), -1, np.int32)
+    stop_len_q = np.zeros(stop_ql.shape[0], np.int32)
     for i, seq in enumerate(stops):
-        stop_sl[i, width - len(seq) :] = seq
-        stop_len_s[i] = len(seq)
+        stop_ql[i, width - len(seq) :] = seq
+        stop_len_q[i] = len(seq)
     return decode_loop.StopCriteria(
-        eos_e=eos_e, stop_sl=stop_sl, stop_len_s=stop_len_s, max_new_tokens=np.int32(max_new_tokens)
+        eos_ids=eos_ids, stop_ql=stop_ql, stop_len_q=stop_len_q, max_new_tokens=np.int32(max_new_tokens)
     )
 
 
@@ -155,14 +155,14 @@ def _pack_batch(prompts, n: int, width: int, buckets: Buckets, shards: int):
     row (prompts x n, padded to its own bucket) its prompt, its id and whether it is real."""
     rows = len(prompts) * n
     prefill_batch, decode_batch = buckets.batch_size(len(prompts), shards), buckets.batch_size(rows, shards)
-    prompt_bt = np.full((prefill_batch, width), PAD_ID, np.int32)
-    prompt_len_b = np.zeros(prefill_batch, np.int32)
+    prompt_gt = np.full((prefill_batch, width), PAD_ID, np.int32)
+    prompt_len_g = np.zeros(prefill_batch, np.int32)
     for i, prompt in enumerate(prompts):
-        prompt_bt[i, width - len(prompt) :] = prompt
-        prompt_len_b[i] = len(prompt)
-    row_d = np.arange(decode_batch, dtype=np.int32)
-    row_src_d = np.where(row_d < rows, row_d // n, 0).astype(np.int32)
-    return prompt_bt, prompt_len_b, row_src_d, row_d, row_d < rows
+        prompt_gt[i, width - len(prompt) :] = prompt
+        prompt_len_g[i] = len(prompt)
+    row_b = np.arange(decode_batch, dtype=np.int32)
+    row_src_b = np.where(row_b < rows, row_b // n, 0).astype(np.int32)
+    return prompt_gt, prompt_len_g, row_src_b, row_b, row_b < rows
 
 
 def generate(
@@ -231,7 +231,7 @@ def generate(
     width = buckets.prompt_length(max(len(p) for p in prompts))
     buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
     batch = _pack_batch(prompts, n, width, buckets, shards)
-    prompt_bt, prompt_len_b, row_src_d, row_id_d, row_live_d = _put(batch, mesh, rules, rows=True)
+    prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b = _put(batch, mesh, rules, rows=True)
     settings, criteria, seed_arr = _put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
     rows = len(prompts) * n
 
@@ -258,11 +258,11 @@ def generate(
     state = decode_loop.start(
         config,
         params,
-        prompt_bt,
-        prompt_len_b,
-        row_src_d,
-        row_id_d,
-        row_live_d,
+        prompt_gt,
+        prompt_len_g,
+        row_src_b,
+        row_id_b,
+        row_live_b,
         seed_arr,
         settings,
         criteria,
@@ -272,7 +272,7 @@ def generate(
         mesh=mesh,
         rules=rules,
     )
-    row_of_d = np.arange(len(row_src_d))  # the output row each decode row holds; >= rows: a dummy
+    row_of_b = np.arange(len(row_src_b))  # the output row each decode row holds; >= rows: a dummy
     outputs = SampleOutput(
         tokens_br=np.zeros((rows, int(max_new_tokens)), np.int32),
         logprobs_br=np.zeros((rows, int(max_new_tokens)), np.float32),
@@ -281,31 +281,31 @@ def generate(
     )
     while True:
         state = decode_loop.decode(config, params, state, settings, criteria, mesh=mesh, rules=rules)
-        done_d = to_host(state.done_d)
-        if done_d.all():
+        done_b = to_host(state.done_b)
+        if done_b.all():
             break
         cache_len = buckets.cache_length(cache_len + 1)
-        live_d = np.flatnonzero(~done_d)
-        live_batch = buckets.batch_size(len(live_d), shards)
-        keep_d = None
-        if compact_rows and live_batch < len(done_d):
-            _collect_finished(state, row_of_d, rows, width - 1, outputs)
-            keep_d = np.concatenate([live_d, np.flatnonzero(done_d)[: live_batch - len(live_d)]]).astype(np.int32)
-            row_of_d = np.where(np.arange(live_batch) < len(live_d), row_of_d[keep_d], rows)  # fillers: dummies
-            keep_d = _put(keep_d, mesh, rules, rows=False)
-        state = decode_loop.grow(state, keep_d, cache_len=cache_len, mesh=mesh, rules=rules)
-    _collect_finished(state, row_of_d, rows, width - 1, outputs)
+        live_b = np.flatnonzero(~done_b)
+        live_batch = buckets.batch_size(len(live_b), shards)
+        keep_b = None
+        if compact_rows and live_batch < len(done_b):
+            _collect_finished(state, row_of_b, rows, width - 1, outputs)
+            keep_b = np.concatenate([live_b, np.flatnonzero(done_b)[: live_batch - len(live_b)]]).astype(np.int32)
+            row_of_b = np.where(np.arange(live_batch) < len(live_b), row_of_b[keep_b], rows)  # fillers: dummies
+            keep_b = _put(keep_b, mesh, rules, rows=False)
+        state = decode_loop.grow(state, keep_b, cache_len=cache_len, mesh=mesh, rules=rules)
+    _collect_finished(state, row_of_b, rows, width - 1, outputs)
     return outputs
 
 
-def _collect_finished(state, row_of_d, rows: int, first: int, outputs: SampleOutput) -> None:
+def _collect_finished(state, row_of_b, rows: int, first: int, outputs: SampleOutput) -> None:
     """Copies every finished real row's tokens, logprobs, length and finish code into `outputs` (once)."""
-    tokens_dc, logprobs_dc, num_new_d, reason_d = to_host(
-        (state.tokens_dc, state.logprobs_dc, state.num_new_d, state.reason_d)
+    tokens_bs, logprobs_bs, num_new_b, reason_b = to_host(
+        (state.tokens_bs, state.logprobs_bs, state.num_new_b, state.reason_b)
     )
-    for d, row in enumerate(row_of_d):
-        if row < rows and outputs.finish_b[row] == decode_loop.RUNNING and reason_d[d] != decode_loop.RUNNING:
-            n = int(num_new_d[d])
-            outputs.tokens_br[row, :n] = tokens_dc[d, first : first + n]
-            outputs.logprobs_br[row, :n] = logprobs_dc[d, first : first + n]
-            outputs.lengths_b[row], outputs.finish_b[row] = n, reason_d[d]
+    for d, row in enumerate(row_of_b):
+        if row < rows and outputs.finish_b[row] == decode_loop.RUNNING and reason_b[d] != decode_loop.RUNNING:
+            n = int(num_new_b[d])
+            outputs.tokens_br[row, :n] = tokens_bs[d, first : first + n]
+            outputs.logprobs_br[row, :n] = logprobs_bs[d, first : first + n]
+            outputs.lengths_b[row], outputs.finish_b[row] = n, reason_b[d]

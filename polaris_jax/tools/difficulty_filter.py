@@ -24,10 +24,8 @@ from polaris_jax.data import problems as grpo_data
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.models import load_hf
-from polaris_jax.models.sharding import DEFAULT_RULES, mesh_from_config, param_shardings, sharding_rules
-from polaris_jax.rewards import ExtractionConfig, VerifierPool
-from polaris_jax.rewards.extraction import resolve_think_policy
-from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
+from polaris_jax.models.sharding import DEFAULT_RULES, mesh_from_config, sharding_rules
+from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify, verifier_pool
 from polaris_jax.train.grpo.config import default_config
 
 
@@ -62,14 +60,8 @@ def filter_config(
 
 def load_policy(checkpoint: str, mesh=None, rules=DEFAULT_RULES, dtype=None):
     """(tokenizer, model config, params placed on the mesh) from a Hugging Face checkpoint directory."""
-    tokenizer = Tokenizer.from_dir(checkpoint)
-    shardings = None
-    if mesh is not None:
-        from polaris_jax.models import ModelConfig
-
-        shardings = param_shardings(ModelConfig.from_hf(checkpoint), mesh, rules)
-    model_config, params = load_hf(checkpoint, dtype=dtype, shardings=shardings)
-    return tokenizer, model_config, params
+    model_config, params = load_hf(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
+    return Tokenizer.from_dir(checkpoint), model_config, params
 
 
 def keep_mask(correct_gn: np.ndarray, max_pass_rate: float) -> np.ndarray:
@@ -98,12 +90,12 @@ def run(config, workdir: str) -> dict:
         prompt_width=prompt_width(problems),
         top_p=config.rollout.top_p,
     )
-    think = resolve_think_policy(config.verifier.think_policy, grpo_data.prompt_text("1+1", tokenizer, config.data))
     correct = []
-    with VerifierPool(
+    with verifier_pool(
+        config.verifier.think_policy,
+        grpo_data.prompt_text("1+1", tokenizer, config.data),
         num_workers=config.reward_workers or None,
         timeout_s=config.reward_timeout_s,
-        extraction=ExtractionConfig(think=think),
     ) as pool:
         for start in range(0, len(problems), f.prompts_per_batch):
             chunk = problems[start : start + f.prompts_per_batch]

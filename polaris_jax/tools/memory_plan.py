@@ -208,9 +208,9 @@ def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     )
     settings = SamplingSettings.create(temperature=1.0, vocab_size=cfg.vocab_size)
     criteria = decode_loop.StopCriteria(
-        eos_e=np.zeros(1, np.int32),
-        stop_sl=np.full((1, 1), -1, np.int32),
-        stop_len_s=np.zeros(1, np.int32),
+        eos_ids=np.zeros(1, np.int32),
+        stop_ql=np.full((1, 1), -1, np.int32),
+        stop_len_q=np.zeros(1, np.int32),
         max_new_tokens=np.int32(request.rollout_len - width),
     )
     statics = dict(mesh=mesh, rules=rules)

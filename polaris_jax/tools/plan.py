@@ -167,20 +167,9 @@ def shape_defaults(config) -> dict:
 
 def optimizer_for(config):
     """The config's AdamW (+ clipping); the schedule's length does not change memory."""
-    from polaris_jax.train.optimizer import make_optimizer
+    from polaris_jax.train.optimizer import optimizer_from_config
 
-    o = config.optimizer
-    return make_optimizer(
-        peak_lr=o.peak_lr,
-        total_steps=1000,
-        warmup_ratio=o.warmup_ratio,
-        min_lr_ratio=o.min_lr_ratio,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        grad_clip_norm=o.grad_clip_norm or None,
-    )
+    return optimizer_from_config(config.optimizer, total_steps=1000)
 
 
 def main(argv):

@@ -60,7 +60,8 @@ def hidden_token_stats(
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> dict:
-    """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D]."""
+    """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D], computed in
+    j chunks of c positions (`_jbcd`)."""
     b, t, d = hidden_btd.shape
     chunk = min(chunk_size, t)
     num_chunks = -(-t // chunk)
@@ -68,16 +69,16 @@ def hidden_token_stats(
     if pad:
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    hidden_nbcd = hidden_btd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-    targets_nbc = targets_bt.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+    hidden_jbcd = hidden_btd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
+    targets_jbc = targets_bt.reshape(b, num_chunks, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def body(carry, xs):
         hidden_bcd, targets_bc = xs
         return carry, _chunk_stats(config, params, hidden_bcd, targets_bc, temperature, with_entropy)
 
-    _, stats_nbc = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_nbc)
+    _, stats_jbc = jax.lax.scan(body, None, (hidden_jbcd, targets_jbc))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_jbc)
 
 
 def token_stats(

@@ -41,3 +41,20 @@ def make_optimizer(
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts), schedule
+
+
+def optimizer_from_config(optimizer_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`make_optimizer` from a config's `optimizer` section (peak_lr, warmup_ratio, min_lr_ratio, weight_decay,
+    b1, b2, eps, grad_clip_norm; 0 = no clipping) over `total_steps` optimiser updates."""
+    o = optimizer_config
+    return make_optimizer(
+        peak_lr=o.peak_lr,
+        total_steps=total_steps,
+        warmup_ratio=o.warmup_ratio,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        grad_clip_norm=o.grad_clip_norm or None,
+    )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from polaris_jax.rewards import RewardBatch, combine_rewards, get_reward, register_reward, reward_names
-from polaris_jax.rewards.combine import score_and_shape_async, validate_spec
+from polaris_jax.rewards.combine import validate_spec
 
 
 def make_batch(completions, num_tokens, correct, groups=None):
@@ -128,21 +128,6 @@ def test_spec_errors_name_the_problem():
         validate_spec({"acuracy": {"weight": 1.0}})
     with pytest.raises(ValueError, match="shape"):
         RewardBatch(["a"], np.array([1, 2]), np.array([1.0]), np.array([0]))
-
-
-def test_score_and_shape_runs_the_verifier_then_combines(pool):
-    completions = ["<think>\nx\n</think>\n\\boxed{\\frac{1}{2}}", "\\boxed{3}"]
-    future = score_and_shape_async(
-        pool,
-        completions,
-        ["0.5", "4"],
-        np.array([5, 5]),
-        np.array([0, 0]),
-        {"accuracy": {"weight": 1.0}, "format": {"weight": 0.1}},
-    )
-    total, parts, failures, scores = future.result(timeout=60)
-    np.testing.assert_allclose(total, [1.1, 0.0], rtol=1e-6)
-    assert [s.reward for s in scores] == [1.0, 0.0]
 
 
 @register_reward("test_raises_on_seven")

@@ -41,7 +41,7 @@ def spy_decode_batches(set_attribute) -> list:
     batches, original = [], decode_loop.decode
 
     def spy(config, params, state, *args, **kwargs):
-        batches.append(state.done_d.shape[0])
+        batches.append(state.done_b.shape[0])
         return original(config, params, state, *args, **kwargs)
 
     set_attribute(decode_loop, "decode", spy)

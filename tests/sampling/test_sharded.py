@@ -38,7 +38,7 @@ def sharded_run() -> dict:
     def spy(*args, **kwargs):
         state = original(*args, **kwargs)
         seen["cache_k"] = spec(state.cache["k"][0].data)
-        seen["tokens"] = spec(state.tokens_dc)
+        seen["tokens"] = spec(state.tokens_bs)
         return state
 
     decode_loop.decode = spy

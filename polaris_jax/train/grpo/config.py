@@ -21,9 +21,10 @@ import os
 
 import ml_collections
 
-from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
+from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, benchmark_names
+from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import DEFAULT_RULES
-from polaris_jax.train import setup
+from polaris_jax.train import rl, setup
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -159,12 +160,11 @@ def stage_at(stage_list: list[Stage], step: int) -> Stage:
     return stage_list[-1]
 
 
-class ConfigError(ValueError):
-    """A GRPO config that cannot run; the message names the field."""
-
-
 def _dataset_exists(path: str) -> bool:
-    return bool(path) and (os.path.exists(path) or path.startswith(("gs://", "tfds:", "synthetic_arith:")))
+    """A file or directory, a remote or tfds or synthetic spec, or the name of a shipped benchmark."""
+    if not path:
+        return False
+    return os.path.exists(path) or path.startswith(("gs://", "tfds:", "synthetic_arith:")) or path in benchmark_names()
 
 
 # Algo keys passed to every policy loss whose signature names them.
@@ -183,8 +183,6 @@ def _frozen(value, where: str):
 def policy_loss_kwargs(config) -> tuple[tuple[str, object], ...]:
     """The policy loss's keyword arguments as sorted (name, value) pairs (hashable, for the jitted update):
     `algo.clip_low` / `algo.clip_high` where its signature takes them, and `algo.policy_loss_kwargs`."""
-    from polaris_jax.train import rl
-
     a = config.algo
     own = dict(a.policy_loss_kwargs)
     for key in CLIP_KEYS:
@@ -197,9 +195,9 @@ def policy_loss_kwargs(config) -> tuple[tuple[str, object], ...]:
 
 def validate_config(config, *, check_files: bool = True) -> None:
     """Refuses, with a message naming the field, a config the loop could only fail on later."""
+    # Here, not at the top: `polaris_jax.rewards` imports sympy, which loading a config does not need.
     from polaris_jax.rewards import validate_spec
     from polaris_jax.rewards.extraction import THINK_POLICY_CHOICES
-    from polaris_jax.train import rl
 
     s = config.schedule
     lists = {

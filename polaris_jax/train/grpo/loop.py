@@ -29,9 +29,7 @@ from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
 from polaris_jax.models.sharding import mesh_from_config, sharding_rules
-from polaris_jax.rewards import ExtractionConfig, VerifierPool
-from polaris_jax.rewards.extraction import resolve_think_policy
-from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify
+from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify, verifier_pool
 from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import partitioning, setup
@@ -41,7 +39,7 @@ from polaris_jax.train.grpo import evaluate as grpo_eval
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
-from polaris_jax.train.optimizer import make_optimizer
+from polaris_jax.train.optimizer import optimizer_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +69,7 @@ class Run:
         self.model_config, params, mask = setup.build_params(config, base, self.mesh, self.rules, model_rng)
         self.stages = stages(config)
         updates_per_step = config.algo.num_iterations * config.algo.minibatches
-        o = config.optimizer
-        self.optimizer, self.schedule = make_optimizer(
-            peak_lr=o.peak_lr,
-            total_steps=total_steps(config) * updates_per_step,
-            warmup_ratio=o.warmup_ratio,
-            min_lr_ratio=o.min_lr_ratio,
-            weight_decay=o.weight_decay,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            grad_clip_norm=o.grad_clip_norm or None,
-        )
+        self.optimizer, self.schedule = optimizer_from_config(config.optimizer, total_steps(config) * updates_per_step)
         self.shardings = partitioning.state_shardings(self.model_config, self.optimizer, mask, self.mesh, self.rules)
         # The reference is a real copy: the policy's buffers are donated to every update.
         self.ref_params = (
@@ -108,14 +95,12 @@ class Run:
             async_save=c.async_save,
             lora_only=c.lora_only,
         )
-        # One think policy for rewards and evaluation, resolved from the prompt the template renders.
-        self.think_policy = resolve_think_policy(
-            config.verifier.think_policy, grpo_data.prompt_text("1+1", self.tokenizer, config.data)
-        )
-        self.pool = VerifierPool(
+        # One pool, so one think policy, for rewards and evaluation.
+        self.pool = verifier_pool(
+            config.verifier.think_policy,
+            grpo_data.prompt_text("1+1", self.tokenizer, config.data),
             num_workers=config.reward_workers or None,
             timeout_s=config.reward_timeout_s,
-            extraction=ExtractionConfig(think=self.think_policy),
         )
         self._streams: dict[int, grpo_data.ProblemStream] = {}
         self._updates: dict[int, tuple] = {}

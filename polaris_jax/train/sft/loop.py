@@ -21,26 +21,11 @@ from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train import losses, partitioning, setup
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import state as state_lib
-from polaris_jax.train.optimizer import make_optimizer
+from polaris_jax.train.optimizer import optimizer_from_config
 from polaris_jax.train.sft import data as sft_setup
 from polaris_jax.train.sft.step import make_sft_step
 
 logger = logging.getLogger(__name__)
-
-
-def optimizer_from_config(config):
-    o = config.optimizer
-    return make_optimizer(
-        peak_lr=o.peak_lr,
-        total_steps=config.train.steps,
-        warmup_ratio=o.warmup_ratio,
-        min_lr_ratio=o.min_lr_ratio,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        grad_clip_norm=o.grad_clip_norm or None,
-    )
 
 
 def loss_settings_from_config(config) -> losses.LossSettings:
@@ -74,7 +59,7 @@ def run(config, workdir: str) -> dict:
     model_rng, state_rng = jax.random.split(rng)
     base_config = setup.model_config_from(config, tokenizer)
     model_config, params, mask = setup.build_params(config, base_config, mesh, rules, model_rng)
-    optimizer, schedule = optimizer_from_config(config)
+    optimizer, schedule = optimizer_from_config(config.optimizer, config.train.steps)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh, rules)
     state = partitioning.init_sharded_state(params, optimizer, state_rng, mask, shardings)
     del params
