@@ -14,7 +14,7 @@ Measured on 2 CPU cores (2026-11-22, BENCHMARKS.md): pass@1 0.342 -> 0.879 in 25
 
 Variants (the `:arg`):
   ""   the demo
-  "ci" a narrower model and fewer steps, for the learning test in tests/train/test_grpo_learning.py
+  "ci" a narrower model and fewer steps, for the learning test in tests/train/grpo/test_grpo_learning.py
 """
 
 import ml_collections

@@ -5,7 +5,7 @@ ReasonIng modelS"): three GRPO stages with growing response budgets and rising t
     python -m polaris_jax.main --config=configs/polaris_qwen3_4b.py:tiny --workdir=/tmp/polaris_tiny   # CPU smoke
 
 Published recipe: stage max response lengths 39,936 / 48,128 / 52,224 tokens, rollout temperatures
-1.4 / 1.45 / 1.5 (picked by the Distinct-4 temperature search, polaris_jax/train/temperature_search.py),
+1.4 / 1.45 / 1.5 (picked by the Distinct-4 temperature search, polaris_jax/tools/temperature_search.py),
 lr 1e-6 constant, 128 prompts x 8 samples, PPO-clip 0.2 / 0.28 (DAPO clip-higher), token-mean loss, no
 KL, no entropy bonus, top_p 1.0, in-batch substitution of uninformative groups, rollout rescue, on
 Polaris-Dataset-53K. The blog reports about 700 steps in all; the per-stage split below is ours.

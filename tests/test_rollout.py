@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from polaris_jax import rollout, sampling
+from polaris_jax.data.problems import load_problems
 from polaris_jax.data.tokenizer import qwen_tokenizer_offline
 from polaris_jax.evals import run_eval
 from polaris_jax.rewards.extraction import ExtractionConfig
@@ -86,7 +87,7 @@ def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_th
         rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0)(0, 0)
         np.testing.assert_array_equal(rollouts.correct_b, expected)
         np.testing.assert_array_equal(rollouts.rewards_b, expected)
-        eval_problems = grpo_loop.grpo_data.load_problems(data, run.tokenizer, config.data)
+        eval_problems = load_problems(data, run.tokenizer, config.data)
         in_loop = grpo_loop._evaluate(run, eval_problems, 0)
     finally:
         run.close()

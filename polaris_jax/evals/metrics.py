@@ -5,6 +5,7 @@ pass@k  the unbiased estimator of Chen et al. 2021, 1 - C(n-c, k) / C(n, k), ave
 cons@n  majority vote: the most common final answer, answers grouped by mathematical
         equivalence (so "1/2" and "0.5" vote together), scored by the verifier;
 plus mean response length in tokens and the fraction of samples cut off at the token limit.
+avg@n and pass@k live in `rewards.estimators` (the in-loop evaluation uses them too) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from polaris_jax.rewards.equivalence import string_key
-from polaris_jax.rewards.estimators import avg_at_n, mean_pass_at_k, pass_at_k
-
-__all__ = [
-    "avg_at_n",
-    "cons_at_n",
-    "default_ks",
-    "group_answers",
-    "majority_index",
-    "mean_pass_at_k",
-    "pass_at_k",
-    "summarize",
-]
+from polaris_jax.rewards.estimators import avg_at_n, mean_pass_at_k, pass_at_k  # noqa: F401 (re-exported)
 
 
 def default_ks(n: int) -> list[int]:

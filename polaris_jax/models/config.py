@@ -341,28 +341,6 @@ class ModelConfig:
         return config_to_hf(self)
 
 
-PRESETS = {
-    "qwen3_0p6b": ModelConfig.qwen3_0p6b,
-    "qwen3_1p7b": ModelConfig.qwen3_1p7b,
-    "qwen3_4b": ModelConfig.qwen3_4b,
-    "qwen3_8b": ModelConfig.qwen3_8b,
-    "qwen3_14b": ModelConfig.qwen3_14b,
-    "deepseek_r1_0528_qwen3_8b": ModelConfig.deepseek_r1_0528_qwen3_8b,
-    "qwen3_30b_a3b": ModelConfig.qwen3_30b_a3b,
-    "qwen2p5_math_1p5b": ModelConfig.qwen2p5_math_1p5b,
-    "qwen2p5_math_7b": ModelConfig.qwen2p5_math_7b,
-    "r1_distill_qwen_1p5b": ModelConfig.r1_distill_qwen_1p5b,
-    "r1_distill_qwen_7b": ModelConfig.r1_distill_qwen_7b,
-    "r1_distill_qwen_14b": ModelConfig.r1_distill_qwen_14b,
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
-
-
 # -- Hugging Face config.json <-> ModelConfig keyword arguments ------------------------------------------
 # Both the Hub's older keys (`rope_theta`, `rope_scaling`, `torch_dtype`, `num_experts`) and the keys
 # transformers 5 writes (`rope_parameters`, `dtype`, `num_local_experts`) are read.

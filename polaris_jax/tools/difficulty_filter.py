@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from polaris_jax.data import problems as grpo_data
+from polaris_jax.data import problems as problems_lib
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.models import load_hf
@@ -80,8 +80,8 @@ def run(config, workdir: str) -> dict:
     started = time.perf_counter()
     mesh, rules = mesh_from_config(config), sharding_rules(config)
     tokenizer, model_config, params = load_policy(f.checkpoint, mesh, rules)
-    rows = grpo_data.load_rows(f.dataset)
-    problems = grpo_data.load_problems(f.dataset, tokenizer, config.data, rows=rows)
+    rows = problems_lib.load_rows(f.dataset)
+    problems = problems_lib.load_problems(f.dataset, tokenizer, config.data, rows=rows)
     by_id = {row["id"]: row for row in rows}
     settings = RolloutSettings(
         max_response_len=f.max_response_len,
@@ -93,7 +93,7 @@ def run(config, workdir: str) -> dict:
     correct = []
     with verifier_pool(
         config.verifier.think_policy,
-        grpo_data.prompt_text("1+1", tokenizer, config.data),
+        problems_lib.prompt_text("1+1", tokenizer, config.data),
         num_workers=config.reward_workers or None,
         timeout_s=config.reward_timeout_s,
     ) as pool:

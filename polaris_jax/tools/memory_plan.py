@@ -1,7 +1,7 @@
 """Ahead-of-time memory and FLOPs plan of a train step (and a rollout decode step) over a mesh.
 
 Nothing is allocated: the train state and batch are `jax.ShapeDtypeStruct`s carrying their
-`NamedSharding`s, the SFT step from `train.sft_step.make_sft_step` is lowered and compiled for the
+`NamedSharding`s, the SFT step from `train.sft.step.make_sft_step` is lowered and compiled for the
 mesh, and XLA's own analyses are read back:
 
   params, optimizer state   per-device bytes of the state's shards (exact, from the shardings)

@@ -4,15 +4,15 @@
     python -m polaris_jax.tools.plan --config=configs/sft_tiny.py --model=qwen3_8b --mesh=fsdp=8 \
         --batch_size=8 --seq_len=4096 --lora_rank=32 --rollout_batch=64 --rollout_len=8192
 
-The train step of `train.sft_step` is lowered and compiled for the mesh over N fake CPU devices
+The train step of `train.sft.step` is lowered and compiled for the mesh over N fake CPU devices
 (N = the product of the mesh sizes), with ShapeDtypeStructs in place of weights, so an 8B model
 plans on a laptop. The model, LoRA rank, batch, sequence length, microbatches, remat policy, mesh
 and sharding rules come from the config; flags override them. `--batch_size` is the global number
 of rows per optimiser step. Prints a table, then one JSON line.
 
-SFT configs (`train/sft_config.py`): rows = data.batch_size, length = data.seq_len, microbatches =
+SFT configs (`train/sft/config.py`): rows = data.batch_size, length = data.seq_len, microbatches =
 train.microbatches; no rollout unless --rollout_batch/--rollout_len are given.
-GRPO configs (`train/grpo_config.py`): the update is planned as the SFT step over the same rows,
+GRPO configs (`train/grpo/config.py`): the update is planned as the SFT step over the same rows,
 prompts_per_step x samples_per_prompt / algo.minibatches rows of data.max_prompt_len + the longest
 stage's max_response_len tokens (the policy loss adds only a few [B, T] arrays), and the rollout
 as the sampler decoding prompts_per_step x samples_per_prompt / rollout.chunks rows.
@@ -31,7 +31,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Experiment config (configs/*.py[:arg]); default: the SFT defaults of train/sft_config.py.",
+    "Experiment config (configs/*.py[:arg]); default: the SFT defaults of train/sft/config.py.",
     lock_config=True,
 )
 _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=2,fsdp=4,tensor=1' (default: the config's mesh).")
@@ -109,9 +109,9 @@ def use_fake_cpu_devices(count: int) -> None:
 
 def model_config_for(config, model_preset: str):
     """The ModelConfig to plan (before LoRA): a preset if given, else the config's model."""
-    from polaris_jax.models.config import preset
+    from polaris_jax.models.presets import preset
     from polaris_jax.train import setup
-    from polaris_jax.train.sft import data as sft_setup
+    from polaris_jax.train.sft import data as sft_data
 
     m = config.model
     if model_preset:
@@ -128,7 +128,7 @@ def model_config_for(config, model_preset: str):
         # The vocabulary is the synthetic task's tokenizer's, which the run writes at start-up.
         with tempfile.TemporaryDirectory() as tmp:
             if "synthetic" in config and config.synthetic.task:
-                tokenizer = sft_setup.load_tokenizer(config, tmp)[0]
+                tokenizer = sft_data.load_tokenizer(config, tmp)[0]
             elif config.get("job", "") == "demo":
                 from polaris_jax.data import synthetic_arith
 

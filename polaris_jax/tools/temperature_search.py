@@ -44,15 +44,15 @@ def search(
 ) -> dict:
     import ml_collections
 
-    from polaris_jax.data import problems as grpo_data
+    from polaris_jax.data import problems as problems_lib
     from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify, verifier_pool
     from polaris_jax.tools.difficulty_filter import load_policy
     from polaris_jax.train import rl
 
     tokenizer, model_config, params = load_policy(checkpoint)
     data_config = ml_collections.ConfigDict(dict(instruction=instruction, max_prompt_len=1 << 20))
-    problems = grpo_data.load_problems(dataset, tokenizer, data_config)[:num_problems]
-    with verifier_pool("auto", grpo_data.prompt_text("1+1", tokenizer, data_config)) as pool:
+    problems = problems_lib.load_problems(dataset, tokenizer, data_config)[:num_problems]
+    with verifier_pool("auto", problems_lib.prompt_text("1+1", tokenizer, data_config)) as pool:
 
         def sample_fn(temperature: float):
             settings = RolloutSettings(

@@ -18,8 +18,9 @@ from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.files import write_atomic
 from polaris_jax.models import lora as lora_lib
-from polaris_jax.models.config import LORA_TARGETS, ConfigError, ModelConfig, preset
+from polaris_jax.models.config import LORA_TARGETS, ConfigError, ModelConfig
 from polaris_jax.models.hf_io import load_hf
+from polaris_jax.models.presets import preset
 from polaris_jax.models.sharding import param_shardings
 from polaris_jax.train import partitioning
 
@@ -28,7 +29,7 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     """The `model` and `lora` sections this module reads, with their defaults, added to an experiment's schema
     (SFT and GRPO share them)."""
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # a models.config.PRESETS name or "tiny"; ignored when init_from is set
+    c.model.preset = "tiny"  # a models.presets.PRESETS name or "tiny"; ignored when init_from is set
     c.model.init_from = ""  # Hugging Face checkpoint directory to start from ("" = random init)
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0 = the tokenizer's
     c.model.param_dtype = "float32"  # master weights

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH
 from polaris_jax.train.rl import RolloutRescueBuffer
 
 
@@ -27,9 +28,17 @@ class PersistentRescueBuffer(RolloutRescueBuffer):
     def load_json(self, entries: list) -> None:
         self._store.clear()
         for prompt_id, row in entries:
-            self._store[prompt_id] = {
-                k: np.asarray(values, dtype=np.dtype(dtype)) for k, (dtype, values) in row.items()
-            }
+            stored = {k: np.asarray(values, dtype=np.dtype(dtype)) for k, (dtype, values) in row.items()}
+            self._store[prompt_id] = _current_fields(stored)
+
+
+def _current_fields(stored: dict) -> dict:
+    """A row saved before the typed `Rollouts` batch ("rewards", "truncated_b") in today's fields."""
+    if "rewards" in stored:
+        stored["rewards_b"] = stored.pop("rewards")
+    if "truncated_b" in stored:  # an untruncated row ended on an EOS id (stop sequences were not used then)
+        stored["finish_b"] = np.where(stored.pop("truncated_b"), FINISH_LENGTH, FINISH_EOS).astype(np.int32)
+    return stored
 
 
 class HostState:

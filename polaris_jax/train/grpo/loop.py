@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from polaris_jax.data import problems as grpo_data
+from polaris_jax.data import problems as problems_lib
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
@@ -98,17 +98,17 @@ class Run:
         # One pool, so one think policy, for rewards and evaluation.
         self.pool = verifier_pool(
             config.verifier.think_policy,
-            grpo_data.prompt_text("1+1", self.tokenizer, config.data),
+            problems_lib.prompt_text("1+1", self.tokenizer, config.data),
             num_workers=config.reward_workers or None,
             timeout_s=config.reward_timeout_s,
         )
-        self._streams: dict[int, grpo_data.ProblemStream] = {}
+        self._streams: dict[int, problems_lib.ProblemStream] = {}
         self._updates: dict[int, tuple] = {}
 
-    def stream(self, stage) -> grpo_data.ProblemStream:
+    def stream(self, stage) -> problems_lib.ProblemStream:
         if stage.index not in self._streams:
-            problems = grpo_data.load_problems(stage.dataset, self.tokenizer, self.config.data)
-            self._streams[stage.index] = grpo_data.ProblemStream(
+            problems = problems_lib.load_problems(stage.dataset, self.tokenizer, self.config.data)
+            self._streams[stage.index] = problems_lib.ProblemStream(
                 problems, seed=self.config.seed, stage=stage.index, shuffle=self.config.data.shuffle
             )
         return self._streams[stage.index]
@@ -280,7 +280,7 @@ def _train(run_: Run, started: float) -> dict:
         logger.info("resumed from %s at step %d", run_.ckpt.directory, start_step)
     eval_problems = []
     if config.eval.dataset:
-        eval_problems = grpo_data.load_problems(config.eval.dataset, run_.tokenizer, config.data)
+        eval_problems = problems_lib.load_problems(config.eval.dataset, run_.tokenizer, config.data)
         eval_problems = eval_problems[: config.eval.num_problems or None]
     final: dict = {}
     if eval_problems and start_step == 0:

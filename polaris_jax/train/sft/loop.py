@@ -22,7 +22,7 @@ from polaris_jax.train import losses, partitioning, setup
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.optimizer import optimizer_from_config
-from polaris_jax.train.sft import data as sft_setup
+from polaris_jax.train.sft import data as sft_data
 from polaris_jax.train.sft.step import make_sft_step
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def run(config, workdir: str) -> dict:
     metrics_lib.quiet_library_logs()
     setup.write_run_config(config, workdir)
     mesh, rules = mesh_from_config(config), sharding_rules(config)
-    tokenizer, sources, tokenizer_dir = sft_setup.load_tokenizer(config, workdir)
+    tokenizer, sources, tokenizer_dir = sft_data.load_tokenizer(config, workdir)
     rng = jax.random.PRNGKey(config.seed)
     model_rng, state_rng = jax.random.split(rng)
     base_config = setup.model_config_from(config, tokenizer)
@@ -63,7 +63,7 @@ def run(config, workdir: str) -> dict:
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh, rules)
     state = partitioning.init_sharded_state(params, optimizer, state_rng, mask, shardings)
     del params
-    iterator = sft_setup.make_data_iterator(config, tokenizer, sources)
+    iterator = sft_data.make_data_iterator(config, tokenizer, sources)
     ckpt = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         every=config.checkpoint.every,

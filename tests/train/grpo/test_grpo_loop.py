@@ -246,3 +246,16 @@ def test_rescue_buffer_survives_the_checkpoint_round_trip():
     for key in rows:
         np.testing.assert_array_equal(got[key], want[key])
         assert got[key].dtype == rows[key].dtype
+
+
+def test_a_rescue_row_saved_before_the_typed_batch_loads_in_todays_fields():
+    from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH
+    from polaris_jax.train.grpo.host_state import PersistentRescueBuffer
+
+    old_row = {"response_br": ["<i4", [5, 6, 0]], "truncated_b": ["|b1", True], "rewards": ["<f4", 1.0]}
+    buffer = PersistentRescueBuffer(2, rewards_key="correct_b")
+    buffer.load_json([["a", old_row], ["b", {**old_row, "truncated_b": ["|b1", False]}]])
+    stored = buffer.to_json()
+    assert sorted(stored[0][1]) == ["finish_b", "response_br", "rewards_b"]
+    assert stored[0][1]["finish_b"][1] == FINISH_LENGTH and stored[1][1]["finish_b"][1] == FINISH_EOS
+    assert stored[0][1]["rewards_b"][1] == 1.0
