@@ -26,6 +26,12 @@ _INSTRUCTION = flags.DEFINE_string("instruction", "", "Appended to each problem 
 _TOLERANCE = flags.DEFINE_float("accuracy_tolerance", 0.03, "Accuracy drop accepted for more diversity.")
 _DIVERSITY = flags.DEFINE_float("diversity_target", None, "Lowest Distinct-4 to aim for (optional).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampler seed.")
+_THINK = flags.DEFINE_enum(
+    "think_policy",
+    "auto",
+    ["auto", "strip", "require", "ignore"],
+    "The verifier's think policy (as verifier.think_policy).",
+)
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
@@ -41,6 +47,7 @@ def search(
     accuracy_tolerance: float = 0.03,
     diversity_target: float | None = None,
     seed: int = 0,
+    think_policy: str = "auto",
 ) -> dict:
     import ml_collections
 
@@ -52,7 +59,7 @@ def search(
     tokenizer, model_config, params = load_policy(checkpoint)
     data_config = ml_collections.ConfigDict(dict(instruction=instruction, max_prompt_len=1 << 20))
     problems = problems_lib.load_problems(dataset, tokenizer, data_config)[:num_problems]
-    with verifier_pool("auto", problems_lib.prompt_text("1+1", tokenizer, data_config)) as pool:
+    with verifier_pool(think_policy, problems_lib.prompt_text("1+1", tokenizer, data_config)) as pool:
 
         def sample_fn(temperature: float):
             settings = RolloutSettings(
@@ -105,6 +112,7 @@ def main(argv):
         accuracy_tolerance=_TOLERANCE.value,
         diversity_target=_DIVERSITY.value,
         seed=_SEED.value,
+        think_policy=_THINK.value,
     )
     line = json.dumps(out, sort_keys=True)
     if _OUT.value:
