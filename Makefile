@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo test bench lint format
+.PHONY: setup demo test test-slow bench lint format
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests --timeout=900 --durations=10
+
+test-slow: setup  # the tests marked slow (GRPO learning, the multi-host Polaris recipe); CI runs them too
+	$(PY) -m pytest tests --timeout=900 --durations=10 -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check .

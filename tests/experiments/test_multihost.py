@@ -157,6 +157,7 @@ def _grpo(workdir, local_devices, **env):
     )
 
 
+@pytest.mark.slow  # about 2 min on 2 cores: `make test-slow`, which .ci/run also runs
 def test_grpo_recipe_on_two_processes_matches_one_process(tmp_path):
     """The Polaris recipe's CPU variant (rollouts, verifier rewards, updates, evaluations) on a
     4-device mesh spread over 2 processes ends with the one-process run's metrics."""

@@ -10,12 +10,15 @@ reward) stays at or below the starting accuracy.
 import importlib.util
 import os
 
+import pytest
+
 from polaris_jax.tools import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 MARGIN = 0.10
 
 
+@pytest.mark.slow  # about 2-3 min on 2 cores: `make test-slow`, which .ci/run also runs
 def test_grpo_raises_held_out_accuracy(tmp_path):
     spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
     module = importlib.util.module_from_spec(spec)
