@@ -153,8 +153,8 @@ def sample_and_verify(
     extraction config carries the think policy) and shapes the rewards by `reward_spec`."""
     if not problems:
         raise ValueError("no problems to sample")
-    g = settings.samples_per_prompt
-    prompt_bt, prompt_len_b = _left_padded(problems, settings.prompt_width, g)
+    n = settings.samples_per_prompt
+    prompt_bt, prompt_len_b = _left_padded(problems, settings.prompt_width, n)
     eos_ids = tuple(tokenizer.eos_token_ids)
     per_chunk = -(-len(problems) // settings.chunks)
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
@@ -171,14 +171,14 @@ def sample_and_verify(
             temperature=settings.temperature,
             top_p=settings.top_p,
             top_k=settings.top_k,
-            n=g,
+            n=n,
             eos_token_ids=eos_ids,
             seed=rollout_seed(seed, c),
             **kwargs,
         )
         time_rollout += time.perf_counter() - started
         chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
-        futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(g)]))
+        futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(n)]))
         outputs.append(out)
         texts += chunk_texts
 
@@ -186,7 +186,7 @@ def sample_and_verify(
     scores = [s for f in futures for s in f.result()]
     response_len_b = np.concatenate([o.lengths_b for o in outputs]).astype(np.int32)
     correct_b = np.asarray([s.reward for s in scores], np.float32)
-    group_b = np.repeat(np.arange(len(problems), dtype=np.int32), g)
+    group_b = np.repeat(np.arange(len(problems), dtype=np.int32), n)
     rewards_b, parts, failures = combine_rewards(RewardBatch(texts, response_len_b, correct_b, group_b), reward_spec)
     rollouts = Rollouts(
         prompt_bt=prompt_bt,
