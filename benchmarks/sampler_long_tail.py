@@ -16,9 +16,10 @@ import json
 
 import jax
 import numpy as np
+from sampler import model_config
 from timing import interleaved_best, timed
 
-from polaris_jax.models import ModelConfig, init_params
+from polaris_jax.models import init_params
 from polaris_jax.sampling import generate
 
 
@@ -30,17 +31,7 @@ def main():
     parser.add_argument("--eos-ids", type=int, default=6, help="how many token ids end a row")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = ModelConfig.tiny(
-        "qwen3",
-        vocab_size=1024,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        intermediate_size=768,
-        tie_word_embeddings=True,
-    )
+    config = model_config({"model": "tiny qwen3", "dtype": "float32"})  # the sampler benchmark's tiny model
     params = init_params(config, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.rows, args.prompt)).tolist()
     kwargs = dict(

@@ -1,5 +1,5 @@
 """Token losses computed from hidden states in sequence chunks, shared by the SFT and GRPO steps, and the
-step machinery they share: microbatch gradient accumulation and the jitted step shape (`jit_step`).
+microbatch gradient accumulation they share (their jitted shape is `partitioning.jit_step`).
 
 A 151k-entry vocabulary makes float32 logits [B, T, V] the largest tensor of a step (32K tokens ->
 20 GB). Here the final hidden states are scanned in chunks of `chunk_size` positions; each chunk goes
@@ -17,7 +17,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from polaris_jax.models.sharding import activation_sharding
 from polaris_jax.models.transformer import forward, lm_head
 
 
@@ -195,21 +194,3 @@ def accumulate_gradients(loss_fn, trainable, batch, microbatches: int, microbatc
     (loss, aux, grads), _ = jax.lax.scan(body, carry0, micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return loss, aux, grads
-
-
-def jit_step(step_fn, *, mesh, rules, in_shardings, out_shardings, compiler_options=None):
-    """The one jitted shape of the SFT and GRPO steps: `step_fn(state, ...)` traced inside
-    `activation_sharding(mesh, rules)` (the model pins its residual stream to the batch sharding, so XLA
-    does not all-gather activations), with explicit shardings, and the state (argument 0) donated."""
-
-    def step(*args):
-        with activation_sharding(mesh, rules):
-            return step_fn(*args)
-
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=out_shardings,
-        donate_argnums=(0,),
-        compiler_options=compiler_options,
-    )

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polaris_jax.models.params import init_params, param_shapes
-from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
+from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, param_shardings
 from polaris_jax.train import state as state_lib
 
 BATCH_KEYS = ("tokens_bt", "positions_bt", "segment_ids_bt", "targets_bt", "loss_mask_bt")
@@ -86,3 +86,21 @@ def put_batch(batch: dict, shardings: dict) -> dict:
         key: multihost_utils.host_local_array_to_global_array(batch[key], shardings[key].mesh, shardings[key].spec)
         for key in BATCH_KEYS
     }
+
+
+def jit_step(step_fn, *, mesh, rules, in_shardings, out_shardings, compiler_options=None):
+    """The one jitted shape of the SFT and GRPO steps: `step_fn(state, ...)` traced inside
+    `activation_sharding(mesh, rules)` (the model pins its residual stream to the batch sharding, so XLA
+    does not all-gather activations), with explicit shardings, and the state (argument 0) donated."""
+
+    def step(*args):
+        with activation_sharding(mesh, rules):
+            return step_fn(*args)
+
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
+    )

@@ -12,7 +12,7 @@ settings come from the config through `update_settings(config, stage)`.
 
 Shapes are fixed per stage: tokens [B, P + R] (left-padded prompt, then the response), responses
 [B, R]; so the function compiles once per stage. Like the SFT step it is traced inside the
-activation-sharding context and donates the state (`losses.jit_step`). An update whose loss or
+activation-sharding context and donates the state (`partitioning.jit_step`). An update whose loss or
 gradient is not finite is not applied (params and optimizer state are kept) and is counted in
 `nonfinite_updates`, so the host can stop the run with the last good state intact.
 """
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from polaris_jax.models.transformer import forward
-from polaris_jax.train import losses, rl
+from polaris_jax.train import losses, partitioning, rl
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo.config import policy_loss_kwargs
 from polaris_jax.train.losses import accumulate_gradients, split_microbatches
@@ -283,7 +283,7 @@ def make_grpo_update(
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
     in_shardings = (state_shardings, batch_shardings(mesh, rules, rows), replicated, ref_shardings)
-    return losses.jit_step(
+    return partitioning.jit_step(
         fn,
         mesh=mesh,
         rules=rules,

@@ -4,7 +4,7 @@
                          state_shardings=shardings, loss_settings=LossSettings(), microbatches=4)
     state, metrics = step(state, batch, rng)
 
-Traced inside the activation-sharding context with the state donated (`losses.jit_step`, as the GRPO
+Traced inside the activation-sharding context with the state donated (`partitioning.jit_step`, as the GRPO
 update). With `microbatches > 1` the batch is split along its rows and gradients are summed over a
 `lax.scan`; every microbatch divides by the token count of the whole batch, so the result is the
 full-batch token mean, not a mean of microbatch means. Mixed precision comes from the
@@ -93,7 +93,7 @@ def make_sft_step(
     micro_sharding = NamedSharding(mesh, partitioning.batch_spec(mesh, rules, micro_shape, leading=1))
     step = sft_step_fn(model_config, optimizer, schedule, loss_settings, microbatches, micro_sharding)
     rep = partitioning.replicated(mesh)
-    return losses.jit_step(
+    return partitioning.jit_step(
         step,
         mesh=mesh,
         rules=rules,
