@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import cpu_gemm
+from polaris_jax.models import cpu_gemm, paged_attention
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -64,7 +64,15 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
     q, k = apply_rope(q, cos_btd, sin_btd), apply_rope(k, cos_btd, sin_btd)
     blocks = dict(block_q=config.attention_block_q, block_kv=config.attention_block_kv)
     b, t = segment_ids_bt.shape
-    if cache_layer is None:
+    if cache_meta is not None and "page_table_bp" in cache_meta:
+        k_pages, v_pages = paged_attention.write_pages(
+            *cache_layer, cache_meta["page_table_bp"], cache_meta["positions_bt"], k, v
+        )
+        out = paged_attention.attend(
+            q, k_pages, v_pages, cache_meta["page_table_bp"], cache_meta["lengths_b"], cache_meta["positions_bt"]
+        )
+        new_cache_layer = (k_pages, v_pages)
+    elif cache_layer is None:
         if config.use_flash_attention(t, t):
             out = flash_attention(q, k, v, segment_ids_bt, segment_ids_bt, **blocks)
         else:

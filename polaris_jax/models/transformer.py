@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import cpu_gemm
+from polaris_jax.models import cpu_gemm, paged_attention
 from polaris_jax.models.layers import decoder_layer, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain
@@ -129,7 +129,10 @@ def forward(
       segment_ids_bt: int32 [B, T]; attention stays within equal non-zero ids, 0 marks padding.
         Defaults to all ones.
       cache: from `init_cache`; if given, the T tokens are written at `cache["end"]` and attend to every
-        valid earlier slot (segments are then only a validity mask).
+        valid earlier slot (segments are then only a validity mask). Or a paged cache,
+        dict(k, v, page_table_bp) (`paged_attention.init_kv_pages` plus each row's page table): each token
+        is written at its position in its row's pages and attends to the row's positions up to its own;
+        tokens with segment id 0 are padding (neither written nor attending).
     Returns:
       (logits_btv float32, new_cache) — hidden states instead of logits if `return_hidden` — plus an aux
       dict {"router_aux_loss"} when `return_aux`.
@@ -139,7 +142,10 @@ def forward(
     x_btd = constrain(params["embed"][tokens_bt].astype(config.dtype), _RESIDUAL_AXES)
     cos, sin = rope_cos_sin(config, positions_bt)
     cache_meta, new_cache = None, None
-    if cache is not None:
+    paged = cache is not None and "page_table_bp" in cache
+    if paged:
+        cache_meta = paged_attention.paged_meta(cache["page_table_bp"], positions_bt, segment_ids_bt)
+    elif cache is not None:
         valid_bs, new_end = attn_lib.advance_cache_validity(cache, segment_ids_bt)
         cache_meta = {
             "end": cache["end"],
@@ -169,7 +175,8 @@ def forward(
             cat = lambda xs: tuple(layer for run in xs for layer in run)
         else:
             cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
-        new_cache = dict(k=cat(new_k), v=cat(new_v), valid_bs=valid_bs, end=new_end)
+        rest = dict(page_table_bp=cache["page_table_bp"]) if paged else dict(valid_bs=valid_bs, end=new_end)
+        new_cache = dict(k=cat(new_k), v=cat(new_v), **rest)
     hidden_btd = constrain(rms_norm(x_btd, params["final_norm"], config.rms_norm_eps), _RESIDUAL_AXES)
     out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)
     if not return_aux:

@@ -1,7 +1,7 @@
 """The host-side page pool: the one owner of KV-cache memory for the continuous-batching engine.
 
 Plain Python and numpy, no JAX. The device holds, per layer, `num_pages` pages of `page_size` token
-positions (`paged_attention.init_kv_pages`); this pool decides which sequence owns which page. A
+positions (`models.paged_attention.init_kv_pages`); this pool decides which sequence owns which page. A
 sequence (one decode slot's row: a prompt, or one of its n samples) has a page table, the list of
 its pages in position order, and a length, the tokens its pages hold. Token position i of a
 sequence lives in page `table[i // page_size]` at offset `i % page_size`.
@@ -10,7 +10,7 @@ sequence lives in page `table[i // page_size]` at offset `i % page_size`.
     if pool.can_admit(len(prompt)):                    # else the request waits
         pool.admit(("req", 0), len(prompt))            # prefill writes the prompt into these pages
         copies = [pool.fork(("req", 0), ("req", j)) for j in range(1, n)]   # n samples share it
-        # the device copies each (src, dst) page (paged_attention.copy_pages) before any decode write
+        # the device copies each (src, dst) page (models.paged_attention.copy_pages) before any decode write
     pool.append(seq, 1)                                # one more decoded token; a new page when needed
     pool.free(seq)                                     # when the row finishes or is aborted
     table_bp = pool.page_table_array(slots, max_pages) # int32, NULL_PAGE where a slot has no page
@@ -20,7 +20,7 @@ Design (after vLLM's `v1/core/block_pool.py` and `kv_cache_manager.py`, and Leva
 `GenState.clone_sequence`):
 
 - Null page. Page 0 (`NULL_PAGE`) is reserved and never handed out: page tables are padded with it,
-  `paged_attention.write_pages` drops any write aimed at it, and attention masks every position it
+  `models.paged_attention.write_pages` drops any write aimed at it, and attention masks every position it
   stands for. The pool's capacity is therefore `num_pages - 1`. An idle slot's table is all null,
   so a stale slot can neither read another sequence's tokens nor overwrite them.
 - Reference counts. Every page has a count of the page tables holding it; a page returns to the
@@ -47,7 +47,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-NULL_PAGE = 0  # reserved padding page: never allocated, never written, always masked
+from polaris_jax.models.paged_attention import NULL_PAGE
 
 
 class PoolExhausted(RuntimeError):

@@ -55,6 +55,34 @@ def _forget_unstacked(token):
         _last_unstacked.clear()
 
 
+def kv_dtype(config):
+    """The KV cache's dtype: the compute dtype, except float32 for a 16-bit model on CPU (BENCHMARKS.md)."""
+    if jax.default_backend() == "cpu" and jnp.dtype(config.dtype).itemsize < 4:
+        return jnp.float32
+    return None
+
+
+def decode_params(config, params, mesh=None, unstack_params: bool | None = None, pack_weights: bool | None = None):
+    """The params in the layout decoding reads fastest (see `generate`'s unstack_params and pack_weights)."""
+    if unstack_params is None:
+        unstack_params = jax.default_backend() == "cpu"
+    if pack_weights is not False:
+        # Only where the kernel computes what XLA would: weights stored in the compute dtype.
+        dtype_ok = (
+            jnp.dtype(config.dtype) == jnp.dtype(config.weight_dtype) and jnp.dtype(config.dtype) in cpu_gemm.TARGETS
+        )
+        can_pack = bool(unstack_params) and mesh is None and dtype_ok and cpu_gemm.available()
+        if pack_weights and not can_pack:
+            raise ValueError(
+                "pack_weights=True needs unstack_params, no mesh, float32 or bfloat16 weights in the "
+                "compute dtype, the CPU backend and a C++ compiler for models/cpu_gemm.cc"
+            )
+        pack_weights = can_pack
+    if unstack_params:
+        params = _unstacked(params, bool(pack_weights))
+    return params
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
     """Padded arrays; sample j of prompt i is row i·n + j.
@@ -116,7 +144,7 @@ def _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens: int, vocab_siz
     )
 
 
-def _batch_shards(mesh, rules) -> int:
+def batch_shards(mesh, rules) -> int:
     if mesh is None:
         return 1
     spec = logical_to_spec(("batch",), mesh, rules)[0]
@@ -124,7 +152,7 @@ def _batch_shards(mesh, rules) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def _put(tree, mesh, rules, *, rows: bool):
+def put(tree, mesh, rules, *, rows: bool):
     """Explicit host -> device transfer; with a mesh, `rows` arrays are split over the batch axes."""
     if mesh is None:
         return jax.device_put(tree)
@@ -227,33 +255,17 @@ def generate(
     settings = SamplingSettings.create(temperature, top_p, top_k, min_p, vocab_size=config.vocab_size)
     criteria = _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens, config.vocab_size)
 
-    shards = _batch_shards(mesh, rules)
+    shards = batch_shards(mesh, rules)
     width = buckets.prompt_length(max(len(p) for p in prompts))
     buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
     batch = _pack_batch(prompts, n, width, buckets, shards)
-    prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b = _put(batch, mesh, rules, rows=True)
-    settings, criteria, seed_arr = _put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
+    prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b = put(batch, mesh, rules, rows=True)
+    settings, criteria, seed_arr = put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
     rows = len(prompts) * n
 
-    on_cpu = jax.default_backend() == "cpu"
-    if unstack_params is None:
-        unstack_params = on_cpu
-    if pack_weights is not False:
-        # Only where the kernel computes what XLA would: weights stored in the compute dtype.
-        dtype_ok = (
-            jnp.dtype(config.dtype) == jnp.dtype(config.weight_dtype) and jnp.dtype(config.dtype) in cpu_gemm.TARGETS
-        )
-        can_pack = bool(unstack_params) and mesh is None and dtype_ok and cpu_gemm.available()
-        if pack_weights and not can_pack:
-            raise ValueError(
-                "pack_weights=True needs unstack_params, no mesh, float32 or bfloat16 weights in the "
-                "compute dtype, the CPU backend and a C++ compiler for models/cpu_gemm.cc"
-            )
-        pack_weights = can_pack
-    if unstack_params:
-        params = _unstacked(params, bool(pack_weights))
+    params = decode_params(config, params, mesh, unstack_params, pack_weights)
     # On CPU a 16-bit cache costs more than its bytes save: XLA copies it at every write (BENCHMARKS.md).
-    cache_dtype = jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize < 4 else None
+    cache_dtype = kv_dtype(config)
     cache_len = buckets.cache_length(width + 1)
     state = decode_loop.start(
         config,
@@ -292,7 +304,7 @@ def generate(
             _collect_finished(state, row_of_b, rows, width - 1, outputs)
             keep_b = np.concatenate([live_b, np.flatnonzero(done_b)[: live_batch - len(live_b)]]).astype(np.int32)
             row_of_b = np.where(np.arange(live_batch) < len(live_b), row_of_b[keep_b], rows)  # fillers: dummies
-            keep_b = _put(keep_b, mesh, rules, rows=False)
+            keep_b = put(keep_b, mesh, rules, rows=False)
         state = decode_loop.grow(state, keep_b, cache_len=cache_len, mesh=mesh, rules=rules)
     _collect_finished(state, row_of_b, rows, width - 1, outputs)
     return outputs

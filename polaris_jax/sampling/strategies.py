@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TRUNCATIONS: dict[str, Callable] = {}
 # Application order when several truncations are active.
@@ -80,31 +81,69 @@ class SamplingSettings:
         )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """Per-row sampling settings for a batch whose rows belong to different requests (the engine's decode
+    batch). Every field is a [B, 1] array; temperature 0 is greedy, top_k 0, top_p 1 and min_p 0 are off.
+    The truncations are the registry's, applied in TRUNCATION_ORDER, each a no-op on rows that turn it off."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    top_k: jax.Array
+    truncations = TRUNCATION_ORDER
+
+    @classmethod
+    def stack(cls, settings: list[SamplingSettings], rows: int) -> RowSettings:
+        """Host arrays for `rows` rows: row i has settings[i]; padding rows are greedy."""
+        fields = dict(temperature=0.0, top_p=1.0, min_p=0.0, top_k=0)
+        out = {
+            name: np.full((rows, 1), value, np.int32 if name == "top_k" else np.float32)
+            for name, value in fields.items()
+        }
+        for i, s in enumerate(settings):
+            for name in fields:
+                out[name][i, 0] = getattr(s, name)
+        return cls(**out)
+
+
+def _sorted_descending(logits_bv):
+    return -jnp.sort(-logits_bv, axis=-1)
+
+
 @register_truncation("top_k")
-def top_k(logits_bv, settings: SamplingSettings):
+def top_k(logits_bv, settings):
     """Keeps the k largest logits (ties with the k-th are kept too, as transformers does)."""
-    kth_b1 = jax.lax.top_k(logits_bv, settings.top_k)[0][:, -1:]
+    if isinstance(settings.top_k, int):
+        kth_b1 = jax.lax.top_k(logits_bv, settings.top_k)[0][:, -1:]
+    else:  # per-row k (RowSettings): the k-th of the sorted row; k = 0 keeps everything
+        sorted_bv = _sorted_descending(logits_bv)
+        kth_b1 = jnp.take_along_axis(sorted_bv, jnp.maximum(settings.top_k - 1, 0), axis=-1)
+        kth_b1 = jnp.where(settings.top_k > 0, kth_b1, -jnp.inf)
     return jnp.where(logits_bv >= kth_b1, logits_bv, -jnp.inf)
 
 
 @register_truncation("top_p")
-def top_p(logits_bv, settings: SamplingSettings):
+def top_p(logits_bv, settings):
     """Nucleus: keeps the smallest most-probable set whose probability reaches top_p."""
-    if settings.top_k:  # after top-k only k candidates are finite: sort those, not the vocabulary
+    if isinstance(settings.top_k, int) and settings.top_k:  # only k candidates are finite: sort those
         sorted_bk = jax.lax.top_k(logits_bv, settings.top_k)[0]
     else:
-        sorted_bk = -jnp.sort(-logits_bv, axis=-1)
+        sorted_bk = _sorted_descending(logits_bv)
     probs_bk = jnp.exp(sorted_bk - jax.nn.logsumexp(logits_bv, axis=-1, keepdims=True))
     mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
     kept_bk = mass_before_bk < settings.top_p  # the first token is always kept
     threshold_b1 = jnp.min(jnp.where(kept_bk, sorted_bk, jnp.inf), axis=-1, keepdims=True)
+    threshold_b1 = jnp.where(settings.top_p < 1.0, threshold_b1, -jnp.inf)  # top_p 1 keeps everything
     return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
 
 
 @register_truncation("min_p")
-def min_p(logits_bv, settings: SamplingSettings):
+def min_p(logits_bv, settings):
     """Keeps tokens whose probability is at least min_p times the most likely token's."""
     threshold_b1 = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(settings.min_p)
+    threshold_b1 = jnp.where(settings.min_p > 0.0, threshold_b1, -jnp.inf)
     return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
 
 
@@ -143,12 +182,38 @@ def categorical(logits_bv, keys_b, settings: SamplingSettings):
 STRATEGIES: dict[str, Callable] = {"greedy": greedy, "categorical": categorical}
 
 
+def _logprob_b(scaled_bv, tokens_b):
+    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)  # the same reduction as greedy's: XLA computes it once
+    log_mass_b = jnp.log(jnp.sum(jnp.exp(scaled_bv - max_b1), axis=-1))
+    chosen_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return chosen_b - max_b1[:, 0] - log_mass_b
+
+
 def sample(logits_bv, keys_b, settings: SamplingSettings):
     """Returns (tokens_b int32, logprobs_b float32); see the module docstring for the logprob convention."""
     logits_bv = logits_bv.astype(jnp.float32)
     tokens_b = STRATEGIES["greedy" if settings.greedy else "categorical"](logits_bv, keys_b, settings)
     scaled_bv = logits_bv if settings.greedy else logits_bv / settings.temperature
-    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)  # the same reduction as greedy's: XLA computes it once
-    log_mass_b = jnp.log(jnp.sum(jnp.exp(scaled_bv - max_b1), axis=-1))
-    chosen_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
-    return tokens_b, chosen_b - max_b1[:, 0] - log_mass_b
+    return tokens_b, _logprob_b(scaled_bv, tokens_b)
+
+
+def sample_rows(logits_bv, keys_b, settings: RowSettings):
+    """`sample` with each row's own settings (greedy where temperature is 0): a row draws the same token
+    and logprob as `sample` with its settings would. The truncations and the draw run only when some row
+    needs them (`lax.cond`), so an all-greedy batch pays for greedy alone."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b1 = settings.temperature == 0.0
+    scaled_bv = logits_bv / jnp.where(greedy_b1, 1.0, settings.temperature)
+    greedy_b = greedy(logits_bv, keys_b, settings)
+
+    def draw(scaled_bv):
+        truncating = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
+        truncated_bv = jax.lax.cond(
+            jnp.any(truncating & ~greedy_b1), lambda x: truncate(x, settings), lambda x: x, scaled_bv
+        )
+        noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, truncated_bv.shape[-1:], truncated_bv.dtype))(keys_b)
+        return first_argmax(truncated_bv + noise_bv)
+
+    drawn_b = jax.lax.cond(jnp.all(greedy_b1), lambda x: greedy_b, draw, scaled_bv)
+    tokens_b = jnp.where(greedy_b1[:, 0], greedy_b, drawn_b)
+    return tokens_b, _logprob_b(scaled_bv, tokens_b)

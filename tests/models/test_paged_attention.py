@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polaris_jax.sampling.paged_attention import copy_pages, init_kv_pages, paged_attention, write_pages
+from polaris_jax.models.paged_attention import copy_pages, init_kv_pages, paged_attention, write_pages
 from polaris_jax.sampling.pages import NULL_PAGE, PagePool
 
 TOL = dict(rtol=1e-5, atol=1e-5)

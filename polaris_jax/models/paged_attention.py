@@ -12,8 +12,8 @@ at offset `i % page_size`; `lengths_b` counts the positions a row's pages hold. 
   for both products (batch axes kv_heads, b first; head_dim or positions last), as the decode cache's
   `HeadMajorKV` is, so the reference transposes only the small query block, never the cache;
 - sharding kv heads over `tensor` splits the leading axis: each device holds whole pages of its heads.
-Page 0 is the null page (`pages.NULL_PAGE`): table padding points at it, writes aimed at it are
-dropped, and every position it stands for is masked.
+Page 0 is the null page (`NULL_PAGE`, which `sampling.pages.PagePool` never hands out): table padding
+points at it, writes aimed at it are dropped, and every position it stands for is masked.
 
 Functions (all jittable, fixed shapes; lengths, positions and tables are traced values, so new values
 never recompile):
@@ -43,8 +43,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from polaris_jax.sampling.pages import NULL_PAGE
-
+NULL_PAGE = 0  # reserved padding page: never allocated (sampling.pages), never written, always masked
 DEFAULT_PAGES_PER_BLOCK = 8
 
 
@@ -150,3 +149,27 @@ def paged_attention(
     _, l_kbgt, acc_kbgtd = jax.lax.fori_loop(0, filled_blocks, visit, init)
     out_kbgtd = acc_kbgtd / jnp.where(l_kbgt > 0, l_kbgt, 1.0)[..., None]
     return jnp.transpose(out_kbgtd, (1, 3, 0, 2, 4)).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def paged_meta(page_table_bp, positions_bt, segment_ids_bt) -> dict:
+    """What every layer's paged attention needs: the table, each token's position (-1 for padding, segment
+    id 0) and each row's length after this call's writes (one past its last real position)."""
+    positions_bt = jnp.where(segment_ids_bt != 0, positions_bt, -1)
+    return dict(
+        page_table_bp=page_table_bp,
+        positions_bt=positions_bt,
+        lengths_b=jnp.max(positions_bt, axis=1, initial=-1) + 1,
+    )
+
+
+def attend(q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt):
+    """Paged attention with the model's 1/sqrt(head_dim) scale, by the kernel for the backend being used."""
+    return paged_attention(
+        q_bthd,
+        k_pages_kpsd,
+        v_pages_kpsd,
+        page_table_bp,
+        lengths_b,
+        query_positions_bt,
+        scale=q_bthd.shape[-1] ** -0.5,
+    )

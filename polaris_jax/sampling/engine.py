@@ -1,0 +1,446 @@
+"""The continuous-batching engine: a host-side scheduler over a paged KV cache and fixed-shape device steps.
+
+    engine = Engine(config, params, EngineSettings(max_slots=64, num_pages=2048, page_size=16))
+    engine.submit(Request(prompt=ids, max_new_tokens=512, temperature=0.6, n=8, eos_token_ids=(151645,), id="q1"))
+    while engine.busy:
+        for delta in engine.step():          # streaming: each sample's new tokens
+            ...
+    completions = engine.pop_finished("q1") # n Completions: tokens, logprobs, weight versions, finish reason
+    engine.run([Request(...), ...])         # or: submit all, step until done, completions per request
+
+Design (after vLLM's v1 scheduler and block pool, and Levanter's engine):
+
+- Sequences, not slots, own state. A running sample is a host record (its context = prompt + tokens so
+  far, its position, its key's (seed, sample, count)); its KV lives in pages of the pool
+  (`pages.PagePool`, the one owner of KV memory). A decode slot is just a row of the next device call:
+  each step packs the decoding samples densely into the smallest slot bucket that holds them
+  (`EngineSettings.slot_buckets`), so a long tail of a few rows runs a small batch, and a finished
+  sample frees its row and pages at once.
+- One `step()`: (1) admit waiting requests in FIFO order while slots and pages allow (the prompt's pages
+  plus one page per sample; otherwise the request waits — never an out-of-memory, never a silent
+  truncation); (2) prefill up to `prefill_chunk` prompt tokens from the admitted prompts, a long prompt
+  over several steps; (3) decode up to `decode_block` tokens for every decoding sample in one device
+  call. The pages for those tokens are reserved first (`decode_block <= page_size`, so at most one page
+  beyond the live tokens per sample); when the pool runs out, the most recently admitted samples are
+  preempted (their pages freed, re-queued at the front, re-prefilled later from their tokens).
+- n samples share one prefill. The prompt minus its last token is prefilled once; then each sample
+  forks it (`PagePool.fork`: full pages shared, the partly filled last page copied on write) and its
+  first decode iteration feeds the last prompt token, whose logits give its first sampled token.
+- Randomness is per sample: fold_in(fold_in(key(seed), sample_offset + j), t) for token t, as in
+  `generate`, so a request's outputs do not depend on what else runs, and a resumed partial rollout
+  continues the same draws.
+- Stop conditions: EOS ids end a row on device (the block's loop exits when every row is done); stop
+  sequences are matched on the host over the returned tokens; the budget is max_new_tokens.
+- Live weights: `update_params(params)` between steps; samples in flight continue under the new weights
+  (PipelineRL), and each token records the version of the weights that produced it.
+- Control: `abort(id)` frees a request's pages and returns its partial completions; a partial sample
+  resumes with `Completion.resume()`; the waiting queue holds at most `max_queue` requests (`QueueFull`).
+
+No recompiles: the prefill chunk, the slot buckets, the decode block, the pool and the page-table width
+are fixed per engine, and params, tokens, positions, tables and settings are traced values.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+
+import jax
+import numpy as np
+
+from polaris_jax.models.paged_attention import NULL_PAGE, init_kv_pages
+from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.sampling import engine_steps
+from polaris_jax.sampling.pages import PagePool, PoolExhausted
+from polaris_jax.sampling.requests import Completion, Delta, QueueFull, Request, RequestError
+from polaris_jax.sampling.sampler import batch_shards, decode_params, kv_dtype, put
+from polaris_jax.sampling.strategies import RowSettings
+
+MIN_EOS_IDS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Fixed per engine (they fix every compiled shape).
+
+    max_slots: samples decoding at once (the largest slot bucket).
+    num_pages, page_size: the KV pool (page 0 is the reserved null page).
+    max_seq_len: prompt + max_new_tokens of any request; the page-table width is max_seq_len / page_size.
+    prefill_chunk: prompt tokens prefilled per step (one device call).
+    decode_block: tokens decoded per sample per step (one device call), at most page_size.
+    max_queue: requests waiting for admission before `submit` raises QueueFull.
+    slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
+    """
+
+    max_slots: int = 64
+    num_pages: int = 1024
+    page_size: int = 16
+    max_seq_len: int = 4096
+    prefill_chunk: int = 512
+    decode_block: int = 8
+    max_queue: int = 1024
+    slot_buckets: tuple[int, ...] = ()
+
+    def buckets(self, shards: int = 1) -> tuple[int, ...]:
+        sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
+        sizes = sorted({-(-max(s, 1) // shards) * shards for s in sizes})
+        return tuple(sizes)
+
+    def check(self, config, shards: int) -> None:
+        for name in (
+            "max_slots",
+            "num_pages",
+            "page_size",
+            "max_seq_len",
+            "prefill_chunk",
+            "decode_block",
+            "max_queue",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineSettings.{name}={value!r} must be a positive integer")
+        if self.decode_block > self.page_size:
+            raise ValueError(f"decode_block={self.decode_block} must be <= page_size={self.page_size}")
+        if max(self.buckets(shards)) < self.max_slots:
+            raise ValueError(f"slot_buckets={self.slot_buckets} must hold max_slots={self.max_slots}")
+        if self.prefill_chunk % shards:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be a multiple of the {shards} batch shards")
+        limit = config.max_position_embeddings
+        if self.max_seq_len > limit:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings={limit}")
+        per_seq = -(-self.max_seq_len // self.page_size) + 1
+        if self.num_pages - 1 < per_seq:
+            raise ValueError(
+                f"num_pages={self.num_pages} cannot hold one sequence of max_seq_len={self.max_seq_len} "
+                f"({per_seq} pages of {self.page_size} tokens plus the null page)"
+            )
+
+
+class _Sample:
+    """One running or waiting sample: its completion so far and the context its pages hold."""
+
+    def __init__(self, request: Request, completion: Completion, ticket: int):
+        self.request, self.completion = request, completion
+        self.ticket = (ticket, completion.sample)  # admission order: preemption takes the largest
+        self.key = (request.id, completion.sample)
+        self.prefilled = 0  # context positions written into its pages
+        self.followers: list[_Sample] = []  # samples that fork this one once its prompt is prefilled
+
+    @property
+    def generated(self) -> list[int]:
+        return list(self.request.prefix) + self.completion.tokens
+
+    @property
+    def context(self) -> list[int]:
+        return list(self.request.prompt) + self.generated
+
+    @property
+    def num_new(self) -> int:
+        return len(self.request.prefix) + len(self.completion.tokens)
+
+
+class Engine:
+    """See the module docstring. `params` is the model's params (any layout `generate` takes)."""
+
+    def __init__(self, config, params, settings: EngineSettings = EngineSettings(), *, mesh=None, rules=DEFAULT_RULES):
+        self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
+        self._shards = batch_shards(mesh, rules)
+        settings.check(config, self._shards)
+        self._buckets = settings.buckets(self._shards)
+        self._max_pages = -(-settings.max_seq_len // settings.page_size)
+        self.pool = PagePool(settings.num_pages, settings.page_size)
+        pages = init_kv_pages(config, settings.num_pages, settings.page_size, kv_dtype(config))
+        self._pages = self._put_pages(pages)
+        self.params, self.version = None, -1
+        self.update_params(params)
+        self._waiting: collections.deque[list[_Sample]] = collections.deque()
+        self._prefilling: list[_Sample] = []  # admitted leaders whose prompt is being written
+        self._decoding: list[_Sample] = []
+        self._requests: dict = {}  # id -> [Completion] for requests not yet popped
+        self._unfinished: dict = collections.Counter()  # id -> samples not finished
+        self._tickets = itertools.count()
+        self._auto_ids = itertools.count()
+        self._pending_copies: list[tuple[int, int]] = []
+        self.last_metrics: dict = {}
+        self.totals = collections.Counter()
+
+    # ----- weights -----
+
+    def _put_pages(self, pages):
+        if self.mesh is None:
+            return jax.device_put(pages)
+        from jax.sharding import NamedSharding
+
+        from polaris_jax.models.sharding import logical_to_spec
+
+        spec = lambda x: NamedSharding(
+            self.mesh, logical_to_spec(engine_steps.PAGE_AXES, self.mesh, self.rules, x.shape)
+        )
+        return jax.tree.map(lambda x: jax.device_put(x, spec(x)), pages)
+
+    def update_params(self, params, version: int | None = None) -> None:
+        """New weights from the next step on; samples in flight continue under them. Each token records the
+        version that produced it (default: the previous version + 1)."""
+        self.params = decode_params(self.config, params, self.mesh)
+        self.version = self.version + 1 if version is None else int(version)
+
+    # ----- requests -----
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding or self._pending_copies)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: Request) -> object:
+        """Queues a request (validated first: RequestError names it); returns its id. Raises QueueFull when
+        `max_queue` requests wait."""
+        if request.id is None:
+            request = dataclasses.replace(request, id=f"request-{next(self._auto_ids)}")
+        request.check(self.config.vocab_size, self.settings.max_seq_len)
+        if request.id in self._requests:
+            raise RequestError(f"request {request.id!r}: that id is already in use")
+        if request.n > self.settings.max_slots:
+            raise RequestError(f"request {request.id!r}: n={request.n} exceeds max_slots={self.settings.max_slots}")
+        if len(self._waiting) >= self.settings.max_queue:
+            raise QueueFull(f"request {request.id!r}: {len(self._waiting)} requests already wait (max_queue)")
+        completions = [Completion(request, j) for j in range(request.n)]
+        self._requests[request.id] = completions
+        self._unfinished[request.id] = request.n
+        ticket = next(self._tickets)
+        self._waiting.append([_Sample(request, c, ticket) for c in completions])
+        return request.id
+
+    def finished(self, request_id) -> bool:
+        return request_id in self._requests and self._unfinished[request_id] == 0
+
+    def pop_finished(self, request_id) -> list[Completion]:
+        """A finished request's completions (sample order); it is forgotten afterwards."""
+        if not self.finished(request_id):
+            raise KeyError(f"request {request_id!r} is not finished (or unknown)")
+        del self._unfinished[request_id]
+        return self._requests.pop(request_id)
+
+    def abort(self, request_id) -> list[Completion]:
+        """Stops a request wherever it is and frees its pages; returns its completions so far (a sample that
+        had not finished keeps finish_reason None: a partial rollout, resumable with `Completion.resume`)."""
+        if request_id not in self._requests:
+            raise KeyError(f"request {request_id!r} is unknown or already popped")
+        self._waiting = collections.deque(g for g in self._waiting if g[0].request.id != request_id)
+        for sample in [s for s in self._prefilling + self._decoding if s.request.id == request_id]:
+            self._release(sample)
+        self._unfinished[request_id] = 0
+        return self.pop_finished(request_id)
+
+    def run(self, requests) -> list[list[Completion]]:
+        """Submits every request (as the queue allows), steps until all finish; completions per request."""
+        ids, pending = [], collections.deque(requests)
+        while pending or self.busy:
+            while pending and len(self._waiting) < self.settings.max_queue:
+                ids.append(self.submit(pending.popleft()))
+            self.step()
+        return [self.pop_finished(i) for i in ids]
+
+    # ----- the step -----
+
+    def step(self) -> list[Delta]:
+        """Admits, prefills one chunk, decodes one block; returns the new tokens of every sample."""
+        self._admit()
+        prefill_tokens = self._prefill()
+        deltas: list[Delta] = []
+        decode_tokens, rows = self._decode(deltas)
+        self.last_metrics = dict(
+            live_slots=len(self._prefilling) + len(self._decoding),
+            decode_rows=rows,
+            pages_used=self.pool.num_used,
+            pages_free=self.pool.num_free,
+            queue_length=len(self._waiting),
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+        )
+        self.totals.update(steps=1, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
+        self.totals["max_pages_used"] = max(self.totals["max_pages_used"], self.pool.num_used)
+        return deltas
+
+    def _running(self) -> int:
+        return sum(1 + len(s.followers) for s in self._prefilling) + len(self._decoding)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            group = self._waiting[0]
+            leader = group[0]
+            written = len(leader.context) - 1
+            if self._running() + len(group) > self.settings.max_slots:
+                return
+            if self.pool.pages_for(written) + len(group) > self.pool.num_free:
+                return  # waits for pages: prompt plus one page per sample
+            self._waiting.popleft()
+            self.pool.allocate(leader.key, written)
+            leader.prefilled, leader.followers = 0, group[1:]
+            self._prefilling.append(leader)
+            if written == 0:
+                self._prefill_done(leader)
+
+    def _prefill_done(self, leader: _Sample) -> None:
+        self._prefilling.remove(leader)
+        leader.prefilled = len(leader.context) - 1
+        for follower in leader.followers:
+            self._pending_copies += self.pool.fork(leader.key, follower.key)
+            follower.prefilled = leader.prefilled
+        self._decoding += [leader] + leader.followers
+        leader.followers = []
+
+    def _prefill(self) -> int:
+        chunk = self.settings.prefill_chunk
+        token_c = np.zeros(chunk, np.int32)
+        position_c = np.full(chunk, -1, np.int32)
+        table_cp = np.full((chunk, self._max_pages), NULL_PAGE, np.int32)
+        used, done = 0, []
+        for leader in self._prefilling:
+            if used == chunk:
+                break
+            context = leader.context
+            take = min(chunk - used, len(context) - 1 - leader.prefilled)
+            span = slice(used, used + take)
+            token_c[span] = context[leader.prefilled : leader.prefilled + take]
+            position_c[span] = np.arange(leader.prefilled, leader.prefilled + take)
+            table_cp[span] = self.pool.page_table_array([leader.key], self._max_pages)
+            leader.prefilled += take
+            used += take
+            if leader.prefilled == len(context) - 1:
+                done.append(leader)
+        if used:
+            batch = put((token_c, position_c, table_cp), self.mesh, self.rules, rows=True)
+            self._pages = engine_steps.prefill(
+                self.config, self.params, self._pages, *batch, mesh=self.mesh, rules=self.rules
+            )
+        for leader in done:
+            self._prefill_done(leader)
+        return used
+
+    def _flush_copies(self) -> None:
+        width = self.settings.max_slots
+        while self._pending_copies:
+            pairs, self._pending_copies = self._pending_copies[:width], self._pending_copies[width:]
+            src_c = np.zeros(width, np.int32)
+            dst_c = np.full(width, NULL_PAGE, np.int32)
+            src_c[: len(pairs)], dst_c[: len(pairs)] = zip(*pairs)
+            src_c, dst_c = put((src_c, dst_c), self.mesh, self.rules, rows=False)
+            self._pages = engine_steps.copy(self._pages, src_c, dst_c, mesh=self.mesh, rules=self.rules)
+
+    def _reserve(self) -> list[tuple[_Sample, int]]:
+        """Pages for this block's tokens of every decoding sample, preempting the newest when they run out."""
+        reserved = []
+        for sample in sorted(self._decoding, key=lambda s: s.ticket):
+            if sample not in self._decoding:
+                continue  # preempted below for an older sample
+            budget = min(self.settings.decode_block, sample.request.max_new_tokens - sample.num_new)
+            while True:
+                try:
+                    self.pool.append(sample.key, budget)
+                    reserved.append((sample, budget))
+                    break
+                except PoolExhausted:
+                    victim = max(self._decoding + self._prefilling, key=lambda s: s.ticket)
+                    self._preempt(victim)
+                    if victim is sample:
+                        break
+        return reserved
+
+    def _decode(self, deltas: list[Delta]) -> tuple[int, int]:
+        self._flush_copies()
+        reserved = self._reserve()
+        self._flush_copies()
+        if not reserved:
+            return 0, 0
+        rows = next(b for b in self._buckets if b >= len(reserved))
+        batch = self._decode_batch(reserved, rows)
+        self._pages, tokens_bk, logprobs_bk, _ = engine_steps.decode(
+            self.config,
+            self.params,
+            self._pages,
+            put(batch, self.mesh, self.rules, rows=True),
+            block=self.settings.decode_block,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+        tokens_bk, logprobs_bk = np.asarray(jax.device_get(tokens_bk)), np.asarray(jax.device_get(logprobs_bk))
+        generated = 0
+        for b, (sample, budget) in enumerate(reserved):
+            generated += self._accept(sample, tokens_bk[b, :budget].tolist(), logprobs_bk[b, :budget].tolist(), deltas)
+        return generated, rows
+
+    def _decode_batch(self, reserved, rows: int) -> engine_steps.DecodeBatch:
+        eos_width = max([MIN_EOS_IDS] + [len(s.request.eos_token_ids) for s, _ in reserved])
+        eos_width = 1 << (eos_width - 1).bit_length()
+        ints = lambda fill=0: np.full(rows, fill, np.int32)
+        token_b, position_b, budget_b, seed_b, sample_b, num_new_b = (ints() for _ in range(6))
+        eos_be = np.full((rows, eos_width), -1, np.int32)
+        for b, (sample, budget) in enumerate(reserved):
+            context = sample.context
+            token_b[b], position_b[b], budget_b[b] = context[-1], len(context) - 1, budget
+            request = sample.request
+            seed_b[b], sample_b[b], num_new_b[b] = (
+                request.seed,
+                request.sample_offset + sample.completion.sample,
+                sample.num_new,
+            )
+            eos_be[b, : len(request.eos_token_ids)] = request.eos_token_ids
+        keys = [s.key for s, _ in reserved] + [None] * (rows - len(reserved))
+        return engine_steps.DecodeBatch(
+            token_b=token_b,
+            position_b=position_b,
+            table_bp=self.pool.page_table_array(keys, self._max_pages),
+            budget_b=budget_b,
+            seed_b=seed_b,
+            sample_b=sample_b,
+            num_new_b=num_new_b,
+            eos_be=eos_be,
+            settings=RowSettings.stack([s.request.settings() for s, _ in reserved], rows),
+        )
+
+    def _accept(self, sample: _Sample, tokens: list[int], logprobs: list[float], deltas: list[Delta]) -> int:
+        """Appends a block's tokens up to the first stop; finishes the sample if it stopped."""
+        request, completion = sample.request, sample.completion
+        reason = None
+        generated = sample.generated
+        for i, token in enumerate(tokens):
+            generated.append(token)
+            if token in request.eos_token_ids:
+                reason = "eos"
+            elif any(len(s) and generated[-len(s) :] == list(s) for s in request.stop_sequences):
+                reason = "stop"
+            elif len(generated) >= request.max_new_tokens:
+                reason = "length"
+            if reason:
+                tokens, logprobs = tokens[: i + 1], logprobs[: i + 1]
+                break
+        completion.tokens += tokens
+        completion.logprobs += logprobs
+        completion.versions += [self.version] * len(tokens)
+        sample.prefilled += len(tokens)
+        deltas.append(Delta(request.id, completion.sample, tokens, logprobs, reason))
+        if reason:
+            completion.finish_reason = reason
+            self._release(sample)
+            self._unfinished[request.id] -= 1
+        return len(tokens)
+
+    def _release(self, sample: _Sample) -> None:
+        if sample in self._decoding:
+            self._decoding.remove(sample)
+        elif sample in self._prefilling:
+            self._prefilling.remove(sample)
+        if sample.key in self.pool:
+            self.pool.free(sample.key)
+
+    def _preempt(self, sample: _Sample) -> None:
+        """Frees a sample's pages and re-queues it (with any samples waiting to fork it) at the front."""
+        followers = sample.followers
+        self._release(sample)
+        sample.prefilled, sample.followers = 0, []
+        self._waiting.appendleft([sample] + followers)
+        self.totals.update(preemptions=1)

@@ -1,0 +1,130 @@
+"""The engine's device programs: pure jitted functions of (params, pages, batch) with fixed shapes.
+
+- `prefill`: writes a flat chunk of C prompt tokens (from any number of sequences) into their pages.
+  Token c is its own row of the model call, with its sequence's page table: it is written at its
+  position, then attends to its sequence's positions up to its own, which the tokens before it in the
+  chunk have just written. No logits are computed.
+- `decode`: up to `block` tokens for every row of a slot bucket B. Each iteration feeds one token per row
+  at its position, samples the next one with the row's own settings and key, and stops early once every
+  row has met its budget or an EOS id.
+- `copy`: the copy-on-write page copies of the forks made at admission.
+
+Every shape is fixed per engine (C, the slot buckets, `block`, the page pool, the table width), and
+params are an argument of each call, so new weights, prompts or settings never recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from polaris_jax.models import forward
+from polaris_jax.models.paged_attention import copy_pages
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
+from polaris_jax.sampling.strategies import RowSettings, sample_rows
+
+PAGE_AXES = ("kv_heads", None, None, None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeBatch:
+    """One decode call's rows (B = a slot bucket; padding rows have budget 0 and write nothing).
+
+    token_b: the token to feed (the last token of each row's context).
+    position_b: its position.
+    table_bp: each row's page table (NULL_PAGE padded).
+    budget_b: tokens the row may generate in this call (its pages are reserved for them).
+    seed_b, sample_b, num_new_b: the row's key is fold_in(fold_in(key(seed), sample), num_new + i).
+    eos_be: EOS ids, -1 padded.
+    settings: RowSettings.
+    """
+
+    token_b: jax.Array
+    position_b: jax.Array
+    table_bp: jax.Array
+    budget_b: jax.Array
+    seed_b: jax.Array
+    sample_b: jax.Array
+    num_new_b: jax.Array
+    eos_be: jax.Array
+    settings: RowSettings
+
+
+def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
+    if mesh is None:
+        return kv_pages
+    spec = lambda x: NamedSharding(mesh, logical_to_spec(PAGE_AXES, mesh, rules, x.shape))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec(x)), kv_pages)
+
+
+def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool):
+    cache = dict(kv_pages, page_table_bp=table_bp)
+    out, cache = forward(
+        config,
+        params,
+        token_b[:, None],
+        jnp.maximum(position_b, 0)[:, None],
+        segment_ids_bt=live_b[:, None].astype(jnp.int32),
+        cache=cache,
+        return_hidden=not logits,
+    )
+    return out, dict(k=cache["k"], v=cache["v"])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"), donate_argnames=("kv_pages",))
+def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=None, rules=DEFAULT_RULES):
+    """Writes the chunk's tokens (position -1: padding) into their pages; returns the pages."""
+    _, kv_pages = _run(config, params, kv_pages, token_c, position_c, table_cp, position_c >= 0, logits=False)
+    return _constrain_pages(kv_pages, mesh, rules)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "block", "mesh", "rules"), donate_argnames=("kv_pages",))
+def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=None, rules=DEFAULT_RULES):
+    """Returns (pages, tokens_bk int32, logprobs_bk float32, steps): row b's generated tokens are
+    tokens_bk[b, :min(budget_b, its first EOS + 1)]; `steps` is how many iterations ran."""
+    rows = batch.token_b.shape[0]
+    row_key_b = jax.vmap(lambda seed, sample: jax.random.fold_in(jax.random.key(seed), sample))(
+        batch.seed_b, batch.sample_b
+    )
+
+    def running(carry):
+        i, _, _, done_b, _, _ = carry
+        return (i < block) & ~jnp.all(done_b)
+
+    def step(carry):
+        i, kv_pages, token_b, done_b, tokens_bk, logprobs_bk = carry
+        live_b = ~done_b
+        position_b = jnp.where(live_b, batch.position_b + i, -1)
+        logits_b1v, kv_pages = _run(config, params, kv_pages, token_b, position_b, batch.table_bp, live_b, logits=True)
+        keys_b = jax.vmap(jax.random.fold_in)(row_key_b, batch.num_new_b + i)
+        new_b, logprob_b = sample_rows(logits_b1v[:, 0], keys_b, batch.settings)
+        new_b = jnp.where(live_b, new_b, 0)
+        tokens_bk = tokens_bk.at[:, i].set(new_b)
+        logprobs_bk = logprobs_bk.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
+        is_eos_b = jnp.any(new_b[:, None] == batch.eos_be, axis=-1)
+        done_b = done_b | (live_b & is_eos_b) | (i + 1 >= batch.budget_b)
+        return i + 1, _constrain_pages(kv_pages, mesh, rules), new_b, done_b, tokens_bk, logprobs_bk
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        kv_pages,
+        batch.token_b,
+        batch.budget_b <= 0,
+        jnp.zeros((rows, block), jnp.int32),
+        jnp.zeros((rows, block), jnp.float32),
+    )
+    steps, kv_pages, _, _, tokens_bk, logprobs_bk = jax.lax.while_loop(running, step, init)
+    return kv_pages, tokens_bk, logprobs_bk, steps
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("kv_pages",))
+def copy(kv_pages, src_c, dst_c, *, mesh=None, rules=DEFAULT_RULES):
+    """Copies page src_c[i] to dst_c[i] in every layer (dst NULL_PAGE: padding)."""
+    pairs = [copy_pages(k, v, src_c, dst_c) for k, v in zip(kv_pages["k"], kv_pages["v"])]
+    kv_pages = dict(k=tuple(k for k, _ in pairs), v=tuple(v for _, v in pairs))
+    return _constrain_pages(kv_pages, mesh, rules)

@@ -1,0 +1,129 @@
+"""What the engine is asked (`Request`) and what it answers (`Delta` while running, `Completion` at the end).
+
+A request is validated whole when it is submitted (`Request.check`), before anything is queued or
+compiled, and every error names the request, so one bad request never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from polaris_jax.sampling.decode_loop import FINISH_REASONS
+from polaris_jax.sampling.strategies import SamplingSettings
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the request and the problem."""
+
+
+class QueueFull(RuntimeError):
+    """Back-pressure: the engine's waiting queue is at `max_queue`; submit again after some `step()`s."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt and how to continue it, n times.
+
+    Sample j of a request draws its t-th token from fold_in(fold_in(fold_in(key(seed), sample_offset + j)),
+    t): a function of the request alone, never of the batch it shares. `generate(prompts, n, seed)` gives
+    prompt i's sample j the same key as a request with that seed and sample_offset = i·n.
+
+    prefix: tokens already generated (n must be 1): the request resumes a partial rollout, continuing
+      its token count (and so its random keys) from len(prefix); `Completion.resume()` builds one.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = 1
+    eos_token_ids: Sequence[int] = ()
+    stop_sequences: Sequence[Sequence[int]] = ()
+    seed: int = 0
+    sample_offset: int = 0
+    id: object = None
+    prefix: Sequence[int] = ()
+
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings.create(self.temperature, self.top_p, self.top_k, self.min_p)
+
+    def check(self, vocab_size: int, max_seq_len: int) -> None:
+        """Raises RequestError naming this request on any bad field."""
+        name = f"request {self.id!r}"
+
+        def ids(field: str, values, allow_empty: bool):
+            values = list(values)
+            if not values and not allow_empty:
+                raise RequestError(f"{name}: {field} is empty")
+            for token in values:
+                if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                    raise RequestError(f"{name}: {field} holds {token!r}, not an integer token id")
+                if not 0 <= token < vocab_size:
+                    raise RequestError(
+                        f"{name}: {field} holds token id {token} outside the vocabulary [0, {vocab_size})"
+                    )
+
+        ids("prompt", self.prompt, allow_empty=False)
+        ids("prefix", self.prefix, allow_empty=True)
+        ids("eos_token_ids", self.eos_token_ids, allow_empty=True)
+        for i, seq in enumerate(self.stop_sequences):
+            ids(f"stop_sequences[{i}]", seq, allow_empty=False)
+        for field, low in (("max_new_tokens", 1), ("n", 1), ("seed", 0), ("sample_offset", 0)):
+            value = getattr(self, field)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+                raise RequestError(f"{name}: {field}={value!r} must be an integer >= {low}")
+        if self.seed >= 2**31 or self.sample_offset >= 2**31:
+            raise RequestError(f"{name}: seed and sample_offset must be < 2**31")
+        if self.prefix and self.n != 1:
+            raise RequestError(f"{name}: a prefix (a resumed partial rollout) needs n=1, got n={self.n}")
+        if len(self.prefix) >= self.max_new_tokens:
+            raise RequestError(f"{name}: its prefix of {len(self.prefix)} tokens leaves no new token of max_new_tokens")
+        total = len(self.prompt) + self.max_new_tokens
+        if total > max_seq_len:
+            raise RequestError(
+                f"{name}: prompt ({len(self.prompt)} tokens) + max_new_tokens ({self.max_new_tokens}) = {total} "
+                f"exceeds the engine's max_seq_len {max_seq_len}"
+            )
+        try:
+            self.settings()
+        except ValueError as e:
+            raise RequestError(f"{name}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New tokens of one sample since the last `Engine.step()` (streaming). finish_reason is set on the
+    sample's last delta ("eos", "stop", "length", or "abort")."""
+
+    request_id: object
+    sample: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sample's output: tokens (the EOS id or stop sequence included), their logprobs (generate's
+    convention), the weight version that produced each token, and why it ended (None while unfinished,
+    e.g. a partial rollout)."""
+
+    request: Request
+    sample: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    def resume(self, **changes) -> Request:
+        """A request that continues this partial sample from its tokens (same keys, same settings)."""
+        fields = dict(n=1, sample_offset=self.request.sample_offset + self.sample, prefix=tuple(self.tokens))
+        return dataclasses.replace(self.request, **{**fields, **changes})
+
+
+FINISH_CODES = {name: code for code, name in FINISH_REASONS.items()}
