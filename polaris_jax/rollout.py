@@ -17,6 +17,7 @@ within a stage. The sampler's padded arrays go into the batch as they are: no Py
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,8 @@ from polaris_jax.rewards.pool import VerifierPool
 from polaris_jax.rewards.scoring import Score
 from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
+from polaris_jax.sampling.engine import Engine, EngineSettings, engine_settings_from
+from polaris_jax.sampling.requests import Request, to_sample_output
 
 ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
 
@@ -100,6 +103,12 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     chunks: int = 1
+    sampler: Mapping | None = None  # a `sampling.engine.engine_section()` (as a dict); None: static `generate`
+
+    def engine_settings(self, model_config) -> EngineSettings | None:
+        """The paged engine's settings for these rollouts, or None for the static `generate`."""
+        max_seq_len = min(self.prompt_width + self.max_response_len, model_config.max_position_embeddings)
+        return engine_settings_from(self.sampler or {}, max_seq_len)
 
 
 def verifier_pool(think_policy: str, prompt_text: str, **pool_kwargs) -> VerifierPool:
@@ -160,13 +169,11 @@ def sample_and_verify(
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
     outputs, texts, futures = [], [], []
     time_rollout = 0.0
+    engine_settings, engine_info = settings.engine_settings(model_config), collections.Counter()
     for c, start in enumerate(range(0, len(problems), per_chunk)):
         chunk = problems[start : start + per_chunk]
         started = time.perf_counter()
-        out = generate(
-            model_config,
-            params,
-            [list(q.prompt_ids) for q in chunk],
+        sample = dict(
             max_new_tokens=settings.max_response_len,
             temperature=settings.temperature,
             top_p=settings.top_p,
@@ -174,8 +181,12 @@ def sample_and_verify(
             n=n,
             eos_token_ids=eos_ids,
             seed=rollout_seed(seed, c),
-            **kwargs,
         )
+        prompts = [list(q.prompt_ids) for q in chunk]
+        if engine_settings is None:
+            out = generate(model_config, params, prompts, **sample, **kwargs)
+        else:
+            out = _engine_sample(model_config, params, prompts, sample, engine_settings, engine_info, **kwargs)
         time_rollout += time.perf_counter() - started
         chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
         futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(n)]))
@@ -205,5 +216,43 @@ def sample_and_verify(
         "reward_failures": float(failures),
         "rollout_tokens": float(response_len_b.sum()),
         **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()},
+        **_engine_metrics(engine_info),
     }
     return Verified(rollouts, texts, scores, info)
+
+
+def _engine_sample(model_config, params, prompts, sample: dict, engine_settings, info, mesh=None, rules=None):
+    """One chunk through the paged engine: request i is prompt i with generate's seeds (sample_offset i·n),
+    so both engines draw the same keys. The engine's per-step metrics are summed into `info`."""
+    kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    engine = Engine(model_config, params, engine_settings, **kwargs)
+    n = sample["n"]
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(prompt=prompt, sample_offset=i * n, id=i, **sample))
+    while engine.busy:
+        engine.step()
+        m = engine.last_metrics
+        info.update(steps=1, live_slots=m["live_slots"], pages_used=m["pages_used"], queue_length=m["queue_length"])
+        info["max_pages_used"] = max(info["max_pages_used"], m["pages_used"])
+    info.update(prefill_tokens=engine.totals["prefill_tokens"], decode_tokens=engine.totals["decode_tokens"])
+    info.update(preemptions=engine.totals["preemptions"])
+    info["pages"] = engine.pool.capacity
+    return to_sample_output([engine.pop_finished(i) for i in range(len(prompts))], sample["max_new_tokens"])
+
+
+def _engine_metrics(info) -> dict:
+    """Per-step engine figures for the run's metrics: means over steps, totals and peaks."""
+    steps = info.get("steps", 0)
+    if not steps:
+        return {}
+    return {
+        "engine/steps": float(steps),
+        "engine/live_slots_mean": info["live_slots"] / steps,
+        "engine/pages_used_mean": info["pages_used"] / steps,
+        "engine/pages_used_max": float(info["max_pages_used"]),
+        "engine/pages_total": float(info["pages"]),
+        "engine/queue_length_mean": info["queue_length"] / steps,
+        "engine/prefill_tokens": float(info["prefill_tokens"]),
+        "engine/decode_tokens": float(info["decode_tokens"]),
+        "engine/preemptions": float(info["preemptions"]),
+    }

@@ -32,7 +32,8 @@ Design (after vLLM's v1 scheduler and block pool, and Levanter's engine):
 - Stop conditions: EOS ids end a row on device (the block's loop exits when every row is done); stop
   sequences are matched on the host over the returned tokens; the budget is max_new_tokens.
 - Live weights: `update_params(params)` between steps; samples in flight continue under the new weights
-  (PipelineRL), and each token records the version of the weights that produced it.
+  over the KV the old ones wrote (PipelineRL's in-flight update), and each token records the version
+  of the weights that produced it.
 - Control: `abort(id)` frees a request's pages and returns its partial completions; a partial sample
   resumes with `Completion.resume()`; the waiting queue holds at most `max_queue` requests (`QueueFull`).
 
@@ -47,6 +48,7 @@ import dataclasses
 import itertools
 
 import jax
+import ml_collections
 import numpy as np
 
 from polaris_jax.models.paged_attention import NULL_PAGE, init_kv_pages
@@ -117,6 +119,49 @@ class EngineSettings:
             )
 
 
+ENGINES = ("static", "paged")
+
+
+def engine_section() -> ml_collections.ConfigDict:
+    """The config keys that choose the sampler: `engine` = "static" (`sampling.generate`, one static batch
+    with row compaction) or "paged" (`sampling.engine.Engine`, continuous batching over a paged KV cache),
+    and the paged engine's fixed sizes (num_pages 0: enough pages for max_slots full-length samples)."""
+    return ml_collections.ConfigDict(
+        dict(engine="static", max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8)
+    )
+
+
+def check_engine_section(section, where: str) -> None:
+    if section.engine not in ENGINES:
+        raise ValueError(f"{where}.engine={section.engine!r} must be one of {ENGINES}")
+    for key in ("max_slots", "page_size", "prefill_chunk", "decode_block"):
+        if int(section[key]) < 1:
+            raise ValueError(f"{where}.{key}={section[key]!r} must be >= 1")
+    if int(section.num_pages) < 0:
+        raise ValueError(f"{where}.num_pages={section.num_pages!r} must be >= 0 (0: sized for max_slots)")
+    if int(section.decode_block) > int(section.page_size):
+        raise ValueError(f"{where}.decode_block={section.decode_block} must be <= page_size={section.page_size}")
+
+
+def engine_settings_from(section, max_seq_len: int) -> EngineSettings | None:
+    """The EngineSettings an `engine_section()` asks for (None for the static engine), for samples of up to
+    `max_seq_len` tokens (rounded up to whole pages)."""
+    section = dict(section)
+    if section.get("engine", "static") == "static":
+        return None
+    page = int(section["page_size"])
+    pages_per_seq = -(-max_seq_len // page)
+    return EngineSettings(
+        max_slots=int(section["max_slots"]),
+        page_size=page,
+        num_pages=int(section["num_pages"]) or int(section["max_slots"]) * (pages_per_seq + 1) + 1,
+        max_seq_len=max_seq_len,
+        prefill_chunk=int(section["prefill_chunk"]),
+        decode_block=int(section["decode_block"]),
+        max_queue=1 << 30,
+    )
+
+
 class _Sample:
     """One running or waiting sample: its completion so far and the context its pages hold."""
 
@@ -125,7 +170,8 @@ class _Sample:
         self.ticket = (ticket, completion.sample)  # admission order: preemption takes the largest
         self.key = (request.id, completion.sample)
         self.prefilled = 0  # context positions written into its pages
-        self.followers: list[_Sample] = []  # samples that fork this one once its prompt is prefilled
+        self.followers: list[_Sample] = []  # samples forked from this one, decoding once its prompt is prefilled
+        self.copies: list[tuple[int, int]] = []  # their page copies, made once the prefill wrote the page
 
     @property
     def generated(self) -> list[int]:
@@ -244,6 +290,39 @@ class Engine:
             self.step()
         return [self.pop_finished(i) for i in ids]
 
+    def warmup(self) -> None:
+        """Compiles every program this engine can run (prefill, copy, decode at each slot bucket) on
+        padding that writes nothing, so serving compiles nothing afterwards."""
+        if self.busy:
+            raise RuntimeError("warmup() writes padding only, but call it before submitting requests")
+        chunk = self.settings.prefill_chunk
+        padding = (
+            np.zeros(chunk, np.int32),
+            np.full(chunk, -1, np.int32),
+            np.zeros((chunk, self._max_pages), np.int32),
+        )
+        self._pages = engine_steps.prefill(
+            self.config,
+            self.params,
+            self._pages,
+            *put(padding, self.mesh, self.rules, rows=True),
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+        self._pending_copies = [(NULL_PAGE, NULL_PAGE)]
+        self._flush_copies()
+        for rows in self._buckets:
+            batch = put(self._decode_batch([], rows), self.mesh, self.rules, rows=True)
+            self._pages, *_ = engine_steps.decode(
+                self.config,
+                self.params,
+                self._pages,
+                batch,
+                block=self.settings.decode_block,
+                mesh=self.mesh,
+                rules=self.rules,
+            )
+
     # ----- the step -----
 
     def step(self) -> list[Delta]:
@@ -279,7 +358,11 @@ class Engine:
                 return  # waits for pages: prompt plus one page per sample
             self._waiting.popleft()
             self.pool.allocate(leader.key, written)
-            leader.prefilled, leader.followers = 0, group[1:]
+            # The followers fork now (their pages are counted from admission on); the copies of the partly
+            # filled last page wait until the prefill has written it.
+            leader.prefilled, leader.followers, leader.copies = 0, group[1:], []
+            for follower in leader.followers:
+                leader.copies += self.pool.fork(leader.key, follower.key)
             self._prefilling.append(leader)
             if written == 0:
                 self._prefill_done(leader)
@@ -287,11 +370,11 @@ class Engine:
     def _prefill_done(self, leader: _Sample) -> None:
         self._prefilling.remove(leader)
         leader.prefilled = len(leader.context) - 1
+        self._pending_copies += leader.copies
         for follower in leader.followers:
-            self._pending_copies += self.pool.fork(leader.key, follower.key)
             follower.prefilled = leader.prefilled
         self._decoding += [leader] + leader.followers
-        leader.followers = []
+        leader.followers, leader.copies = [], []
 
     def _prefill(self) -> int:
         chunk = self.settings.prefill_chunk
@@ -430,17 +513,19 @@ class Engine:
         return len(tokens)
 
     def _release(self, sample: _Sample) -> None:
+        """Frees a sample's pages (and, for a prompt still prefilling, its followers')."""
         if sample in self._decoding:
             self._decoding.remove(sample)
         elif sample in self._prefilling:
             self._prefilling.remove(sample)
-        if sample.key in self.pool:
-            self.pool.free(sample.key)
+        for s in [sample] + sample.followers:
+            if s.key in self.pool:
+                self.pool.free(s.key)
 
     def _preempt(self, sample: _Sample) -> None:
         """Frees a sample's pages and re-queues it (with any samples waiting to fork it) at the front."""
         followers = sample.followers
         self._release(sample)
-        sample.prefilled, sample.followers = 0, []
+        sample.prefilled, sample.followers, sample.copies = 0, [], []
         self._waiting.appendleft([sample] + followers)
         self.totals.update(preemptions=1)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from polaris_jax.sampling.decode_loop import FINISH_REASONS
+from polaris_jax.sampling.decode_loop import FINISH_REASONS, RUNNING
+from polaris_jax.sampling.sampler import SampleOutput
 from polaris_jax.sampling.strategies import SamplingSettings
 
 
@@ -127,3 +128,22 @@ class Completion:
 
 
 FINISH_CODES = {name: code for code, name in FINISH_REASONS.items()}
+
+
+def to_sample_output(completions: Sequence[Sequence[Completion]], max_new_tokens: int) -> SampleOutput:
+    """`generate`'s padded arrays from the engine's completions (request i's sample j is row i·n + j)."""
+    rows = [c for per_request in completions for c in per_request]
+    out = SampleOutput(
+        tokens_br=np.zeros((len(rows), max_new_tokens), np.int32),
+        logprobs_br=np.zeros((len(rows), max_new_tokens), np.float32),
+        lengths_b=np.zeros(len(rows), np.int32),
+        finish_b=np.full(len(rows), RUNNING, np.int32),
+    )
+    for b, c in enumerate(rows):
+        if len(c.tokens) > max_new_tokens:
+            raise ValueError(f"request {c.request.id!r} sample {c.sample}: {len(c.tokens)} tokens > {max_new_tokens}")
+        out.tokens_br[b, : len(c.tokens)] = c.tokens
+        out.logprobs_br[b, : len(c.tokens)] = c.logprobs
+        out.lengths_b[b] = len(c.tokens)
+        out.finish_b[b] = FINISH_CODES.get(c.finish_reason, RUNNING)
+    return out

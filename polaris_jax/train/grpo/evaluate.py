@@ -29,6 +29,7 @@ def evaluate(
     rules=None,
     top_p: float = 1.0,
     chunks: int = 1,
+    sampler=None,
 ) -> dict:
     settings = RolloutSettings(
         max_response_len=max_response_len,
@@ -37,6 +38,7 @@ def evaluate(
         prompt_width=prompt_width(problems),
         top_p=top_p,
         chunks=chunks,
+        sampler=sampler,
     )
     verified = sample_and_verify(
         model_config, params, problems, settings, tokenizer=tokenizer, pool=pool, seed=seed, mesh=mesh, rules=rules
