@@ -59,8 +59,6 @@ from polaris_jax.sampling.requests import Completion, Delta, QueueFull, Request,
 from polaris_jax.sampling.sampler import batch_shards, decode_params, kv_dtype, put
 from polaris_jax.sampling.strategies import RowSettings
 
-MIN_EOS_IDS = 4
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
@@ -72,6 +70,7 @@ class EngineSettings:
     prefill_chunk: prompt tokens prefilled per step (one device call).
     decode_block: tokens decoded per sample per step (one device call), at most page_size.
     max_queue: requests waiting for admission before `submit` raises QueueFull.
+    max_eos_ids: EOS ids a request may give (a fixed shape of the decode call).
     slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
     """
 
@@ -83,6 +82,7 @@ class EngineSettings:
     decode_block: int = 8
     max_queue: int = 1024
     slot_buckets: tuple[int, ...] = ()
+    max_eos_ids: int = 8
 
     def buckets(self, shards: int = 1) -> tuple[int, ...]:
         sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
@@ -98,6 +98,7 @@ class EngineSettings:
             "prefill_chunk",
             "decode_block",
             "max_queue",
+            "max_eos_ids",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -214,8 +215,8 @@ class Engine:
     # ----- weights -----
 
     def _put_pages(self, pages):
-        if self.mesh is None:
-            return jax.device_put(pages)
+        if self.mesh is None:  # committed, as every step's output is: the first step then compiles nothing new
+            return jax.device_put(pages, jax.devices()[0])
         from jax.sharding import NamedSharding
 
         from polaris_jax.models.sharding import logical_to_spec
@@ -249,6 +250,11 @@ class Engine:
         request.check(self.config.vocab_size, self.settings.max_seq_len)
         if request.id in self._requests:
             raise RequestError(f"request {request.id!r}: that id is already in use")
+        if len(request.eos_token_ids) > self.settings.max_eos_ids:
+            raise RequestError(
+                f"request {request.id!r}: {len(request.eos_token_ids)} eos_token_ids, more than max_eos_ids="
+                f"{self.settings.max_eos_ids}"
+            )
         if request.n > self.settings.max_slots:
             raise RequestError(f"request {request.id!r}: n={request.n} exceeds max_slots={self.settings.max_slots}")
         if len(self._waiting) >= self.settings.max_queue:
@@ -457,8 +463,7 @@ class Engine:
         return generated, rows
 
     def _decode_batch(self, reserved, rows: int) -> engine_steps.DecodeBatch:
-        eos_width = max([MIN_EOS_IDS] + [len(s.request.eos_token_ids) for s, _ in reserved])
-        eos_width = 1 << (eos_width - 1).bit_length()
+        eos_width = self.settings.max_eos_ids
         ints = lambda fill=0: np.full(rows, fill, np.int32)
         token_b, position_b, budget_b, seed_b, sample_b, num_new_b = (ints() for _ in range(6))
         eos_be = np.full((rows, eos_width), -1, np.int32)
