@@ -5,9 +5,11 @@ when it boxed one early. Before `verifier.think_policy` was resolved once for ev
 such a trace 1 (think="strip") and the eval job 0 (think="require").
 """
 
+import collections
 import importlib.util
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -139,3 +141,42 @@ def test_batch_shaping_keeps_a_rollouts_batch_typed_and_whole():
     assert isinstance(kept, rollout.Rollouts)
     np.testing.assert_array_equal(kept.group_b, [0, 0, 7, 7])
     np.testing.assert_array_equal(kept.prompt_bt[:2], batch.prompt_bt[:2])
+
+
+def test_the_paged_engine_gives_the_static_engines_rollouts():
+    """`rollout.sampler.engine` picks the sampler; both draw the same keys, so the verified batches agree."""
+    import dataclasses
+
+    from polaris_jax.data.problems import Problem
+    from polaris_jax.sampling.engine import engine_section
+    from tests.sampling.conftest import golden
+
+    model = golden("qwen3_tied")
+    # A stand-in tokenizer for the golden model's 256 ids: ids as text, an EOS id that some rows meet.
+    common = collections.Counter(t for row in model.new_ids for t in row).most_common(4)
+    tokenizer = types.SimpleNamespace(
+        eos_token_ids=tuple(t for t, _ in common), decode=lambda ids: " ".join(map(str, ids))
+    )
+    problems = [Problem(f"p{i}", tuple(p), "42") for i, p in enumerate(model.prompts)]
+    static = rollout.RolloutSettings(
+        max_response_len=24,
+        temperature=1.0,
+        samples_per_prompt=3,
+        prompt_width=rollout.prompt_width(problems),
+        top_p=0.9,
+    )
+    paged = dataclasses.replace(static, chunks=2, sampler=dict(engine_section().to_dict(), engine="paged", max_slots=4))
+    with rollout.verifier_pool("strip", "", num_workers=1) as pool:
+        kwargs = dict(tokenizer=tokenizer, pool=pool, seed=5)
+        ours = rollout.sample_and_verify(model.config, model.params, problems, paged, **kwargs)
+        expected = rollout.sample_and_verify(
+            model.config, model.params, problems, dataclasses.replace(static, chunks=2), **kwargs
+        )
+    for field in ("prompt_bt", "response_br", "response_len_b", "finish_b", "group_b"):
+        np.testing.assert_array_equal(getattr(ours.rollouts, field), getattr(expected.rollouts, field), err_msg=field)
+    np.testing.assert_allclose(ours.rollouts.sampler_logprobs_br, expected.rollouts.sampler_logprobs_br, atol=1e-5)
+    assert ours.texts == expected.texts
+    assert set(expected.rollouts.finish_reasons) == {"eos", "length"}
+    assert ours.info["engine/decode_tokens"] == ours.info["rollout_tokens"]
+    assert 0 < ours.info["engine/live_slots_mean"] <= 4 and ours.info["engine/pages_used_max"] > 0
+    assert "engine/steps" not in expected.info

@@ -1,4 +1,12 @@
-"""Rollout sampler: bucketed KV cache, shared prefill, one jitted `while_loop` per cache bucket.
+"""Sampling: the static `generate` (below) and the continuous-batching `Engine` (`sampling/engine.py`).
+
+Two engines, one semantics (strategies, logprob convention, finish reasons, per-sample keys):
+- `generate`: one static batch to completion, with a contiguous KV cache in buckets and row compaction;
+  the fast path for a fixed batch of prompts.
+- `Engine`: requests arriving over time over a paged KV cache (`pages.PagePool`,
+  `models.paged_attention`): chunked prefill interleaved with decode, n samples forking one prefill,
+  abort, partial rollouts, streaming, live weights. Rollouts and evaluation pick one by config
+  (`rollout.sampler.engine` / `sampler.engine`: "static" or "paged"); the server runs on the engine.
 
     from polaris_jax.sampling import generate
     out = generate(config, params, [[1, 2, 3], [4, 5]], max_new_tokens=256, temperature=0.6, top_p=0.95,
@@ -65,11 +73,20 @@ from polaris_jax.sampling.decode_loop import EOS as FINISH_EOS
 from polaris_jax.sampling.decode_loop import FINISH_REASONS
 from polaris_jax.sampling.decode_loop import LENGTH as FINISH_LENGTH
 from polaris_jax.sampling.decode_loop import STOP as FINISH_STOP
+from polaris_jax.sampling.engine import Engine, EngineSettings
+from polaris_jax.sampling.requests import Completion, Delta, QueueFull, Request, RequestError
 from polaris_jax.sampling.sampler import SampleOutput, generate
 from polaris_jax.sampling.strategies import TRUNCATIONS, SamplingSettings, register_truncation, sample
 
 __all__ = [
     "Buckets",
+    "Completion",
+    "Delta",
+    "Engine",
+    "EngineSettings",
+    "QueueFull",
+    "Request",
+    "RequestError",
     "FINISH_EOS",
     "FINISH_LENGTH",
     "FINISH_REASONS",
