@@ -163,8 +163,11 @@ def paged_meta(page_table_bp, positions_bt, segment_ids_bt) -> dict:
 
 
 def attend(q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt):
-    """Paged attention with the model's 1/sqrt(head_dim) scale, by the kernel for the backend being used."""
-    return paged_attention(
+    """Paged attention with the model's 1/sqrt(head_dim) scale, by the kernel for the platform being lowered
+    for (`paged_kernels`: Pallas on GPU and TPU, this module's reference on CPU and where no kernel fits)."""
+    from polaris_jax.models import paged_kernels  # imported here: it imports this module for the reference
+
+    return paged_kernels.attend_by_platform(
         q_bthd,
         k_pages_kpsd,
         v_pages_kpsd,
