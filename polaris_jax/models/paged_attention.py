@@ -34,7 +34,9 @@ Cost. Attention runs blockwise over the page table, `pages_per_block` pages at a
 (flash) softmax: a `while_loop` visits only the blocks that hold some row's tokens, so the work is
 `b x` the longest row's filled pages rounded up to a block, never the table's full width
 (`max_pages_per_seq`), and memory is one block of gathered pages per step. Rows shorter than the
-longest still pay for its blocks (masked); skipping per row is what the Pallas kernels add. The
+longest pay for its blocks (masked), so a batch of many rows runs in groups of `rows_per_group`, each
+with its own loop: the engine orders its decode rows by length, so a group's rows are alike and the
+work is close to each row's own filled pages. (The Pallas kernels skip per row.) The
 result equals one softmax over the gathered pages up to float32 rounding (the tests check 1e-5).
 """
 
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 
 NULL_PAGE = 0  # reserved padding page: never allocated (sampling.pages), never written, always masked
 DEFAULT_PAGES_PER_BLOCK = 8
+DEFAULT_ROWS_PER_GROUP = 32  # rows that share one loop over blocks (see Cost)
 
 
 def init_kv_pages(config, num_pages: int, page_size: int, dtype=None) -> dict:
@@ -101,10 +104,31 @@ def paged_attention(
     *,
     scale: float,
     pages_per_block: int = DEFAULT_PAGES_PER_BLOCK,
+    rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
 ):
     """GQA attention of each row's t queries over its pages; returns [b, t, h, d] in q's dtype.
 
-    Query head i reads kv head i // (h / kv_heads), as `models.attention.grouped_attention` does."""
+    Query head i reads kv head i // (h / kv_heads), as `models.attention.grouped_attention` does.
+    With b a multiple of `rows_per_group` (> 1 group), the rows run in groups of that many (`lax.map`), each
+    visiting only the blocks its own longest row fills."""
+    b = q_bthd.shape[0]
+    if not 0 < rows_per_group < b or b % rows_per_group:
+        return _attend_rows(
+            q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, scale, pages_per_block
+        )
+    groups = lambda x: x.reshape((b // rows_per_group, rows_per_group) + x.shape[1:])
+
+    def one_group(xs):
+        q, table, lengths, positions = xs
+        return _attend_rows(q, k_pages_kpsd, v_pages_kpsd, table, lengths, positions, scale, pages_per_block)
+
+    out = jax.lax.map(one_group, (groups(q_bthd), groups(page_table_bp), groups(lengths_b), groups(query_positions_bt)))
+    return out.reshape(q_bthd.shape)
+
+
+def _attend_rows(
+    q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, scale, pages_per_block
+):
     b, t, h, d = q_bthd.shape
     kv_heads, _, page_size, _ = k_pages_kpsd.shape
     if h % kv_heads:

@@ -170,6 +170,7 @@ class _Sample:
         self.request, self.completion = request, completion
         self.ticket = (ticket, completion.sample)  # admission order: preemption takes the largest
         self.key = (request.id, completion.sample)
+        self.settings = request.settings()
         self.prefilled = 0  # context positions written into its pages
         self.followers: list[_Sample] = []  # samples forked from this one, decoding once its prompt is prefilled
         self.copies: list[tuple[int, int]] = []  # their page copies, made once the prefill wrote the page
@@ -185,6 +186,16 @@ class _Sample:
     @property
     def num_new(self) -> int:
         return len(self.request.prefix) + len(self.completion.tokens)
+
+    @property
+    def context_len(self) -> int:
+        return len(self.request.prompt) + self.num_new
+
+    @property
+    def last_token(self) -> int:
+        if self.completion.tokens:
+            return self.completion.tokens[-1]
+        return (self.request.prefix or self.request.prompt)[-1]
 
 
 class Engine:
@@ -203,7 +214,7 @@ class Engine:
         self.update_params(params)
         self._waiting: collections.deque[list[_Sample]] = collections.deque()
         self._prefilling: list[_Sample] = []  # admitted leaders whose prompt is being written
-        self._decoding: list[_Sample] = []
+        self._decoding: dict[_Sample, None] = {}  # an ordered set
         self._requests: dict = {}  # id -> [Completion] for requests not yet popped
         self._unfinished: dict = collections.Counter()  # id -> samples not finished
         self._tickets = itertools.count()
@@ -282,7 +293,7 @@ class Engine:
         if request_id not in self._requests:
             raise KeyError(f"request {request_id!r} is unknown or already popped")
         self._waiting = collections.deque(g for g in self._waiting if g[0].request.id != request_id)
-        for sample in [s for s in self._prefilling + self._decoding if s.request.id == request_id]:
+        for sample in [s for s in [*self._prefilling, *self._decoding] if s.request.id == request_id]:
             self._release(sample)
         self._unfinished[request_id] = 0
         return self.pop_finished(request_id)
@@ -357,7 +368,7 @@ class Engine:
         while self._waiting:
             group = self._waiting[0]
             leader = group[0]
-            written = len(leader.context) - 1
+            written = leader.context_len - 1
             if self._running() + len(group) > self.settings.max_slots:
                 return
             if self.pool.pages_for(written) + len(group) > self.pool.num_free:
@@ -375,11 +386,11 @@ class Engine:
 
     def _prefill_done(self, leader: _Sample) -> None:
         self._prefilling.remove(leader)
-        leader.prefilled = len(leader.context) - 1
+        leader.prefilled = leader.context_len - 1
         self._pending_copies += leader.copies
         for follower in leader.followers:
             follower.prefilled = leader.prefilled
-        self._decoding += [leader] + leader.followers
+        self._decoding.update(dict.fromkeys([leader] + leader.followers))
         leader.followers, leader.copies = [], []
 
     def _prefill(self) -> int:
@@ -433,7 +444,7 @@ class Engine:
                     reserved.append((sample, budget))
                     break
                 except PoolExhausted:
-                    victim = max(self._decoding + self._prefilling, key=lambda s: s.ticket)
+                    victim = max([*self._decoding, *self._prefilling], key=lambda s: s.ticket)
                     self._preempt(victim)
                     if victim is sample:
                         break
@@ -446,8 +457,10 @@ class Engine:
         if not reserved:
             return 0, 0
         rows = next(b for b in self._buckets if b >= len(reserved))
+        # Longest first: paged attention runs rows in groups, each as long as its longest row.
+        reserved.sort(key=lambda item: -item[0].context_len)
         batch = self._decode_batch(reserved, rows)
-        self._pages, tokens_bk, logprobs_bk, _ = engine_steps.decode(
+        self._pages, tokens_br, logprobs_br, _ = engine_steps.decode(
             self.config,
             self.params,
             self._pages,
@@ -456,27 +469,26 @@ class Engine:
             mesh=self.mesh,
             rules=self.rules,
         )
-        tokens_bk, logprobs_bk = np.asarray(jax.device_get(tokens_bk)), np.asarray(jax.device_get(logprobs_bk))
+        tokens_br, logprobs_br = np.asarray(jax.device_get(tokens_br)), np.asarray(jax.device_get(logprobs_br))
         generated = 0
         for b, (sample, budget) in enumerate(reserved):
-            generated += self._accept(sample, tokens_bk[b, :budget].tolist(), logprobs_bk[b, :budget].tolist(), deltas)
+            generated += self._accept(sample, tokens_br[b, :budget].tolist(), logprobs_br[b, :budget].tolist(), deltas)
         return generated, rows
 
     def _decode_batch(self, reserved, rows: int) -> engine_steps.DecodeBatch:
         eos_width = self.settings.max_eos_ids
         ints = lambda fill=0: np.full(rows, fill, np.int32)
         token_b, position_b, budget_b, seed_b, sample_b, num_new_b = (ints() for _ in range(6))
-        eos_be = np.full((rows, eos_width), -1, np.int32)
+        eos_ids_b = np.full((rows, eos_width), -1, np.int32)
         for b, (sample, budget) in enumerate(reserved):
-            context = sample.context
-            token_b[b], position_b[b], budget_b[b] = context[-1], len(context) - 1, budget
+            token_b[b], position_b[b], budget_b[b] = sample.last_token, sample.context_len - 1, budget
             request = sample.request
             seed_b[b], sample_b[b], num_new_b[b] = (
                 request.seed,
                 request.sample_offset + sample.completion.sample,
                 sample.num_new,
             )
-            eos_be[b, : len(request.eos_token_ids)] = request.eos_token_ids
+            eos_ids_b[b, : len(request.eos_token_ids)] = request.eos_token_ids
         keys = [s.key for s, _ in reserved] + [None] * (rows - len(reserved))
         return engine_steps.DecodeBatch(
             token_b=token_b,
@@ -486,22 +498,26 @@ class Engine:
             seed_b=seed_b,
             sample_b=sample_b,
             num_new_b=num_new_b,
-            eos_be=eos_be,
-            settings=RowSettings.stack([s.request.settings() for s, _ in reserved], rows),
+            eos_ids_b=eos_ids_b,
+            settings=RowSettings.stack([s.settings for s, _ in reserved], rows),
         )
 
     def _accept(self, sample: _Sample, tokens: list[int], logprobs: list[float], deltas: list[Delta]) -> int:
         """Appends a block's tokens up to the first stop; finishes the sample if it stopped."""
         request, completion = sample.request, sample.completion
         reason = None
-        generated = sample.generated
+        # The generated tokens' tail that a stop sequence could end in, then this block's tokens.
+        longest = max((len(q) for q in request.stop_sequences), default=0)
+        window = sample.generated[-longest:] if longest else []
+        num_new = sample.num_new
         for i, token in enumerate(tokens):
-            generated.append(token)
+            window.append(token)
+            num_new += 1
             if token in request.eos_token_ids:
                 reason = "eos"
-            elif any(len(s) and generated[-len(s) :] == list(s) for s in request.stop_sequences):
+            elif any(window[-len(q) :] == list(q) for q in request.stop_sequences):
                 reason = "stop"
-            elif len(generated) >= request.max_new_tokens:
+            elif num_new >= request.max_new_tokens:
                 reason = "length"
             if reason:
                 tokens, logprobs = tokens[: i + 1], logprobs[: i + 1]
@@ -520,7 +536,7 @@ class Engine:
     def _release(self, sample: _Sample) -> None:
         """Frees a sample's pages (and, for a prompt still prefilling, its followers')."""
         if sample in self._decoding:
-            self._decoding.remove(sample)
+            del self._decoding[sample]
         elif sample in self._prefilling:
             self._prefilling.remove(sample)
         for s in [sample] + sample.followers:

@@ -40,7 +40,7 @@ class DecodeBatch:
     table_bp: each row's page table (NULL_PAGE padded).
     budget_b: tokens the row may generate in this call (its pages are reserved for them).
     seed_b, sample_b, num_new_b: the row's key is fold_in(fold_in(key(seed), sample), num_new + i).
-    eos_be: EOS ids, -1 padded.
+    eos_ids_b: int32 [B, max_eos_ids] EOS ids, -1 padded.
     settings: RowSettings.
     """
 
@@ -51,7 +51,7 @@ class DecodeBatch:
     seed_b: jax.Array
     sample_b: jax.Array
     num_new_b: jax.Array
-    eos_be: jax.Array
+    eos_ids_b: jax.Array
     settings: RowSettings
 
 
@@ -85,8 +85,8 @@ def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=Non
 
 @functools.partial(jax.jit, static_argnames=("config", "block", "mesh", "rules"), donate_argnames=("kv_pages",))
 def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=None, rules=DEFAULT_RULES):
-    """Returns (pages, tokens_bk int32, logprobs_bk float32, steps): row b's generated tokens are
-    tokens_bk[b, :min(budget_b, its first EOS + 1)]; `steps` is how many iterations ran."""
+    """Returns (pages, tokens_br int32 [B, block], logprobs_br float32, steps): row b's generated tokens are
+    tokens_br[b, :min(budget_b, its first EOS + 1)]; `steps` is how many iterations ran."""
     rows = batch.token_b.shape[0]
     row_key_b = jax.vmap(lambda seed, sample: jax.random.fold_in(jax.random.key(seed), sample))(
         batch.seed_b, batch.sample_b
@@ -97,18 +97,18 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         return (i < block) & ~jnp.all(done_b)
 
     def step(carry):
-        i, kv_pages, token_b, done_b, tokens_bk, logprobs_bk = carry
+        i, kv_pages, token_b, done_b, tokens_br, logprobs_br = carry
         live_b = ~done_b
         position_b = jnp.where(live_b, batch.position_b + i, -1)
         logits_b1v, kv_pages = _run(config, params, kv_pages, token_b, position_b, batch.table_bp, live_b, logits=True)
         keys_b = jax.vmap(jax.random.fold_in)(row_key_b, batch.num_new_b + i)
         new_b, logprob_b = sample_rows(logits_b1v[:, 0], keys_b, batch.settings)
         new_b = jnp.where(live_b, new_b, 0)
-        tokens_bk = tokens_bk.at[:, i].set(new_b)
-        logprobs_bk = logprobs_bk.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
-        is_eos_b = jnp.any(new_b[:, None] == batch.eos_be, axis=-1)
+        tokens_br = tokens_br.at[:, i].set(new_b)
+        logprobs_br = logprobs_br.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
+        is_eos_b = jnp.any(new_b[:, None] == batch.eos_ids_b, axis=-1)
         done_b = done_b | (live_b & is_eos_b) | (i + 1 >= batch.budget_b)
-        return i + 1, _constrain_pages(kv_pages, mesh, rules), new_b, done_b, tokens_bk, logprobs_bk
+        return i + 1, _constrain_pages(kv_pages, mesh, rules), new_b, done_b, tokens_br, logprobs_br
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -118,8 +118,8 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         jnp.zeros((rows, block), jnp.int32),
         jnp.zeros((rows, block), jnp.float32),
     )
-    steps, kv_pages, _, _, tokens_bk, logprobs_bk = jax.lax.while_loop(running, step, init)
-    return kv_pages, tokens_bk, logprobs_bk, steps
+    steps, kv_pages, _, _, tokens_br, logprobs_br = jax.lax.while_loop(running, step, init)
+    return kv_pages, tokens_br, logprobs_br, steps
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("kv_pages",))

@@ -89,6 +89,7 @@ def run(config, workdir: str) -> dict:
         samples_per_prompt=f.samples,
         prompt_width=prompt_width(problems),
         top_p=config.rollout.top_p,
+        sampler=config.rollout.sampler.to_dict() if "sampler" in config.rollout else None,
     )
     correct = []
     with verifier_pool(

@@ -112,7 +112,9 @@ def test_agrees_with_generate(tied, sampling):
         Request(p, max_new_tokens=max_new, n=n, seed=3, sample_offset=i * n, id=i, **sampling)
         for i, p in enumerate(tied.prompts)
     ]
-    completions = [c for per_request in engine_for(tied).run(requests) for c in per_request]
+    engine = engine_for(tied)
+    completions = [c for per_request in engine.run(requests) for c in per_request]
+    engine.pool.check_full()
     assert [c.tokens for c in completions] == out.tokens
     for c, expected in zip(completions, out.logprobs):
         np.testing.assert_allclose(c.logprobs, expected, rtol=1e-5, atol=1e-5)
@@ -123,7 +125,9 @@ def test_eos_and_stop_sequences_match_generate(tied):
     eos, stop = (tied.new_ids[0][4],), ([tied.new_ids[1][5], tied.new_ids[1][6]],)
     kwargs = dict(max_new_tokens=40, temperature=0.0, eos_token_ids=eos, stop_sequences=stop)
     out = generate(tied.config, tied.params, tied.prompts, **kwargs)
-    completions = engine_for(tied).run([Request(p, id=i, **kwargs) for i, p in enumerate(tied.prompts)])
+    engine = engine_for(tied)
+    completions = engine.run([Request(p, id=i, **kwargs) for i, p in enumerate(tied.prompts)])
+    engine.pool.check_full()
     assert [c[0].tokens for c in completions] == out.tokens
     assert [c[0].finish_reason for c in completions] == out.finish_reasons
     assert {"eos", "stop"} <= set(out.finish_reasons)
