@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import cpu_gemm, paged_attention
+from polaris_jax.models import cpu_gemm, paged_attention, paged_kernels
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -68,8 +68,14 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
         k_pages, v_pages = paged_attention.write_pages(
             *cache_layer, cache_meta["page_table_bp"], cache_meta["positions_bt"], k, v
         )
-        out = paged_attention.attend(
-            q, k_pages, v_pages, cache_meta["page_table_bp"], cache_meta["lengths_b"], cache_meta["positions_bt"]
+        out = paged_kernels.attend_by_platform(  # the Pallas kernel of the platform, or the reference
+            q,
+            k_pages,
+            v_pages,
+            cache_meta["page_table_bp"],
+            cache_meta["lengths_b"],
+            cache_meta["positions_bt"],
+            scale=q.shape[-1] ** -0.5,
         )
         new_cache_layer = (k_pages, v_pages)
     elif cache_layer is None:

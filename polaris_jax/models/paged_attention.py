@@ -184,19 +184,3 @@ def paged_meta(page_table_bp, positions_bt, segment_ids_bt) -> dict:
         positions_bt=positions_bt,
         lengths_b=jnp.max(positions_bt, axis=1, initial=-1) + 1,
     )
-
-
-def attend(q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt):
-    """Paged attention with the model's 1/sqrt(head_dim) scale, by the kernel for the platform being lowered
-    for (`paged_kernels`: Pallas on GPU and TPU, this module's reference on CPU and where no kernel fits)."""
-    from polaris_jax.models import paged_kernels  # imported here: it imports this module for the reference
-
-    return paged_kernels.attend_by_platform(
-        q_bthd,
-        k_pages_kpsd,
-        v_pages_kpsd,
-        page_table_bp,
-        lengths_b,
-        query_positions_bt,
-        scale=q_bthd.shape[-1] ** -0.5,
-    )
