@@ -29,7 +29,7 @@ import ml_collections
 
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION
 from polaris_jax.models.sharding import DEFAULT_RULES
-from polaris_jax.sampling.engine import engine_section
+from polaris_jax.sampling.engine_settings import engine_section
 
 
 def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:

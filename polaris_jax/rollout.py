@@ -32,7 +32,8 @@ from polaris_jax.rewards.pool import VerifierPool
 from polaris_jax.rewards.scoring import Score
 from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
-from polaris_jax.sampling.engine import Engine, EngineSettings, engine_settings_from
+from polaris_jax.sampling.engine import Engine
+from polaris_jax.sampling.engine_settings import EngineSettings, engine_settings_from
 from polaris_jax.sampling.requests import Request, to_sample_output
 
 ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}

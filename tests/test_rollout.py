@@ -148,7 +148,7 @@ def test_the_paged_engine_gives_the_static_engines_rollouts():
     import dataclasses
 
     from polaris_jax.data.problems import Problem
-    from polaris_jax.sampling.engine import engine_section
+    from polaris_jax.sampling.engine_settings import engine_section
     from tests.sampling.conftest import golden
 
     model = golden("qwen3_tied")

@@ -29,7 +29,7 @@ from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.rewards import VerifierPool, scoring
 from polaris_jax.rewards.extraction import resolve_think_policy
 from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify, verifier_pool
-from polaris_jax.sampling.engine import check_engine_section
+from polaris_jax.sampling.engine_settings import check_engine_section
 
 
 def _is_writer() -> bool:

@@ -73,7 +73,8 @@ from polaris_jax.sampling.decode_loop import EOS as FINISH_EOS
 from polaris_jax.sampling.decode_loop import FINISH_REASONS
 from polaris_jax.sampling.decode_loop import LENGTH as FINISH_LENGTH
 from polaris_jax.sampling.decode_loop import STOP as FINISH_STOP
-from polaris_jax.sampling.engine import Engine, EngineSettings
+from polaris_jax.sampling.engine import Engine
+from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.requests import Completion, Delta, QueueFull, Request, RequestError
 from polaris_jax.sampling.sampler import SampleOutput, generate
 from polaris_jax.sampling.strategies import TRUNCATIONS, SamplingSettings, register_truncation, sample

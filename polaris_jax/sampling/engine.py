@@ -48,119 +48,16 @@ import dataclasses
 import itertools
 
 import jax
-import ml_collections
 import numpy as np
 
 from polaris_jax.models.paged_attention import NULL_PAGE, init_kv_pages
 from polaris_jax.models.sharding import DEFAULT_RULES
 from polaris_jax.sampling import engine_steps
+from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.pages import PagePool, PoolExhausted
 from polaris_jax.sampling.requests import Completion, Delta, QueueFull, Request, RequestError
 from polaris_jax.sampling.sampler import batch_shards, decode_params, kv_dtype, put
 from polaris_jax.sampling.strategies import RowSettings
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    """Fixed per engine (they fix every compiled shape).
-
-    max_slots: samples decoding at once (the largest slot bucket).
-    num_pages, page_size: the KV pool (page 0 is the reserved null page).
-    max_seq_len: prompt + max_new_tokens of any request; the page-table width is max_seq_len / page_size.
-    prefill_chunk: prompt tokens prefilled per step (one device call).
-    decode_block: tokens decoded per sample per step (one device call), at most page_size.
-    max_queue: requests waiting for admission before `submit` raises QueueFull.
-    max_eos_ids: EOS ids a request may give (a fixed shape of the decode call).
-    slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
-    """
-
-    max_slots: int = 64
-    num_pages: int = 1024
-    page_size: int = 16
-    max_seq_len: int = 4096
-    prefill_chunk: int = 512
-    decode_block: int = 8
-    max_queue: int = 1024
-    slot_buckets: tuple[int, ...] = ()
-    max_eos_ids: int = 8
-
-    def buckets(self, shards: int = 1) -> tuple[int, ...]:
-        sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
-        sizes = sorted({-(-max(s, 1) // shards) * shards for s in sizes})
-        return tuple(sizes)
-
-    def check(self, config, shards: int) -> None:
-        for name in (
-            "max_slots",
-            "num_pages",
-            "page_size",
-            "max_seq_len",
-            "prefill_chunk",
-            "decode_block",
-            "max_queue",
-            "max_eos_ids",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineSettings.{name}={value!r} must be a positive integer")
-        if self.decode_block > self.page_size:
-            raise ValueError(f"decode_block={self.decode_block} must be <= page_size={self.page_size}")
-        if max(self.buckets(shards)) < self.max_slots:
-            raise ValueError(f"slot_buckets={self.slot_buckets} must hold max_slots={self.max_slots}")
-        if self.prefill_chunk % shards:
-            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be a multiple of the {shards} batch shards")
-        limit = config.max_position_embeddings
-        if self.max_seq_len > limit:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings={limit}")
-        per_seq = -(-self.max_seq_len // self.page_size) + 1
-        if self.num_pages - 1 < per_seq:
-            raise ValueError(
-                f"num_pages={self.num_pages} cannot hold one sequence of max_seq_len={self.max_seq_len} "
-                f"({per_seq} pages of {self.page_size} tokens plus the null page)"
-            )
-
-
-ENGINES = ("static", "paged")
-
-
-def engine_section() -> ml_collections.ConfigDict:
-    """The config keys that choose the sampler: `engine` = "static" (`sampling.generate`, one static batch
-    with row compaction) or "paged" (`sampling.engine.Engine`, continuous batching over a paged KV cache),
-    and the paged engine's fixed sizes (num_pages 0: enough pages for max_slots full-length samples)."""
-    return ml_collections.ConfigDict(
-        dict(engine="static", max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8)
-    )
-
-
-def check_engine_section(section, where: str) -> None:
-    if section.engine not in ENGINES:
-        raise ValueError(f"{where}.engine={section.engine!r} must be one of {ENGINES}")
-    for key in ("max_slots", "page_size", "prefill_chunk", "decode_block"):
-        if int(section[key]) < 1:
-            raise ValueError(f"{where}.{key}={section[key]!r} must be >= 1")
-    if int(section.num_pages) < 0:
-        raise ValueError(f"{where}.num_pages={section.num_pages!r} must be >= 0 (0: sized for max_slots)")
-    if int(section.decode_block) > int(section.page_size):
-        raise ValueError(f"{where}.decode_block={section.decode_block} must be <= page_size={section.page_size}")
-
-
-def engine_settings_from(section, max_seq_len: int) -> EngineSettings | None:
-    """The EngineSettings an `engine_section()` asks for (None for the static engine), for samples of up to
-    `max_seq_len` tokens (rounded up to whole pages)."""
-    section = dict(section)
-    if section.get("engine", "static") == "static":
-        return None
-    page = int(section["page_size"])
-    pages_per_seq = -(-max_seq_len // page)
-    return EngineSettings(
-        max_slots=int(section["max_slots"]),
-        page_size=page,
-        num_pages=int(section["num_pages"]) or int(section["max_slots"]) * (pages_per_seq + 1) + 1,
-        max_seq_len=max_seq_len,
-        prefill_chunk=int(section["prefill_chunk"]),
-        decode_block=int(section["decode_block"]),
-        max_queue=1 << 30,
-    )
 
 
 class _Sample:
@@ -201,7 +98,8 @@ class _Sample:
 class Engine:
     """See the module docstring. `params` is the model's params (any layout `generate` takes)."""
 
-    def __init__(self, config, params, settings: EngineSettings = EngineSettings(), *, mesh=None, rules=DEFAULT_RULES):
+    def __init__(self, config, params, settings: EngineSettings | None = None, *, mesh=None, rules=DEFAULT_RULES):
+        settings = settings or EngineSettings()
         self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
         self._shards = batch_shards(mesh, rules)
         settings.check(config, self._shards)

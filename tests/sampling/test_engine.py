@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from polaris_jax.sampling import generate
-from polaris_jax.sampling.engine import Engine, EngineSettings
+from polaris_jax.sampling.engine import Engine
+from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.requests import QueueFull, Request, RequestError
 from tests.sampling.conftest import golden
 

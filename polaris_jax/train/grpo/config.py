@@ -24,7 +24,7 @@ import ml_collections
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, benchmark_names
 from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import DEFAULT_RULES
-from polaris_jax.sampling.engine import check_engine_section, engine_section
+from polaris_jax.sampling.engine_settings import check_engine_section, engine_section
 from polaris_jax.train import rl, setup
 
 
