@@ -57,8 +57,8 @@ def get_config(arg: str = "polaris") -> ml_collections.ConfigDict:
     # (rewards.extraction.resolve_think_policy), so training and evaluation score alike.
     config.verifier = ml_collections.ConfigDict(dict(think_policy="auto"))
     config.problems_per_batch = 8  # sampled together; verified while the next batch samples
-    # engine = static (sampling.generate) | paged (sampling.engine: continuous batching, paged KV cache)
-    config.sampler = engine_section()
+    config.backend = "static"  # static (sampling.generate) | engine (continuous batching, paged KV cache)
+    config.engine = engine_section()  # the engine's sizes
     config.verifier_workers = 0  # 0 = one per CPU core
     config.verifier_timeout_s = 5.0
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -33,7 +33,7 @@ from polaris_jax.rewards.scoring import Score
 from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
 from polaris_jax.sampling.engine import Engine
-from polaris_jax.sampling.engine_settings import EngineSettings, engine_settings_from
+from polaris_jax.sampling.engine_settings import EngineSettings, engine_section, engine_settings_from
 from polaris_jax.sampling.requests import Request, to_sample_output
 
 ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
@@ -104,12 +104,15 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     chunks: int = 1
-    sampler: Mapping | None = None  # a `sampling.engine.engine_section()` (as a dict); None: static `generate`
+    backend: str = "static"  # "static": `sampling.generate`; "engine": the continuous-batching engine
+    engine: Mapping | None = None  # the engine's sizes, a `sampling.engine_settings.engine_section()` as a dict
 
     def engine_settings(self, model_config) -> EngineSettings | None:
         """The paged engine's settings for these rollouts, or None for the static `generate`."""
         max_seq_len = min(self.prompt_width + self.max_response_len, model_config.max_position_embeddings)
-        return engine_settings_from(self.sampler or {}, max_seq_len)
+        if self.backend == "static":
+            return None
+        return engine_settings_from(self.engine or engine_section(), max_seq_len)
 
 
 def verifier_pool(think_policy: str, prompt_text: str, **pool_kwargs) -> VerifierPool:

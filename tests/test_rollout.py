@@ -144,7 +144,7 @@ def test_batch_shaping_keeps_a_rollouts_batch_typed_and_whole():
 
 
 def test_the_paged_engine_gives_the_static_engines_rollouts():
-    """`rollout.sampler.engine` picks the sampler; both draw the same keys, so the verified batches agree."""
+    """`rollout.backend` picks the sampler; both draw the same keys, so the verified batches agree."""
     import dataclasses
 
     from polaris_jax.data.problems import Problem
@@ -165,7 +165,9 @@ def test_the_paged_engine_gives_the_static_engines_rollouts():
         prompt_width=rollout.prompt_width(problems),
         top_p=0.9,
     )
-    paged = dataclasses.replace(static, chunks=2, sampler=dict(engine_section().to_dict(), engine="paged", max_slots=4))
+    paged = dataclasses.replace(
+        static, chunks=2, backend="engine", engine=dict(engine_section().to_dict(), max_slots=4)
+    )
     with rollout.verifier_pool("strip", "", num_workers=1) as pool:
         kwargs = dict(tokenizer=tokenizer, pool=pool, seed=5)
         ours = rollout.sample_and_verify(model.config, model.params, problems, paged, **kwargs)

@@ -29,7 +29,7 @@ from polaris_jax.files import jsonl, write_atomic
 from polaris_jax.rewards import VerifierPool, scoring
 from polaris_jax.rewards.extraction import resolve_think_policy
 from polaris_jax.rollout import RolloutSettings, prompt_width, sample_and_verify, verifier_pool
-from polaris_jax.sampling.engine_settings import check_engine_section
+from polaris_jax.sampling.engine_settings import check_sampler_config
 
 
 def _is_writer() -> bool:
@@ -97,8 +97,8 @@ def _equivalent_pairs(pool: VerifierPool):
 def run_eval(config, workdir: str) -> dict[str, Any]:
     """Sample, verify and score `config.benchmark`; returns the summary metrics."""
     started = time.time()
-    if "sampler" in config:
-        check_engine_section(config.sampler, "sampler")
+    if "backend" in config:
+        check_sampler_config(config.backend, config.engine)
     problems = load_benchmark(config.benchmark)
     if config.num_problems:
         problems = problems[: config.num_problems]
@@ -115,7 +115,8 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         top_p=config.top_p,
         top_k=config.top_k,
         chunks=chunks,
-        sampler=config.sampler.to_dict() if "sampler" in config else None,
+        backend=config.get("backend", "static"),
+        engine=config.engine.to_dict() if "engine" in config else None,
     )
     with verifier_pool(
         config.verifier.think_policy,

@@ -6,7 +6,7 @@ Two engines, one semantics (strategies, logprob convention, finish reasons, per-
 - `Engine`: requests arriving over time over a paged KV cache (`pages.PagePool`,
   `models.paged_attention`): chunked prefill interleaved with decode, n samples forking one prefill,
   abort, partial rollouts, streaming, live weights. Rollouts and evaluation pick one by config
-  (`rollout.sampler.engine` / `sampler.engine`: "static" or "paged"); the server runs on the engine.
+  (`rollout.backend` / `backend`: "static" or "engine"); the server runs on the engine.
 
     from polaris_jax.sampling import generate
     out = generate(config, params, [[1, 2, 3], [4, 5]], max_new_tokens=256, temperature=0.6, top_p=0.95,

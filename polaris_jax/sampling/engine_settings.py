@@ -72,44 +72,40 @@ class EngineSettings:
             )
 
 
-ENGINES = ("static", "paged")
+BACKENDS = ("static", "engine")
 
 
 def engine_section() -> ml_collections.ConfigDict:
-    """The config keys that choose the sampler: `engine` = "static" (`sampling.generate`, one static batch
-    with row compaction) or "paged" (`sampling.engine.Engine`, continuous batching over a paged KV cache),
-    and the paged engine's fixed sizes (num_pages 0: enough pages for max_slots full-length samples)."""
-    return ml_collections.ConfigDict(
-        dict(engine="static", max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8)
-    )
+    """The paged engine's fixed sizes as config keys (num_pages 0: enough pages for max_slots full-length
+    samples). Beside it, a `backend` key chooses the sampler: "static" (`sampling.generate`, one static batch
+    with row compaction) or "engine" (`sampling.engine.Engine`, continuous batching over a paged KV cache)."""
+    return ml_collections.ConfigDict(dict(max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8))
 
 
-def check_engine_section(section, where: str) -> None:
-    if section.engine not in ENGINES:
-        raise ValueError(f"{where}.engine={section.engine!r} must be one of {ENGINES}")
+def check_sampler_config(backend: str, engine, where: str = "") -> None:
+    """Refuses a bad `backend` or engine section, naming the key (`where` prefixes the key names)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}backend={backend!r} must be one of {BACKENDS}")
     for key in ("max_slots", "page_size", "prefill_chunk", "decode_block"):
-        if int(section[key]) < 1:
-            raise ValueError(f"{where}.{key}={section[key]!r} must be >= 1")
-    if int(section.num_pages) < 0:
-        raise ValueError(f"{where}.num_pages={section.num_pages!r} must be >= 0 (0: sized for max_slots)")
-    if int(section.decode_block) > int(section.page_size):
-        raise ValueError(f"{where}.decode_block={section.decode_block} must be <= page_size={section.page_size}")
+        if int(engine[key]) < 1:
+            raise ValueError(f"{where}engine.{key}={engine[key]!r} must be >= 1")
+    if int(engine.num_pages) < 0:
+        raise ValueError(f"{where}engine.num_pages={engine.num_pages!r} must be >= 0 (0: sized for max_slots)")
+    if int(engine.decode_block) > int(engine.page_size):
+        raise ValueError(f"{where}engine.decode_block={engine.decode_block} must be <= page_size={engine.page_size}")
 
 
-def engine_settings_from(section, max_seq_len: int) -> EngineSettings | None:
-    """The EngineSettings an `engine_section()` asks for (None for the static engine), for samples of up to
-    `max_seq_len` tokens (rounded up to whole pages)."""
-    section = dict(section)
-    if section.get("engine", "static") == "static":
-        return None
-    page = int(section["page_size"])
+def engine_settings_from(engine, max_seq_len: int) -> EngineSettings:
+    """The EngineSettings an `engine_section()` asks for, for samples of up to `max_seq_len` tokens."""
+    engine = dict(engine)
+    page = int(engine["page_size"])
     pages_per_seq = -(-max_seq_len // page)
     return EngineSettings(
-        max_slots=int(section["max_slots"]),
+        max_slots=int(engine["max_slots"]),
         page_size=page,
-        num_pages=int(section["num_pages"]) or int(section["max_slots"]) * (pages_per_seq + 1) + 1,
+        num_pages=int(engine["num_pages"]) or int(engine["max_slots"]) * (pages_per_seq + 1) + 1,
         max_seq_len=max_seq_len,
-        prefill_chunk=int(section["prefill_chunk"]),
-        decode_block=int(section["decode_block"]),
+        prefill_chunk=int(engine["prefill_chunk"]),
+        decode_block=int(engine["decode_block"]),
         max_queue=1 << 30,
     )

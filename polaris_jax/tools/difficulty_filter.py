@@ -89,7 +89,8 @@ def run(config, workdir: str) -> dict:
         samples_per_prompt=f.samples,
         prompt_width=prompt_width(problems),
         top_p=config.rollout.top_p,
-        sampler=config.rollout.sampler.to_dict() if "sampler" in config.rollout else None,
+        backend=config.rollout.get("backend", "static"),
+        engine=config.rollout.engine.to_dict() if "engine" in config.rollout else None,
     )
     correct = []
     with verifier_pool(

@@ -24,7 +24,7 @@ import ml_collections
 from polaris_jax.data.benchmarks import R1_MATH_INSTRUCTION, benchmark_names
 from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import DEFAULT_RULES
-from polaris_jax.sampling.engine_settings import check_engine_section, engine_section
+from polaris_jax.sampling.engine_settings import check_sampler_config, engine_section
 from polaris_jax.train import rl, setup
 
 
@@ -56,8 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.chunks = 1  # rollouts in this many pieces; piece i is scored while piece i+1 samples
-    # engine = static (sampling.generate) | paged (sampling.engine: continuous batching, paged KV cache)
-    c.rollout.sampler = engine_section()
+    c.rollout.backend = "static"  # static (sampling.generate) | engine (continuous batching, paged KV cache)
+    c.rollout.engine = engine_section()  # the engine's sizes
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
@@ -282,7 +282,7 @@ def validate_config(config, *, check_files: bool = True) -> None:
             f"rollout.prompts_per_step={r.prompts_per_step} does not split into rollout.chunks={r.chunks}"
         )
     try:
-        check_engine_section(r.sampler, "rollout.sampler")
+        check_sampler_config(r.backend, r.engine, "rollout.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if config.shaping.dynamic_sampling and config.shaping.polaris_substitution:

@@ -29,7 +29,8 @@ def evaluate(
     rules=None,
     top_p: float = 1.0,
     chunks: int = 1,
-    sampler=None,
+    backend: str = "static",
+    engine=None,
 ) -> dict:
     settings = RolloutSettings(
         max_response_len=max_response_len,
@@ -38,7 +39,8 @@ def evaluate(
         prompt_width=prompt_width(problems),
         top_p=top_p,
         chunks=chunks,
-        sampler=sampler,
+        backend=backend,
+        engine=engine,
     )
     verified = sample_and_verify(
         model_config, params, problems, settings, tokenizer=tokenizer, pool=pool, seed=seed, mesh=mesh, rules=rules

@@ -148,7 +148,8 @@ def _sampler(run: Run, stage, step: int):
         top_p=r.top_p,
         top_k=r.top_k,
         chunks=r.chunks,
-        sampler=r.sampler.to_dict(),
+        backend=r.backend,
+        engine=r.engine.to_dict(),
     )
 
     def sample(position: int, round_index: int):
@@ -186,7 +187,8 @@ def _evaluate(run: Run, problems, step: int) -> dict:
         mesh=run.mesh,
         rules=run.rules,
         top_p=run.config.rollout.top_p,
-        sampler=run.config.rollout.sampler.to_dict(),
+        backend=run.config.rollout.backend,
+        engine=run.config.rollout.engine.to_dict(),
     )
     result["step"] = step
     if jax.process_index() == 0:

@@ -187,8 +187,8 @@ _BAD = {
     "loss_name": lambda c: c.algo.update(dict(policy_loss="ppo_clipp")),
     "kl_without_reference": lambda c: c.algo.update(dict(kl_coef=0.1)),
     "indivisible": lambda c: c.algo.update(dict(minibatches=3)),
-    "engine": lambda c: c.rollout.sampler.update(dict(engine="vllm")),
-    "decode_block": lambda c: c.rollout.sampler.update(dict(engine="paged", decode_block=32)),
+    "backend": lambda c: c.rollout.update(dict(backend="vllm")),
+    "decode_block": lambda c: c.rollout.engine.update(dict(decode_block=32)),
 }
 _MESSAGES = {
     "unequal": "one entry per stage",
@@ -198,8 +198,8 @@ _MESSAGES = {
     "loss_name": "unknown policy loss 'ppo_clipp'",
     "kl_without_reference": "use_reference",
     "indivisible": "minibatches=3",
-    "engine": "rollout.sampler.engine='vllm' must be one of",
-    "decode_block": "rollout.sampler.decode_block=32 must be <= page_size=16",
+    "backend": "rollout.backend='vllm' must be one of",
+    "decode_block": "rollout.engine.decode_block=32 must be <= page_size=16",
 }
 
 
