@@ -1,0 +1,168 @@
+"""The OpenAI-compatible routes: each validates a request and translates it into engine requests.
+
+GET /health (no key; 200 once the model is loaded and the engine warm, else 503), GET /v1/models,
+POST /v1/completions, POST /v1/chat/completions (both with SSE streaming). With an API key set, every
+route but /health needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (else 401).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+
+import fastapi
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletionChunk
+
+from polaris_jax.data.tokenizer import Tokenizer
+from polaris_jax.sampling.requests import QueueFull, Request, RequestError
+from polaris_jax.serve import openai_api as api
+from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
+
+
+@dataclasses.dataclass
+class Served:
+    """What the routes serve: the engine thread, the tokenizer, and the limits requests are checked against."""
+
+    engine: EngineThread
+    tokenizer: Tokenizer
+    model_ids: tuple[str, ...]  # the --model argument, then its basename
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    max_seq_len: int
+    max_slots: int
+    api_key: str | None = None
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj.model_dump(mode='json', warnings=False, exclude_none=True))}\n\n"
+
+
+def create_app(served: Served) -> fastapi.FastAPI:
+    app = fastapi.FastAPI(title="polaris_jax", docs_url=None, redoc_url=None)
+
+    def check_key(authorization: str | None = fastapi.Header(None), x_api_key: str | None = fastapi.Header(None)):
+        if served.api_key is None:
+            return
+        bearer = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
+        if served.api_key not in (bearer, x_api_key):
+            message = "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)"
+            raise api.ApiError(401, message, None, "authentication_error")
+
+    for error, status in ((RequestError, 400), (QueueFull, 429), (EngineStopped, 503)):
+        app.add_exception_handler(
+            error,
+            lambda _, e, status=status: JSONResponse(
+                api.ApiError(status, str(e), None, "server_error" if status >= 500 else "invalid_request_error").body(),
+                status,
+            ),
+        )
+    app.add_exception_handler(api.ApiError, lambda _, e: JSONResponse(e.body(), e.status))
+    app.add_exception_handler(RequestValidationError, lambda _, e: JSONResponse(api.validation_error(e).body(), 400))
+
+    @app.get("/health")
+    def health():
+        ok = served.engine.healthy
+        return JSONResponse({"status": "ok" if ok else "starting"}, 200 if ok else 503)
+
+    v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(check_key)])
+
+    @v1.get("/models")
+    def models():
+        created = int(time.time())
+        data = [Model(id=m, object="model", created=created, owned_by="polaris_jax") for m in served.model_ids]
+        return {"object": "list", "data": [m.model_dump() for m in data]}
+
+    def engine_requests(body, prompts: list[list[int]], field: str, max_tokens: int | None, rid: str):
+        if body.model not in served.model_ids:
+            raise api.ApiError(404, f"model: {body.model!r} is not served (GET /v1/models)", "model", "not_found")
+        body.check_supported(served.max_slots)
+        seed = body.seed if body.seed is not None else random.randrange(2**31)
+        requests = []
+        for i, ids in enumerate(prompts):
+            budget = api.check_prompt(
+                ids, max_tokens, vocab_size=served.vocab_size, max_seq_len=served.max_seq_len, field=field
+            )
+            requests.append(
+                Request(
+                    prompt=ids,
+                    max_new_tokens=budget,
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    n=body.n,
+                    eos_token_ids=served.eos_token_ids,
+                    seed=seed,
+                    sample_offset=i * body.n,
+                    id=f"{rid}/{i}",
+                )
+            )
+        return requests
+
+    async def respond(body, http, requests, rid, done, piece_chunk, chunk_cls):
+        """Runs the requests; the full response (done(choices)) or an SSE stream of piece_chunk's."""
+        streams = await served.engine.submit_all(requests)
+        choices = [api.ChoiceText(served.tokenizer, body.stops) for _ in range(len(requests) * body.n)]
+        prompt_tokens = sum(len(r.prompt) for r in requests)
+        if not body.stream:
+            async for _ in api.drive(streams, choices, body.n, http.is_disconnected):
+                pass
+            if await http.is_disconnected():
+                return fastapi.Response(status_code=499)
+            return done(choices, prompt_tokens)
+
+        async def events():
+            try:
+                if piece_chunk(0, None, None) is not None:  # chat streams open each choice with its role
+                    for index in range(len(choices)):
+                        yield _sse(piece_chunk(index, None, None))
+                async for index in api.drive(streams, choices, body.n):
+                    piece = choices[index].take()
+                    if piece is not None:
+                        yield _sse(piece_chunk(index, choices[index], piece))
+                if body.include_usage:
+                    yield _sse(api.usage_chunk(chunk_cls, rid, body.model, prompt_tokens, choices))
+            except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
+                yield f"data: {json.dumps(api.ApiError(500, str(e), None, 'server_error').body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @v1.post("/completions")
+    async def completions(body: api.CompletionRequest, http: fastapi.Request):
+        rid = api.new_id("cmpl")
+        prompts = api.prompt_ids(body, served.tokenizer)
+        requests = engine_requests(body, prompts, "prompt", 16 if body.max_tokens is None else body.max_tokens, rid)
+        logprobs = body.logprobs is not None
+
+        def done(choices, prompt_tokens):
+            return api.completion(rid, body.model, choices, prompt_tokens, logprobs)
+
+        def piece_chunk(index, choice, piece):
+            if choice is None:
+                return None  # completions streams have no opening chunk
+            return api.completion_chunk(rid, body.model, index, choice, piece, logprobs)
+
+        return await respond(body, http, requests, rid, done, piece_chunk, Completion)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: api.ChatRequest, http: fastapi.Request):
+        rid = api.new_id("chatcmpl")
+        prompt = api.chat_prompt_ids(body, served.tokenizer)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        requests = engine_requests(body, [prompt], "messages", max_tokens, rid)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+
+        def done(choices, prompt_tokens):
+            return api.chat_completion(rid, body.model, choices, prompt_tokens, top)
+
+        def piece_chunk(index, choice, piece):
+            return api.chat_chunk(rid, body.model, index, choice, piece, top)
+
+        return await respond(body, http, requests, rid, done, piece_chunk, ChatCompletionChunk)
+
+    app.include_router(v1)
+    return app
