@@ -60,6 +60,7 @@ def _wait(proc, timeout=240) -> str:
     return output
 
 
+@pytest.mark.slow  # about 1.5 min on 2 cores: `make test-slow`, which .ci/run also runs
 def test_two_processes_match_one_process(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     reference = _start(tmp_path / "single.npz", 4)

@@ -109,6 +109,7 @@ def sft_sweep(tmp_path_factory):
     return proc, rows, root / "runs"
 
 
+@pytest.mark.slow  # about 1.5 min on 2 cores (six SFT runs): `make test-slow`, which .ci/run also runs
 def test_sweep_runs_every_point_and_writes_the_summary(sft_sweep):
     proc, rows, root = sft_sweep
     assert proc.returncode == 1, "a sweep with failed points exits non-zero"  # after finishing the others
@@ -130,6 +131,7 @@ def test_sweep_runs_every_point_and_writes_the_summary(sft_sweep):
         assert (pathlib.Path(r["workdir"]) / "stdout.log").exists()
 
 
+@pytest.mark.slow  # shares the sweep above
 def test_failed_point_records_its_error(sft_sweep):
     _, rows, _ = sft_sweep
     import json
