@@ -29,7 +29,8 @@ def _with_parameters(book, values: dict):
     return book
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# The GRPO notebook (about 1.5 min on 2 cores) runs in `make test-slow`, which .ci/run also runs.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "grpo" else n for n in sorted(TINY)])
 def test_notebook_runs_top_to_bottom(name, tmp_path):
     book = nbformat.read(COLABS / f"{name}.ipynb", as_version=4)
     assert book.cells[1].cell_type == "code" and "%pip install" in book.cells[1].source  # install cell first
