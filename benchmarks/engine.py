@@ -8,7 +8,11 @@ request's response length is its max_new_tokens, drawn once (numpy seed `--seed`
 median `--median` and log-sd `--sigma`, rounded and clipped to [1, `--max-new`]; no EOS ids (random
 weights), so every sample generates exactly its request's drawn length, on every side. The default sigma
 1.5 is heavy enough that the tail reaches the cap (P(length >= 1024) = 3.2% per request; the seed-0 draw
-has one request at 1024).
+of 64 has median 61, mean 153 and 3 requests at 1024).
+
+Memory: static `generate` holds a dense float32 cache of batch bucket x cache bucket positions; on the
+Qwen3-0.6B shape (224 KiB of K and V per position) the default workload would need 512 x 2048 positions,
+240 GB. BENCHMARKS.md runs that shape on a smaller workload (its command is there).
 
 Sides, all on the same weights (`init_params`, exported with `save_hf` for transformers):
 - engine: `sampling.engine.Engine.run` with one `Request(max_new_tokens=length)` per prompt.
@@ -25,7 +29,8 @@ Sides, all on the same weights (`init_params`, exported with `save_hf` for trans
 Every side first runs a warm-up (compiles; not timed in the figures, reported as `warmup_s`): the engine
 and transformers a ramp of short lengths over the same prompts, so the live rows pass through every slot
 bucket; static `generate` the full workload, as its cache buckets are only reached by decoding that far.
-Timed runs follow, `--repeats` rounds with the sides interleaved; the best time of each side is reported.
+Timed runs follow, `--repeats` rounds with the sides interleaved; the best time of each side is reported
+(every warm-up and round is also logged to stderr as it ends).
 
 Figures per side: tokens/s over useful tokens (sum of drawn lengths x n), time to the last token, and KV
 bytes held per live token, as a mean over steps of (bytes held / live tokens):
