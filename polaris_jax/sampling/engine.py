@@ -126,14 +126,7 @@ class Engine:
     def _put_pages(self, pages):
         if self.mesh is None:  # committed, as every step's output is: the first step then compiles nothing new
             return jax.device_put(pages, jax.devices()[0])
-        from jax.sharding import NamedSharding
-
-        from polaris_jax.models.sharding import logical_to_spec
-
-        spec = lambda x: NamedSharding(
-            self.mesh, logical_to_spec(engine_steps.PAGE_AXES, self.mesh, self.rules, x.shape)
-        )
-        return jax.tree.map(lambda x: jax.device_put(x, spec(x)), pages)
+        return jax.device_put(pages, engine_steps.page_shardings(pages, self.mesh, self.rules))
 
     def update_params(self, params, version: int | None = None) -> None:
         """New weights from the next step on; samples in flight continue under them. Each token records the

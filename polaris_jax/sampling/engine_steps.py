@@ -55,11 +55,16 @@ class DecodeBatch:
     settings: RowSettings
 
 
+def page_shardings(kv_pages: dict, mesh, rules) -> dict:
+    """Each page array's NamedSharding on the mesh: kv heads over the axes the rules give `kv_heads`."""
+    spec = lambda x: NamedSharding(mesh, logical_to_spec(PAGE_AXES, mesh, rules, x.shape))
+    return jax.tree.map(spec, kv_pages)
+
+
 def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
     if mesh is None:
         return kv_pages
-    spec = lambda x: NamedSharding(mesh, logical_to_spec(PAGE_AXES, mesh, rules, x.shape))
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec(x)), kv_pages)
+    return jax.lax.with_sharding_constraint(kv_pages, page_shardings(kv_pages, mesh, rules))
 
 
 def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool):

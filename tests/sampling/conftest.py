@@ -1,5 +1,8 @@
-"""Shared fixtures: golden tiny models (loaded once) and their greedy-generation references."""
+"""Shared fixtures: golden tiny models (loaded once) and their greedy-generation references; a compile counter."""
 
+import contextlib
+
+import jax.monitoring
 import numpy as np
 import pytest
 
@@ -52,3 +55,26 @@ def spy_decode_batches(set_attribute) -> list:
 def decode_batches(monkeypatch):
     """The decode batch of every `decode_loop.decode` call made in the test."""
     return spy_decode_batches(monkeypatch.setattr)
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+_compiles = {"on": False, "events": []}
+
+
+def _listen(name, duration, **kwargs):
+    if _compiles["on"] and name in _COMPILE_EVENTS:
+        _compiles["events"].append((name, kwargs.get("fun_name")))
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+@contextlib.contextmanager
+def compilations():
+    """Yields the list of (event, function) of every trace or compile that happens inside the block."""
+    _compiles["events"] = events = []
+    _compiles["on"] = True
+    try:
+        yield events
+    finally:
+        _compiles["on"] = False

@@ -8,24 +8,14 @@ import subprocess
 import sys
 
 import jax
-import jax.monitoring
 import numpy as np
 
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request
+from tests.sampling.conftest import compilations
 from tests.sampling.test_engine import SMALL, finish
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-_compiles = {"on": False, "events": []}
-
-
-def _listen(name, duration, **kwargs):
-    if _compiles["on"] and name in _EVENTS:
-        _compiles["events"].append((name, kwargs.get("fun_name")))
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
 
 
 def test_serving_a_mix_compiles_nothing_after_warmup(tied):
@@ -52,8 +42,7 @@ def test_serving_a_mix_compiles_nothing_after_warmup(tied):
             ]
         )
     ]
-    _compiles["on"] = True
-    try:
+    with compilations() as compiled:
         for request in requests[:3]:
             engine.submit(request)
         for _ in range(4):
@@ -62,9 +51,7 @@ def test_serving_a_mix_compiles_nothing_after_warmup(tied):
         for request in requests[3:]:
             engine.submit(request)
         finish(engine)
-    finally:
-        _compiles["on"] = False
-    assert _compiles["events"] == [], f"compiled after warmup: {_compiles['events']}"
+    assert compiled == [], f"compiled after warmup: {compiled}"
     assert all(engine.finished(r.id) for r in requests)
     assert {engine.last_metrics["decode_rows"]} <= {1, 2, 4, 8}
 

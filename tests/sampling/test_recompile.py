@@ -1,21 +1,11 @@
 """After a warm-up over the buckets, calls inside them compile nothing (counted by jax.monitoring)."""
 
 import jax
-import jax.monitoring
 
 from polaris_jax.sampling import Buckets, generate
+from tests.sampling.conftest import compilations
 
 BUCKETS = Buckets(prompt_lengths=(8, 16), batch_sizes=(2,), cache_lengths=(32, 64))
-_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-_counter = {"on": False, "events": []}
-
-
-def _listen(name, duration, **kwargs):
-    if _counter["on"] and name in _EVENTS:
-        _counter["events"].append((name, kwargs.get("fun_name")))
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
 
 
 def test_no_compilation_after_warmup(tied):
@@ -26,8 +16,7 @@ def test_no_compilation_after_warmup(tied):
     run([list(range(1, 14))], max_new_tokens=40, temperature=1.0)
     new_params = jax.tree.map(lambda p: p * 1.01, params)  # new weight values, same shapes
 
-    _counter["on"] = True
-    try:
+    with compilations() as compiled:
         outs = [
             run([[7, 8, 9], [4] * 8], max_new_tokens=35, temperature=0.8, seed=5),
             run(
@@ -47,9 +36,7 @@ def test_no_compilation_after_warmup(tied):
                 eos_token_ids=(1,),
             ),
         ]
-    finally:
-        _counter["on"] = False
-    assert _counter["events"] == [], f"recompiled after warm-up: {_counter['events']}"
+    assert compiled == [], f"recompiled after warm-up: {compiled}"
     assert [len(o.tokens) for o in outs] == [2, 2, 2]
 
 
@@ -63,11 +50,8 @@ def test_compaction_compiles_nothing_after_warmup(tied, decode_batches):
     run = lambda **kw: generate(tied.config, tied.params, prompts, n=2, temperature=0.0, buckets=buckets, **kw)
     run(max_new_tokens=40, eos_token_ids=eos)
     assert batches == [4, 2]
-    _counter["on"] = True
-    try:
+    with compilations() as compiled:
         out = run(max_new_tokens=36, eos_token_ids=eos + (255,))
-    finally:
-        _counter["on"] = False
     assert batches == [4, 2, 4, 2]
-    assert _counter["events"] == [], f"recompiled after warm-up: {_counter['events']}"
+    assert compiled == [], f"recompiled after warm-up: {compiled}"
     assert out.tokens[2] == out.tokens[3] == tied.new_ids[2][:36]
