@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: each validates a request and translates it into engine requests.
+"""The HTTP app: the OpenAI-compatible routes (here) and the Tinker REST surface (`tinker_api`).
 
 GET /health (no key; 200 once the model is loaded and the engine warm, else 503), GET /v1/models,
 POST /v1/completions, POST /v1/chat/completions (both with SSE streaming). With an API key set, every
@@ -22,6 +22,8 @@ from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.sampling.requests import QueueFull, Request, RequestError
 from polaris_jax.serve import openai_api as api
 from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
+from polaris_jax.serve.tinker_api import Tinker, tinker_router
+from polaris_jax.serve.tinker_proto import BadInput
 
 
 @dataclasses.dataclass
@@ -42,7 +44,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj.model_dump(mode='json', warnings=False, exclude_none=True))}\n\n"
 
 
-def create_app(served: Served) -> fastapi.FastAPI:
+def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="polaris_jax", docs_url=None, redoc_url=None)
 
     def check_key(authorization: str | None = fastapi.Header(None), x_api_key: str | None = fastapi.Header(None)):
@@ -62,6 +64,7 @@ def create_app(served: Served) -> fastapi.FastAPI:
             ),
         )
     app.add_exception_handler(api.ApiError, lambda _, e: JSONResponse(e.body(), e.status))
+    app.add_exception_handler(BadInput, lambda _, e: JSONResponse({"detail": str(e)}, 400))
     app.add_exception_handler(RequestValidationError, lambda _, e: JSONResponse(api.validation_error(e).body(), 400))
 
     @app.get("/health")
@@ -165,4 +168,6 @@ def create_app(served: Served) -> fastapi.FastAPI:
         return await respond(body, http, requests, rid, done, piece_chunk, ChatCompletionChunk)
 
     app.include_router(v1)
+    if tinker is not None:
+        app.include_router(tinker_router(tinker, [fastapi.Depends(check_key)]))
     return app

@@ -8,12 +8,7 @@ text is arbitrary but deterministic. Greedy output is compared with transformers
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -24,46 +19,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from polaris_jax.data.tokenizer import Tokenizer, qwen_tokenizer_offline  # noqa: E402
+from tests.serve.server_helpers import EOS, free_port, running_server, tiny_checkpoint  # noqa: E402
 
 KEY = "test-key"
 MAX_SEQ_LEN = 128
-EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>: written to generation_config.json
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
-
-
-def _tiny_checkpoint(path, vocab_size: int):
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    model = transformers.Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():  # large random weights: every component shows in the logits
-        for name, p in model.named_parameters():
-            noise = torch.randn_like(p)
-            scale = 4.0 if name == "lm_head.weight" else 0.5  # peaked logits: greedy has clear winners
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else scale * noise / p.shape[-1] ** 0.5)
-    model.save_pretrained(path)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
-    return model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,32 +31,12 @@ def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen3")
     tokenizer = qwen_tokenizer_offline("qwen3")
     tokenizer.save(path)
-    model = _tiny_checkpoint(path, tokenizer.vocab_size)
-    port = _free_port()
-    args = ["--model", str(path), "--port", str(port), "--api_key", KEY, "--max_slots", "8"]
+    model = tiny_checkpoint(path, tokenizer.vocab_size)
+    args = ["--model", str(path), "--api_key", KEY, "--max_slots", "8", "--workdir", str(path / "serve")]
     args += ["--max_seq_len", str(MAX_SEQ_LEN), "--prefill_chunk", "64", "--page_size", "16"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "polaris_jax.serve", *args], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, "the server exited during start-up"
-            assert time.time() < deadline, "the server was not healthy within 120 s"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with running_server(args, free_port()) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
         yield dict(client=client, base=base, model=str(path), hf=model, tokenizer=Tokenizer.from_dir(path))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -1,0 +1,70 @@
+"""Tinker futures: every train and sample call answers `{request_id}` at once; its result comes later.
+
+    futures = Futures(store)
+    request_id = futures.create("forward_backward")          # in an async route
+    futures.finish(request_id, "done", PROTO, payload)         # from any thread
+    status, content_type, payload = await futures.wait(request_id, 30.0)   # the long poll
+
+A result is kept in memory and written to the store, so it outlives the process; `wait` returns
+("pending", ...) if nothing came within the timeout (the route then answers `try_again`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+from polaris_jax.serve.store import FutureRow, Store
+
+JSON, PROTO = "application/json", "application/x-protobuf"
+
+
+class Futures:
+    def __init__(self, store: Store):
+        self.store = store
+        self._lock = threading.Lock()
+        self._done: dict[str, tuple[str, str, bytes]] = {}
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+
+    def create(self, kind: str) -> str:
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._waiters[request_id] = (loop, loop.create_future())
+        self.store.put(FutureRow(request_id=request_id, kind=kind, status="pending", created=time.time()))
+        return request_id
+
+    def finish(self, request_id: str, status: str, content_type: str, payload: bytes) -> None:
+        self.store.finish_future(request_id, status, content_type, payload)
+        with self._lock:
+            self._done[request_id] = (status, content_type, payload)
+            loop, fut = self._waiters.pop(request_id, (None, None))
+        if fut is not None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+    def succeed_json(self, request_id: str, obj) -> None:
+        self.finish(request_id, "done", JSON, json.dumps(obj).encode())
+
+    def fail(self, request_id: str, error: str, category: str) -> None:
+        self.finish(request_id, "failed", JSON, json.dumps({"error": error, "category": category}).encode())
+
+    async def wait(self, request_id: str, timeout: float) -> tuple[str, str, bytes] | None:
+        """The outcome, ("pending", "", b"") after `timeout`, or None for an id never issued."""
+        with self._lock:
+            done = self._done.get(request_id)
+            waiter = self._waiters.get(request_id)
+        if done is not None:
+            return done
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
+            except TimeoutError:
+                return "pending", "", b""
+            return self._done[request_id]
+        row = self.store.get(FutureRow, request_id)  # a result from before a restart
+        if row is None:
+            return None
+        return row.status, row.content_type, row.payload

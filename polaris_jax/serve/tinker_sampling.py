@@ -1,0 +1,206 @@
+"""Tinker sampling clients: samplers over the base model, a saved adapter or a live snapshot; `asample`.
+
+A sampler's weights are the base model's or an adapter. Sampling runs on the continuous-batching
+engine: the base model's engine (the one the OpenAI routes use), or an engine over the base weights
+with the adapter merged in, made on first use and kept for up to `max_loras` adapters (the least
+recently used idle one is closed beyond that). Engines of one base model share compiled programs.
+Prompt logprobs (and their top-k) come from one forward pass over the prompt with the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import random
+import uuid
+
+import numpy as np
+
+from polaris_jax.models.lora import merge_lora
+from polaris_jax.sampling.engine import Engine
+from polaris_jax.sampling.requests import Request, RequestError
+from polaris_jax.serve import tinker_checkpoints as ckpt
+from polaris_jax.serve.base_model import BaseModel
+from polaris_jax.serve.engine_thread import EngineThread, merge
+from polaris_jax.serve.futures import PROTO, Futures
+from polaris_jax.serve.store import SamplerRow, Store
+from polaris_jax.serve.tinker_proto import BadInput, sample_response
+from polaris_jax.train import adapters
+
+MAX_TOPK = 64
+
+
+@dataclasses.dataclass(eq=False)
+class Weights:
+    key: str  # "base", a tinker:// sampler path, or "live:<sampler id>"
+    spec: adapters.AdapterSpec | None = None
+    adapter: dict | None = None
+
+
+class Sampling:
+    def __init__(self, base: BaseModel, store: Store, futures: Futures, base_engine: EngineThread, max_loras: int):
+        self.base, self.store, self.futures = base, store, futures
+        self.base_engine, self.max_loras = base_engine, max_loras
+        self.samplers: dict[str, Weights] = {}
+        self._engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
+        self._tokenizer = None
+
+    # ----- samplers -----
+
+    def create(self, session_id: str, seq_id: int, base_model=None, model_path=None) -> str:
+        sampler_id = f"{session_id}:sample:{seq_id}"
+        if model_path:
+            row = self._checkpoint(model_path)
+            weights = Weights(model_path, ckpt.spec_of(row))
+            base_model = base_model or self.base.name
+        else:
+            weights = Weights("base")
+        self.base.check_name(base_model)
+        self.samplers[sampler_id] = weights
+        self.store.put(SamplerRow(id=sampler_id, session_id=session_id, base_model=base_model, model_path=model_path))
+        return sampler_id
+
+    def _checkpoint(self, path):
+        model_id, kind, _ = ckpt.parse_path(path, "model_path")
+        row = self.store.get(ckpt.CheckpointRow, path)
+        if row is None:
+            raise BadInput(f"model_path: no checkpoint {path!r}")
+        return row
+
+    def add_live(self, session_id: str, spec, adapter) -> str:
+        sampler_id = f"{session_id}:live:{uuid.uuid4().hex[:12]}"
+        self.samplers[sampler_id] = Weights(f"live:{sampler_id}", spec, adapter)
+        self.store.put(SamplerRow(id=sampler_id, session_id=session_id, base_model=self.base.name))
+        return sampler_id
+
+    def sampler(self, sampler_id) -> Weights:
+        weights = self.samplers.get(sampler_id)
+        if weights is None:
+            row = self.store.get(SamplerRow, sampler_id)  # made before a restart: still servable if saved
+            if row is None or (row.model_path is None and ":live:" in sampler_id):
+                raise BadInput(f"sampling_session_id: {sampler_id!r} is not a sampler of this server")
+            weights = (
+                Weights(row.model_path, ckpt.spec_of(self._checkpoint(row.model_path)))
+                if row.model_path
+                else Weights("base")
+            )
+            self.samplers[sampler_id] = weights
+        return weights
+
+    def _adapter(self, weights: Weights) -> dict:
+        if weights.adapter is None:
+            weights.adapter, _ = ckpt.load(self.base.config, self._checkpoint(weights.key), with_optimizer=False)
+        return weights.adapter
+
+    def _engine(self, weights: Weights) -> EngineThread:
+        """The engine for these weights (made, and warm, on first use; runs in a worker thread)."""
+        if weights.key == "base":
+            return self.base_engine
+        thread = self._engines.get(weights.key)
+        if thread is None:
+            config = weights.spec.model_config(self.base.config)
+            _, merged = merge_lora(config, adapters.with_adapter(self.base.params, self._adapter(weights)))
+            thread = EngineThread(Engine(self.base.config, merged, self.base_engine.engine.settings), warmup=False)
+            thread.start()
+            thread.ready.wait()
+            self._engines[weights.key] = thread
+            idle = [k for k, t in self._engines.items() if not t.engine.busy and k != weights.key]
+            while len(self._engines) > self.max_loras and idle:
+                self._engines.pop(idle.pop(0)).close()
+        self._engines.move_to_end(weights.key)
+        return thread
+
+    # ----- asample -----
+
+    def request(self, body: dict, tokenizer) -> tuple[Weights, Request, int]:
+        """Checks an asample body; (weights, engine request, top-k prompt logprobs or -1 for none)."""
+        weights = self.sampler(body.get("sampling_session_id"))
+        chunks = (body.get("prompt") or {}).get("chunks") or []
+        tokens = []
+        for i, chunk in enumerate(chunks):
+            if chunk.get("type", "encoded_text") != "encoded_text" or not isinstance(chunk.get("tokens"), list):
+                raise BadInput(f"prompt.chunks[{i}]: only encoded_text chunks with a tokens list are served")
+            tokens += chunk["tokens"]
+        params = body.get("sampling_params") or {}
+        n = body.get("num_samples", 1)
+        max_slots = self.base_engine.engine.settings.max_slots
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_slots:
+            raise BadInput(f"num_samples: {n!r} must be an integer in [1, {max_slots}]")
+        for field in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if body.get(field):
+                raise BadInput(f"{field}: not served by this server (send 0)")
+        top = body.get("topk_prompt_logprobs") or 0
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOPK:
+            raise BadInput(f"topk_prompt_logprobs: {top!r} must be an integer in [0, {MAX_TOPK}]")
+        max_tokens = params.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = self.base.max_seq_len - len(tokens)
+        eos, stops = self._stops(params.get("stop"), tokenizer)
+        seed, top_k = params.get("seed"), params.get("top_k", -1)
+        request = Request(
+            prompt=tokens,
+            max_new_tokens=max_tokens,
+            temperature=params.get("temperature", 1.0),
+            top_p=params.get("top_p", 1.0),
+            top_k=0 if top_k == -1 else top_k,  # tinker's -1: no top-k
+            n=n,
+            eos_token_ids=eos,
+            stop_sequences=stops,
+            seed=random.randrange(2**31) if seed is None else seed,
+            id=f"asample-{uuid.uuid4().hex}",
+        )
+        try:
+            request.check(self.base.vocab_size, self.base.max_seq_len)
+        except RequestError as e:
+            message = str(e).split(": ", 1)[-1].replace("max_new_tokens", "sampling_params.max_tokens")
+            raise BadInput(message) from None
+        wants_prompt = bool(body.get("prompt_logprobs")) or top > 0
+        return weights, request, top if wants_prompt else -1
+
+    def _stops(self, stop, tokenizer):
+        """(eos ids, stop sequences): stop=None keeps the model's EOS ids; a given list replaces them
+        (ids stop at that token; strings stop at their tokens); [] stops only at max_tokens."""
+        if stop is None:
+            return self.base.eos_token_ids, ()
+        stop = [stop] if isinstance(stop, (str, int)) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in stop):
+            raise BadInput(f"sampling_params.stop: {stop!r} is not a string, a list of strings or a list of token ids")
+        ids = tuple(s for s in stop if isinstance(s, int))
+        seqs = tuple(tuple(tokenizer.encode(s)) for s in stop if isinstance(s, str) and s)
+        return ids, seqs
+
+    async def sample(self, weights: Weights, request: Request, top: int, request_id: str) -> None:
+        """Runs a checked request and finishes its future with a SampleResponse."""
+        try:
+            engine = await asyncio.to_thread(self._engine, weights)
+            streams = await engine.submit_all([request])
+            seqs = [[[], [], "length"] for _ in range(request.n)]
+            async for _, delta in merge(streams):
+                seq = seqs[delta.sample]
+                seq[0] += delta.tokens
+                seq[1] += delta.logprobs
+                if delta.finish_reason is not None:
+                    seq[2] = "length" if delta.finish_reason == "length" else "stop"
+            prompt_lp, topk = None, None
+            if top >= 0:
+                prompt_lp, topk = await asyncio.to_thread(self._prompt_logprobs, weights, list(request.prompt), top)
+            self.futures.finish(request_id, "done", PROTO, sample_response(seqs, prompt_lp, topk))
+        except Exception as e:  # noqa: BLE001 - the client learns of it through the future
+            self.futures.fail(request_id, f"{type(e).__name__}: {e}", "server")
+
+    def _prompt_logprobs(self, weights: Weights, prompt: list[int], top: int):
+        t = len(prompt)
+        padded = adapters.pad_batch([{"tokens": prompt, "target_tokens": prompt}], (), {})
+        config = self.base.config if weights.spec is None else weights.spec.model_config(self.base.config)
+        adapter = {} if weights.spec is None else self._adapter(weights)
+        lp_bt, ids_btk, top_btk = adapters.prompt_logprobs(
+            config, self.base.params, adapter, padded["tokens_bt"], padded["mask_bt"], k=top
+        )
+        prompt_lp = np.concatenate([[np.nan], np.asarray(lp_bt)[0, : t - 1]]).astype(np.float32)
+        topk = (np.asarray(ids_btk)[0, :t], np.asarray(top_btk)[0, :t]) if top else None
+        return prompt_lp, topk
+
+    def close(self) -> None:
+        for thread in self._engines.values():
+            thread.close()
