@@ -20,6 +20,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.sampling.requests import QueueFull, Request, RequestError
+from polaris_jax.serve import metrics
 from polaris_jax.serve import openai_api as api
 from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
 from polaris_jax.serve.tinker_api import Tinker, tinker_router
@@ -71,6 +72,12 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     def health():
         ok = served.engine.healthy
         return JSONResponse({"status": "ok" if ok else "starting"}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        adapters = list(tinker.sampling.engines.values()) if tinker is not None else []
+        text = metrics.render(served.engine, adapters, tinker.training if tinker is not None else None)
+        return fastapi.Response(text, media_type="text/plain; version=0.0.4")
 
     v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(check_key)])
 

@@ -43,7 +43,7 @@ class Sampling:
         self.base, self.store, self.futures = base, store, futures
         self.base_engine, self.max_loras = base_engine, max_loras
         self.samplers: dict[str, Weights] = {}
-        self._engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
+        self.engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
         self._tokenizer = None
 
     # ----- samplers -----
@@ -97,18 +97,18 @@ class Sampling:
         """The engine for these weights (made, and warm, on first use; runs in a worker thread)."""
         if weights.key == "base":
             return self.base_engine
-        thread = self._engines.get(weights.key)
+        thread = self.engines.get(weights.key)
         if thread is None:
             config = weights.spec.model_config(self.base.config)
             _, merged = merge_lora(config, adapters.with_adapter(self.base.params, self._adapter(weights)))
             thread = EngineThread(Engine(self.base.config, merged, self.base_engine.engine.settings), warmup=False)
             thread.start()
             thread.ready.wait()
-            self._engines[weights.key] = thread
-            idle = [k for k, t in self._engines.items() if not t.engine.busy and k != weights.key]
-            while len(self._engines) > self.max_loras and idle:
-                self._engines.pop(idle.pop(0)).close()
-        self._engines.move_to_end(weights.key)
+            self.engines[weights.key] = thread
+            idle = [k for k, t in self.engines.items() if not t.engine.busy and k != weights.key]
+            while len(self.engines) > self.max_loras and idle:
+                self.engines.pop(idle.pop(0)).close()
+        self.engines.move_to_end(weights.key)
         return thread
 
     # ----- asample -----
@@ -202,5 +202,5 @@ class Sampling:
         return prompt_lp, topk
 
     def close(self) -> None:
-        for thread in self._engines.values():
+        for thread in self.engines.values():
             thread.close()

@@ -43,7 +43,11 @@ class Training:
         self.max_batch_tokens = max_batch_tokens
         self.worker = OrderedWorker()
         self.runs: dict[str, Run] = {}
-        self.latency_s: dict[str, list[float]] = {"forward_backward": [], "optim_step": []}
+        self.latency_s = {"forward_backward": [0, 0.0], "optim_step": [0, 0.0]}  # kind -> [count, seconds]
+
+    def _timed(self, kind: str, started: float) -> None:
+        self.latency_s[kind][0] += 1
+        self.latency_s[kind][1] += time.monotonic() - started
 
     # ----- lookups -----
 
@@ -229,7 +233,7 @@ class Training:
             lp_bt = np.asarray(out["logprobs_bt"])
             logprobs += [lp_bt[i, : len(d["tokens"])] for i, d in enumerate(datums)]
             total += float(out["loss"])
-        self.latency_s["forward_backward"].append(time.monotonic() - started)
+        self._timed("forward_backward", started)
         return PROTO, forward_backward_output(logprobs, {"loss:sum": total})
 
     def optim_step(self, model_id, seq_id, adam_params: dict) -> str:
@@ -250,7 +254,7 @@ class Training:
             grads = run.grads if run.grads is not None else jax.tree.map(np.zeros_like, run.adapter)
             run.adapter, run.opt_state, norm = adapters.adam_step(run.adapter, run.opt_state, grads, hyper)
             run.grads = None
-            self.latency_s["optim_step"].append(time.monotonic() - started)
+            self._timed("optim_step", started)
             return {"metrics": {"grad_norm:mean": float(norm)}}
 
         return self._ordered(model_id, seq_id, "optim_step", check, step)

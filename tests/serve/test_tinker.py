@@ -1,0 +1,300 @@
+"""The Tinker REST surface, end to end: a server subprocess on a tiny random Qwen3, driven by the official
+`tinker` SDK (pinned in the dev extra).
+
+References: losses are recomputed here with numpy from Tinker's published formulas over logprobs from
+the project's model functions (`polaris_jax.models.logits`); optim_step is checked against optax's
+AdamW; greedy sampling against transformers' generate(). The restart test runs last: it kills the
+server and starts another on the same workdir and database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+tinker = pytest.importorskip("tinker")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tinker import types  # noqa: E402
+
+from polaris_jax.data.tokenizer import qwen_tokenizer_offline  # noqa: E402
+from polaris_jax.models import load_hf, logits  # noqa: E402
+from polaris_jax.train.adapters import AdapterSpec, init_adapter, with_adapter  # noqa: E402
+from tests.serve.server_helpers import EOS, free_port, running_server, tiny_checkpoint  # noqa: E402
+
+KEY = "tml-test-key"
+RANK = 4
+MAX_SEQ_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    tokenizer = qwen_tokenizer_offline("qwen3")
+    tokenizer.save(path)
+    hf = tiny_checkpoint(path, tokenizer.vocab_size)
+    args = ["--model", str(path), "--api_key", KEY, "--workdir", str(path / "serve"), "--max_slots", "8"]
+    args += ["--max_seq_len", str(MAX_SEQ_LEN), "--prefill_chunk", "64", "--page_size", "16"]
+    port = free_port()
+    stack = contextlib.ExitStack()
+    state = {"base": stack.enter_context(running_server(args, port))}
+
+    def restart():
+        stack.close()
+        state["base"] = stack.enter_context(running_server(args, port))
+
+    config, params = load_hf(path, dtype=None)
+    yield dict(state=state, restart=restart, model=str(path), hf=hf, config=config, params=params)
+    stack.close()
+
+
+def _service(server):
+    return tinker.ServiceClient(base_url=server["state"]["base"], api_key=KEY)
+
+
+def _datum(seq, **inputs):
+    inputs = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(seq[:-1]), loss_fn_inputs={"target_tokens": seq[1:], **inputs}
+    )
+
+
+def _model_logprobs(server, seq, adapter=None):
+    """Per-token logprobs of seq[1:] given seq[:-1], from the project's model functions."""
+    config, params = server["config"], server["params"]
+    if adapter is not None:
+        config, params = AdapterSpec(rank=RANK).model_config(config), with_adapter(params, adapter)
+    out = logits(config, params, jnp.asarray([seq[:-1]]))
+    logp = jax.nn.log_softmax(out[0], axis=-1)
+    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0])
+
+
+def _reference_loss(name, lp, inputs, config):
+    """Tinker's documented per-token losses (tinker-docs losses/*), summed."""
+    q, adv = inputs.get("logprobs"), inputs.get("advantages")
+    if name == "cross_entropy":
+        return float(np.sum(-lp * inputs["weights"]))
+    ratio = np.exp(lp - q) if q is not None else None
+    lo, hi = config.get("clip_low_threshold", 0.8), config.get("clip_high_threshold", 1.2)
+    if name == "importance_sampling":
+        return float(np.sum(-ratio * adv))
+    if name == "ppo":
+        return float(np.sum(-np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv)))
+    if name == "cispo":
+        return float(np.sum(-np.clip(ratio, lo, hi) * lp * adv))
+    assert name == "dro"
+    return float(np.sum(-(lp * adv - 0.5 * config.get("beta", 0.05) * (lp - q) ** 2)))
+
+
+def test_capabilities_info_and_offline_tokenizer(server):
+    rest = tinker.RestClient(base_url=server["state"]["base"], api_key=KEY)
+    names = [m.model_name for m in rest.get_server_capabilities().result().supported_models]
+    assert server["model"] in names
+    client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK).result()
+    info = client.get_info()
+    assert info.model_id.endswith(":train:0") and info.lora_rank == RANK
+    assert info.model_data.tokenizer_id == server["model"]
+    assert client.get_tokenizer().encode("hello world") == qwen_tokenizer_offline("qwen3").encode("hello world")
+
+
+def test_builtin_losses_match_model_functions(server):
+    client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK).result()
+    rng = np.random.RandomState(0)
+    seqs = [rng.randint(0, 151_000, size=n).tolist() for n in (7, 12)]
+    lps = [_model_logprobs(server, s) for s in seqs]  # a new adapter leaves the model unchanged (B = 0)
+    cases = [
+        ("cross_entropy", {}),
+        ("importance_sampling", {}),
+        ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+        ("cispo", {}),
+        ("dro", {"beta": 0.3}),
+    ]
+    for name, config in cases:
+        data, expected = [], 0.0
+        for s, lp in zip(seqs, lps):
+            n = len(s) - 1
+            inputs = (
+                {"weights": rng.rand(n)}
+                if name == "cross_entropy"
+                else {"logprobs": lp + rng.uniform(-0.3, 0.3, n), "advantages": rng.randn(n)}
+            )
+            data.append(_datum(s, **inputs))
+            expected += _reference_loss(name, lp, {k: v.astype(np.float32) for k, v in inputs.items()}, config)
+        out = client.forward(data, name, loss_fn_config=config or None).result()
+        assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4), name
+        for got, lp in zip(out.loss_fn_outputs, lps):
+            np.testing.assert_allclose(got["logprobs"].to_numpy(), lp, atol=1e-4)
+
+
+def test_optim_step_equals_optax_adamw_and_clients_do_not_leak(server):
+    service = _service(server)
+    a = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=3).result()
+    b = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=3).result()
+    seq = [11, 2000, 3000, 4000, 5000, 6000, 7000]
+    weights = np.array([0, 0, 1, 1, 1, 1], np.float32)
+    a.forward_backward([_datum(seq, weights=weights)], "cross_entropy").result()
+    adam = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
+    a.optim_step(adam).result()
+    got_a = a.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    got_b = b.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+
+    adapter = init_adapter(server["config"], AdapterSpec(rank=RANK, seed=3))
+    grads = jax.grad(lambda ad: -jnp.sum(jnp.asarray(weights) * _jax_logprobs(server, seq, ad)))(adapter)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.8, b2=0.9, eps=1e-8, weight_decay=0.1))
+    updates, _ = tx.update(grads, tx.init(adapter), adapter)
+    stepped = optax.apply_updates(adapter, updates)
+    np.testing.assert_allclose(got_a.to_numpy(), _model_logprobs(server, seq, stepped), atol=2e-4)
+    np.testing.assert_allclose(got_b.to_numpy(), _model_logprobs(server, seq), atol=1e-4)  # b never trained
+    assert np.abs(got_a.to_numpy() - got_b.to_numpy()).max() > 1e-2  # the step did move a
+
+
+def _jax_logprobs(server, seq, adapter):
+    config = AdapterSpec(rank=RANK).model_config(server["config"])
+    out = logits(config, with_adapter(server["params"], adapter), jnp.asarray([seq[:-1]]))
+    return jnp.take_along_axis(jax.nn.log_softmax(out[0], -1), jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0]
+
+
+ANSWER = [4242, 4343]  # the toy task: whatever the prompt, answer these two tokens
+
+
+def _toy(rng, count):
+    return [rng.randint(1000, 100_000, size=4).tolist() + ANSWER for _ in range(count)]
+
+
+def _weights(seq):
+    return np.array([0.0] * (len(seq) - 1 - len(ANSWER)) + [1.0] * len(ANSWER), np.float32)
+
+
+def test_supervised_loop_lowers_heldout_nll_and_live_sampler_samples_it(server):
+    client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK, seed=1).result()
+    rng = np.random.RandomState(1)
+    held_out = [_datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
+
+    def nll():
+        return client.forward(held_out, "cross_entropy").result().metrics["loss:sum"] / (8 * len(ANSWER))
+
+    before = nll()
+    for _ in range(6):  # the cookbook's pipelining: optim_step is sent before forward_backward's result
+        batch = [_datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
+        fwd_bwd = client.forward_backward(batch, "cross_entropy")
+        step = client.optim_step(types.AdamParams(learning_rate=3e-2))
+        assert fwd_bwd.result().metrics["loss:sum"] > 0
+        step.result()
+    after = nll()
+    assert after < 0.5 * before, (before, after)
+
+    sampler = client.save_weights_and_get_sampling_client().result()
+    prompt = _toy(rng, 1)[0][:4]
+    seq = prompt + ANSWER
+    lp = sampler.compute_logprobs(types.ModelInput.from_ints(seq)).result()
+    fwd = client.forward([_datum(seq, weights=_weights(seq))], "cross_entropy").result()
+    assert lp[0] is None
+    np.testing.assert_allclose(lp[1:], fwd.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-4)
+    params = types.SamplingParams(max_tokens=len(ANSWER), temperature=0.0, stop=[])
+    out = sampler.sample(types.ModelInput.from_ints(prompt), 2, params).result()
+    assert [s.stop_reason for s in out.sequences] == ["length", "length"]
+    sampled = out.sequences[0]  # the live weights made it: its logprobs are the trained model's
+    check = sampler.compute_logprobs(types.ModelInput.from_ints(prompt + sampled.tokens)).result()
+    np.testing.assert_allclose(sampled.logprobs, check[len(prompt) :], atol=1e-4)
+    assert out.sequences[1].tokens == sampled.tokens  # greedy
+
+
+def test_base_sampler_greedy_matches_transformers(server):
+    sampler = _service(server).create_sampling_client(base_model=server["model"]).result()
+    prompt = np.random.RandomState(2).randint(0, 151_643, size=9).tolist()
+    out = sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=10, temperature=0.0))
+    seq = out.result().sequences[0]
+    with torch.no_grad():
+        expected = (
+            server["hf"]
+            .generate(
+                torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=EOS, pad_token_id=EOS[0]
+            )[0, len(prompt) :]
+            .tolist()
+        )
+    assert seq.tokens == expected
+    assert seq.stop_reason == ("stop" if expected[-1] in EOS else "length")
+    assert all(lp <= 0 for lp in seq.logprobs)
+
+
+def test_prometheus_metrics_count_the_work(server):
+    text = httpx.get(f"{server['state']['base']}/metrics").text  # after the tests above: training and sampling
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(values["polaris_forward_backward_seconds_count"]) >= 6
+    assert float(values["polaris_optim_step_seconds_sum"]) > 0
+    assert float(values["polaris_decode_tokens_total"]) > 0
+    assert float(values["polaris_adapter_engines"]) >= 1
+    assert float(values["polaris_engine_pages_total"]) > 0
+
+
+def test_bad_inputs_get_4xx_naming_the_field_and_serving_goes_on(server):
+    service = _service(server)
+    client = service.create_lora_training_client(base_model=server["model"], rank=RANK).result()
+    good = [_datum([1, 2, 3, 4], weights=[1, 1, 1])]
+    bad = {
+        "model_input length": [_datum([1, 2, 3, 4], weights=[1, 1])],
+        "outside the vocabulary": [_datum([1, 2, 10**7], weights=[1, 1])],
+        "'advantages'": [_datum([1, 2, 3], logprobs=[0, 0])],
+    }
+    for expected, data in bad.items():
+        loss = "cross_entropy" if "advantages" not in expected else "importance_sampling"
+        with pytest.raises(tinker.BadRequestError, match=expected):
+            client.forward_backward(data, loss).result()
+        assert client.forward(good, "cross_entropy").result().metrics["loss:sum"] > 0
+    with pytest.raises(tinker.BadRequestError, match="loss_fn_config"):
+        client.forward(good, "ppo", loss_fn_config={"nope": 1.0}).result()
+    with pytest.raises(tinker.BadRequestError, match="model_path"):  # raised when made or when first used
+        ghost = service.create_sampling_client(model_path="tinker://nobody:train:0/sampler_weights/x").result()
+        ghost.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+    sampler = service.create_sampling_client(base_model=server["model"]).result()
+    with pytest.raises(tinker.BadRequestError, match="max_seq_len"):
+        sampler.sample(types.ModelInput.from_ints([5] * 100), 1, types.SamplingParams(max_tokens=100)).result()
+    with pytest.raises(tinker.BadRequestError, match="base_model"):
+        service.create_lora_training_client(base_model="no-such-model", rank=RANK).result()
+    base = server["state"]["base"]
+    assert httpx.post(f"{base}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-wrong"}).status_code == 401
+    assert client.forward(good, "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+@pytest.mark.slow  # two server start-ups (about 40 s)
+def test_restart_keeps_checkpoints_futures_and_resumes_identically(server):
+    service = _service(server)
+    client = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=5).result()
+    rng = np.random.RandomState(5)
+    batch = [_datum(s, weights=_weights(s)) for s in _toy(rng, 4)]
+    adam = types.AdamParams(learning_rate=2e-2)
+    client.forward_backward(batch, "cross_entropy").result()
+    client.optim_step(adam).result()
+    path = client.save_state("ckpt-1").result().path
+    sampler_path = client.save_weights_for_sampler("s-1").result().path
+
+    def next_losses(c):
+        c.forward_backward(batch, "cross_entropy").result()
+        c.optim_step(adam).result()
+        return c.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+
+    expected = next_losses(client)
+    base = server["state"]["base"]
+    headers = {"X-API-Key": KEY}
+    session = httpx.post(f"{base}/api/v1/create_session", json={}, headers=headers).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": server["model"], "lora_config": {"rank": 2}}
+    future = httpx.post(f"{base}/api/v1/create_model", json=body, headers=headers).json()
+    retrieve = {"request_id": future["request_id"]}
+    first = httpx.post(f"{base}/api/v1/retrieve_future", json=retrieve, headers=headers, timeout=60).json()
+
+    server["restart"]()
+    base = server["state"]["base"]
+    again = httpx.post(f"{base}/api/v1/retrieve_future", json=retrieve, headers=headers, timeout=60).json()
+    assert again == first == {"model_id": f"{session}:train:0"}
+    resumed = _service(server).create_training_client_from_state_with_optimizer(path).result()
+    assert next_losses(resumed) == pytest.approx(expected, rel=1e-6)
+    sampler = _service(server).create_sampling_client(model_path=sampler_path).result()
+    out = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(out.result().sequences[0].tokens) >= 1
