@@ -155,6 +155,30 @@ def test_optim_step_equals_optax_adamw_and_clients_do_not_leak(server):
     assert np.abs(got_a.to_numpy() - got_b.to_numpy()).max() > 1e-2  # the step did move a
 
 
+def test_forward_backward_custom_equals_builtin(server):
+    service = _service(server)
+    builtin = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=4).result()
+    custom = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=4).result()
+    seq = [5, 600, 7000, 80_000, 9, 10]
+    weights = np.array([0.5, -1.0, 2.0, 1.0, 0.0], np.float32)  # arbitrary signed weights
+    data = [_datum(seq, weights=weights)]
+    builtin.forward_backward(data, "cross_entropy").result()
+
+    def loss_fn(data, logprobs_list):
+        loss = -(logprobs_list[0] * torch.tensor(weights)).sum()
+        return loss, {"custom_loss:sum": float(loss.detach())}
+
+    out = custom.forward_backward_custom(data, loss_fn).result()
+    expected = -float(np.sum(_model_logprobs(server, seq) * weights))
+    assert out.metrics["custom_loss:sum"] == pytest.approx(expected, rel=1e-4)
+    for client in (builtin, custom):
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    got = [
+        c.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy() for c in (builtin, custom)
+    ]
+    np.testing.assert_allclose(got[0], got[1], atol=1e-5)
+
+
 def _jax_logprobs(server, seq, adapter):
     config = AdapterSpec(rank=RANK).model_config(server["config"])
     out = logits(config, with_adapter(server["params"], adapter), jnp.asarray([seq[:-1]]))
