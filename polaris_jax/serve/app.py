@@ -7,6 +7,7 @@ route but /health needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (else 40
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import random
@@ -87,9 +88,19 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
         data = [Model(id=m, object="model", created=created, owned_by="polaris_jax") for m in served.model_ids]
         return {"object": "list", "data": [m.model_dump() for m in data]}
 
+    async def engine_for(model: str) -> EngineThread:
+        """The base model's engine, or (a `tinker://.../sampler_weights/...` path) its adapter's engine."""
+        if model in served.model_ids:
+            return served.engine
+        if tinker is not None and model.startswith("tinker://"):
+            try:
+                weights = tinker.sampling.path_weights(model)
+            except BadInput as e:
+                raise api.ApiError(404, f"model: {e}", "model", "not_found") from None
+            return await asyncio.to_thread(tinker.sampling.engine, weights)
+        raise api.ApiError(404, f"model: {model!r} is not served (GET /v1/models)", "model", "not_found")
+
     def engine_requests(body, prompts: list[list[int]], field: str, max_tokens: int | None, rid: str):
-        if body.model not in served.model_ids:
-            raise api.ApiError(404, f"model: {body.model!r} is not served (GET /v1/models)", "model", "not_found")
         body.check_supported(served.max_slots)
         seed = body.seed if body.seed is not None else random.randrange(2**31)
         requests = []
@@ -114,7 +125,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
 
     async def respond(body, http, requests, rid, done, piece_chunk, chunk_cls):
         """Runs the requests; the full response (done(choices)) or an SSE stream of piece_chunk's."""
-        streams = await served.engine.submit_all(requests)
+        streams = await (await engine_for(body.model)).submit_all(requests)
         choices = [api.ChoiceText(served.tokenizer, body.stops) for _ in range(len(requests) * body.n)]
         prompt_tokens = sum(len(r.prompt) for r in requests)
         if not body.stream:

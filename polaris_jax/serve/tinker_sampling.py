@@ -43,6 +43,7 @@ class Sampling:
         self.base, self.store, self.futures = base, store, futures
         self.base_engine, self.max_loras = base_engine, max_loras
         self.samplers: dict[str, Weights] = {}
+        self._by_path: dict[str, Weights] = {}
         self.engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
         self._tokenizer = None
 
@@ -51,8 +52,7 @@ class Sampling:
     def create(self, session_id: str, seq_id: int, base_model=None, model_path=None) -> str:
         sampler_id = f"{session_id}:sample:{seq_id}"
         if model_path:
-            row = self._checkpoint(model_path)
-            weights = Weights(model_path, ckpt.spec_of(row))
+            weights = self.path_weights(model_path)
             base_model = base_model or self.base.name
         else:
             weights = Weights("base")
@@ -62,7 +62,7 @@ class Sampling:
         return sampler_id
 
     def _checkpoint(self, path):
-        model_id, kind, _ = ckpt.parse_path(path, "model_path")
+        ckpt.parse_path(path, "model_path")
         row = self.store.get(ckpt.CheckpointRow, path)
         if row is None:
             raise BadInput(f"model_path: no checkpoint {path!r}")
@@ -80,12 +80,15 @@ class Sampling:
             row = self.store.get(SamplerRow, sampler_id)  # made before a restart: still servable if saved
             if row is None or (row.model_path is None and ":live:" in sampler_id):
                 raise BadInput(f"sampling_session_id: {sampler_id!r} is not a sampler of this server")
-            weights = (
-                Weights(row.model_path, ckpt.spec_of(self._checkpoint(row.model_path)))
-                if row.model_path
-                else Weights("base")
-            )
+            weights = self.path_weights(row.model_path) if row.model_path else Weights("base")
             self.samplers[sampler_id] = weights
+        return weights
+
+    def path_weights(self, path: str) -> Weights:
+        """The weights of a saved checkpoint path (one `Weights` per path, so its engine is reused)."""
+        weights = self._by_path.get(path)
+        if weights is None:
+            weights = self._by_path[path] = Weights(path, ckpt.spec_of(self._checkpoint(path)))
         return weights
 
     def _adapter(self, weights: Weights) -> dict:
@@ -93,7 +96,7 @@ class Sampling:
             weights.adapter, _ = ckpt.load(self.base.config, self._checkpoint(weights.key), with_optimizer=False)
         return weights.adapter
 
-    def _engine(self, weights: Weights) -> EngineThread:
+    def engine(self, weights: Weights) -> EngineThread:
         """The engine for these weights (made, and warm, on first use; runs in a worker thread)."""
         if weights.key == "base":
             return self.base_engine
@@ -173,7 +176,7 @@ class Sampling:
     async def sample(self, weights: Weights, request: Request, top: int, request_id: str) -> None:
         """Runs a checked request and finishes its future with a SampleResponse."""
         try:
-            engine = await asyncio.to_thread(self._engine, weights)
+            engine = await asyncio.to_thread(self.engine, weights)
             streams = await engine.submit_all([request])
             seqs = [[[], [], "length"] for _ in range(request.n)]
             async for _, delta in merge(streams):

@@ -178,7 +178,7 @@ def init_opt_state(adapter: dict):
 def adam_step(adapter, opt_state, grads, hyper):
     """One AdamW step (decoupled weight decay, scaled by the learning rate as in optax and torch) after
     clipping the gradients' global norm to grad_clip_norm (0: no clip). Returns (adapter, opt_state, norm)."""
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     clip = hyper["grad_clip_norm"]
     scale = jnp.where((clip > 0) & (norm > clip), clip / jnp.maximum(norm, 1e-30), 1.0)
     grads = jax.tree.map(lambda g: g * scale, grads)

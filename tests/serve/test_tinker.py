@@ -230,6 +230,24 @@ def test_supervised_loop_lowers_heldout_nll_and_live_sampler_samples_it(server):
     assert out.sequences[1].tokens == sampled.tokens  # greedy
 
 
+def test_openai_serves_a_tinker_sampler_path(server):
+    openai = pytest.importorskip("openai")
+    client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK, seed=6).result()
+    seq = [1, 20, 300, 4000, 50_000]
+    client.forward_backward([_datum(seq, weights=[1.0] * 4)], "cross_entropy").result()
+    client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    path = client.save_weights_for_sampler("for-openai").result().path
+    sampler = _service(server).create_sampling_client(model_path=path).result()
+    params = types.SamplingParams(max_tokens=6, temperature=0.0)
+    expected = sampler.sample(types.ModelInput.from_ints(seq), 1, params).result().sequences[0]
+    oa = openai.OpenAI(base_url=f"{server['state']['base']}/v1", api_key=KEY, max_retries=0, timeout=60)
+    out = oa.completions.create(model=path, prompt=seq, max_tokens=6, temperature=0, logprobs=1).choices[0]
+    np.testing.assert_allclose(out.logprobs.token_logprobs, expected.logprobs, atol=1e-5)
+    assert len(out.logprobs.tokens) == len(expected.tokens)
+    with pytest.raises(openai.NotFoundError, match="model"):
+        oa.completions.create(model="tinker://x:train:0/sampler_weights/none", prompt=seq, max_tokens=2)
+
+
 def test_base_sampler_greedy_matches_transformers(server):
     sampler = _service(server).create_sampling_client(base_model=server["model"]).result()
     prompt = np.random.RandomState(2).randint(0, 151_643, size=9).tolist()
