@@ -18,7 +18,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "dense", "flash")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # per layer: the default targets
+UNEMBED_TARGET = "lm_head"  # the output projection (Tinker's train_unembed); opt-in
 
 
 class ConfigError(ValueError):
@@ -85,9 +86,9 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
-        bad_targets = set(self.lora_targets) - set(LORA_TARGETS)
+        bad_targets = set(self.lora_targets) - set(LORA_TARGETS + (UNEMBED_TARGET,))
         if bad_targets:
-            raise ConfigError(f"lora_targets {sorted(bad_targets)} are not among {LORA_TARGETS}")
+            raise ConfigError(f"lora_targets {sorted(bad_targets)} are not among {LORA_TARGETS + (UNEMBED_TARGET,)}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0")
         if self.is_moe and not (self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts):

@@ -1,7 +1,8 @@
 """LoRA adapters ("LoRA without regret", Tinker): add, split trainable, merge for export.
 
 Adapters live beside their base weight in the same layer dict (`q_lora_a`, `q_lora_b`, ...), on
-attention, MLP and MoE expert projections. A is random (std 1/sqrt(fan_in)), B is zero, and the
+attention, MLP and MoE expert projections, and optionally (target "lm_head") on the unembedding as
+top-level `lm_head_lora_a/b`. A is random (std 1/sqrt(fan_in)), B is zero, and the
 update is scaled by alpha/rank, so a new adapter leaves the model unchanged.
 
 Learning-rate rule: LoRA wants about 10x the full fine-tuning learning rate (Schulman et al.,
@@ -56,6 +57,8 @@ def merge_lora(config, params):
     scale = config.lora_alpha / config.lora_rank
     out = {}
     for key, value in params.items():
+        if "_lora_" in key:
+            continue
         if not isinstance(value, dict):
             out[key] = value
             continue
@@ -66,4 +69,10 @@ def merge_lora(config, params):
                 delta = _delta(value[name + "_lora_a"], value[name + "_lora_b"], w.ndim)
                 layer[name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
         out[key] = layer
-    return config.replace(lora_rank=0, lora_alpha=0.0), out
+    merged_config = config.replace(lora_rank=0, lora_alpha=0.0)
+    if "lm_head_lora_a" in params:  # a tied model gets its own (merged) lm_head: it is untied
+        w = params["lm_head"] if "lm_head" in params else params["embed"].T
+        delta = _delta(params["lm_head_lora_a"], params["lm_head_lora_b"], w.ndim)
+        out["lm_head"] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        merged_config = merged_config.replace(tie_word_embeddings=False)
+    return merged_config, out

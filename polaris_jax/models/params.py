@@ -80,7 +80,7 @@ def layer_specs(config, kind: str) -> dict[str, ParamSpec]:
         for name in config.lora_targets:
             if name in io:
                 specs.update(_lora_specs(name, *io[name], config.lora_rank))
-            else:
+            elif name in mlp_io:
                 specs.update(_lora_specs(name, *mlp_io[name], config.lora_rank, experts))
     return specs
 
@@ -91,6 +91,8 @@ def param_specs(config) -> dict:
     tree = {"embed": ParamSpec((v, d), ("vocab", "embed"), "normal", 1), "final_norm": ParamSpec((d,), (None,), "ones")}
     if not config.tie_word_embeddings:
         tree["lm_head"] = ParamSpec((d, v), ("embed", "vocab"), "normal", d)
+    if config.lora_rank and "lm_head" in config.lora_targets:  # on the unembedding, tied or not
+        tree.update(_lora_specs("lm_head", (d,), ("embed",), (v,), ("vocab",), config.lora_rank))
     for kind in ("dense", "moe"):
         count = config.num_layers_of(kind)
         if count:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
 from polaris_jax.models import cpu_gemm, paged_attention
-from polaris_jax.models.layers import decoder_layer, rms_norm
+from polaris_jax.models.layers import decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain
 
@@ -90,7 +90,19 @@ def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, ca
 
 
 def lm_head(config, params, hidden_btd) -> jnp.ndarray:
-    """Final projection to float32 logits [B, T, V] (a tied model's `lm_head` copy, if any: `unstack_layers`)."""
+    """Final projection to float32 logits [B, T, V] (a tied model's `lm_head` copy, if any: `unstack_layers`),
+    plus its LoRA (`lm_head_lora_a/b`) when present."""
+    logits_btv = _unembed(config, params, hidden_btd)
+    if "lm_head_lora_a" in params:
+        dtype = hidden_btd.dtype
+        low_btr = jnp.einsum("btd,dr->btr", hidden_btd, params["lm_head_lora_a"].astype(dtype))
+        logits_btv = logits_btv + lora_scale(config) * jnp.einsum(
+            "btr,rv->btv", low_btr, params["lm_head_lora_b"].astype(dtype), preferred_element_type=jnp.float32
+        )
+    return logits_btv
+
+
+def _unembed(config, params, hidden_btd) -> jnp.ndarray:
     if config.tie_word_embeddings and "lm_head" not in params:
         return jnp.einsum(
             "btd,vd->btv", hidden_btd, params["embed"].astype(hidden_btd.dtype), preferred_element_type=jnp.float32

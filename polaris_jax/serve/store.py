@@ -51,6 +51,7 @@ class CheckpointRow(SQLModel, table=True):
     rank: int
     train_attn: bool
     train_mlp: bool
+    train_unembed: bool
     has_optimizer: bool
     created: float
 

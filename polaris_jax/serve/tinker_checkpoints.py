@@ -57,13 +57,16 @@ def save(workdir: str, model_id: str, kind: str, name: str, spec: AdapterSpec, a
         rank=spec.rank,
         train_attn=spec.train_attn,
         train_mlp=spec.train_mlp,
+        train_unembed=spec.train_unembed,
         has_optimizer=kind == "weights",
         created=time.time(),
     )
 
 
 def spec_of(row: CheckpointRow, seed: int = 0) -> AdapterSpec:
-    return AdapterSpec(rank=row.rank, seed=seed, train_attn=row.train_attn, train_mlp=row.train_mlp)
+    return AdapterSpec(
+        rank=row.rank, seed=seed, train_attn=row.train_attn, train_mlp=row.train_mlp, train_unembed=row.train_unembed
+    )
 
 
 def load(base_config, row: CheckpointRow, with_optimizer: bool):

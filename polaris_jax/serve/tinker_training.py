@@ -107,6 +107,7 @@ class Training:
             seed=lora.get("seed") or 0,
             train_attn=bool(lora.get("train_attn", True)),
             train_mlp=bool(lora.get("train_mlp", True)),
+            train_unembed=bool(lora.get("train_unembed", True)),
         )
         try:
             spec.check()
@@ -122,7 +123,7 @@ class Training:
             seed=spec.seed,
             train_attn=spec.train_attn,
             train_mlp=spec.train_mlp,
-            train_unembed=bool(lora.get("train_unembed", True)),
+            train_unembed=spec.train_unembed,
             created=time.time(),
         )
 
@@ -154,7 +155,7 @@ class Training:
             seed=0,
             train_attn=spec.train_attn,
             train_mlp=spec.train_mlp,
-            train_unembed=False,
+            train_unembed=spec.train_unembed,
             created=time.time(),
         )
         request_id = self.futures.create("load_weights")

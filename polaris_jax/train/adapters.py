@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from polaris_jax.models.config import UNEMBED_TARGET
 from polaris_jax.models.params import map_specs
 from polaris_jax.models.transformer import forward as forward_model
 from polaris_jax.train.losses import token_stats
@@ -38,17 +39,19 @@ class AdapterSpec:
     seed: int = 0
     train_attn: bool = True
     train_mlp: bool = True
+    train_unembed: bool = False
     alpha: float = 32.0
 
     def check(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 1024:
             raise ValueError(f"rank: {self.rank!r} must be an integer in [1, 1024]")
-        if not (self.train_attn or self.train_mlp):
-            raise ValueError("train_attn, train_mlp: at least one must be true (nothing would train)")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise ValueError("train_attn, train_mlp, train_unembed: at least one must be true (nothing would train)")
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return (ATTENTION_TARGETS if self.train_attn else ()) + (MLP_TARGETS if self.train_mlp else ())
+        layers = (ATTENTION_TARGETS if self.train_attn else ()) + (MLP_TARGETS if self.train_mlp else ())
+        return layers + ((UNEMBED_TARGET,) if self.train_unembed else ())
 
     def model_config(self, base_config):
         return base_config.replace(lora_rank=self.rank, lora_alpha=self.alpha, lora_targets=self.targets)
@@ -57,26 +60,30 @@ class AdapterSpec:
 def init_adapter(base_config, spec: AdapterSpec) -> dict:
     """Fresh float32 adapter leaves: A ~ N(0, 1/fan_in), B = 0 (the model is unchanged)."""
     specs = map_specs(lambda s: s, spec.model_config(base_config))
+    leaves = [((g, n), s) for g, group in specs.items() if isinstance(group, dict) for n, s in sorted(group.items())]
+    leaves += [((n,), s) for n, s in sorted(specs.items()) if not isinstance(s, dict)]
     adapter, key = {}, jax.random.key(spec.seed)
-    for group, leaves in specs.items():
-        if not isinstance(leaves, dict):
+    for path, s in leaves:
+        if "_lora_" not in path[-1]:
             continue
-        for name, s in sorted(leaves.items()):
-            if "_lora_" not in name:
-                continue
-            key, sub = jax.random.split(key)
-            value = (
-                jnp.zeros(s.shape, jnp.float32)
-                if s.init == "zeros"
-                else s.fan_in**-0.5 * jax.random.normal(sub, s.shape, jnp.float32)
-            )
-            adapter.setdefault(group, {})[name] = value
+        key, sub = jax.random.split(key)
+        value = (
+            jnp.zeros(s.shape, jnp.float32)
+            if s.init == "zeros"
+            else s.fan_in**-0.5 * jax.random.normal(sub, s.shape, jnp.float32)
+        )
+        if len(path) == 2:
+            adapter.setdefault(path[0], {})[path[1]] = value
+        else:
+            adapter[path[0]] = value
     return adapter
 
 
 def with_adapter(base_params: dict, adapter: dict) -> dict:
     """The full params: base weights with the adapter's leaves beside them (no copy of the base)."""
-    return {k: {**v, **adapter.get(k, {})} if isinstance(v, dict) else v for k, v in base_params.items()}
+    params = {k: {**v, **adapter.get(k, {})} if isinstance(v, dict) else v for k, v in base_params.items()}
+    params.update({k: v for k, v in adapter.items() if not isinstance(v, dict)})  # lm_head_lora_a/b
+    return params
 
 
 def _bucket(n: int, small: int) -> int:

@@ -70,7 +70,7 @@ def _model_logprobs(server, seq, adapter=None):
     """Per-token logprobs of seq[1:] given seq[:-1], from the project's model functions."""
     config, params = server["config"], server["params"]
     if adapter is not None:
-        config, params = AdapterSpec(rank=RANK).model_config(config), with_adapter(params, adapter)
+        config, params = AdapterSpec(rank=RANK, train_unembed=True).model_config(config), with_adapter(params, adapter)
     out = logits(config, params, jnp.asarray([seq[:-1]]))
     logp = jax.nn.log_softmax(out[0], axis=-1)
     return np.asarray(jnp.take_along_axis(logp, jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0])
@@ -145,7 +145,7 @@ def test_optim_step_equals_optax_adamw_and_clients_do_not_leak(server):
     got_a = a.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
     got_b = b.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
 
-    adapter = init_adapter(server["config"], AdapterSpec(rank=RANK, seed=3))
+    adapter = init_adapter(server["config"], AdapterSpec(rank=RANK, seed=3, train_unembed=True))
     grads = jax.grad(lambda ad: -jnp.sum(jnp.asarray(weights) * _jax_logprobs(server, seq, ad)))(adapter)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.8, b2=0.9, eps=1e-8, weight_decay=0.1))
     updates, _ = tx.update(grads, tx.init(adapter), adapter)
@@ -180,7 +180,7 @@ def test_forward_backward_custom_equals_builtin(server):
 
 
 def _jax_logprobs(server, seq, adapter):
-    config = AdapterSpec(rank=RANK).model_config(server["config"])
+    config = AdapterSpec(rank=RANK, train_unembed=True).model_config(server["config"])
     out = logits(config, with_adapter(server["params"], adapter), jnp.asarray([seq[:-1]]))
     return jnp.take_along_axis(jax.nn.log_softmax(out[0], -1), jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0]
 

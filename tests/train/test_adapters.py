@@ -116,3 +116,24 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ValueError, match="loss_fn_config"):
         loss_config("dro", {"clip_low_threshold": 0.5})
     assert set(TOKEN_LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_unembed_lora_applies_and_merges(tied):
+    from polaris_jax.models import merge_lora
+
+    config = ModelConfig.tiny(tie_word_embeddings=tied)
+    base = init_params(config, jax.random.key(0))
+    spec = adapters.AdapterSpec(rank=2, seed=3, train_unembed=True)
+    adapter = adapters.init_adapter(config, spec)
+    adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter)  # B != 0
+    assert adapter["lm_head_lora_b"].shape == (2, config.vocab_size)
+    lora_config, params = spec.model_config(config), adapters.with_adapter(base, adapter)
+    tokens = jnp.asarray([[3, 14, 15, 92, 65]])
+    unmerged = logits(lora_config, params, tokens)
+    merged_config, merged = merge_lora(lora_config, params)
+    assert not merged_config.tie_word_embeddings and "lm_head" in merged
+    np.testing.assert_allclose(logits(merged_config, merged, tokens), unmerged, atol=2e-4)
+    no_unembed = {**adapter, "lm_head_lora_b": jnp.zeros_like(adapter["lm_head_lora_b"])}
+    without = logits(lora_config, adapters.with_adapter(base, no_unembed), tokens)
+    assert float(jnp.abs(unmerged - without).max()) > 1e-3  # the unembedding adapter changes the logits
