@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import time
+import uuid
 
 import fastapi
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +26,11 @@ from polaris_jax.sampling.requests import QueueFull, Request, RequestError
 from polaris_jax.serve import metrics
 from polaris_jax.serve import openai_api as api
 from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
+from polaris_jax.serve.futures import HTTP_REQUEST_ID
 from polaris_jax.serve.tinker_api import Tinker, tinker_router
 from polaris_jax.serve.tinker_proto import BadInput
+
+log = logging.getLogger("polaris_jax.serve")
 
 
 @dataclasses.dataclass
@@ -68,6 +73,19 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     app.add_exception_handler(api.ApiError, lambda _, e: JSONResponse(e.body(), e.status))
     app.add_exception_handler(BadInput, lambda _, e: JSONResponse({"detail": str(e)}, 400))
     app.add_exception_handler(RequestValidationError, lambda _, e: JSONResponse(api.validation_error(e).body(), 400))
+
+    @app.middleware("http")
+    async def log_request(http: fastapi.Request, call_next):
+        """One JSON log line per HTTP request with its id (the client's X-Request-Id, or a new one); a Tinker
+        future logs that id beside its own when created, and its own when its work ends."""
+        request_id = http.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        HTTP_REQUEST_ID.set(request_id)
+        started = time.monotonic()
+        response = await call_next(http)
+        response.headers["X-Request-Id"] = request_id
+        fields = dict(request_id=request_id, method=http.method, path=http.url.path, status=response.status_code)
+        log.info(json.dumps({**fields, "ms": round(1000 * (time.monotonic() - started), 1)}))
+        return response
 
     @app.get("/health")
     def health():

@@ -12,7 +12,9 @@ A result is kept in memory and written to the store, so it outlives the process;
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +22,7 @@ import uuid
 from polaris_jax.serve.store import FutureRow, Store
 
 JSON, PROTO = "application/json", "application/x-protobuf"
+HTTP_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("http_request_id", default=None)
 
 
 class Futures:
@@ -35,6 +38,7 @@ class Futures:
         with self._lock:
             self._waiters[request_id] = (loop, loop.create_future())
         self.store.put(FutureRow(request_id=request_id, kind=kind, status="pending", created=time.time()))
+        logging.info(json.dumps({"request_id": HTTP_REQUEST_ID.get(), "future": request_id, "kind": kind}))
         return request_id
 
     def finish(self, request_id: str, status: str, content_type: str, payload: bytes) -> None:

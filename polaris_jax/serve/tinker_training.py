@@ -10,6 +10,7 @@ padded tokens whose gradients add up, so one request cannot take more memory tha
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 
@@ -69,6 +70,7 @@ class Training:
         or a JSON-able object), or fails it naming the error."""
 
         def task():
+            started = time.monotonic()
             try:
                 out = fn()
             except BadInput as e:
@@ -81,6 +83,9 @@ class Training:
                     self.futures.finish(request_id, "done", *out)
                 else:
                     self.futures.succeed_json(request_id, out)
+            finally:
+                seconds = round(time.monotonic() - started, 4)
+                logging.info(json.dumps({"future": request_id, "ran_s": seconds}))
 
         return task
 

@@ -10,6 +10,8 @@ server and starts another on the same workdir and database.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import httpx
 import jax
@@ -274,6 +276,27 @@ def test_prometheus_metrics_count_the_work(server):
     assert float(values["polaris_decode_tokens_total"]) > 0
     assert float(values["polaris_adapter_engines"]) >= 1
     assert float(values["polaris_engine_pages_total"]) > 0
+
+
+def test_logs_carry_request_ids(server):
+    base, headers = server["state"]["base"], {"X-API-Key": KEY, "X-Request-Id": "rid-under-test"}
+    session = httpx.post(f"{base}/api/v1/create_session", json={}, headers=headers).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": server["model"], "lora_config": {"rank": 2}}
+    response = httpx.post(f"{base}/api/v1/create_model", json=body, headers=headers)
+    assert response.headers["X-Request-Id"] == "rid-under-test"
+    future = response.json()["request_id"]
+    httpx.post(f"{base}/api/v1/retrieve_future", json={"request_id": future}, headers=headers, timeout=60)
+    lines = [json.loads(line.split(" ", 4)[4]) for line in _log_lines(server) if line.split(" ", 4)[4][:1] == "{"]
+    assert {"request_id": "rid-under-test", "future": future, "kind": "create_model"} in lines
+    assert any(line.get("future") == future and "ran_s" in line for line in lines)
+    assert any(
+        line.get("request_id") == "rid-under-test" and line.get("path") == "/api/v1/create_model" for line in lines
+    )
+
+
+def _log_lines(server):
+    with open(os.path.join(server["model"], "serve", "serve.log"), encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.count(" ") >= 4]
 
 
 def test_bad_inputs_get_4xx_naming_the_field_and_serving_goes_on(server):
