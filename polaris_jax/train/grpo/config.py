@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.chunks = 1  # rollouts in this many pieces; piece i is scored while piece i+1 samples
     c.rollout.backend = "static"  # static (sampling.generate) | engine (continuous batching, paged KV cache)
     c.rollout.engine = engine_section()  # the engine's sizes
+    # k >= 1: the batch of step t is sampled (in a background thread) by weights at most k updates old,
+    # while the learner updates; 0: synchronous. See train/grpo/rollout_ahead.py.
+    c.rollout.max_staleness = 0
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
@@ -75,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.algo.num_iterations = 1  # mu: updates per rollout batch
     c.algo.minibatches = 1  # optimizer steps per iteration
     c.algo.microbatches = 1  # gradient accumulation inside a minibatch
-    c.algo.tis_cap = 0.0  # truncated importance sampling against the sampler's logprobs; 0 = off
+    c.algo.off_policy = "none"  # none | tis | mis | decoupled: the correction against the sampler's logprobs
+    c.algo.off_policy_cap = 2.0  # C of tis / mis
 
     c.shaping = ml_collections.ConfigDict()
     c.shaping.dynamic_sampling = False  # DAPO: refill with fresh prompts until all groups are informative
@@ -277,6 +281,13 @@ def validate_config(config, *, check_files: bool = True) -> None:
         raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")
     if a.kl_coef and not a.use_reference:
         raise ConfigError(f"algo.kl_coef={a.kl_coef} needs algo.use_reference=True")
+    if a.off_policy not in rl.OFF_POLICY_NAMES:
+        raise ConfigError(f"algo.off_policy={a.off_policy!r} is not one of {rl.OFF_POLICY_NAMES}")
+    if not a.off_policy_cap > 0:
+        raise ConfigError(f"algo.off_policy_cap={a.off_policy_cap} must be > 0")
+    staleness = r.max_staleness
+    if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+        raise ConfigError(f"rollout.max_staleness={staleness!r} must be an integer >= 0 (0: synchronous)")
     if r.chunks < 1 or r.prompts_per_step % r.chunks:
         raise ConfigError(
             f"rollout.prompts_per_step={r.prompts_per_step} does not split into rollout.chunks={r.chunks}"

@@ -16,6 +16,8 @@ prompts named, the offending batch saved, and the last good checkpoint untouched
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,9 +41,21 @@ from polaris_jax.train.grpo import evaluate as grpo_eval
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
+from polaris_jax.train.grpo.rollout_ahead import RolloutAhead
 from polaris_jax.train.optimizer import optimizer_from_config
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Collected:
+    """A step's shaped batch, the weight version that sampled it, and the host state right after it."""
+
+    step_batch: grpo_batch.StepBatch
+    stage: object
+    version: int
+    host: HostState
+    time_s: float
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -137,7 +151,7 @@ class Run:
         self.pool.close()
 
 
-def _sampler(run: Run, stage, step: int):
+def _sampler(run: Run, stage, step: int, params):
     r = run.config.rollout
     stream = run.stream(stage)
     settings = RolloutSettings(
@@ -156,7 +170,7 @@ def _sampler(run: Run, stage, step: int):
         problems = stream.take(position, r.prompts_per_step)
         verified = sample_and_verify(
             run.model_config,
-            run.params(),
+            params,
             problems,
             settings,
             tokenizer=run.tokenizer,
@@ -212,22 +226,30 @@ def _stop_on_nonfinite(run: Run, step: int, step_batch, update_batch: dict, metr
     )
 
 
-def train_step(run: Run, step: int) -> dict:
-    """Rollout, shape, update; returns the step's host metrics. `step` is 0-based."""
-    config = run.config
+def collect(run: Run, step: int, params, version: int) -> Collected:
+    """The step's rollouts, shaped into a batch, sampled with `params` (weights after `version` updates).
+    Advances the host state (prompt stream, rescue buffer) and freezes it with the batch."""
     stage = stage_at(run.stages, step)
     if run.host.stage != stage.index:
         run.host.stage, run.host.position = stage.index, 0
     started = time.perf_counter()
     step_batch = grpo_batch.build_step_batch(
-        sample=_sampler(run, stage, step),
-        config=config,
+        sample=_sampler(run, stage, step, params),
+        config=run.config,
         step=step,
         host=run.host,
-        group_size=config.rollout.samples_per_prompt,
+        group_size=run.config.rollout.samples_per_prompt,
     )
+    return Collected(step_batch, stage, version, run.host.snapshot(), time.perf_counter() - started)
+
+
+def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> dict:
+    """The jitted update on a collected batch; returns the step's host metrics. `step` is 0-based."""
+    config, stage, step_batch = run.config, collected.stage, collected.step_batch
+    started = time.perf_counter()
     metrics = dict(step_batch.info)
     metrics.update(stage=float(stage.index), temperature=stage.temperature)
+    metrics["rollout/staleness"] = float(step - collected.version)
     time_update = 0.0
     if not step_batch.skip:
         update_fn, batch_shardings = run.update_fn(stage)
@@ -246,8 +268,17 @@ def train_step(run: Run, step: int) -> dict:
         metrics["train_tokens_per_s"] = train_tokens / max(time_update, 1e-9)
     metrics["time_update"] = time_update
     metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout"], 1e-9)
-    metrics["time_step"] = time.perf_counter() - started
+    metrics["time_wait_rollout"] = waited_s
+    metrics["time_step"] = time.perf_counter() - started + waited_s
+    metrics["rollout/wait_fraction"] = waited_s / max(metrics["time_step"], 1e-9)
     return metrics
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Synchronous: rollout with the current params, shape, update. `step` is 0-based."""
+    started = time.perf_counter()
+    collected = collect(run, step, run.params(), step)
+    return update(run, step, collected, waited_s=time.perf_counter() - started)
 
 
 def _before_accuracy(workdir: str) -> float | None:
@@ -295,12 +326,40 @@ def _train(run_: Run, started: float) -> dict:
     writer = metrics_lib.MetricWriter(workdir, total_steps=steps)
     window: list[dict] = []
     train_started = time.perf_counter()
+    ahead = None
+    if config.rollout.max_staleness:
+        ahead = RolloutAhead(functools.partial(collect, run_), max_staleness=config.rollout.max_staleness)
+        ahead.start(start_step, steps, _copy_params(run_.params()), version=start_step)
+    try:
+        final.update(_steps(run_, ahead, start_step, steps, eval_problems, writer, window))
+    finally:
+        if ahead is not None:
+            ahead.close()
+    final["train_time_s"] = time.perf_counter() - train_started
+    return _finish(run_, final, eval_problems, writer, steps, started)
+
+
+@jax.jit
+def _copy_params(params):
+    return jax.tree.map(lambda x: x.copy(), params)
+
+
+def _steps(run_: Run, ahead, start_step: int, steps: int, eval_problems, writer, window) -> dict:
+    """The training steps: synchronous (`train_step`) or with rollouts collected ahead; the averaged metrics."""
+    config, final = run_.config, {}
     for step in range(start_step, steps):
-        metrics = train_step(run_, step)
+        if ahead is None:
+            metrics, host = train_step(run_, step), run_.host.snapshot()
+        else:
+            collected, waited_s = ahead.take(step)
+            metrics, host = update(run_, step, collected, waited_s), collected.host
+            ahead.after_update(step, steps, lambda: _copy_params(run_.params()), version=step + 1)
         window.append(metrics)
         done = step + 1
-        run_.ckpt.maybe_save(done, run_.state, run_.host.snapshot(), last=done == steps)
+        run_.ckpt.maybe_save(done, run_.state, host, last=done == steps)
         if config.eval.every and eval_problems and done % config.eval.every == 0 and done < steps:
+            if ahead is not None:
+                ahead.drain()  # the verifier pool and the cores go to the evaluation
             metrics["eval/pass_at_1"] = _evaluate(run_, eval_problems, done)["pass@1"]
         if done % config.train.log_every == 0 or done == steps:
             keys = {k for m in window for k in m}
@@ -308,7 +367,11 @@ def _train(run_: Run, started: float) -> dict:
             writer.write_scalars(done, averaged)
             final.update(averaged)
             window = []
-    final["train_time_s"] = time.perf_counter() - train_started
+    return final
+
+
+def _finish(run_: Run, final: dict, eval_problems, writer, steps: int, started: float) -> dict:
+    config, workdir = run_.config, run_.workdir
     if eval_problems:
         result = _evaluate(run_, eval_problems, steps)
         writer.write_scalars(steps, {"eval/pass_at_1": result["pass@1"]})

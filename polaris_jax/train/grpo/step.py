@@ -79,7 +79,8 @@ class UpdateSettings:
     kl_type: str = "k3"
     use_reference: bool = False
     entropy_coef: float = 0.0
-    tis_cap: float | None = None
+    off_policy: str = "none"
+    off_policy_cap: float = 2.0
     num_iterations: int = 1
     minibatches: int = 1
     microbatches: int = 1
@@ -111,7 +112,8 @@ def update_settings(config, stage) -> UpdateSettings:
         kl_type=a.kl_type,
         use_reference=a.use_reference,
         entropy_coef=a.entropy_coef,
-        tis_cap=a.tis_cap or None,
+        off_policy=a.off_policy,
+        off_policy_cap=a.off_policy_cap,
         num_iterations=a.num_iterations,
         minibatches=a.minibatches,
         microbatches=a.microbatches,
@@ -157,8 +159,12 @@ def _rl_loss(logprobs_br, rows, mask_br, entropy_br, settings: UpdateSettings):
     kwargs = {}
     if settings.use_reference:
         kwargs.update(ref_logprobs_bt=ref_logprobs_br, kl_coef=settings.kl_coef, kl_type=settings.kl_type)
-    if settings.tis_cap is not None:
-        kwargs.update(sampler_logprobs_bt=batch.sampler_logprobs_br, tis_cap=settings.tis_cap)
+    if settings.off_policy != "none":
+        kwargs.update(
+            sampler_logprobs_bt=batch.sampler_logprobs_br,
+            off_policy=settings.off_policy,
+            off_policy_cap=settings.off_policy_cap,
+        )
     return rl.rl_loss(
         logprobs_br,
         old_logprobs_br,

@@ -32,7 +32,7 @@ from polaris_jax.train.rl.diversity import (
     group_distinct_n,
     search_temperature,
 )
-from polaris_jax.train.rl.importance import apply_tis, tis_weights
+from polaris_jax.train.rl.importance import OFF_POLICY, OFF_POLICY_NAMES, apply_off_policy
 from polaris_jax.train.rl.kl import kl_penalty
 from polaris_jax.train.rl.loss import rl_loss
 from polaris_jax.train.rl.policy_losses import cispo, gspo, ppo_clip
@@ -62,7 +62,9 @@ __all__ = [
     "DynamicSamplingAccumulator",
     "RolloutRescueBuffer",
     "aggregate_loss",
-    "apply_tis",
+    "apply_off_policy",
+    "OFF_POLICY",
+    "OFF_POLICY_NAMES",
     "cispo",
     "compute_advantages",
     "distinct_4",
@@ -93,5 +95,4 @@ __all__ = [
     "rloo",
     "search_temperature",
     "select_groups",
-    "tis_weights",
 ]

@@ -1,6 +1,8 @@
 """The full RL objective for one minibatch: what the GRPO train step differentiates.
 
-    loss = agg(policy_loss_bt * tis_w_bt) + kl_coef * agg(kl_bt) - entropy_coef * agg(H_bt)
+    loss = agg(policy_loss_bt * w_bt) + kl_coef * agg(kl_bt) - entropy_coef * agg(H_bt)
+
+w_bt is the off-policy correction's weight against the sampler (importance.py), 1 without one.
 
 `agg` is the chosen aggregation mode, applied to every term so that all three weigh tokens
 the same way. All hyperparameters are plain arguments (Python numbers and names are
@@ -15,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from polaris_jax.train.rl.aggregation import aggregate_loss, masked_mean
-from polaris_jax.train.rl.importance import apply_tis
+from polaris_jax.train.rl.importance import apply_off_policy
 from polaris_jax.train.rl.kl import kl_penalty
 from polaris_jax.train.rl.registry import POLICY_LOSSES
 
@@ -40,7 +42,8 @@ def rl_loss(
     entropy_bt=None,
     entropy_coef: float = 0.0,
     sampler_logprobs_bt=None,
-    tis_cap: float | None = None,
+    off_policy: str = "none",
+    off_policy_cap: float = 2.0,
 ):
     """Returns (scalar loss, dict of scalar metrics).
 
@@ -56,18 +59,20 @@ def rl_loss(
       max_response_len: constant normaliser of `seq-mean-token-sum-norm` (default: T).
       ref_logprobs_bt, kl_coef, kl_type: KL-to-reference penalty (`k1`, `k2`, `k3`).
       entropy_bt, entropy_coef: per-token entropy of the policy and the bonus on it.
-      sampler_logprobs_bt, tis_cap: truncated importance-sampling correction against the
-        sampler's log-probs (see importance.py); both or neither.
+      sampler_logprobs_bt, off_policy, off_policy_cap: the correction against the sampler's
+        log-probs (`tis`, `mis`, `decoupled`; see importance.py) and its cap C.
     """
     kwargs = POLICY_LOSSES.bind(policy_loss, policy_loss_kwargs or {})
     loss_bt, metrics = POLICY_LOSSES.get(policy_loss)(logprobs_bt, old_logprobs_bt, advantages, mask_bt, **kwargs)
     metrics = dict(metrics)
 
-    if (tis_cap is None) != (sampler_logprobs_bt is None):
-        raise ValueError("TIS needs both sampler_logprobs_bt and tis_cap, or neither")
-    if tis_cap is not None:
-        loss_bt, tis_metrics = apply_tis(loss_bt, old_logprobs_bt, sampler_logprobs_bt, mask_bt, tis_cap)
-        metrics.update(tis_metrics)
+    if off_policy != "none":
+        if sampler_logprobs_bt is None:
+            raise ValueError(f"off_policy={off_policy!r} needs sampler_logprobs_bt")
+        loss_bt, off_metrics = apply_off_policy(
+            loss_bt, old_logprobs_bt, sampler_logprobs_bt, mask_bt, off_policy, off_policy_cap
+        )
+        metrics.update(off_metrics)
 
     def agg(values_bt):
         return aggregate_loss(values_bt, mask_bt, loss_agg_mode, max_response_len=max_response_len)

@@ -189,6 +189,9 @@ _BAD = {
     "indivisible": lambda c: c.algo.update(dict(minibatches=3)),
     "backend": lambda c: c.rollout.update(dict(backend="vllm")),
     "decode_block": lambda c: c.rollout.engine.update(dict(decode_block=32)),
+    "staleness": lambda c: c.rollout.update(dict(max_staleness=-1)),
+    "off_policy": lambda c: c.algo.update(dict(off_policy="is")),
+    "off_policy_cap": lambda c: c.algo.update(dict(off_policy="tis", off_policy_cap=0.0)),
 }
 _MESSAGES = {
     "unequal": "one entry per stage",
@@ -200,6 +203,9 @@ _MESSAGES = {
     "indivisible": "minibatches=3",
     "backend": "rollout.backend='vllm' must be one of",
     "decode_block": "rollout.engine.decode_block=32 must be <= page_size=16",
+    "staleness": "rollout.max_staleness=-1 must be an integer >= 0",
+    "off_policy": "algo.off_policy='is' is not one of",
+    "off_policy_cap": "algo.off_policy_cap=0.0 must be > 0",
 }
 
 

@@ -81,9 +81,37 @@ def test_tis_reweights_each_token(batch):
         r = math.exp(lp[i, t] - old[i, t])
         pg = -min(r * adv[i], min(max(r, 0.8), 1.2) * adv[i])
         total += min(math.exp(old[i, t] - samp[i, t]), cap) * pg
-    got, metrics = rl.rl_loss(*_args(batch), policy_loss_kwargs=PPO, sampler_logprobs_bt=_f32(samp), tis_cap=cap)
+    got, metrics = rl.rl_loss(
+        *_args(batch), policy_loss_kwargs=PPO, sampler_logprobs_bt=_f32(samp), off_policy="tis", off_policy_cap=cap
+    )
     np.testing.assert_allclose(float(got), total / len(valid), rtol=1e-5)
-    assert 0.0 < float(metrics["tis_capped_fraction"]) < 1.0
+    assert 0.0 < float(metrics["off_policy_clipped_fraction"]) < 1.0
+    ratios = [math.exp(old[i, t] - samp[i, t]) for i, t in valid]
+    np.testing.assert_allclose(float(metrics["off_policy_ratio_max"]), max(ratios), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mis", "decoupled"])
+def test_masked_and_decoupled_importance_weights(batch, name):
+    """MIS: w = rho if rho <= C else 0 (tokens past the cap are dropped); AReaL's decoupled objective:
+    w = rho = pi_old / pi_behaviour, uncapped, with the PPO clip taken against pi_old."""
+    cap = 1.5
+    lp, old, samp = batch["logprobs_bt"], batch["old_logprobs_bt"], batch["sampler_logprobs_bt"]
+    adv, valid = batch["adv_b"], _valid(batch)
+    total, dropped = 0.0, 0
+    for i, t in valid:
+        r = math.exp(lp[i, t] - old[i, t])
+        pg = -min(r * adv[i], min(max(r, 0.8), 1.2) * adv[i])
+        rho = math.exp(old[i, t] - samp[i, t])
+        w = rho if name == "decoupled" or rho <= cap else 0.0
+        dropped += name == "mis" and rho > cap
+        total += w * pg
+    got, metrics = rl.rl_loss(
+        *_args(batch), policy_loss_kwargs=PPO, sampler_logprobs_bt=_f32(samp), off_policy=name, off_policy_cap=cap
+    )
+    np.testing.assert_allclose(float(got), total / len(valid), rtol=1e-5)
+    if name == "mis":
+        assert 0 < dropped < len(valid)
+        np.testing.assert_allclose(float(metrics["off_policy_masked_fraction"]), dropped / len(valid), rtol=1e-5)
 
 
 def test_kl_estimators_match_schulman(batch):
@@ -138,7 +166,8 @@ def test_rl_loss_jits_and_matches_eager(batch):
         loss_agg_mode="seq-mean-token-sum-norm",
         kl_coef=0.01,
         kl_type="k3",
-        tis_cap=2.0,
+        off_policy="tis",
+        off_policy_cap=2.0,
     )
     args = _args(batch)
     extra = dict(ref_logprobs_bt=_f32(batch["ref_logprobs_bt"]), sampler_logprobs_bt=_f32(batch["sampler_logprobs_bt"]))
@@ -168,8 +197,10 @@ def test_bad_input_is_named(batch):
         rl.rl_loss(*args, policy_loss_kwargs=PPO, kl_coef=0.1)
     with pytest.raises(ValueError, match="needs entropy_bt"):
         rl.rl_loss(*args, policy_loss_kwargs=PPO, entropy_coef=0.1)
-    with pytest.raises(ValueError, match="both sampler_logprobs_bt and tis_cap"):
-        rl.rl_loss(*args, policy_loss_kwargs=PPO, tis_cap=2.0)
+    with pytest.raises(ValueError, match="off_policy='tis' needs sampler_logprobs_bt"):
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, off_policy="tis")
+    with pytest.raises(KeyError, match="unknown off-policy correction 'is'"):
+        rl.rl_loss(*args, policy_loss_kwargs=PPO, off_policy="is", sampler_logprobs_bt=args[1])
     with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
         rl.rl_loss(*args, policy_loss_kwargs=dict(**PPO, clip_ratio_c=0.5))
     with pytest.raises(ValueError, match="clip_low must be in"):
