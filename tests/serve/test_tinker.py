@@ -53,12 +53,18 @@ def server(tmp_path_factory):
         state["base"] = stack.enter_context(running_server(args, port))
 
     config, params = load_hf(path, dtype=None)
-    yield dict(state=state, restart=restart, model=str(path), hf=hf, config=config, params=params)
+    clients: list = []
+    yield dict(state=state, restart=restart, model=str(path), hf=hf, config=config, params=params, clients=clients)
+    for service in clients:  # finish the sessions (stopping their heartbeats) while the server still runs
+        with contextlib.suppress(Exception):
+            service.close("success").result(timeout=10)
     stack.close()
 
 
 def _service(server):
-    return tinker.ServiceClient(base_url=server["state"]["base"], api_key=KEY)
+    service = tinker.ServiceClient(base_url=server["state"]["base"], api_key=KEY)
+    server["clients"].append(service)
+    return service
 
 
 def _datum(seq, **inputs):

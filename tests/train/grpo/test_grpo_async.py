@@ -34,6 +34,7 @@ def _run(tmp_path, name: str, staleness: int) -> dict:
     return _rows(str(tmp_path / name))
 
 
+@pytest.mark.slow  # two GRPO runs, about 50 s on 2 cores: `make test-slow` (CI runs it)
 def test_async_batches_equal_the_synchronous_ones_and_staleness_is_bounded(tmp_path):
     sync, ahead = _run(tmp_path, "sync", 0), _run(tmp_path, "k2", 2)
     assert sorted(sync) == sorted(ahead) == [1, 2, 3, 4]

@@ -113,6 +113,7 @@ def test_no_recompiles_within_a_stage(finished_run):
     assert [compiles[s] for s in (2, 4, 6)] == [0, 0, 0], compiles
 
 
+@pytest.mark.slow  # about 45 s on 2 cores: `make test-slow` (CI runs it)
 def test_resume_after_sigkill_continues_exactly(finished_run, tmp_path):
     reference_dir, _, _ = finished_run
     workdir = str(tmp_path / "killed")

@@ -275,6 +275,7 @@ def test_eight_fake_devices_match_one():
     assert "MATCH" in out, out[-2000:]
 
 
+@pytest.mark.slow  # about 35 s on 2 cores: `make test-slow` (CI runs it)
 def test_activation_sharding_does_not_raise_peak_memory():
     """The update traced in the activation-sharding context (as SFT) against the same function jitted bare,
     both compiled here on a data x fsdp x tensor = 2 x 2 x 2 mesh."""

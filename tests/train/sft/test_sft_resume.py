@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from polaris_jax.models.safetensors_io import CheckpointReader
 
@@ -65,6 +66,7 @@ def _log_tail(tmp_path, name):
     return open(tmp_path / name).read()[-4000:]
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: `make test-slow` (CI runs it)
 def test_hard_kill_and_resume_is_exact(tmp_path):
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     straight = _launch(straight_dir, "straight.log")
