@@ -5,13 +5,15 @@
     futures.finish(request_id, "done", PROTO, payload)         # from any thread
     status, content_type, payload = await futures.wait(request_id, 30.0)   # the long poll
 
-A result is kept in memory and written to the store, so it outlives the process; `wait` returns
+A result is written to the store, so it outlives the process, and the newest `keep_in_memory` results
+are also kept in memory; `wait` returns
 ("pending", ...) if nothing came within the timeout (the route then answers `try_again`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import json
 import logging
@@ -26,10 +28,10 @@ HTTP_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("ht
 
 
 class Futures:
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, keep_in_memory: int = 4096):
+        self.store, self.keep_in_memory = store, keep_in_memory
         self._lock = threading.Lock()
-        self._done: dict[str, tuple[str, str, bytes]] = {}
+        self._done: collections.OrderedDict[str, tuple[str, str, bytes]] = collections.OrderedDict()
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
 
     def create(self, kind: str) -> str:
@@ -45,6 +47,8 @@ class Futures:
         self.store.finish_future(request_id, status, content_type, payload)
         with self._lock:
             self._done[request_id] = (status, content_type, payload)
+            while len(self._done) > self.keep_in_memory:  # older results are read back from the store
+                self._done.popitem(last=False)
             loop, fut = self._waiters.pop(request_id, (None, None))
         if fut is not None:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
@@ -67,7 +71,10 @@ class Futures:
                 await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
             except TimeoutError:
                 return "pending", "", b""
-            return self._done[request_id]
+            with self._lock:
+                done = self._done.get(request_id)
+            if done is not None:
+                return done
         row = self.store.get(FutureRow, request_id)  # a result from before a restart
         if row is None:
             return None

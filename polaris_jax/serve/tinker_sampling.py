@@ -44,6 +44,7 @@ class Sampling:
         self.base_engine, self.max_loras = base_engine, max_loras
         self.samplers: dict[str, Weights] = {}
         self._by_path: dict[str, Weights] = {}
+        self._live: collections.deque[str] = collections.deque()
         self.engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
         self._tokenizer = None
 
@@ -69,8 +70,16 @@ class Sampling:
         return row
 
     def add_live(self, session_id: str, spec, adapter) -> str:
+        """A sampler over an in-memory adapter snapshot. The newest `4 * max_loras` are kept (an RL loop makes
+        one per step); an older one answers 400 and its engine is closed."""
         sampler_id = f"{session_id}:live:{uuid.uuid4().hex[:12]}"
         self.samplers[sampler_id] = Weights(f"live:{sampler_id}", spec, adapter)
+        self._live.append(sampler_id)
+        while len(self._live) > 4 * self.max_loras:
+            old = self.samplers.pop(self._live.popleft(), None)
+            thread = self.engines.pop(old.key, None) if old is not None else None
+            if thread is not None:
+                thread.close()  # requests still on it end with EngineStopped
         self.store.put(SamplerRow(id=sampler_id, session_id=session_id, base_model=self.base.name))
         return sampler_id
 
