@@ -65,7 +65,7 @@ class Training:
             raise BadInput(f"{field}: no checkpoint {path!r}")
         return row
 
-    def _task(self, request_id: str, fn, category: str = "server"):
+    def _task(self, request_id: str, fn):
         """A worker task that runs fn() and finishes the future with its result (fn returns (ctype, bytes)
         or a JSON-able object), or fails it naming the error."""
 
@@ -77,7 +77,7 @@ class Training:
                 self.futures.fail(request_id, str(e), "user")
             except Exception as e:  # noqa: BLE001 - the client learns of it through the future
                 logging.exception("request %s failed", request_id)
-                self.futures.fail(request_id, f"{type(e).__name__}: {e}", category)
+                self.futures.fail(request_id, f"{type(e).__name__}: {e}", "server")
             else:
                 if isinstance(out, tuple):
                     self.futures.finish(request_id, "done", *out)
@@ -229,16 +229,17 @@ class Training:
         run, loss = self.runs[req.model_id], TOKEN_LOSSES[req.loss_fn]
         cfg = {k: np.float32(v) for k, v in loss_config(req.loss_fn, req.loss_fn_config).items()}
         keys = loss.inputs + tuple(loss.optional_inputs)
-        logprobs, total = [], 0.0
+        logprobs, total, grads = [], 0.0, run.grads
         for datums in self._micro_batches(req.datums):
             batch = adapters.pad_batch(datums, keys, loss.optional_inputs)
             step = adapters.forward if req.forward_only else adapters.forward_backward
             out = step(run.config, req.loss_fn, self.base.params, run.adapter, batch, cfg)
             if not req.forward_only:
-                run.grads = out["grads"] if run.grads is None else adapters.add_grads(run.grads, out["grads"])
+                grads = out["grads"] if grads is None else adapters.add_grads(grads, out["grads"])
             lp_bt = np.asarray(out["logprobs_bt"])
             logprobs += [lp_bt[i, : len(d["tokens"])] for i, d in enumerate(datums)]
             total += float(out["loss"])
+        run.grads = grads  # only once every micro-batch ran: a failure leaves the accumulated gradients as they were
         self._timed("forward_backward", started)
         return PROTO, forward_backward_output(logprobs, {"loss:sum": total})
 

@@ -1,0 +1,118 @@
+"""GRPO loop rows on the CPU demo's config: synchronous on `generate`, synchronous on the engine, and
+asynchronous on the engine (rollout.max_staleness=1, TIS); prints one JSON line per row and the ratios.
+
+    .venv/bin/python benchmarks/grpo_async.py [--workdir=DIR] [--steps=60] [--rows=static,engine,engine_k1]
+
+The task and the SFT warm start are made once (as `make demo` makes them, under --workdir, reused when
+present); each row then runs the demo's GRPO phase from that checkpoint with the same seed and data.
+Reported per row: the median wall time of a step after the first (rollout + update, or the wait for
+rollouts + update when asynchronous), the share of a step the learner waited for rollouts, held-out
+pass@1 before and after, and the GRPO phase's wall time. Meant for this 2-core CPU VM; the rows run one
+after another on the same machine, so their ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ROWS = {
+    "static": {"rollout.backend": "static"},
+    "engine": {"rollout.backend": "engine"},
+    "engine_k1": {"rollout.backend": "engine", "rollout.max_staleness": 1, "algo.off_policy": "tis"},
+}
+
+
+def _demo_config():
+    spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("")
+
+
+def _set(config, key: str, value) -> None:
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+
+
+def _warm_start(config, workdir: str) -> tuple[dict, str]:
+    from polaris_jax.tools import demo
+    from polaris_jax.train.sft import loop as sft_loop
+
+    paths = demo.write_task(config, os.path.join(workdir, "data"))
+    export = os.path.join(workdir, "sft", "export", "hf")
+    if not os.path.exists(os.path.join(export, "config.json")):
+        export = sft_loop.run(demo.sft_config(config, paths), os.path.join(workdir, "sft"))["export_dir"]
+    return paths, export
+
+
+def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str) -> dict:
+    from polaris_jax.tools import demo
+    from polaris_jax.train.grpo import loop as grpo_loop
+
+    grpo = demo.grpo_config(config, paths, export)
+    with grpo.unlocked():
+        for key, value in ROWS[name].items():
+            _set(grpo, key, value)
+        grpo.schedule.steps = tuple(max(1, s * steps // sum(grpo.schedule.steps)) for s in grpo.schedule.steps)
+        grpo.plots, grpo.export.hf = False, False
+    out_dir = os.path.join(workdir, f"grpo_{name}")
+    started = time.perf_counter()
+    result = grpo_loop.run(grpo, out_dir)
+    seconds = time.perf_counter() - started
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"time_step"' in line]
+    step_s = [r["time_step"] for r in rows[1:]] or [r["time_step"] for r in rows]
+    return {
+        "row": name,
+        "overrides": ROWS[name],
+        "steps": len(rows),
+        "step_s_median": statistics.median(step_s),
+        "wait_fraction_mean": statistics.mean(r.get("rollout/wait_fraction", 0.0) for r in rows),
+        "accuracy_before": result.get("accuracy_before"),
+        "accuracy_after": result.get("accuracy_after"),
+        "grpo_s": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/polaris_grpo_async_bench")
+    parser.add_argument("--steps", type=int, default=60, help="GRPO steps per row (the demo's 60 by default)")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    args = parser.parse_args()
+    names = [n for n in args.rows.split(",") if n]
+    unknown = set(names) - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {sorted(ROWS)}")
+    config = _demo_config()
+    paths, export = _warm_start(config, args.workdir)
+    results = {}
+    for name in names:
+        results[name] = _row(config, paths, export, name, args.steps, args.workdir)
+        print(json.dumps(results[name]), flush=True)
+    base = results.get("static")
+    summary = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "speedup_vs_static": {
+            n: base["step_s_median"] / r["step_s_median"] for n, r in results.items() if base and n != "static"
+        },
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
