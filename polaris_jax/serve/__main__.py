@@ -37,10 +37,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode_block", type=int, default=defaults.decode_block)
     p.add_argument("--max_queue", type=int, default=defaults.max_queue)
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per forward_backward pass")
+    p.add_argument("--config", default=None, help="a settings file, e.g. configs/serve.py:h100 (flags given win)")
     args = p.parse_args(argv)
+    if args.config:
+        p.set_defaults(**config_defaults(args.config, vars(args)))
+        args = p.parse_args(argv)
     if args.max_loras < 1:
         p.error(f"--max_loras={args.max_loras} must be >= 1")
     return args
+
+
+def config_defaults(spec: str, flags: dict) -> dict:
+    """`get_config(arg)` of the file `PATH[:arg]`, as flag defaults; SystemExit naming a bad key or file."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config: {path!r} is not a file")
+    module_spec = importlib.util.spec_from_file_location("serve_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    values = dict(module.get_config(arg))
+    unknown = sorted(set(values) - set(flags) - {"config"})
+    if unknown:
+        raise SystemExit(f"--config: {unknown} are not flags of python -m polaris_jax.serve")
+    return values
 
 
 def load_model(spec: str, workdir: str):
