@@ -123,6 +123,12 @@ class Sampling:
         self.engines.move_to_end(weights.key)
         return thread
 
+    def queue_full(self, weights: Weights) -> bool:
+        thread = self.base_engine if weights.key == "base" else self.engines.get(weights.key)
+        if thread is None:
+            return False
+        return thread.engine.queue_length >= thread.engine.settings.max_queue
+
     # ----- asample -----
 
     def request(self, body: dict, tokenizer) -> tuple[Weights, Request, int]:
