@@ -83,10 +83,11 @@ def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_th
         config.eval.dataset = data
         config.data.max_prompt_len = 128
         config.rewards = {"accuracy": {"weight": 1.0}}
+        config.rollout.backend = "static"  # the scripted `generate` stands in for the sampler
     run = grpo_loop.Run(config, str(tmp_path / "grpo"))
     try:
         assert run.pool.extraction.think == "require"
-        rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0)(0, 0)
+        rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0, run.params())(0, 0)
         np.testing.assert_array_equal(rollouts.correct_b, expected)
         np.testing.assert_array_equal(rollouts.rewards_b, expected)
         eval_problems = load_problems(data, run.tokenizer, config.data)

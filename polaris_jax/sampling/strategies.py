@@ -171,12 +171,23 @@ def greedy(logits_bv, keys_b, settings: SamplingSettings):
     return first_argmax(logits_bv)
 
 
+def inverse_cdf_draw(scaled_bv, keys_b):
+    """One draw per row from softmax(scaled_bv) by inverting its CDF with one uniform per row: the first id
+    whose cumulative mass exceeds u * total (-inf logits have no mass and are never drawn).
+
+    Gumbel-max (`jax.random.categorical`) needs one random number per vocabulary entry: at 152K ids and 64
+    rows that is 293 ms a token step on a 2-core CPU, against 77 ms here (benchmarks: BENCHMARKS.md)."""
+    vocab = scaled_bv.shape[-1]
+    mass_bv = jnp.exp(scaled_bv - jnp.max(scaled_bv, axis=-1, keepdims=True))
+    cdf_bv = jnp.cumsum(mass_bv, axis=-1)
+    u_b1 = jax.vmap(lambda key: jax.random.uniform(key, (1,), scaled_bv.dtype))(keys_b)
+    below_b = jnp.sum(cdf_bv <= u_b1 * cdf_bv[:, -1:], axis=-1, dtype=jnp.int32)
+    return jnp.minimum(below_b, vocab - 1)
+
+
 def categorical(logits_bv, keys_b, settings: SamplingSettings):
-    """Temperature scaling, the active truncations, then one independent draw per row: the Gumbel-max
-    draw of `jax.random.categorical` (same noise, same tokens) with the fast argmax."""
-    scaled_bv = truncate(logits_bv / settings.temperature, settings)
-    noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[-1:], scaled_bv.dtype))(keys_b)
-    return first_argmax(scaled_bv + noise_bv)
+    """Temperature scaling, the active truncations, then one independent draw per row (inverse CDF)."""
+    return inverse_cdf_draw(truncate(logits_bv / settings.temperature, settings), keys_b)
 
 
 STRATEGIES: dict[str, Callable] = {"greedy": greedy, "categorical": categorical}
@@ -211,8 +222,7 @@ def sample_rows(logits_bv, keys_b, settings: RowSettings):
         truncated_bv = jax.lax.cond(
             jnp.any(truncating & ~greedy_b1), lambda x: truncate(x, settings), lambda x: x, scaled_bv
         )
-        noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, truncated_bv.shape[-1:], truncated_bv.dtype))(keys_b)
-        return first_argmax(truncated_bv + noise_bv)
+        return inverse_cdf_draw(truncated_bv, keys_b)
 
     drawn_b = jax.lax.cond(jnp.all(greedy_b1), lambda x: greedy_b, draw, scaled_bv)
     tokens_b = jnp.where(greedy_b1[:, 0], greedy_b, drawn_b)

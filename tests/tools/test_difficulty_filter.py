@@ -70,6 +70,7 @@ def test_filter_keeps_the_unsolved_problems_below_the_threshold_and_writes_the_h
     config = difficulty_filter.filter_config(
         model_dir=str(checkpoint), dataset=str(data_path), samples=K, temperature=1.3, max_response_len=48
     )
+    config.rollout.backend = "static"  # the scripted `generate` stands in for the sampler
     config.filter.prompts_per_batch = 4  # two chunks: 4 problems, then 2
     config.filter.max_pass_rate = 0.5  # drops q0 (4/4) and q3 (3/4)
     config.reward_workers = 1
@@ -112,6 +113,7 @@ def test_filter_at_the_default_threshold_drops_only_the_problems_solved_every_ti
     monkeypatch.setattr(rollout, "generate", scripted_generate(Tokenizer.from_dir(checkpoint), []))
     config = difficulty_filter.filter_config(model_dir=str(checkpoint), dataset=str(data_path), samples=K)
     config.filter.max_response_len = 48
+    config.rollout.backend = "static"  # the scripted `generate` stands in for the sampler
     config.filter.output = str(tmp_path / "stage2.jsonl")
     config.reward_workers = 1
 
