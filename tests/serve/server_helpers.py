@@ -20,18 +20,17 @@ def tiny_checkpoint(path, vocab_size: int):
     import torch
     import transformers
 
+    from tests.models.hf_factory import hf_config
+
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(
+    config = hf_config(
+        "qwen3",
         vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         intermediate_size=48,
         max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,
