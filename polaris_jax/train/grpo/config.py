@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.chunks = 1  # rollouts in this many pieces; piece i is scored while piece i+1 samples
-    c.rollout.backend = "engine"  # engine (continuous batching, paged KV cache) | static (sampling.generate)
+    c.rollout.backend = "static"  # static (sampling.generate) | engine (continuous batching; one process only)
     c.rollout.engine = engine_section()  # the engine's sizes
     # k >= 1: the batch of step t is sampled (in a background thread) by weights at most k updates old,
     # while the learner updates; 0: synchronous. See train/grpo/rollout_ahead.py.
