@@ -25,6 +25,7 @@ from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.sampling.requests import QueueFull, Request, RequestError
 from polaris_jax.serve import metrics
 from polaris_jax.serve import openai_api as api
+from polaris_jax.serve.base_model import BaseModel
 from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
 from polaris_jax.serve.futures import HTTP_REQUEST_ID
 from polaris_jax.serve.tinker_api import Tinker, tinker_router
@@ -35,16 +36,17 @@ log = logging.getLogger("polaris_jax.serve")
 
 @dataclasses.dataclass
 class Served:
-    """What the routes serve: the engine thread, the tokenizer, and the limits requests are checked against."""
+    """What the routes serve: the base model's engine thread, its tokenizer, the model (names, stop ids,
+    limits requests are checked against) and the API key."""
 
     engine: EngineThread
     tokenizer: Tokenizer
-    model_ids: tuple[str, ...]  # the --model argument, then its basename
-    eos_token_ids: tuple[int, ...]
-    vocab_size: int
-    max_seq_len: int
-    max_slots: int
+    base: BaseModel
     api_key: str | None = None
+
+    @property
+    def max_slots(self) -> int:
+        return self.engine.engine.settings.max_slots
 
 
 def _sse(obj) -> str:
@@ -103,12 +105,12 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     @v1.get("/models")
     def models():
         created = int(time.time())
-        data = [Model(id=m, object="model", created=created, owned_by="polaris_jax") for m in served.model_ids]
+        data = [Model(id=m, object="model", created=created, owned_by="polaris_jax") for m in served.base.names]
         return {"object": "list", "data": [m.model_dump() for m in data]}
 
     async def engine_for(model: str) -> EngineThread:
         """The base model's engine, or (a `tinker://.../sampler_weights/...` path) its adapter's engine."""
-        if model in served.model_ids:
+        if model in served.base.names:
             return served.engine
         if tinker is not None and model.startswith("tinker://"):
             try:
@@ -124,7 +126,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
         requests = []
         for i, ids in enumerate(prompts):
             budget = api.check_prompt(
-                ids, max_tokens, vocab_size=served.vocab_size, max_seq_len=served.max_seq_len, field=field
+                ids, max_tokens, vocab_size=served.base.vocab_size, max_seq_len=served.base.max_seq_len, field=field
             )
             requests.append(
                 Request(
@@ -133,7 +135,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
                     temperature=body.temperature,
                     top_p=body.top_p,
                     n=body.n,
-                    eos_token_ids=served.eos_token_ids,
+                    eos_token_ids=served.base.eos_token_ids,
                     seed=seed,
                     sample_offset=i * body.n,
                     id=f"{rid}/{i}",
