@@ -35,6 +35,7 @@ from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, gene
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings, engine_section, engine_settings_from
 from polaris_jax.sampling.requests import Request, to_sample_output
+from polaris_jax.sampling.sampler import SampleOutput
 
 ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
 
@@ -133,11 +134,16 @@ def prompt_width(problems: Sequence[Problem], multiple: int = 8) -> int:
     return -(-max(len(p.prompt_ids) for p in problems) // multiple) * multiple
 
 
-def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    prompt_gt = np.zeros((len(problems), width), np.int32)
-    for i, problem in enumerate(problems):
+def _check_prompt_width(problems: Sequence[Problem], width: int) -> None:
+    for problem in problems:
         if len(problem.prompt_ids) > width:
             raise ValueError(f"prompt {problem.id!r} has {len(problem.prompt_ids)} tokens, more than the width {width}")
+
+
+def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    _check_prompt_width(problems, width)
+    prompt_gt = np.zeros((len(problems), width), np.int32)
+    for i, problem in enumerate(problems):
         prompt_gt[i, width - len(problem.prompt_ids) :] = problem.prompt_ids
     lengths_g = np.asarray([len(p.prompt_ids) for p in problems], np.int32)
     return np.repeat(prompt_gt, group_size, axis=0), np.repeat(lengths_g, group_size)
@@ -166,8 +172,8 @@ def sample_and_verify(
     extraction config carries the think policy) and shapes the rewards by `reward_spec`."""
     if not problems:
         raise ValueError("no problems to sample")
+    _check_prompt_width(problems, settings.prompt_width)
     n = settings.samples_per_prompt
-    prompt_bt, prompt_len_b = _left_padded(problems, settings.prompt_width, n)
     eos_ids = tuple(tokenizer.eos_token_ids)
     per_chunk = -(-len(problems) // settings.chunks)
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
@@ -199,10 +205,38 @@ def sample_and_verify(
 
     started = time.perf_counter()
     scores = [s for f in futures for s in f.result()]
+    rollouts, reward_info = assemble_rollouts(
+        problems, outputs, texts, scores, prompt_width=settings.prompt_width, n=n, reward_spec=reward_spec
+    )
+    info = {
+        "time_rollout": time_rollout,
+        "time_reward": time.perf_counter() - started,
+        **reward_info,
+        **_engine_metrics(engine_info),
+    }
+    return Verified(rollouts, texts, scores, info)
+
+
+def assemble_rollouts(
+    problems: Sequence[Problem],
+    outputs: Sequence[SampleOutput],
+    texts: Sequence[str],
+    scores: Sequence[Score],
+    *,
+    prompt_width: int,
+    n: int,
+    reward_spec: Mapping = ACCURACY_ONLY,
+) -> tuple[Rollouts, dict]:
+    """The verified batch of n samples per problem from the sampler's padded outputs (row i·n + j is problem
+    i's sample j, over `outputs` in order), their texts and scores; and {reward_failures, rollout_tokens,
+    reward/NAME}. Rewards are shaped over the whole batch, as `reward_spec` asks."""
+    prompt_bt, prompt_len_b = _left_padded(problems, prompt_width, n)
     response_len_b = np.concatenate([o.lengths_b for o in outputs]).astype(np.int32)
     correct_b = np.asarray([s.reward for s in scores], np.float32)
     group_b = np.repeat(np.arange(len(problems), dtype=np.int32), n)
-    rewards_b, parts, failures = combine_rewards(RewardBatch(texts, response_len_b, correct_b, group_b), reward_spec)
+    rewards_b, parts, failures = combine_rewards(
+        RewardBatch(list(texts), response_len_b, correct_b, group_b), reward_spec
+    )
     rollouts = Rollouts(
         prompt_bt=prompt_bt,
         prompt_len_b=prompt_len_b,
@@ -215,14 +249,11 @@ def sample_and_verify(
         group_b=group_b,
     )
     info = {
-        "time_rollout": time_rollout,
-        "time_reward": time.perf_counter() - started,
         "reward_failures": float(failures),
         "rollout_tokens": float(response_len_b.sum()),
         **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()},
-        **_engine_metrics(engine_info),
     }
-    return Verified(rollouts, texts, scores, info)
+    return rollouts, info
 
 
 def _engine_sample(model_config, params, prompts, sample: dict, engine_settings, info, mesh=None, rules=None):

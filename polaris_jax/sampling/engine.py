@@ -98,7 +98,16 @@ class _Sample:
 class Engine:
     """See the module docstring. `params` is the model's params (any layout `generate` takes)."""
 
-    def __init__(self, config, params, settings: EngineSettings | None = None, *, mesh=None, rules=DEFAULT_RULES):
+    def __init__(
+        self,
+        config,
+        params,
+        settings: EngineSettings | None = None,
+        *,
+        mesh=None,
+        rules=DEFAULT_RULES,
+        version: int = 0,
+    ):
         settings = settings or EngineSettings()
         self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
         self._shards = batch_shards(mesh, rules)
@@ -109,7 +118,7 @@ class Engine:
         pages = init_kv_pages(config, settings.num_pages, settings.page_size, kv_dtype(config))
         self._pages = self._put_pages(pages)
         self.params, self.version = None, -1
-        self.update_params(params)
+        self.update_params(params, version)
         self._waiting: collections.deque[list[_Sample]] = collections.deque()
         self._prefilling: list[_Sample] = []  # admitted leaders whose prompt is being written
         self._decoding: dict[_Sample, None] = {}  # an ordered set
@@ -170,6 +179,12 @@ class Engine:
 
     def finished(self, request_id) -> bool:
         return request_id in self._requests and self._unfinished[request_id] == 0
+
+    def progress(self, request_id) -> list[Completion]:
+        """A request's completions as they grow (the live objects: read, do not change them)."""
+        if request_id not in self._requests:
+            raise KeyError(f"request {request_id!r} is unknown or already popped")
+        return self._requests[request_id]
 
     def pop_finished(self, request_id) -> list[Completion]:
         """A finished request's completions (sample order); it is forgotten afterwards."""

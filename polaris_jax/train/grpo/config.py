@@ -26,6 +26,7 @@ from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import DEFAULT_RULES
 from polaris_jax.sampling.engine_settings import check_sampler_config, engine_section
 from polaris_jax.train import rl, setup
+from polaris_jax.train.grpo.rollout_mesh import check_rollout_section
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,8 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.backend = "static"  # static (sampling.generate) | engine (continuous batching; one process only)
     c.rollout.engine = engine_section()  # the engine's sizes
     # k >= 1: the batch of step t is sampled (in a background thread) by weights at most k updates old,
-    # while the learner updates; 0: synchronous. See train/grpo/rollout_ahead.py.
+    # while the learner updates; 0: synchronous. See train/grpo/rollout_ahead.py and streaming.py.
     c.rollout.max_staleness = 0
+    # Engine, k >= 1: prompts admitted at once (follows prompts_per_step until set), and how many weight
+    # versions one response may span (1: none carried across an update; > 1: partial rollouts).
+    c.rollout.max_prompts_in_flight = c.rollout.get_ref("prompts_per_step") * 1
+    c.rollout.max_steps_per_response = 1
+    c.rollout.mesh = ml_collections.ConfigDict()  # the engine's axis sizes; empty: the training mesh
+    c.rollout.devices = "shared"  # shared | disjoint (the engine on the last prod(rollout.mesh) devices)
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
@@ -296,6 +303,7 @@ def validate_config(config, *, check_files: bool = True) -> None:
         check_sampler_config(r.backend, r.engine, "rollout.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_rollout_section(config)
     if config.shaping.dynamic_sampling and config.shaping.polaris_substitution:
         raise ConfigError("choose one of shaping.dynamic_sampling (DAPO) and shaping.polaris_substitution")
     try:

@@ -30,7 +30,7 @@ from polaris_jax.data import problems as problems_lib
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
-from polaris_jax.models.sharding import mesh_from_config, sharding_rules
+from polaris_jax.models.sharding import sharding_rules
 from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify, verifier_pool
 from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train import metrics as metrics_lib
@@ -42,6 +42,8 @@ from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
 from polaris_jax.train.grpo.rollout_ahead import RolloutAhead
+from polaris_jax.train.grpo.rollout_mesh import ParamsMover, meshes
+from polaris_jax.train.grpo.stream_ahead import StreamingAhead
 from polaris_jax.train.optimizer import optimizer_from_config
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ class Run:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        self.mesh, self.rules = mesh_from_config(config), sharding_rules(config)
+        self.rules = sharding_rules(config)
+        self.mesh, self.rollout_mesh = meshes(config)  # training; the engine's (the same unless rollout.mesh)
         self.tokenizer_dir = config.tokenizer_dir or config.model.init_from
         if not self.tokenizer_dir:
             raise ValueError("no tokenizer: set tokenizer_dir or model.init_from")
@@ -90,6 +93,9 @@ class Run:
             jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params) if config.algo.use_reference else None
         )
         self.state = partitioning.init_sharded_state(params, self.optimizer, state_rng, mask, self.shardings)
+        self.to_engine = (
+            None if self.rollout_mesh is self.mesh else ParamsMover(self.model_config, self.rollout_mesh, self.rules)
+        )
         del params
         rescue = (
             PersistentRescueBuffer(
@@ -146,12 +152,22 @@ class Run:
     def params(self):
         return state_lib.full_params(self.state)
 
+    def sampler_params(self):
+        """(params, mesh) for this run's sampler: the engine's mesh (one resharding transfer) or the training mesh."""
+        if self.config.rollout.backend == "engine" and self.to_engine is not None:
+            return self.to_engine(self.params()), self.rollout_mesh
+        return self.params(), self.mesh
+
+    def engine_params(self):
+        """A fresh copy of the params on the engine's mesh (the update donates the learner's buffers)."""
+        return _copy_params(self.params()) if self.to_engine is None else self.to_engine(self.params())
+
     def close(self) -> None:
         self.ckpt.close()
         self.pool.close()
 
 
-def _sampler(run: Run, stage, step: int, params):
+def _sampler(run: Run, stage, step: int, params, mesh):
     r = run.config.rollout
     stream = run.stream(stage)
     settings = RolloutSettings(
@@ -177,7 +193,7 @@ def _sampler(run: Run, stage, step: int, params):
             pool=run.pool,
             reward_spec=run.config.rewards,
             seed=rollout_seed(run.config.seed, step, round_index),
-            mesh=run.mesh,
+            mesh=mesh,
             rules=run.rules,
         )
         return verified.rollouts, problems, verified.info
@@ -188,9 +204,10 @@ def _sampler(run: Run, stage, step: int, params):
 def _evaluate(run: Run, problems, step: int) -> dict:
     e = run.config.eval
     temperature = e.temperature if e.temperature >= 0 else run.stages[0].temperature
+    params, mesh = run.sampler_params()
     result = grpo_eval.evaluate(
         run.model_config,
-        run.params(),
+        params,
         problems,
         tokenizer=run.tokenizer,
         pool=run.pool,
@@ -198,7 +215,7 @@ def _evaluate(run: Run, problems, step: int) -> dict:
         temperature=temperature,
         max_response_len=e.max_response_len or run.stages[-1].max_response_len,
         seed=rollout_seed(run.config.seed, 99991),
-        mesh=run.mesh,
+        mesh=mesh,
         rules=run.rules,
         top_p=run.config.rollout.top_p,
         backend=run.config.rollout.backend,
@@ -226,15 +243,16 @@ def _stop_on_nonfinite(run: Run, step: int, step_batch, update_batch: dict, metr
     )
 
 
-def collect(run: Run, step: int, params, version: int) -> Collected:
-    """The step's rollouts, shaped into a batch, sampled with `params` (weights after `version` updates).
-    Advances the host state (prompt stream, rescue buffer) and freezes it with the batch."""
+def collect(run: Run, step: int, params, version: int, *, mesh=None, sample=None) -> Collected:
+    """The step's rollouts, shaped into a batch, sampled with `params` on `mesh` (default: the training mesh;
+    the weights after `version` updates), or drawn from `sample(position, round)` when given. Advances the
+    host state (prompt stream, rescue buffer) and freezes it with the batch."""
     stage = stage_at(run.stages, step)
     if run.host.stage != stage.index:
         run.host.stage, run.host.position = stage.index, 0
     started = time.perf_counter()
     step_batch = grpo_batch.build_step_batch(
-        sample=_sampler(run, stage, step, params),
+        sample=sample or _sampler(run, stage, step, params, run.mesh if mesh is None else mesh),
         config=run.config,
         step=step,
         host=run.host,
@@ -277,7 +295,8 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
 def train_step(run: Run, step: int) -> dict:
     """Synchronous: rollout with the current params, shape, update. `step` is 0-based."""
     started = time.perf_counter()
-    collected = collect(run, step, run.params(), step)
+    params, mesh = run.sampler_params()
+    collected = collect(run, step, params, step, mesh=mesh)
     return update(run, step, collected, waited_s=time.perf_counter() - started)
 
 
@@ -326,10 +345,13 @@ def _train(run_: Run, started: float) -> dict:
     writer = metrics_lib.MetricWriter(workdir, total_steps=steps)
     window: list[dict] = []
     train_started = time.perf_counter()
-    ahead = None
-    if config.rollout.max_staleness:
-        ahead = RolloutAhead(functools.partial(collect, run_), max_staleness=config.rollout.max_staleness)
-        ahead.start(start_step, steps, _copy_params(run_.params()), version=start_step)
+    ahead, r = None, config.rollout
+    if r.max_staleness and r.backend == "engine":
+        ahead = StreamingAhead(run_, functools.partial(collect, run_))
+    elif r.max_staleness:
+        ahead = RolloutAhead(functools.partial(collect, run_), max_staleness=r.max_staleness)
+    if ahead is not None:
+        ahead.start(start_step, steps, run_.engine_params(), version=start_step)
     try:
         final.update(_steps(run_, ahead, start_step, steps, eval_problems, writer, window))
     finally:
@@ -353,7 +375,7 @@ def _steps(run_: Run, ahead, start_step: int, steps: int, eval_problems, writer,
         else:
             collected, waited_s = ahead.take(step)
             metrics, host = update(run_, step, collected, waited_s), collected.host
-            ahead.after_update(step, steps, lambda: _copy_params(run_.params()), version=step + 1)
+            ahead.after_update(step, steps, run_.engine_params, version=step + 1)
         window.append(metrics)
         done = step + 1
         run_.ckpt.maybe_save(done, run_.state, host, last=done == steps)

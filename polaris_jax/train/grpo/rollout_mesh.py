@@ -1,0 +1,125 @@
+"""The engine's own mesh, and the one resharding transfer that moves the learner's weights onto it.
+
+Training keeps its FSDP/TP mesh (`config.mesh`). The rollout engine runs on `rollout.mesh` (axis sizes
+like `mesh`; empty = the training mesh itself), either over the same devices (`rollout.devices =
+"shared"`) or over devices of its own (`"disjoint"`: the engine takes the last prod(rollout.mesh)
+devices, training the rest). After each update the weights move once, whole arrays resharded by
+`jax.device_put` (disjoint) or a jitted copy with the engine's out_shardings (shared): the engine
+never all-gathers weights per token.
+
+    train_mesh, engine_mesh = meshes(config)
+    to_engine = ParamsMover(model_config, engine_mesh, rules)
+    engine.update_params(to_engine(params), version)
+
+`check_rollout_section(config)` refuses a bad section before anything is built, naming the key.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polaris_jax.models.config import ConfigError
+from polaris_jax.models.sharding import MESH_AXES, make_mesh, param_shardings
+
+DEVICES = ("shared", "disjoint")
+
+
+def _axis_sizes(section, key: str) -> dict[str, int]:
+    sizes = {}
+    for axis, size in dict(section).items():
+        if axis not in MESH_AXES:
+            raise ConfigError(f"{key}: axis {axis!r} is not one of {MESH_AXES}")
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ConfigError(f"{key}.{axis}={size!r} must be an integer >= 1, or -1 for the remaining devices")
+        sizes[axis] = size
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"{key}: at most one axis may be -1")
+    return sizes
+
+
+def _fits(sizes: dict[str, int], devices: int) -> bool:
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    return devices % known == 0 if -1 in sizes.values() else known == devices
+
+
+def check_rollout_section(config, device_count: int | None = None) -> None:
+    """Raises ConfigError naming the key for a rollout mesh that cannot be built on these devices, and
+    for staleness / in-flight / partial-rollout settings that contradict each other."""
+    r = config.rollout
+    devices = jax.device_count() if device_count is None else device_count
+    if r.devices not in DEVICES:
+        raise ConfigError(f"rollout.devices={r.devices!r} must be one of {DEVICES}")
+    sizes = _axis_sizes(r.mesh, "rollout.mesh")
+    train = _axis_sizes(config.mesh, "mesh")
+    if r.devices == "disjoint":
+        if not sizes or -1 in sizes.values():
+            raise ConfigError("rollout.devices='disjoint' needs rollout.mesh with every axis size given (no -1)")
+        own = int(np.prod(list(sizes.values())))
+        if own >= devices:
+            raise ConfigError(
+                f"rollout.mesh {sizes} takes {own} of {devices} devices, leaving none for training (rollout.devices)"
+            )
+        if not _fits(train, devices - own):
+            raise ConfigError(f"mesh {train} does not fit the {devices - own} devices rollout.mesh {sizes} leaves")
+    elif sizes and not _fits(sizes, devices):
+        raise ConfigError(f"rollout.mesh {sizes} does not divide the {devices} devices")
+    if (r.mesh or r.devices == "disjoint") and r.backend != "engine":
+        raise ConfigError("rollout.mesh and rollout.devices need rollout.backend='engine'")
+    in_flight, per_step = r.max_prompts_in_flight, r.prompts_per_step
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < per_step:
+        raise ConfigError(
+            f"rollout.max_prompts_in_flight={in_flight!r} must be an integer >= rollout.prompts_per_step={per_step}"
+        )
+    cap = r.max_steps_per_response
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ConfigError(f"rollout.max_steps_per_response={cap!r} must be an integer >= 1 (1: no partial rollouts)")
+    streaming = in_flight > per_step or cap > 1
+    if streaming and r.backend != "engine":
+        raise ConfigError(
+            "rollout.max_prompts_in_flight > prompts_per_step and rollout.max_steps_per_response > 1 stream "
+            "rollouts through the engine: they need rollout.backend='engine'"
+        )
+    if streaming and r.max_staleness < 1:
+        raise ConfigError(
+            "rollout.max_prompts_in_flight > prompts_per_step and rollout.max_steps_per_response > 1 need "
+            "rollout.max_staleness >= 1 (0 is the synchronous loop: one batch, sampled whole by one version)"
+        )
+    if cap - 1 > r.max_staleness:
+        raise ConfigError(
+            f"rollout.max_steps_per_response={cap} lets a response span {cap} weight versions, so "
+            f"rollout.max_staleness={r.max_staleness} must be >= {cap - 1}"
+        )
+
+
+def meshes(config):
+    """(training mesh, engine mesh) as `rollout.mesh` and `rollout.devices` ask (see the module docstring)."""
+    r = config.rollout
+    train_shape = {a: int(config.mesh[a]) for a in MESH_AXES if a in config.mesh}
+    rollout_shape = {a: int(r.mesh[a]) for a in MESH_AXES if a in r.mesh}
+    devices = jax.devices()
+    if r.devices == "disjoint":
+        own = int(np.prod(list(rollout_shape.values())))
+        return make_mesh(train_shape, devices[: len(devices) - own]), make_mesh(rollout_shape, devices[-own:])
+    train_mesh = make_mesh(train_shape, devices)
+    return train_mesh, (make_mesh(rollout_shape, devices) if rollout_shape else train_mesh)
+
+
+class ParamsMover:
+    """`mover(params)`: a fresh copy of the learner's params laid out for the engine's mesh (one transfer;
+    fresh buffers, since the update donates the learner's)."""
+
+    def __init__(self, model_config, mesh, rules):
+        self.shardings = param_shardings(model_config, mesh, rules)
+        self.mesh = mesh
+        self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.shardings)
+
+    def __call__(self, params):
+        engine_devices = set(self.mesh.devices.flat)
+        on_engine_devices = all(
+            set(x.sharding.device_set) <= engine_devices for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
+        )
+        if on_engine_devices:
+            return self._copy(params)
+        return jax.device_put(params, self.shardings)
