@@ -193,6 +193,15 @@ _BAD = {
     "staleness": lambda c: c.rollout.update(dict(max_staleness=-1)),
     "off_policy": lambda c: c.algo.update(dict(off_policy="is")),
     "off_policy_cap": lambda c: c.algo.update(dict(off_policy="tis", off_policy_cap=0.0)),
+    "in_flight": lambda c: c.rollout.update(dict(backend="engine", max_staleness=1, max_prompts_in_flight=1)),
+    "cap": lambda c: c.rollout.update(dict(backend="engine", max_staleness=1, max_steps_per_response=0)),
+    "cap_over_staleness": lambda c: c.rollout.update(dict(backend="engine", max_staleness=1, max_steps_per_response=3)),
+    "streaming_sync": lambda c: c.rollout.update(dict(backend="engine", max_prompts_in_flight=64)),
+    "streaming_static": lambda c: c.rollout.update(dict(max_staleness=1, max_prompts_in_flight=64)),
+    "rollout_mesh": lambda c: c.rollout.update(dict(backend="engine", mesh=dict(data=2, tensor=3))),
+    "rollout_axis": lambda c: c.rollout.update(dict(backend="engine", mesh=dict(tensr=1))),
+    "disjoint": lambda c: c.rollout.update(dict(backend="engine", devices="disjoint", mesh=dict(tensor=1))),
+    "devices": lambda c: c.rollout.update(dict(backend="engine", devices="split")),
 }
 _MESSAGES = {
     "unequal": "one entry per stage",
@@ -207,6 +216,15 @@ _MESSAGES = {
     "staleness": "rollout.max_staleness=-1 must be an integer >= 0",
     "off_policy": "algo.off_policy='is' is not one of",
     "off_policy_cap": "algo.off_policy_cap=0.0 must be > 0",
+    "in_flight": r"rollout.max_prompts_in_flight=1 must be an integer >= rollout.prompts_per_step=4",
+    "cap": "rollout.max_steps_per_response=0 must be an integer >= 1",
+    "cap_over_staleness": "rollout.max_steps_per_response=3 .* rollout.max_staleness=1 must be >= 2",
+    "streaming_sync": "need rollout.max_staleness >= 1",
+    "streaming_static": "need rollout.backend='engine'",
+    "rollout_mesh": r"rollout.mesh \{'data': 2, 'tensor': 3\} does not divide the 1 devices",
+    "rollout_axis": "rollout.mesh: axis 'tensr' is not one of",
+    "disjoint": "takes 1 of 1 devices, leaving none for training",
+    "devices": "rollout.devices='split' must be one of",
 }
 
 
