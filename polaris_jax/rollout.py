@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -107,6 +108,8 @@ class RolloutSettings:
     chunks: int = 1
     backend: str = "static"  # "static": `sampling.generate`; "engine": the continuous-batching engine
     engine: Mapping | None = None  # the engine's sizes, a `sampling.engine_settings.engine_section()` as a dict
+    length_spread: float = 0.0  # benchmarks: > 0 ignores EOS and caps each prompt at `long_tail_budgets`
+    seed: int = 0  # the long-tail budgets' seed
 
     def engine_settings(self, model_config) -> EngineSettings | None:
         """The paged engine's settings for these rollouts, or None for the static `generate`."""
@@ -122,6 +125,18 @@ def verifier_pool(think_policy: str, prompt_text: str, **pool_kwargs) -> Verifie
     `sample_and_verify` builds its pool here, so training and evaluation score a completion alike."""
     think = resolve_think_policy(think_policy, prompt_text)
     return VerifierPool(extraction=ExtractionConfig(think=think), **pool_kwargs)
+
+
+def long_tail_budgets(problems: Sequence[Problem], max_len: int, spread: float, seed: int) -> np.ndarray:
+    """int32 [len(problems)] seeded per-problem response budgets for long-tail benchmarks: lognormal, with
+    the 99th percentile `spread` times the 1st, the 99th at `max_len` (a function of the problem id only)."""
+    z99 = 2.3263478740408408
+    budgets = []
+    for problem in problems:
+        rng = np.random.default_rng([seed, zlib.crc32(problem.id.encode())])
+        z = float(np.clip(rng.standard_normal(), -z99, z99))
+        budgets.append(max(1, round(max_len * spread ** ((z - z99) / (2 * z99)))))
+    return np.asarray(budgets, np.int32)
 
 
 def rollout_seed(*parts: int) -> int:
@@ -189,14 +204,19 @@ def sample_and_verify(
             top_p=settings.top_p,
             top_k=settings.top_k,
             n=n,
-            eos_token_ids=eos_ids,
+            eos_token_ids=() if settings.length_spread else eos_ids,
             seed=rollout_seed(seed, c),
         )
+        budgets = None
+        if settings.length_spread:
+            budgets = long_tail_budgets(chunk, settings.max_response_len, settings.length_spread, settings.seed)
         prompts = [list(q.prompt_ids) for q in chunk]
         if engine_settings is None:
-            out = generate(model_config, params, prompts, **sample, **kwargs)
+            out = generate(model_config, params, prompts, **sample, **kwargs, max_new_tokens_per_prompt=budgets)
         else:
-            out = _engine_sample(model_config, params, prompts, sample, engine_settings, engine_info, **kwargs)
+            out = _engine_sample(
+                model_config, params, prompts, sample, engine_settings, engine_info, budgets=budgets, **kwargs
+            )
         time_rollout += time.perf_counter() - started
         chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
         futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(n)]))
@@ -256,14 +276,17 @@ def assemble_rollouts(
     return rollouts, info
 
 
-def _engine_sample(model_config, params, prompts, sample: dict, engine_settings, info, mesh=None, rules=None):
+def _engine_sample(
+    model_config, params, prompts, sample: dict, engine_settings, info, budgets=None, mesh=None, rules=None
+):
     """One chunk through the paged engine: request i is prompt i with generate's seeds (sample_offset i·n),
     so both engines draw the same keys. The engine's per-step metrics are summed into `info`."""
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
     engine = Engine(model_config, params, engine_settings, **kwargs)
     n = sample["n"]
     for i, prompt in enumerate(prompts):
-        engine.submit(Request(prompt=prompt, sample_offset=i * n, id=i, **sample))
+        own = {} if budgets is None else {"max_new_tokens": int(budgets[i])}
+        engine.submit(Request(prompt=prompt, sample_offset=i * n, id=i, **{**sample, **own}))
     while engine.busy:
         engine.step()
         m = engine.last_metrics

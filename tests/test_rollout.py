@@ -87,7 +87,7 @@ def test_a_truncated_think_trace_scores_the_same_in_training_in_loop_eval_and_th
     run = grpo_loop.Run(config, str(tmp_path / "grpo"))
     try:
         assert run.pool.extraction.think == "require"
-        rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0, run.params())(0, 0)
+        rollouts, _, _ = grpo_loop._sampler(run, run.stages[0], 0, run.params(), run.mesh)(0, 0)
         np.testing.assert_array_equal(rollouts.correct_b, expected)
         np.testing.assert_array_equal(rollouts.rewards_b, expected)
         eval_problems = load_problems(data, run.tokenizer, config.data)
@@ -183,3 +183,47 @@ def test_the_paged_engine_gives_the_static_engines_rollouts():
     assert ours.info["engine/decode_tokens"] == ours.info["rollout_tokens"]
     assert 0 < ours.info["engine/live_slots_mean"] <= 4 and ours.info["engine/pages_used_max"] > 0
     assert "engine/steps" not in expected.info
+
+
+def test_long_tail_budgets_follow_a_lognormal_with_the_asked_spread():
+    from polaris_jax.data.problems import Problem
+
+    problems = [Problem(f"q{i}", (1,), "1") for i in range(4000)]
+    budgets = rollout.long_tail_budgets(problems, 2000, 20.0, seed=3)
+    assert budgets.max() <= 2000 and budgets.min() >= 100
+    assert np.percentile(budgets, 99) / np.percentile(budgets, 1) == pytest.approx(20.0, rel=0.15)
+    # log budgets are normal: median at the geometric middle, max_len / sqrt(spread)
+    assert np.median(budgets) == pytest.approx(2000 / np.sqrt(20.0), rel=0.08)
+    np.testing.assert_array_equal(budgets[:50], rollout.long_tail_budgets(problems[:50], 2000, 20.0, seed=3))
+
+
+def test_forced_long_tail_lengths_are_the_same_on_both_backends():
+    """`length_spread` ignores EOS and caps each prompt at its budget: `generate`'s per-prompt caps and the
+    engine's per-request max_new_tokens give the same rows."""
+    import dataclasses
+
+    from polaris_jax.data.problems import Problem
+    from tests.sampling.conftest import golden
+
+    model = golden("qwen3_tied")
+    tokenizer = types.SimpleNamespace(eos_token_ids=(1, 2, 3), decode=lambda ids: " ".join(map(str, ids)))
+    problems = [Problem(f"p{i}", tuple(p), "42") for i, p in enumerate(model.prompts)]
+    static = rollout.RolloutSettings(
+        max_response_len=40,
+        temperature=1.0,
+        samples_per_prompt=2,
+        prompt_width=rollout.prompt_width(problems),
+        length_spread=8.0,
+        seed=1,
+    )
+    budgets = np.repeat(rollout.long_tail_budgets(problems, 40, 8.0, seed=1), 2)
+    with rollout.verifier_pool("strip", "", num_workers=1) as pool:
+        kwargs = dict(tokenizer=tokenizer, pool=pool, seed=5)
+        ours = rollout.sample_and_verify(
+            model.config, model.params, problems, dataclasses.replace(static, backend="engine"), **kwargs
+        )
+        expected = rollout.sample_and_verify(model.config, model.params, problems, static, **kwargs)
+    np.testing.assert_array_equal(expected.rollouts.response_len_b, budgets)
+    assert set(expected.rollouts.finish_reasons) == {"length"} and len(set(budgets)) > 1
+    for field in ("response_br", "response_len_b", "finish_b"):
+        np.testing.assert_array_equal(getattr(ours.rollouts, field), getattr(expected.rollouts, field), err_msg=field)

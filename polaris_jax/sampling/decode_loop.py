@@ -49,6 +49,7 @@ class DecodeState:
     tokens_bs: jax.Array  # int32: token predicted at each slot
     logprobs_bs: jax.Array  # float32: its log-probability (see strategies.sample)
     num_new_b: jax.Array  # int32: tokens generated so far
+    budget_b: jax.Array  # int32: the row's own cap on new tokens (at most criteria.max_new_tokens)
     done_b: jax.Array  # bool; dummy rows start done
     reason_b: jax.Array  # int32: RUNNING / EOS / STOP / LENGTH
     window_bl: jax.Array  # int32: the last L generated tokens, for stop sequences (-2 before any)
@@ -77,6 +78,7 @@ def _state_axes(state: DecodeState) -> DecodeState:
         tokens_bs=("batch", "length"),
         logprobs_bs=("batch", "length"),
         num_new_b=("batch",),
+        budget_b=("batch",),
         done_b=("batch",),
         reason_b=("batch",),
         window_bl=("batch", None),
@@ -132,7 +134,7 @@ def _record(state: DecodeState, logits_dv, slot, settings: SamplingSettings, cri
     window_bl = jnp.where(live_b[:, None], shifted_bl, state.window_bl)
     is_eos_b = jnp.any(token_b[:, None] == criteria.eos_ids[None], axis=-1)
     is_stop_b = _stop_match_b(window_bl, criteria)
-    is_length_b = num_new_b >= criteria.max_new_tokens
+    is_length_b = num_new_b >= jnp.minimum(criteria.max_new_tokens, state.budget_b)
     reason_b = jnp.select(
         [~live_b, is_eos_b, is_stop_b, is_length_b],
         [
@@ -203,11 +205,13 @@ def start(
     prefill_chunk: int = 0,
     mesh=None,
     rules=DEFAULT_RULES,
+    budget_b=None,
 ) -> DecodeState:
     """Prefills each distinct prompt once, broadcasts its cache to its n rows, samples the first token.
 
     cache_dtype: the KV cache's dtype (None: the model's compute dtype).
-    prefill_chunk: tokens per prefill pass (0: the whole prompt bucket at once; see `_prefill`)."""
+    prefill_chunk: tokens per prefill pass (0: the whole prompt bucket at once; see `_prefill`).
+    budget_b: int32 [B] each decode row's cap on new tokens (None: criteria.max_new_tokens for every row)."""
     b, p = prompt_gt.shape
     segment_gt = (jnp.arange(p)[None, :] >= p - prompt_len_g[:, None]).astype(jnp.int32)
     positions_gt = jnp.maximum(jnp.cumsum(segment_gt, axis=1) - 1, 0).astype(jnp.int32)
@@ -231,6 +235,7 @@ def start(
         tokens_bs=jnp.zeros((d, cache_len), jnp.int32),
         logprobs_bs=jnp.zeros((d, cache_len), jnp.float32),
         num_new_b=jnp.zeros((d,), jnp.int32),
+        budget_b=jnp.broadcast_to(criteria.max_new_tokens, (d,)) if budget_b is None else budget_b,
         done_b=~row_live_b,
         reason_b=jnp.zeros((d,), jnp.int32),
         window_bl=jnp.full((d, window_len), -2, jnp.int32),

@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from polaris_jax.models.paged_attention import NULL_PAGE, init_kv_pages
-from polaris_jax.models.sharding import DEFAULT_RULES
+from polaris_jax.models.sharding import DEFAULT_RULES, to_host
 from polaris_jax.sampling import engine_steps
 from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.pages import PagePool, PoolExhausted
@@ -375,7 +375,7 @@ class Engine:
             mesh=self.mesh,
             rules=self.rules,
         )
-        tokens_br, logprobs_br = np.asarray(jax.device_get(tokens_br)), np.asarray(jax.device_get(logprobs_br))
+        tokens_br, logprobs_br = to_host((tokens_br, logprobs_br))  # all-gathered where rows span processes
         generated = 0
         for b, (sample, budget) in enumerate(reserved):
             generated += self._accept(sample, tokens_br[b, :budget].tolist(), logprobs_br[b, :budget].tolist(), deltas)

@@ -214,12 +214,14 @@ def generate(
     compact_rows: bool = True,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     pack_weights: bool | None = None,
+    max_new_tokens_per_prompt: Sequence[int] | None = None,
 ) -> SampleOutput:
     """Samples n continuations of every prompt; see the package docstring for the design.
 
     Args:
       prompts: token-id lists of any lengths (left-padded internally).
       max_new_tokens: per-row cap on generated tokens.
+      max_new_tokens_per_prompt: each prompt's own cap (<= max_new_tokens), for all its n rows; None: none.
       temperature: 0 means greedy; top_p, top_k (0 = off), min_p (0 = off) truncate after scaling.
       n: samples per prompt; they share one prefill.
       eos_token_ids: ids that end a row (finish reason "eos"); none by default.
@@ -246,6 +248,13 @@ def generate(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive integer")
     if int(n) != n or n < 1:
         raise ValueError(f"n={n} must be a positive integer")
+    budget_g = np.full(len(prompts), max_new_tokens, np.int32)
+    if max_new_tokens_per_prompt is not None:
+        budget_g = np.asarray(max_new_tokens_per_prompt, np.int32)
+        if budget_g.shape != (len(prompts),) or budget_g.min() < 1 or budget_g.max() > max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens_per_prompt needs one integer in [1, max_new_tokens={max_new_tokens}] per prompt"
+            )
     if int(prefill_chunk) != prefill_chunk or prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be an integer >= 0")
     if int(seed) != seed or not 0 <= seed < 2**31:
@@ -260,6 +269,7 @@ def generate(
     buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
     batch = _pack_batch(prompts, n, width, buckets, shards)
     prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b = put(batch, mesh, rules, rows=True)
+    budget_b = put(np.where(batch[4], budget_g[batch[2]], 0).astype(np.int32), mesh, rules, rows=True)
     settings, criteria, seed_arr = put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
     rows = len(prompts) * n
 
@@ -283,6 +293,7 @@ def generate(
         prefill_chunk=int(prefill_chunk),
         mesh=mesh,
         rules=rules,
+        budget_b=budget_b,
     )
     row_of_b = np.arange(len(row_src_b))  # the output row each decode row holds; >= rows: a dummy
     outputs = SampleOutput(

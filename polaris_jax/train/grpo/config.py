@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.chunks = 1  # rollouts in this many pieces; piece i is scored while piece i+1 samples
-    c.rollout.backend = "static"  # static (sampling.generate) | engine (continuous batching; one process only)
+    c.rollout.backend = "engine"  # engine (continuous batching, paged KV) | static (sampling.generate)
     c.rollout.engine = engine_section()  # the engine's sizes
     # k >= 1: the batch of step t is sampled (in a background thread) by weights at most k updates old,
     # while the learner updates; 0: synchronous. See train/grpo/rollout_ahead.py and streaming.py.
@@ -68,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.max_steps_per_response = 1
     c.rollout.mesh = ml_collections.ConfigDict()  # the engine's axis sizes; empty: the training mesh
     c.rollout.devices = "shared"  # shared | disjoint (the engine on the last prod(rollout.mesh) devices)
+    # Benchmarks only: > 0 ignores EOS and gives each prompt a seeded lognormal response budget whose 99th
+    # percentile (max_response_len) is this many times its 1st (rollout.long_tail_budgets).
+    c.rollout.length_spread = 0.0
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline

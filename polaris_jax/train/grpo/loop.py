@@ -180,6 +180,8 @@ def _sampler(run: Run, stage, step: int, params, mesh):
         chunks=r.chunks,
         backend=r.backend,
         engine=r.engine.to_dict(),
+        length_spread=r.length_spread,
+        seed=run.config.seed,
     )
 
     def sample(position: int, round_index: int):

@@ -54,6 +54,8 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
     sizes = _axis_sizes(r.mesh, "rollout.mesh")
     train = _axis_sizes(config.mesh, "mesh")
     if r.devices == "disjoint":
+        if jax.process_count() > 1:
+            raise ConfigError("rollout.devices='disjoint' is for one process; multi-process runs share devices")
         if not sizes or -1 in sizes.values():
             raise ConfigError("rollout.devices='disjoint' needs rollout.mesh with every axis size given (no -1)")
         own = int(np.prod(list(sizes.values())))
@@ -67,6 +69,8 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
         raise ConfigError(f"rollout.mesh {sizes} does not divide the {devices} devices")
     if (r.mesh or r.devices == "disjoint") and r.backend != "engine":
         raise ConfigError("rollout.mesh and rollout.devices need rollout.backend='engine'")
+    if not (r.length_spread == 0 or r.length_spread >= 1):
+        raise ConfigError(f"rollout.length_spread={r.length_spread!r} must be 0 (off) or >= 1")
     in_flight, per_step = r.max_prompts_in_flight, r.prompts_per_step
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < per_step:
         raise ConfigError(
@@ -85,6 +89,11 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
         raise ConfigError(
             "rollout.max_prompts_in_flight > prompts_per_step and rollout.max_steps_per_response > 1 need "
             "rollout.max_staleness >= 1 (0 is the synchronous loop: one batch, sampled whole by one version)"
+        )
+    if r.max_staleness >= 1 and r.backend == "engine" and jax.process_count() > 1:
+        raise ConfigError(
+            "rollout.max_staleness >= 1 on the engine streams rollouts from one process's background thread; "
+            f"this run has {jax.process_count()} processes: use rollout.max_staleness=0 or rollout.backend='static'"
         )
     if cap - 1 > r.max_staleness:
         raise ConfigError(

@@ -22,7 +22,7 @@ import numpy as np
 
 from polaris_jax.rewards.combine import combine_rewards
 from polaris_jax.rewards.shaped import RewardBatch
-from polaris_jax.rollout import RolloutSettings, assemble_rollouts, prompt_width, rollout_seed
+from polaris_jax.rollout import RolloutSettings, assemble_rollouts, long_tail_budgets, prompt_width, rollout_seed
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request, to_sample_output
 from polaris_jax.train.grpo.config import stage_at
@@ -69,14 +69,17 @@ class StreamingAhead:
         eos_ids = tuple(run.tokenizer.eos_token_ids)
 
         def request_for(group: Group) -> Request:
+            budget = stage.max_response_len
+            if r.length_spread:
+                budget = int(long_tail_budgets([group.problem], budget, r.length_spread, run.config.seed)[0])
             return Request(
                 prompt=list(group.problem.prompt_ids),
-                max_new_tokens=stage.max_response_len,
+                max_new_tokens=budget,
                 temperature=stage.temperature,
                 top_p=r.top_p,
                 top_k=r.top_k,
                 n=r.samples_per_prompt,
-                eos_token_ids=eos_ids,
+                eos_token_ids=() if r.length_spread else eos_ids,
                 seed=rollout_seed(run.config.seed, stage.index, group.position),
                 id=group.position,
             )
