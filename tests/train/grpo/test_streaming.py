@@ -21,6 +21,7 @@ from polaris_jax.train.grpo.streaming import StreamingRollouts
 from polaris_jax.train.rl.importance import apply_off_policy
 from tests.sampling.conftest import golden
 
+
 @pytest.fixture(scope="module")
 def tied():
     return golden("qwen3_tied")
