@@ -2,6 +2,11 @@
 asynchronous on the engine (rollout.max_staleness=1, TIS); prints one JSON line per row and the ratios.
 
     .venv/bin/python benchmarks/grpo_async.py [--workdir=DIR] [--steps=60] [--rows=static,engine,engine_k1]
+    .venv/bin/python benchmarks/grpo_async.py --workload=long_tail [--steps=10]
+
+Workloads: `demo` is `make demo`'s GRPO phase. `long_tail` is one stage of 10 steps whose response lengths
+are forced to a lognormal spread of 20x (`rollout.length_spread=20`: EOS ignored, a seeded per-prompt
+max_new_tokens, the longest 160 tokens), group 8: the long tail that a static batch waits for.
 
 The task and the SFT warm start are made once (as `make demo` makes them, under --workdir, reused when
 present); each row then runs the demo's GRPO phase from that checkpoint with the same seed and data.
@@ -58,17 +63,31 @@ def _warm_start(config, workdir: str) -> tuple[dict, str]:
     return paths, export
 
 
-def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str) -> dict:
+WORKLOADS = {
+    "demo": {},
+    "long_tail": {
+        "rollout.length_spread": 20.0,
+        "schedule.max_response_len": (160,),
+        "schedule.temperature": (1.0,),
+        "schedule.steps": (10,),
+        "eval.every": 0,
+    },
+}
+
+
+def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str, workload: str) -> dict:
     from polaris_jax.tools import demo
     from polaris_jax.train.grpo import loop as grpo_loop
 
     grpo = demo.grpo_config(config, paths, export)
     with grpo.unlocked():
-        for key, value in ROWS[name].items():
+        if workload == "long_tail":
+            grpo.schedule.datasets = grpo.schedule.datasets[:1]
+        for key, value in {**WORKLOADS[workload], **ROWS[name]}.items():
             _set(grpo, key, value)
         grpo.schedule.steps = tuple(max(1, s * steps // sum(grpo.schedule.steps)) for s in grpo.schedule.steps)
         grpo.plots, grpo.export.hf = False, False
-    out_dir = os.path.join(workdir, f"grpo_{name}")
+    out_dir = os.path.join(workdir, f"grpo_{workload}_{name}")
     started = time.perf_counter()
     result = grpo_loop.run(grpo, out_dir)
     seconds = time.perf_counter() - started
@@ -77,6 +96,7 @@ def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str) 
     step_s = [r["time_step"] for r in rows[1:]] or [r["time_step"] for r in rows]
     return {
         "row": name,
+        "workload": workload,
         "overrides": ROWS[name],
         "steps": len(rows),
         "step_s_median": statistics.median(step_s),
@@ -90,7 +110,8 @@ def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/polaris_grpo_async_bench")
-    parser.add_argument("--steps", type=int, default=60, help="GRPO steps per row (the demo's 60 by default)")
+    parser.add_argument("--workload", default="demo", choices=sorted(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=0, help="GRPO steps per row (0: the workload's: 60 or 10)")
     parser.add_argument("--rows", default=",".join(ROWS))
     args = parser.parse_args()
     names = [n for n in args.rows.split(",") if n]
@@ -101,7 +122,8 @@ def main() -> None:
     paths, export = _warm_start(config, args.workdir)
     results = {}
     for name in names:
-        results[name] = _row(config, paths, export, name, args.steps, args.workdir)
+        steps = args.steps or sum(WORKLOADS[args.workload].get("schedule.steps", config.schedule.steps))
+        results[name] = _row(config, paths, export, name, steps, args.workdir, args.workload)
         print(json.dumps(results[name]), flush=True)
     base = results.get("static")
     summary = {

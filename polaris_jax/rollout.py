@@ -35,7 +35,7 @@ from polaris_jax.rewards.shaped import RewardBatch
 from polaris_jax.sampling import FINISH_EOS, FINISH_LENGTH, FINISH_REASONS, generate
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings, engine_section, engine_settings_from
-from polaris_jax.sampling.requests import Request, to_sample_output
+from polaris_jax.sampling.requests import Completion, Request, to_sample_output
 from polaris_jax.sampling.sampler import SampleOutput
 
 ACCURACY_ONLY = {"accuracy": {"weight": 1.0}}
@@ -164,6 +164,12 @@ def _left_padded(problems: Sequence[Problem], width: int, group_size: int) -> tu
     return np.repeat(prompt_gt, group_size, axis=0), np.repeat(lengths_g, group_size)
 
 
+def completion_text(tokenizer, completion: Completion) -> str:
+    """One engine completion decoded as `completion_texts` decodes a row."""
+    tokens = completion.tokens[:-1] if completion.finish_reason == "eos" else completion.tokens
+    return tokenizer.decode(list(tokens))
+
+
 def completion_texts(tokenizer, response_br: np.ndarray, response_len_b: np.ndarray, finish_b: np.ndarray) -> list[str]:
     """The decoded responses, without the EOS id that ended a row (a stop sequence is kept)."""
     ends_b = response_len_b - (finish_b == FINISH_EOS)
@@ -213,13 +219,15 @@ def sample_and_verify(
         prompts = [list(q.prompt_ids) for q in chunk]
         if engine_settings is None:
             out = generate(model_config, params, prompts, **sample, **kwargs, max_new_tokens_per_prompt=budgets)
-        else:
-            out = _engine_sample(
-                model_config, params, prompts, sample, engine_settings, engine_info, budgets=budgets, **kwargs
+            chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
+            futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(n)]))
+        else:  # each group goes to the verifier the moment its last sample ends
+            score = lambda i, texts: pool.score_async(texts, [chunk[i].answer] * len(texts))  # noqa: E731
+            out, chunk_texts, chunk_futures = _engine_sample(
+                model_config, params, prompts, sample, engine_settings, engine_info, tokenizer, score, budgets, **kwargs
             )
+            futures += chunk_futures
         time_rollout += time.perf_counter() - started
-        chunk_texts = completion_texts(tokenizer, out.tokens_br, out.lengths_b, out.finish_b)
-        futures.append(pool.score_async(chunk_texts, [q.answer for q in chunk for _ in range(n)]))
         outputs.append(out)
         texts += chunk_texts
 
@@ -277,25 +285,32 @@ def assemble_rollouts(
 
 
 def _engine_sample(
-    model_config, params, prompts, sample: dict, engine_settings, info, budgets=None, mesh=None, rules=None
+    model_config, params, prompts, sample: dict, engine_settings, info, tokenizer, score, budgets, mesh=None, rules=None
 ):
     """One chunk through the paged engine: request i is prompt i with generate's seeds (sample_offset i·n),
-    so both engines draw the same keys. The engine's per-step metrics are summed into `info`."""
+    so both engines draw the same keys. `score(i, texts)` is called as request i finishes. Returns the padded
+    outputs, the texts and the score futures (request order); the engine's per-step metrics go into `info`."""
     kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
     engine = Engine(model_config, params, engine_settings, **kwargs)
     n = sample["n"]
     for i, prompt in enumerate(prompts):
         own = {} if budgets is None else {"max_new_tokens": int(budgets[i])}
         engine.submit(Request(prompt=prompt, sample_offset=i * n, id=i, **{**sample, **own}))
+    completions, texts, futures = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     while engine.busy:
         engine.step()
+        for i in [i for i in range(len(prompts)) if completions[i] is None and engine.finished(i)]:
+            completions[i] = engine.pop_finished(i)
+            texts[i] = [completion_text(tokenizer, c) for c in completions[i]]
+            futures[i] = score(i, texts[i])
         m = engine.last_metrics
         info.update(steps=1, live_slots=m["live_slots"], pages_used=m["pages_used"], queue_length=m["queue_length"])
         info["max_pages_used"] = max(info["max_pages_used"], m["pages_used"])
     info.update(prefill_tokens=engine.totals["prefill_tokens"], decode_tokens=engine.totals["decode_tokens"])
     info.update(preemptions=engine.totals["preemptions"])
     info["pages"] = engine.pool.capacity
-    return to_sample_output([engine.pop_finished(i) for i in range(len(prompts))], sample["max_new_tokens"])
+    out = to_sample_output(completions, sample["max_new_tokens"])
+    return out, [t for per_request in texts for t in per_request], futures
 
 
 def _engine_metrics(info) -> dict:

@@ -96,7 +96,8 @@ class _Sample:
 
 
 class Engine:
-    """See the module docstring. `params` is the model's params (any layout `generate` takes)."""
+    """See the module docstring. `params` is the model's params (any layout `generate` takes); `version` is
+    theirs (each token records the version that sampled it)."""
 
     def __init__(
         self,

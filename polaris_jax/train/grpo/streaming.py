@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from polaris_jax.data.problems import Problem
+from polaris_jax.rollout import completion_text
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Completion, Request
 
@@ -48,12 +49,6 @@ class Group:
     @property
     def versions(self) -> list[int]:
         return [v for c in self.completions for v in c.versions]
-
-
-def completion_text(tokenizer, completion: Completion) -> str:
-    """The decoded response without the EOS id that ended it (as `rollout.completion_texts`)."""
-    tokens = completion.tokens[:-1] if completion.finish_reason == "eos" else completion.tokens
-    return tokenizer.decode(list(tokens))
 
 
 class StreamingRollouts:

@@ -20,6 +20,7 @@ def _run(tmp_path, name: str, staleness: int) -> dict:
     config = polaris_tiny(
         **{
             "rollout.max_staleness": staleness,
+            "rollout.backend": "static",  # collected ahead in step order (the engine streams in completion order)
             "optimizer.peak_lr": 0.0,
             "checkpoint.every": 100,
             "export.hf": False,
