@@ -281,6 +281,42 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
     return out
 
 
+# Device memory as the vendors publish it (GB = 1e9 bytes): H100 / H800 SXM 80 GB, H200 141 GB HBM3e,
+# TPU v5p 95 GB and v6e (Trillium) 32 GB of HBM per chip.
+HARDWARE_BYTES = {"h100": 80e9, "h200": 141e9, "h800": 80e9, "v5p": 95e9, "v6e": 32e9}
+
+
+def fit(result: dict, hardware: str) -> dict:
+    """Whether each planned peak fits one `hardware` device; where one does not, the term that overflows
+    (the largest part of that peak). Adds hardware, device_memory_bytes, train_fits, train_overflow,
+    and rollout_fits / rollout_overflow when a rollout was planned."""
+    if hardware not in HARDWARE_BYTES:
+        raise ValueError(f"hardware={hardware!r} is not one of {sorted(HARDWARE_BYTES)}")
+    memory = int(HARDWARE_BYTES[hardware])
+    terms = {
+        "train": {
+            "params": result["params_bytes"],
+            "optimizer_state": result["optimizer_state_bytes"],
+            "activations": result["activations_bytes"],
+        },
+        "rollout": {
+            "params": result["params_bytes"],
+            "optimizer_state": result["optimizer_state_bytes"],
+            "kv_cache": result.get("kv_cache_bytes", 0),
+            "rollout_temp": result.get("rollout_temp_bytes", 0) - result.get("kv_cache_bytes", 0),
+        },
+    }
+    out = {"hardware": hardware, "device_memory_bytes": memory}
+    for phase in ("train", "rollout"):
+        peak = result.get(f"{phase}_peak_bytes")
+        if peak is None:
+            continue
+        fits = peak <= memory
+        out[f"{phase}_fits"] = fits
+        out[f"{phase}_overflow"] = None if fits else max(terms[phase], key=terms[phase].get)
+    return out
+
+
 def format_bytes(num: float | None) -> str:
     if num is None:
         return "-"
@@ -318,6 +354,13 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
             ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
             ("rollout peak (+ params, optimizer) / device", format_bytes(result["rollout_peak_bytes"])),
         ]
+    if "hardware" in result:
+        memory = format_bytes(result["device_memory_bytes"])
+        for phase in ("train", "rollout"):
+            if f"{phase}_fits" in result:
+                overflow = result[f"{phase}_overflow"]
+                verdict = "fits" if result[f"{phase}_fits"] else f"does not fit: {overflow} is the largest term"
+                rows.append((f"{phase} peak on {result['hardware']} ({memory})", verdict))
     rows += [
         ("compiled matmul flops / device / step", format_flops(result["matmul_flops_per_device"])),
         ("  x devices", format_flops(result["matmul_flops_per_device"] * result["devices"])),

@@ -16,6 +16,9 @@ GRPO configs (`train/grpo/config.py`): the update is planned as the SFT step ove
 prompts_per_step x samples_per_prompt / algo.minibatches rows of data.max_prompt_len + the longest
 stage's max_response_len tokens (the policy loss adds only a few [B, T] arrays), and the rollout
 as the sampler decoding prompts_per_step x samples_per_prompt / rollout.chunks rows.
+`--hardware=h100|h200|h800|v5p|v6e` checks each peak against that device's memory: the table and the JSON
+line (`train_fits`, `rollout_fits`, and `train_overflow` / `rollout_overflow`: the largest term of a peak
+that does not fit) say whether it fits.
 See `docs/planner.md` for what the numbers mean and where a GPU/TPU compiler will differ.
 """
 
@@ -55,6 +58,9 @@ _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Rows decoded together
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "Prompt + response tokens the rollout cache holds.")
 _ROLLOUT_PROMPT_LEN = flags.DEFINE_integer("rollout_prompt_len", None, "Prompt tokens per rollout row (default 512).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", None, "Rollout rows sharing one prefill (default 8).")
+_HARDWARE = flags.DEFINE_enum(
+    "hardware", "", ["", "h100", "h200", "h800", "v5p", "v6e"], "Device memory to check each peak against."
+)
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
 
 
@@ -211,6 +217,8 @@ def main(argv):
     request = memory_plan.PlanRequest(model_config=model_config, **fields)
     result = memory_plan.plan(request, make_mesh(mesh_shape), sharding_rules(config), optimizer_for(config))
     result["model"] = _MODEL.value or config.model.preset or config.model.init_from
+    if _HARDWARE.value:
+        result.update(memory_plan.fit(result, _HARDWARE.value))
     if _FORMAT.value == "text":
         width = max(len(label) for label, _ in memory_plan.summary_rows(result))
         for label, value in memory_plan.summary_rows(result):

@@ -107,3 +107,21 @@ def test_attention_impl_flag_plans_blockwise_attention_in_linear_memory():
     scores = 4 * 4096 * 4096 * 4  # sft_tiny: 4 query heads
     assert dense["activations_bytes"] >= scores
     assert flash["activations_bytes"] < scores / 2 and flash["activations_bytes"] < dense["activations_bytes"] / 8
+
+
+def test_hardware_flag_says_which_peak_fits_and_what_overflows():
+    from polaris_jax.tools.memory_plan import fit
+
+    plan = _plan("--config=configs/sft_tiny.py", "--mesh=fsdp=1", "--batch_size=2", "--seq_len=64", "--hardware=v6e")
+    assert plan["hardware"] == "v6e" and plan["device_memory_bytes"] == 32 * 10**9
+    assert plan["train_fits"] is True and plan["train_overflow"] is None and "rollout_fits" not in plan
+    small = {"params_bytes": 1, "optimizer_state_bytes": 2, "activations_bytes": 3, "train_peak_bytes": 6}
+    assert fit(small, "h100") == {
+        "hardware": "h100",
+        "device_memory_bytes": 80 * 10**9,
+        "train_fits": True,
+        "train_overflow": None,
+    }
+    big = dict(small, activations_bytes=10**12, train_peak_bytes=10**12 + 3, kv_cache_bytes=5, rollout_temp_bytes=9)
+    out = fit(dict(big, rollout_peak_bytes=12), "h200")
+    assert out["train_overflow"] == "activations" and out["rollout_fits"] is True

@@ -18,11 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 MARGIN = 0.10
 
 
-@pytest.mark.slow  # about 2-3 min on 2 cores: `make test-slow`, which .ci/run also runs
-def test_grpo_raises_held_out_accuracy(tmp_path):
+@pytest.mark.slow  # about 2-3 min each on 2 cores: `make test-slow`, which .ci/run also runs
+@pytest.mark.parametrize("staleness", [0, 1], ids=["synchronous", "asynchronous_k1_tis"])
+def test_grpo_raises_held_out_accuracy(tmp_path, staleness):
+    """On the engine (the default backend); k = 1 streams rollouts while the learner updates."""
     spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = demo.run(module.get_config("ci"), str(tmp_path))
+    config = module.get_config("ci")
+    config.rollout.max_staleness = staleness
+    config.algo.off_policy = "tis" if staleness else "none"
+    result = demo.run(config, str(tmp_path))
     assert result["accuracy_after"] - result["accuracy_before"] >= MARGIN, result
     assert result["grpo_final_reward_mean"] > result["accuracy_before"], result

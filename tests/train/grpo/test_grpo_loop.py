@@ -197,7 +197,7 @@ _BAD = {
     "cap": lambda c: c.rollout.update(dict(backend="engine", max_staleness=1, max_steps_per_response=0)),
     "cap_over_staleness": lambda c: c.rollout.update(dict(backend="engine", max_staleness=1, max_steps_per_response=3)),
     "streaming_sync": lambda c: c.rollout.update(dict(backend="engine", max_prompts_in_flight=64)),
-    "streaming_static": lambda c: c.rollout.update(dict(max_staleness=1, max_prompts_in_flight=64)),
+    "streaming_static": lambda c: c.rollout.update(dict(backend="static", max_staleness=1, max_prompts_in_flight=64)),
     "rollout_mesh": lambda c: c.rollout.update(dict(backend="engine", mesh=dict(data=2, tensor=3))),
     "rollout_axis": lambda c: c.rollout.update(dict(backend="engine", mesh=dict(tensr=1))),
     "disjoint": lambda c: c.rollout.update(dict(backend="engine", devices="disjoint", mesh=dict(tensor=1))),

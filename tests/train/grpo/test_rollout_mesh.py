@@ -30,7 +30,8 @@ LAYOUTS = {
 
 def _config(devices: str) -> ml_collections.ConfigDict:
     train, rollout = LAYOUTS[devices]
-    return ml_collections.ConfigDict(dict(mesh=train, rollout=dict(mesh=rollout, devices=devices, backend="engine")))
+    rollout = dict(mesh=rollout, devices=devices, backend="engine", length_spread=0.0)
+    return ml_collections.ConfigDict(dict(mesh=train, rollout=rollout))
 
 
 def _requests(model) -> list[Request]:
