@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.algo.num_iterations = 1  # mu: updates per rollout batch
     c.algo.minibatches = 1  # optimizer steps per iteration
     c.algo.microbatches = 1  # gradient accumulation inside a minibatch
+    # > 0: the update packs (prompt + response) sequences into rows of this many tokens (train/grpo/packing.py);
+    # it must hold the longest sequence, data.max_prompt_len + the longest stage's max_response_len.
+    c.algo.pack_tokens = 0
     c.algo.off_policy = "none"  # none | tis | mis | decoupled: the correction against the sampler's logprobs
     c.algo.off_policy_cap = 2.0  # C of tis / mis
 
@@ -286,6 +289,12 @@ def validate_config(config, *, check_files: bool = True) -> None:
         raise ConfigError(
             f"algo.loss_agg_mode={a.loss_agg_mode!r} declares no microbatch weighting, so "
             f"algo.microbatches={a.microbatches} must be 1"
+        )
+    longest = config.data.max_prompt_len + max(config.schedule.max_response_len)
+    if a.pack_tokens and a.pack_tokens < longest:
+        raise ConfigError(
+            f"algo.pack_tokens={a.pack_tokens} must be 0 (no packing) or hold the longest sequence, {longest} tokens "
+            f"(data.max_prompt_len + the longest stage's max_response_len)"
         )
     if a.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")

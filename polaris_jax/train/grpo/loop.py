@@ -32,6 +32,7 @@ from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.distributed import wait_for_process_zero
 from polaris_jax.models.sharding import sharding_rules
 from polaris_jax.rollout import RolloutSettings, prompt_width, rollout_seed, sample_and_verify, verifier_pool
+from polaris_jax.sampling.sampler import batch_shards
 from polaris_jax.train import checkpoint as checkpoint_lib
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import partitioning, setup
@@ -41,6 +42,7 @@ from polaris_jax.train.grpo import evaluate as grpo_eval
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
+from polaris_jax.train.grpo.packing import pack_update_batch
 from polaris_jax.train.grpo.rollout_ahead import RolloutAhead
 from polaris_jax.train.grpo.rollout_mesh import ParamsMover, meshes
 from polaris_jax.train.grpo.stream_ahead import StreamingAhead
@@ -146,7 +148,8 @@ class Run:
                 rules=self.rules,
                 rows=rows,
             )
-            self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows))
+            packed = bool(self.config.algo.pack_tokens)
+            self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows, packed))
         return self._updates[stage.index]
 
     def params(self):
@@ -274,6 +277,17 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
     if not step_batch.skip:
         update_fn, batch_shardings = run.update_fn(stage)
         host_batch = grpo_step.update_batch(step_batch.rollouts, step_batch.advantages_b, step_batch.mask_br)
+        train_tokens = float(host_batch.segment_ids_bt.sum()) * (1 + config.algo.num_iterations)
+        if config.algo.pack_tokens:
+            a = config.algo
+            host_batch = pack_update_batch(
+                host_batch,
+                row_tokens=a.pack_tokens,
+                minibatches=a.minibatches,
+                microbatches=a.microbatches,
+                row_multiple=batch_shards(run.mesh, run.rules),
+            )
+            metrics["packed_rows"] = float(host_batch.tokens_mkl.shape[0] * host_batch.tokens_mkl.shape[1])
         device_batch = grpo_step.put_update_batch(host_batch, batch_shardings)
         t0 = time.perf_counter()
         run.state, update_metrics = update_fn(
@@ -284,7 +298,6 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
         if update_metrics["nonfinite_updates"] > 0:
             _stop_on_nonfinite(run, step + 1, step_batch, host_batch, update_metrics)
         metrics.update(update_metrics)
-        train_tokens = float(host_batch.segment_ids_bt.sum()) * (1 + config.algo.num_iterations)
         metrics["train_tokens_per_s"] = train_tokens / max(time_update, 1e-9)
     metrics["time_update"] = time_update
     metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout"], 1e-9)

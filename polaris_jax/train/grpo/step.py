@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from polaris_jax.models.transformer import forward
 from polaris_jax.train import losses, partitioning, rl
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo.config import policy_loss_kwargs
+from polaris_jax.train.grpo.packing import PackedUpdateBatch, to_responses
 from polaris_jax.train.losses import accumulate_gradients, split_microbatches
 
 
@@ -85,6 +86,7 @@ class UpdateSettings:
     minibatches: int = 1
     microbatches: int = 1
     chunk_size: int = 512
+    pack_tokens: int = 0  # > 0: the batch is a packing.PackedUpdateBatch with rows of this many tokens
 
     def __post_init__(self):
         if isinstance(self.policy_loss_kwargs, Mapping):
@@ -118,6 +120,7 @@ def update_settings(config, stage) -> UpdateSettings:
         minibatches=a.minibatches,
         microbatches=a.microbatches,
         chunk_size=config.train.loss_chunk_size,
+        pack_tokens=a.pack_tokens,
     )
 
 
@@ -207,6 +210,85 @@ def _minibatch_grads(model_config, trainable, frozen, rows, settings: UpdateSett
     )
 
 
+class _Responses(NamedTuple):
+    """A packed minibatch's per-response arrays (what `_rl_loss` reads of a batch, and the index map)."""
+
+    flat_index_br: Any
+    mask_br: Any
+    sampler_logprobs_br: Any
+    advantages_b: Any
+
+
+def _packed_inputs(batch: PackedUpdateBatch, settings: UpdateSettings):
+    """([Mb, B/Mb, ...] per-response arrays, split as the padded path splits rows; [Mb, K, L] packed rows,
+    each with its row ids so a microbatch knows which rows it holds)."""
+    responses = _Responses(batch.flat_index_br, batch.mask_br, batch.sampler_logprobs_br, batch.advantages_b)
+    minibatches, k, _ = batch.tokens_mkl.shape
+    rows = dict(
+        tokens=batch.tokens_mkl,
+        positions=batch.positions_mkl,
+        segments=batch.segment_ids_mkl,
+        targets=batch.targets_mkl,
+        row_ids=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (minibatches, k)),
+    )
+    return split_microbatches(responses, settings.minibatches), rows
+
+
+def _packed_stats(model_config, params, rows: dict, settings: UpdateSettings):
+    """{logprobs, entropy} [K, L] of each packed position's target (the next response token)."""
+    hidden_kld, _ = forward(
+        model_config, params, rows["tokens"], rows["positions"], segment_ids_bt=rows["segments"], return_hidden=True
+    )
+    return losses.hidden_token_stats(
+        model_config,
+        params,
+        hidden_kld,
+        rows["targets"],
+        chunk_size=settings.chunk_size,
+        temperature=settings.temperature,
+        with_entropy=True,
+    )
+
+
+def _packed_no_grad_logprobs(model_config, params, responses, rows, settings: UpdateSettings):
+    """[Mb, B/Mb, R] log-probs of every minibatch's responses, microbatch by microbatch of packed rows."""
+
+    def minibatch(m):
+        flat_index_br = responses.flat_index_br[m]
+        micro = split_microbatches(jax.tree.map(lambda x: x[m], rows), settings.microbatches)
+
+        def one(total_br, mb):
+            lp_kl = _packed_stats(model_config, params, mb, settings)["logprobs"]
+            return total_br + to_responses(lp_kl, mb["row_ids"], flat_index_br, settings.microbatches)[0], None
+
+        total_br, _ = jax.lax.scan(one, jnp.zeros(flat_index_br.shape, jnp.float32), micro)
+        return total_br
+
+    return jax.lax.stop_gradient(jax.lax.map(minibatch, jnp.arange(responses.flat_index_br.shape[0])))
+
+
+def _packed_minibatch_grads(model_config, trainable, frozen, minibatch, settings: UpdateSettings):
+    """`_minibatch_grads` on packed rows: each microbatch (a slice of packed rows) is scored in the [B, R]
+    response layout with the mask of the responses it holds, weighted as the aggregation registers."""
+    (responses, old_br, ref_br), rows = minibatch
+    total_mask_br = responses.mask_br.astype(jnp.float32)
+    weight_fn = rl.micro_weight(settings.loss_agg_mode)
+
+    def loss_fn(t, mb):
+        stats = _packed_stats(model_config, state_lib.combine(t, frozen), mb, settings)
+        place = lambda v_kl: to_responses(v_kl, mb["row_ids"], responses.flat_index_br, settings.microbatches)
+        logprobs_br, in_rows_br = place(stats["logprobs"])
+        entropy_br = place(stats["entropy"])[0]
+        entropy_br = entropy_br if settings.entropy_coef else jax.lax.stop_gradient(entropy_br)
+        mask_br = total_mask_br * in_rows_br
+        loss, metrics = _rl_loss(logprobs_br, (responses, old_br, ref_br), mask_br, entropy_br, settings)
+        weight = 1.0 if weight_fn is None else weight_fn(mask_br, total_mask_br)
+        share = jnp.sum(mask_br) / jnp.maximum(jnp.sum(total_mask_br), 1.0)
+        return loss * weight, {k: v * share for k, v in metrics.items() if k != "response_tokens"}
+
+    return accumulate_gradients(loss_fn, trainable, rows, settings.microbatches)
+
+
 def _finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -214,17 +296,27 @@ def _finite(tree) -> jax.Array:
 def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
     """The un-jitted update; `make_grpo_update` wraps it with shardings and donation."""
 
-    def update(state, batch: UpdateBatch, rng, ref_params):
+    def update(state, batch, rng, ref_params):
         del rng  # the update is deterministic; the argument keeps the SFT/GRPO step signature
-        old_logprobs_br = _no_grad_logprobs(model_config, state_lib.full_params(state), batch, settings)
-        ref_logprobs_br = (
-            _no_grad_logprobs(model_config, ref_params, batch, settings) if settings.use_reference else None
-        )
-        minis = split_microbatches((batch, old_logprobs_br, ref_logprobs_br), settings.minibatches)
+        if settings.pack_tokens:
+            responses, rows = _packed_inputs(batch, settings)
+            logprobs = lambda params: _packed_no_grad_logprobs(model_config, params, responses, rows, settings)  # noqa: E731
+            old_br = logprobs(state_lib.full_params(state))
+            ref_br = logprobs(ref_params) if settings.use_reference else None
+            minis = ((responses, old_br, ref_br), rows)
+            grads_fn = _packed_minibatch_grads
+            old_logprobs_br = old_br.swapaxes(0, 1).reshape(batch.mask_br.shape)  # back to row order
+        else:
+            old_logprobs_br = _no_grad_logprobs(model_config, state_lib.full_params(state), batch, settings)
+            ref_logprobs_br = (
+                _no_grad_logprobs(model_config, ref_params, batch, settings) if settings.use_reference else None
+            )
+            minis = split_microbatches((batch, old_logprobs_br, ref_logprobs_br), settings.minibatches)
+            grads_fn = _minibatch_grads
 
         def one_update(state, index):
             rows = jax.tree.map(lambda x: x[index % settings.minibatches], minis)
-            loss, metrics, grads = _minibatch_grads(model_config, state["params"], state["frozen"], rows, settings)
+            loss, metrics, grads = grads_fn(model_config, state["params"], state["frozen"], rows, settings)
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             ok = jnp.isfinite(loss) & _finite(grads)
@@ -259,16 +351,20 @@ def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
     return update
 
 
-def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None) -> UpdateBatch:
-    """The sharding of every `UpdateBatch` field: rows split over the mesh's batch axes."""
+def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None, packed: bool = False):
+    """The sharding of every `UpdateBatch` (or, `packed`, `PackedUpdateBatch`) field: rows split over the
+    mesh's batch axes ([Mb, K, L] packed arrays: their K rows)."""
+    cls = PackedUpdateBatch if packed else UpdateBatch
 
     def sharding(name: str):
+        if name.endswith("_mkl"):
+            return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), mesh, rules))
         ndim = 1 if name.endswith("_b") else 2
         axes = ("batch",) + ("length",) * (ndim - 1)
         shape = None if rows is None else (rows,) + (1,) * (ndim - 1)
         return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
 
-    return UpdateBatch(**{f.name: sharding(f.name) for f in dataclasses.fields(UpdateBatch)})
+    return cls(**{f.name: sharding(f.name) for f in dataclasses.fields(cls)})
 
 
 def make_grpo_update(
@@ -288,7 +384,8 @@ def make_grpo_update(
     fn = grpo_update_fn(model_config, optimizer, schedule, settings)
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
-    in_shardings = (state_shardings, batch_shardings(mesh, rules, rows), replicated, ref_shardings)
+    batch = batch_shardings(mesh, rules, rows, packed=bool(settings.pack_tokens))
+    in_shardings = (state_shardings, batch, replicated, ref_shardings)
     return partitioning.jit_step(
         fn,
         mesh=mesh,

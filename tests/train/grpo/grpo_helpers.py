@@ -98,4 +98,5 @@ def make_update(
         rows=rows,
         compiler_options=FAST_COMPILE,
     )
-    return update, state, grpo_step.batch_shardings(mesh, rows=rows), model_config
+    batch_shardings = grpo_step.batch_shardings(mesh, rows=rows, packed=bool(settings.pack_tokens))
+    return update, state, batch_shardings, model_config
