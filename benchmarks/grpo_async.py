@@ -1,12 +1,13 @@
-"""GRPO loop rows on the CPU demo's config: synchronous on `generate`, synchronous on the engine, and
-asynchronous on the engine (rollout.max_staleness=1, TIS); prints one JSON line per row and the ratios.
+"""GRPO loop rows on the CPU demo's config: synchronous on `generate`, synchronous on the engine,
+asynchronous on the engine (rollout.max_staleness=1, TIS), and that with packed updates (algo.pack_tokens);
+prints one JSON line per row and the ratios.
 
     .venv/bin/python benchmarks/grpo_async.py [--workdir=DIR] [--steps=60] [--rows=static,engine,engine_k1]
     .venv/bin/python benchmarks/grpo_async.py --workload=long_tail [--steps=10]
 
 Workloads: `demo` is `make demo`'s GRPO phase. `long_tail` is one stage of 10 steps whose response lengths
 are forced to a lognormal spread of 20x (`rollout.length_spread=20`: EOS ignored, a seeded per-prompt
-max_new_tokens, the longest 160 tokens), group 8: the long tail that a static batch waits for.
+max_new_tokens, the longest 256 tokens), group 8: the long tail that a static batch waits for.
 
 The task and the SFT warm start are made once (as `make demo` makes them, under --workdir, reused when
 present); each row then runs the demo's GRPO phase from that checkpoint with the same seed and data.
@@ -34,6 +35,13 @@ ROWS = {
     "static": {"rollout.backend": "static"},
     "engine": {"rollout.backend": "engine"},
     "engine_k1": {"rollout.backend": "engine", "rollout.max_staleness": 1, "algo.off_policy": "tis"},
+    # ... and the update packed into rows of the longest sequence (train/grpo/packing.py)
+    "engine_k1_packed": {
+        "rollout.backend": "engine",
+        "rollout.max_staleness": 1,
+        "algo.off_policy": "tis",
+        "algo.pack_tokens": "longest",
+    },
 }
 
 
@@ -67,10 +75,11 @@ WORKLOADS = {
     "demo": {},
     "long_tail": {
         "rollout.length_spread": 20.0,
-        "schedule.max_response_len": (160,),
+        "schedule.max_response_len": (256,),
         "schedule.temperature": (1.0,),
         "schedule.steps": (10,),
         "eval.every": 0,
+        "train.log_every": 1,  # per-step times: the median leaves out the first (compiling) step
     },
 }
 
@@ -84,6 +93,8 @@ def _row(config, paths: dict, export: str, name: str, steps: int, workdir: str, 
         if workload == "long_tail":
             grpo.schedule.datasets = grpo.schedule.datasets[:1]
         for key, value in {**WORKLOADS[workload], **ROWS[name]}.items():
+            if value == "longest":
+                value = grpo.data.max_prompt_len + max(grpo.schedule.max_response_len)
             _set(grpo, key, value)
         grpo.schedule.steps = tuple(max(1, s * steps // sum(grpo.schedule.steps)) for s in grpo.schedule.steps)
         grpo.plots, grpo.export.hf = False, False

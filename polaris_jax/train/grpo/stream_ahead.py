@@ -45,7 +45,7 @@ class StreamingAhead:
             return self._producer
         if self._producer is not None:
             self._producer.close()
-            self._params, self._version = self.run.engine_params(), self._version
+            self._params = self.run.engine_params()  # the learner's weights now, at self._version
         run, r = self.run, self.run.config.rollout
         stream = run.stream(stage)
         width = prompt_width(stream.problems)
