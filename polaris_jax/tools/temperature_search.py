@@ -32,6 +32,9 @@ _THINK = flags.DEFINE_enum(
     ["auto", "strip", "require", "ignore"],
     "The verifier's think policy (as verifier.think_policy).",
 )
+_BACKEND = flags.DEFINE_enum(
+    "backend", "engine", ["engine", "static"], "The sampler: the continuous-batching engine or sampling.generate."
+)
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
@@ -48,6 +51,7 @@ def search(
     diversity_target: float | None = None,
     seed: int = 0,
     think_policy: str = "auto",
+    backend: str = "engine",
 ) -> dict:
     import ml_collections
 
@@ -67,6 +71,7 @@ def search(
                 temperature=temperature,
                 samples_per_prompt=samples,
                 prompt_width=prompt_width(problems),
+                backend=backend,
             )
             rollouts = sample_and_verify(
                 model_config, params, problems, settings, tokenizer=tokenizer, pool=pool, seed=rollout_seed(seed)
@@ -113,6 +118,7 @@ def main(argv):
         diversity_target=_DIVERSITY.value,
         seed=_SEED.value,
         think_policy=_THINK.value,
+        backend=_BACKEND.value,
     )
     line = json.dumps(out, sort_keys=True)
     if _OUT.value:

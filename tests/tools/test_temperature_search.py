@@ -79,7 +79,9 @@ def expected_distinct_4(temperature: float, tokenizer) -> float:
 
 def test_search_picks_the_most_diverse_temperature_that_keeps_the_best_accuracy(setup, scripted):
     checkpoint, data, tokenizer = setup
-    out = temperature_search.search(checkpoint, data, [COLD, WARM, HOT], num_problems=2, samples=N, max_response_len=48)
+    out = temperature_search.search(
+        checkpoint, data, [COLD, WARM, HOT], num_problems=2, samples=N, max_response_len=48, backend="static"
+    )  # the scripted `generate` stands in for the sampler
     assert scripted == [COLD, WARM, HOT]
     scans = {s["temperature"]: s for s in out["scans"]}
     assert [s["temperature"] for s in out["scans"]] == [COLD, WARM, HOT]
@@ -106,6 +108,7 @@ def test_search_with_a_diversity_target_and_a_wide_tolerance(setup, scripted):
         max_response_len=48,
         accuracy_tolerance=0.6,
         diversity_target=target,
+        backend="static",
     )
     # All three are within 0.6 of the best; the lowest that reaches the target is WARM, not HOT.
     assert out["chosen_temperature"] == WARM
