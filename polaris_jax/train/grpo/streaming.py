@@ -139,6 +139,10 @@ class StreamingRollouts:
 
     # ----- the engine's thread -----
 
+    def _count(self, key: str, value: float = 1) -> None:
+        with self._cv:  # take() swaps the counters under the lock
+            self.counters[key] += value
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"the streaming rollout thread failed: {self._error!r}") from self._error
@@ -181,7 +185,7 @@ class StreamingRollouts:
                 if self.engine.busy:
                     started = time.perf_counter()
                     self.engine.step()
-                    self.counters["engine_s"] += time.perf_counter() - started
+                    self._count("engine_s", time.perf_counter() - started)
                     self._finish_groups()
                 self._collect_scored()
         except BaseException as e:  # surfaced to the learner by take()
@@ -196,13 +200,13 @@ class StreamingRollouts:
         for group in self._in_engine.values():
             for c in self.engine.progress(group.position):
                 if c.finish_reason is None and c.versions and version - c.versions[0] + 1 > self.cap:
-                    self.counters["pushes_deferred_steps"] += 1
+                    self._count("pushes_deferred_steps")
                     return False
         self.engine.update_params(params, version)
         with self._cv:
             if self._pending is pending:
                 self._pending = None
-        self.counters["pushes"] += 1
+        self._count("pushes")
         return True
 
     def _admit(self) -> None:
@@ -212,7 +216,7 @@ class StreamingRollouts:
             with self._cv:
                 self._in_engine[group.position] = group
             self.position += 1
-            self.counters["admitted"] += 1
+            self._count("admitted")
 
     def _finish_groups(self) -> None:
         with self._cv:  # take() reads the engine's progress of the groups in _in_engine
