@@ -126,13 +126,13 @@ def constrain(x, axes: tuple[str | None, ...]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape)))
 
 
-def mesh_from_config(config):
-    """The Mesh of `config.mesh` ({axis: size}, -1 = the rest of the devices)."""
+def mesh_from_config(config, devices=None):
+    """The Mesh of `config.mesh` ({axis: size}, -1 = the rest of the devices) over `devices` (default: all)."""
     shape = {axis: int(config.mesh[axis]) for axis in MESH_AXES if axis in config.mesh}
     unknown = set(config.mesh.keys()) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
-    return make_mesh(shape)
+    return make_mesh(shape, devices)
 
 
 def sharding_rules(config):

@@ -268,8 +268,9 @@ def generate(
     width = buckets.prompt_length(max(len(p) for p in prompts))
     buckets.cache_length(width + max_new_tokens - 1)  # fails now, not mid-generation, if no bucket is large enough
     batch = _pack_batch(prompts, n, width, buckets, shards)
-    prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b = put(batch, mesh, rules, rows=True)
-    budget_b = put(np.where(batch[4], budget_g[batch[2]], 0).astype(np.int32), mesh, rules, rows=True)
+    _, _, host_src_b, _, host_live_b = batch
+    budget_b = np.where(host_live_b, budget_g[host_src_b], 0).astype(np.int32)  # dummy rows: 0
+    prompt_gt, prompt_len_g, row_src_b, row_id_b, row_live_b, budget_b = put((*batch, budget_b), mesh, rules, rows=True)
     settings, criteria, seed_arr = put((settings, criteria, np.int32(seed)), mesh, rules, rows=False)
     rows = len(prompts) * n
 

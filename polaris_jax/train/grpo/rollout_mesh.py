@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polaris_jax.models.config import ConfigError
-from polaris_jax.models.sharding import MESH_AXES, make_mesh, param_shardings
+from polaris_jax.models.sharding import MESH_AXES, make_mesh, mesh_from_config, param_shardings
 
 DEVICES = ("shared", "disjoint")
 
@@ -105,13 +105,12 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
 def meshes(config):
     """(training mesh, engine mesh) as `rollout.mesh` and `rollout.devices` ask (see the module docstring)."""
     r = config.rollout
-    train_shape = {a: int(config.mesh[a]) for a in MESH_AXES if a in config.mesh}
     rollout_shape = {a: int(r.mesh[a]) for a in MESH_AXES if a in r.mesh}
     devices = jax.devices()
     if r.devices == "disjoint":
         own = int(np.prod(list(rollout_shape.values())))
-        return make_mesh(train_shape, devices[: len(devices) - own]), make_mesh(rollout_shape, devices[-own:])
-    train_mesh = make_mesh(train_shape, devices)
+        return mesh_from_config(config, devices[: len(devices) - own]), make_mesh(rollout_shape, devices[-own:])
+    train_mesh = mesh_from_config(config, devices)
     return train_mesh, (make_mesh(rollout_shape, devices) if rollout_shape else train_mesh)
 
 

@@ -37,10 +37,11 @@ class StreamingAhead:
         self._params, self._version, self._min_version = None, 0, 0
 
     def start(self, first_step: int, total_steps: int, params, version: int) -> None:
-        del total_steps  # the first take builds the stage's producer
-        self._params, self._version, self._first_step = params, version, first_step
+        del first_step, total_steps  # the first take builds the stage's producer
+        self._params, self._version = params, version
 
-    def _producer_for(self, stage) -> StreamingRollouts:
+    def _producer_for(self, stage, step: int) -> StreamingRollouts:
+        """The stage's producer; a new one (for a new stage) starts at the learner's `step`."""
         if self._producer is not None and self._stage == stage.index:
             return self._producer
         if self._producer is not None:
@@ -92,7 +93,7 @@ class StreamingAhead:
             problem_at=lambda position: stream.take(position, 1)[0],
             request_for=request_for,
             position=run.host.position,
-            first_step=self._first_step,
+            first_step=step,
             groups_per_step=r.prompts_per_step,
             tokenizer=run.tokenizer,
             pool=run.pool,
@@ -108,8 +109,7 @@ class StreamingAhead:
         stage = stage_at(self.run.stages, step)
         if self.run.host.stage != stage.index:
             self.run.host.stage, self.run.host.position = stage.index, 0
-        self._first_step = step  # a new stage's producer starts at this take
-        producer = self._producer_for(stage)
+        producer = self._producer_for(stage, step)
         producer.resume()
         collected = self.collect(step, None, step, sample=lambda position, round_index: self._sample(step, stage))
         collected.version = self._min_version
