@@ -17,6 +17,7 @@ ARCHITECTURES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "dense", "flash")
+SEQUENCE_PARALLELISMS = ("ulysses", "ring")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # per layer: the default targets
 UNEMBED_TARGET = "lm_head"  # the output projection (Tinker's train_unembed); opt-in
@@ -64,6 +65,8 @@ class ModelConfig:
     attention_block_q: int = 512
     attention_block_kv: int = 512
     flash_min_scores: int = 1024 * 1024
+    # Attention when a `sequence` mesh axis splits rows (models.context_parallel): ulysses | ring.
+    sequence_parallelism: str = "ulysses"
     eos_token_ids: tuple[int, ...] = ()
     # LoRA adapters (0 = none): x@W + (alpha/rank)*(x@A)@B on the named projections.
     lora_rank: int = 0
@@ -80,6 +83,10 @@ class ModelConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.sequence_parallelism not in SEQUENCE_PARALLELISMS:
+            raise ConfigError(
+                f"sequence_parallelism={self.sequence_parallelism!r} is not one of {SEQUENCE_PARALLELISMS}"
+            )
         if min(self.attention_block_q, self.attention_block_kv) < 1:
             raise ConfigError(f"attention blocks ({self.attention_block_q}, {self.attention_block_kv}) must be >= 1")
         if self.num_heads % self.num_kv_heads:

@@ -92,6 +92,7 @@ def _forward(q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, block_
         )
         hi = _last_kv_block(i, q_offset, block_q, block_kv, num_kv)
         m, l, o = jax.lax.fori_loop(0, hi, key_block, init)
+        l = jnp.where(l > 0, l, 1.0)  # no key block visited (a negative q_offset): out 0, lse -1e30
         o_bqkgh = jnp.transpose(o / l[..., None], (0, 3, 1, 2, 4)).astype(out.dtype)
         out = jax.lax.dynamic_update_index_in_dim(out, o_bqkgh, i, axis=1)
         return out, jax.lax.dynamic_update_index_in_dim(lse, m + jnp.log(l), i, axis=1)
@@ -100,12 +101,15 @@ def _forward(q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, block_
     return jax.lax.fori_loop(0, num_q, query_block, init)
 
 
-def _backward(block_q, block_kv, residuals, d_out):
+def _backward(block_q, block_kv, residuals, d_out, d_lse=None):
     q_bnqkgh, k_bnskh, v_bnskh, q_seg_bnq, kv_seg_bns, q_offset, out, lse = residuals
     num_q, num_kv, h = q_bnqkgh.shape[1], k_bnskh.shape[1], q_bnqkgh.shape[-1]
     scale = h**-0.5
-    # delta = rowsum(dO ∘ O), the softmax backward's per-query term, as [B, nq, K, G, bq].
+    # delta = rowsum(dO ∘ O), the softmax backward's per-query term, as [B, nq, K, G, bq]. A cotangent on
+    # the log-sum-exp (d lse / d s = p) enters as -d_lse, since ds = p * (dp - delta).
     delta = jnp.einsum("bnqkgh,bnqkgh->bnkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse
 
     def key_block(j, carry):
         dq, dk, dv = carry
@@ -154,6 +158,24 @@ def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv):
 _blockwise.defvjp(_blockwise_fwd, _backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _blockwise_with_lse(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv):
+    return _forward(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv)
+
+
+def _blockwise_with_lse_fwd(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, q_offset, block_q, block_kv)
+    return (out, lse), (q, k, v, q_seg, kv_seg, q_offset, out, lse)
+
+
+def _blockwise_with_lse_bwd(block_q, block_kv, residuals, cotangents):
+    d_out, d_lse = cotangents
+    return _backward(block_q, block_kv, residuals, d_out, d_lse)
+
+
+_blockwise_with_lse.defvjp(_blockwise_with_lse_fwd, _blockwise_with_lse_bwd)
+
+
 def flash_attention(
     q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset=0, *, block_q: int = 512, block_kv: int = 512
 ) -> jnp.ndarray:
@@ -161,6 +183,19 @@ def flash_attention(
 
     Same result as `attention.grouped_attention` under the mask described in the module docstring,
     within float32 rounding; differentiable in q, k and v with O(T·block) memory."""
+    return _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, block_q, block_kv, False)
+
+
+def flash_attention_with_lse(
+    q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset=0, *, block_q: int = 512, block_kv: int = 512
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`flash_attention` plus each query's float32 log-sum-exp of scores [B, T, N], both differentiable:
+    partial results over disjoint key sets combine exactly (ring attention, `models.context_parallel`).
+    q_offset may be negative; a query that sees none of these keys gets lse about -1e30."""
+    return _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, block_q, block_kv, True)
+
+
+def _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, block_q, block_kv, with_lse):
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     block_q, block_kv = min(block_q, t), min(block_kv, k_bskh.shape[1])
@@ -168,5 +203,9 @@ def flash_attention(
     k, v = _blocks(k_bskh, 1, block_kv), _blocks(v_bskh.astype(k_bskh.dtype), 1, block_kv)
     q_seg = _blocks(q_segment_bt.astype(jnp.int32), 1, block_q)
     kv_seg = _blocks(kv_segment_bs.astype(jnp.int32), 1, block_kv)
-    out = _blockwise(q, k, v, q_seg, kv_seg, jnp.asarray(q_offset, jnp.int32), block_q, block_kv)
-    return out.reshape(b, -1, n, h)[:, :t]
+    args = (q, k, v, q_seg, kv_seg, jnp.asarray(q_offset, jnp.int32), block_q, block_kv)
+    if not with_lse:
+        return _blockwise(*args).reshape(b, -1, n, h)[:, :t]
+    out, lse_bnkgq = _blockwise_with_lse(*args)
+    lse_btn = jnp.transpose(lse_bnkgq, (0, 1, 4, 2, 3)).reshape(b, -1, n)[:, :t]
+    return out.reshape(b, -1, n, h)[:, :t], lse_btn

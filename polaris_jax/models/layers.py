@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import cpu_gemm, paged_attention, paged_kernels
+from polaris_jax.models import context_parallel, cpu_gemm, paged_attention, paged_kernels
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -79,7 +79,9 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
         )
         new_cache_layer = (k_pages, v_pages)
     elif cache_layer is None:
-        if config.use_flash_attention(t, t):
+        if context_parallel.sequence_axis() is not None:  # rows split over the `sequence` mesh axis
+            out = context_parallel.attention(config, q, k, v, segment_ids_bt)
+        elif config.use_flash_attention(t, t):
             out = flash_attention(q, k, v, segment_ids_bt, segment_ids_bt, **blocks)
         else:
             out = attn_lib.grouped_attention(q, k, v, attn_lib.self_mask(segment_ids_bt))

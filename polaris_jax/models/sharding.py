@@ -15,15 +15,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
-# FSDP over `embed`, tensor parallelism over heads / mlp / vocab, experts over `expert`.
+# FSDP over `embed`, tensor parallelism over heads / mlp / vocab, experts over `expert`, each row's tokens
+# over `sequence` (context parallelism, models.context_parallel); the weights are FSDP-sharded over the
+# sequence devices too, since they hold different tokens of the same rows.
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
+    ("length", "sequence"),
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -115,6 +117,11 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
         yield
     finally:
         _ACTIVATION_CONTEXT.value = previous
+
+
+def current_activation_mesh():
+    """(mesh, rules) of the enclosing `activation_sharding`, or None outside it."""
+    return getattr(_ACTIVATION_CONTEXT, "value", None)
 
 
 def constrain(x, axes: tuple[str | None, ...]):

@@ -15,9 +15,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import cpu_gemm, paged_attention
+from polaris_jax.models import context_parallel, cpu_gemm, paged_attention
 from polaris_jax.models.layers import decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain
@@ -151,6 +152,9 @@ def forward(
     """
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
+    zigzag = _ring_order(config, tokens_bt.shape[1]) if cache is None else None
+    if zigzag is not None:  # ring attention's load-balanced layout (models.context_parallel)
+        tokens_bt, positions_bt, segment_ids_bt = (x[:, zigzag] for x in (tokens_bt, positions_bt, segment_ids_bt))
     x_btd = constrain(params["embed"][tokens_bt].astype(config.dtype), _RESIDUAL_AXES)
     cos, sin = rope_cos_sin(config, positions_bt)
     cache_meta, new_cache = None, None
@@ -189,12 +193,23 @@ def forward(
             cat = (lambda xs: xs[0]) if len(new_k) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
         rest = dict(page_table_bp=cache["page_table_bp"]) if paged else dict(valid_bs=valid_bs, end=new_end)
         new_cache = dict(k=cat(new_k), v=cat(new_v), **rest)
+    if zigzag is not None:
+        x_btd = constrain(x_btd[:, np.argsort(zigzag)], _RESIDUAL_AXES)
     hidden_btd = constrain(rms_norm(x_btd, params["final_norm"], config.rms_norm_eps), _RESIDUAL_AXES)
     out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)
     if not return_aux:
         return out, new_cache
     aux = {"router_aux_loss": router_aux_loss(config, stats_list) if stats_list else jnp.zeros((), jnp.float32)}
     return out, new_cache, aux
+
+
+def _ring_order(config, length: int):
+    """The zigzag token order when ring attention splits rows over a sequence axis, else None."""
+    split = context_parallel.sequence_axis()
+    if split is None or config.sequence_parallelism != "ring":
+        return None
+    context_parallel.check(config, length, split[1])
+    return context_parallel.zigzag_order(length, split[1])
 
 
 def positions_from_mask(attention_mask_bt) -> jnp.ndarray:
