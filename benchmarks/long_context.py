@@ -7,7 +7,7 @@ The batch: prompts of 16-48 tokens, responses with lognormal lengths whose 99th 
 times the 1st (`rollout.long_tail_budgets`, the longest at --max-response). Both sides run the same
 update (token-mean PPO clip, one minibatch, two microbatches, float32) from the same state on the same
 batch; the reported time is the median of --repeats updates after a compiling one. tokens/s counts real
-(prompt + response) tokens. Not here yet: the SFT step under sequence parallelism (issue 19).
+(prompt + response) tokens. The SFT step under sequence parallelism: benchmarks/sequence_parallel_memory.py.
 """
 
 from __future__ import annotations

@@ -15,9 +15,15 @@ Between stages Polaris drops problems the current policy already solves 8/8:
 and the filtered file becomes the next stage's dataset (--config.schedule.datasets=...).
 
 Paths: MODEL_DIR is the Hugging Face Qwen/Qwen3-4B download, DATA the Polaris-Dataset-53K file.
-The recipe itself is `polaris_jax.train.grpo.recipes.polaris_recipe`. The mesh is FSDP over every
-device; responses are split into microbatches of one row per device.
+The recipe itself is `polaris_jax.train.grpo.recipes.polaris_recipe`.
+
+Hardware: one node of 8 x 80 GB GPUs (Polaris's 8 x H800; `hardware`): training on (fsdp=2, sequence=4)
+with Ulysses over each row's 4 devices, packed updates of one 53,248-token row per micro pass and FSDP
+shard; the engine on the same devices over tensor=8. The planner checks it at the longest stage:
+    python -m polaris_jax.plan --config=configs/polaris_qwen3_4b.py --model=qwen3_4b --mesh=fsdp=2,sequence=4
 """
+
+import ml_collections
 
 from polaris_jax.train.grpo.config import default_config
 from polaris_jax.train.grpo.recipes import make_tiny, polaris_recipe
@@ -51,6 +57,6 @@ def get_config(arg: str | None = None):
             temperature=1.4,
             max_response_len=39_936,
             instruction=c.data.instruction,
-            mesh=c.mesh,
+            mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),  # sampling only: no sequence axis
         ).lock()
     return c.lock()

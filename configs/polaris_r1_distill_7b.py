@@ -9,6 +9,7 @@ Everything else is the shared recipe (`grpo.recipes.polaris_recipe`, as configs/
 128 prompts x 8 samples, clip 0.2 / 0.28,
 token-mean, no KL, no entropy bonus, top_p 1.0, in-batch substitution, rollout rescue. The
 R1-Distill chat template opens `<think>\\n` in the generation prompt (polaris_jax/data/templates).
+Hardware: one node of 8 x 80 GB GPUs, as configs/polaris_qwen3_4b.py (the engine on data=2 x tensor=4).
 MODEL_DIR is the Hugging Face deepseek-ai/DeepSeek-R1-Distill-Qwen-7B download; the per-stage step
 split is ours.
 """
@@ -32,6 +33,7 @@ def get_config(arg: str | None = None):
         eval_dataset=EVAL,
         response_lens=(15_360, 23_552, 31_744),
         temperatures=(0.7, 1.0, 1.1),
+        rollout_mesh=dict(data=2, tensor=4),  # 4 kv heads: the pool splits 4 ways
     )
     if variant == "tiny":
         make_tiny(c)

@@ -17,6 +17,9 @@ template (which opens `<think>\\n` in the generation prompt) renders the example
 published the recipe's shape, not every hyper-parameter: lr 1e-5 with warmup 3% and cosine to 0.1x,
 clip 1.0, 3 epochs and 64 rows per step are our choices for a few-thousand-example set.
 
+Hardware: one node of 8 x 80 GB GPUs (`hardware`, `mesh` fsdp=8), 8 microbatches of one 16K row per device
+(tests/tools/test_recipe_fit.py plans it under 90% of 80 GB).
+
 LoRA instead of full fine-tuning: set --config.lora.rank=64 and multiply peak_lr by ~10
 (see polaris_jax/models/lora.py, "LoRA Without Regret").
 """
@@ -50,12 +53,13 @@ def get_config(arg: str | None = None):
     c.optimizer.grad_clip_norm = 1.0
 
     c.train.steps = 300
-    c.train.microbatches = 1
+    c.train.microbatches = 8
     c.train.loss_chunk_size = 1024
     c.train.log_every = 5
     c.checkpoint.every = 50
     c.checkpoint.keep = 6  # several checkpoints to merge
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+    c.hardware = "h100"  # the device the layout is planned for (tools.plan's default --hardware)
 
     if variant == "tiny":
         c.model.preset = "tiny"
@@ -70,6 +74,8 @@ def get_config(arg: str | None = None):
         c.data.order = "curriculum"  # synthetic difficulty = number of operands
         c.data.batch_size = 8
         c.data.seq_len = 256
+        c.train.microbatches = 1
+        c.mesh.fsdp = -1
         c.data.num_epochs = 0
         c.train.steps = 20
         c.train.loss_chunk_size = 128

@@ -21,8 +21,9 @@ Memory: bf16 compute with float32 master weights and Adam moments (16 bytes/para
 never materialises [T, V] logits (train/losses.py chunks the vocabulary projection) nor [T, T]
 attention scores (attention_impl auto runs models/flash_attention.py at this length). The planner
 (`python -m polaris_jax.tools.plan --config=configs/sft_r1_distill_qwen3_8b.py --model=qwen3_8b
---mesh=fsdp=64`) gives a 36.7 GiB peak per device on 64 devices; on one 8-GPU node pass
-`--config.train.microbatches=16` (one 32K row per device and microbatch: 52.9 GiB peak).
+--mesh=fsdp=64`) gives a 36.7 GiB peak per device on 64 devices. Hardware: this config is laid out for
+one node of 8 x 80 GB GPUs (H100 / H800; `hardware`, `mesh` fsdp=8): 16 microbatches, one 32K row per
+device and microbatch (tests/tools/test_recipe_fit.py plans it under 90% of 80 GB).
 
 LoRA: "LoRA Without Regret" (see polaris_jax/models/lora.py) wants ~10x the full fine-tuning
 learning rate, so the lora variant uses 4e-4 with alpha 32.
@@ -57,12 +58,13 @@ def get_config(arg: str | None = None):
     c.optimizer.grad_clip_norm = 0.2
 
     c.train.steps = 9000
-    c.train.microbatches = 2
+    c.train.microbatches = 16
     c.train.loss_chunk_size = 1024
     c.train.log_every = 10
     c.checkpoint.every = 500
     c.checkpoint.keep = 3
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+    c.hardware = "h100"  # the device the layout is planned for (tools.plan's default --hardware)
 
     if variant == "lora":
         c.lora.rank = 64
@@ -80,6 +82,8 @@ def get_config(arg: str | None = None):
         c.data.chat_template = ""
         c.data.batch_size = 8
         c.data.seq_len = 256
+        c.train.microbatches = 1
+        c.mesh.fsdp = -1
         c.data.num_epochs = 0
         c.train.steps = 20
         c.train.loss_chunk_size = 128

@@ -62,7 +62,14 @@ def init_kv_pages(config, num_pages: int, page_size: int, dtype=None) -> dict:
 
 
 def _scatter_pages(pages_kpsd, index, values):
-    return pages_kpsd.at[index].set(values.astype(pages_kpsd.dtype), mode="drop")
+    """pages.at[index].set(values); 16-bit floats through a uint16 view: XLA on CPU otherwise scatters a
+    bf16 pool through a float32 copy of the whole of it (free elsewhere: a bitcast)."""
+    values = values.astype(pages_kpsd.dtype)
+    if jnp.dtype(pages_kpsd.dtype).itemsize != 2 or not jnp.issubdtype(pages_kpsd.dtype, jnp.floating):
+        return pages_kpsd.at[index].set(values, mode="drop")
+    as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
+    written = as_bits(pages_kpsd).at[index].set(as_bits(values), mode="drop")
+    return jax.lax.bitcast_convert_type(written, pages_kpsd.dtype)
 
 
 def write_pages(k_pages_kpsd, v_pages_kpsd, page_table_bp, positions_bt, k_btkd, v_btkd):

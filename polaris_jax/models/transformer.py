@@ -21,7 +21,7 @@ from polaris_jax.models import attention as attn_lib
 from polaris_jax.models import context_parallel, cpu_gemm, paged_attention
 from polaris_jax.models.layers import decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
-from polaris_jax.models.sharding import constrain
+from polaris_jax.models.sharding import constrain, current_activation_mesh
 
 _RESIDUAL_AXES = ("batch", "length", "embed")
 
@@ -155,7 +155,14 @@ def forward(
     zigzag = _ring_order(config, tokens_bt.shape[1]) if cache is None else None
     if zigzag is not None:  # ring attention's load-balanced layout (models.context_parallel)
         tokens_bt, positions_bt, segment_ids_bt = (x[:, zigzag] for x in (tokens_bt, positions_bt, segment_ids_bt))
-    x_btd = constrain(params["embed"][tokens_bt].astype(config.dtype), _RESIDUAL_AXES)
+    # The table whole along `embed` (an FSDP all-gather) before the lookup: a lookup into the embed-sharded
+    # table comes out sharded along embed, which XLA can only turn into the residual's (batch, length)
+    # sharding by replicating the whole [B, T, D] activation.
+    if current_activation_mesh() is not None:
+        x_btd = constrain(params["embed"].astype(config.dtype), ("vocab", None))[tokens_bt]
+    else:  # also the decode layouts' embedding objects
+        x_btd = params["embed"][tokens_bt].astype(config.dtype)
+    x_btd = constrain(x_btd, _RESIDUAL_AXES)
     cos, sin = rope_cos_sin(config, positions_bt)
     cache_meta, new_cache = None, None
     paged = cache is not None and "page_table_bp" in cache

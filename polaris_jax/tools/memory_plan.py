@@ -1,16 +1,19 @@
 """Ahead-of-time memory and FLOPs plan of a train step (and a rollout decode step) over a mesh.
 
 Nothing is allocated: the train state and batch are `jax.ShapeDtypeStruct`s carrying their
-`NamedSharding`s, the SFT step from `train.sft.step.make_sft_step` is lowered and compiled for the
-mesh, and XLA's own analyses are read back:
+`NamedSharding`s, the train step is lowered and compiled for the mesh, and XLA's own analyses are read
+back. The train step is the SFT step (`train.sft.step.make_sft_step`), or with `PlanRequest.update` the
+real GRPO update (`train.grpo.step.make_grpo_update`, packed when its settings pack). The rollout is the
+static sampler, or with `PlanRequest.engine` the paged engine on its own mesh (tools/rollout_plan.py):
 
   params, optimizer state   per-device bytes of the state's shards (exact, from the shardings)
   activations               `memory_analysis().temp_size_in_bytes` of the compiled train step
-  kv cache                  per-device bytes of the sampler's cache shards for rollout_batch x rollout_len
+  kv cache                  per-device bytes of the sampler's cache shards for rollout_batch x rollout_len,
+                            or of the engine's page pool
   rollout state + temp      the larger of the sampler's two programs (`sampling.decode_loop.start`,
-                            then `decode` with its state donated), compiled separately as the
-                            sampler runs them: arguments + unaliased outputs + temps, less params;
-                            the cache is part of it
+                            then `decode` with its state donated; the engine's `prefill` and `decode`),
+                            compiled separately as they run: arguments + unaliased outputs + temps,
+                            less params; the cache is part of it
   flops                     matmul FLOPs of the compiled per-device program with scanned layers
                             counted once per layer (`hlo_flops`), XLA's own `cost_analysis()`
                             figure (which visits each loop body once), and the PaLM-convention
@@ -27,13 +30,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from polaris_jax.models.lora import lora_mask
 from polaris_jax.models.params import param_shapes
-from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
-from polaris_jax.tools import hlo_flops
+from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
+from polaris_jax.tools import hlo_flops, rollout_plan
+from polaris_jax.tools.compiled_memory import flops, memory, peak, per_device_bytes, with_shardings
 from polaris_jax.train import losses, partitioning
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import state as state_lib
@@ -41,7 +44,6 @@ from polaris_jax.train.optimizer import make_optimizer
 from polaris_jax.train.sft import step as sft_step
 
 GIB = 1024**3
-_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,13 @@ class PlanRequest:
     rollout_len: int = 0  # cache slots: prompt + response tokens
     rollout_prompt_len: int = 512
     samples_per_prompt: int = 8  # rows sharing one prefill (the GRPO group)
+    # GRPO: the update's settings (train.grpo.step.UpdateSettings); the train step is then the real GRPO
+    # update over batch_size responses of seq_len - max_response_len prompt tokens (packed when
+    # update.pack_tokens, every sequence at full length: the most rows packing can need). None = SFT.
+    update: object = None
+    # The paged engine's sizes (sampling.EngineSettings): the rollout is then the engine's page pool and
+    # programs on the rollout mesh, not the static sampler's cache of rollout_batch x rollout_len.
+    engine: object = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2:
@@ -75,19 +84,6 @@ class PlanRequest:
             )
 
 
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
-def _with_shardings(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def abstract_train_state(model_config, optimizer, mesh: Mesh, rules=DEFAULT_RULES):
     """(abstract state with shardings, its shardings, trainable mask); LoRA when model_config.lora_rank > 0."""
     shapes = param_shapes(model_config)
@@ -96,7 +92,7 @@ def abstract_train_state(model_config, optimizer, mesh: Mesh, rules=DEFAULT_RULE
     state_shapes = jax.eval_shape(
         lambda p, key: state_lib.init_state(p, optimizer, key, mask), shapes, jax.random.key(0)
     )
-    return _with_shardings(state_shapes, shardings), shardings, mask
+    return with_shardings(state_shapes, shardings), shardings, mask
 
 
 def abstract_batch(mesh: Mesh, rules, batch_size: int, seq_len: int) -> dict:
@@ -107,29 +103,6 @@ def abstract_batch(mesh: Mesh, rules, batch_size: int, seq_len: int) -> dict:
     }
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
-        cost = cost[0] if cost else None
-    return None if not cost or "flops" not in cost else float(cost["flops"])
-
-
-def _memory(compiled) -> dict:
-    mem = compiled.memory_analysis()
-    return {
-        "argument": int(mem.argument_size_in_bytes),
-        "output": int(mem.output_size_in_bytes),
-        "alias": int(mem.alias_size_in_bytes),
-        "temp": int(mem.temp_size_in_bytes),
-        "code": int(mem.generated_code_size_in_bytes),
-    }
-
-
-def _peak(mem: dict) -> int:
-    """Bytes live while a compiled program runs: arguments, outputs not aliased onto donated inputs, temps."""
-    return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-
-
 def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
     """Compiles the SFT step ahead of time and returns per-device byte counts and FLOPs.
 
@@ -138,9 +111,51 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     cfg = request.model_config
     optimizer, schedule = optimizer or make_optimizer(peak_lr=1e-5, total_steps=1000, warmup_ratio=0.01)
     state, shardings, _ = abstract_train_state(cfg, optimizer, mesh, rules)
-    batch = abstract_batch(mesh, rules, request.batch_size, request.seq_len)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=partitioning.replicated(mesh))
-    step = sft_step.make_sft_step(
+    if request.update is not None:
+        from polaris_jax.train.grpo import step as grpo_step
+
+        batch = abstract_update_batch(request, mesh, rules)
+        step = grpo_step.make_grpo_update(
+            cfg,
+            optimizer,
+            schedule,
+            request.update,
+            mesh=mesh,
+            state_shardings=shardings,
+            rules=rules,
+            rows=request.batch_size,
+        )
+        ref = None
+        if request.update.use_reference:
+            ref = with_shardings(param_shapes(cfg), param_shardings(cfg, mesh, rules))
+        args = (state, batch, rng, ref)
+    else:
+        batch = abstract_batch(mesh, rules, request.batch_size, request.seq_len)
+        step = _sft_step(request, mesh, rules, optimizer, schedule, shardings)
+        args = (state, batch, rng)
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    tokens = request.batch_size * request.seq_len
+    pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
+    model_flops = metrics_lib.step_flops(cfg, tokens, pairs, lora=bool(cfg.lora_rank))
+    return {
+        "params": per_device_bytes(state["params"]) + per_device_bytes(state["frozen"]),
+        "trainable_params": per_device_bytes(state["params"]),
+        "optimizer_state": per_device_bytes(state["opt_state"]),
+        "batch": per_device_bytes(batch),
+        "xla": memory(compiled),
+        "xla_flops_per_device": flops(compiled),
+        "matmul_flops_per_device": hlo_flops.matmul_flops(compiled.as_text()),
+        "model_flops_per_step": model_flops,
+        "compile_s": compile_s,
+    }
+
+
+def _sft_step(request: PlanRequest, mesh, rules, optimizer, schedule, shardings):
+    cfg = request.model_config
+    return sft_step.make_sft_step(
         cfg,
         optimizer,
         schedule,
@@ -151,97 +166,47 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
         microbatches=request.microbatches,
         batch_shape=(request.batch_size, request.seq_len),
     )
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
-    tokens = request.batch_size * request.seq_len
-    pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
-    model_flops = metrics_lib.step_flops(cfg, tokens, pairs, lora=bool(cfg.lora_rank))
-    return {
-        "params": per_device_bytes(state["params"]) + per_device_bytes(state["frozen"]),
-        "trainable_params": per_device_bytes(state["params"]),
-        "optimizer_state": per_device_bytes(state["opt_state"]),
-        "batch": per_device_bytes(batch),
-        "xla": _memory(compiled),
-        "xla_flops_per_device": _flops(compiled),
-        "matmul_flops_per_device": hlo_flops.matmul_flops(compiled.as_text()),
-        "model_flops_per_step": model_flops,
-        "compile_s": compile_s,
+
+
+def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES):
+    """The GRPO update's batch as sharded ShapeDtypeStructs: `UpdateBatch` [B, P + R], or packed
+    `PackedUpdateBatch` [Mb, K, L] with K the rows of every sequence at full length (the most there can be)."""
+    from polaris_jax.sampling.sampler import batch_shards
+    from polaris_jax.train.grpo import step as grpo_step
+    from polaris_jax.train.grpo.packing import packed_rows
+
+    s, rows, length = request.update, request.batch_size, request.seq_len
+    response = s.max_response_len
+    shardings = grpo_step.batch_shardings(mesh, rules, rows, packed=bool(s.pack_tokens))
+    int32, f32 = jnp.int32, jnp.float32
+    per_response = dict(mask_br=((rows, response), f32), sampler_logprobs_br=((rows, response), f32))
+    per_response["advantages_b"] = ((rows,), f32)
+    if s.pack_tokens:
+        per_row = max(1, s.pack_tokens // length)
+        needed = -(-(rows // s.minibatches) // per_row)
+        k = packed_rows(needed, (s.micro_rows or s.microbatches) * batch_shards(mesh, rules))
+        mkl = ((s.minibatches, k, s.pack_tokens), int32)
+        fields = dict(tokens_mkl=mkl, positions_mkl=mkl, segment_ids_mkl=mkl, targets_mkl=mkl)
+        fields.update(flat_index_br=((rows, response), int32), **per_response)
+        cls = grpo_step.PackedUpdateBatch
+    else:
+        bt = ((rows, length), int32)
+        fields = dict(tokens_bt=bt, positions_bt=bt, segment_ids_bt=bt, response_br=((rows, response), int32))
+        fields.update(per_response)
+        cls = grpo_step.UpdateBatch
+    structs = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(shardings, name))
+        for name, (shape, dtype) in fields.items()
     }
+    return cls(**structs)
 
 
-def abstract_cache(model_config, mesh: Mesh, rules, batch: int, length: int) -> dict:
-    """K and V of the sampler's cache as sharded ShapeDtypeStructs (batch over data axes, kv heads over tensor)."""
-    cfg = model_config
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    sharding = NamedSharding(mesh, logical_to_spec(_CACHE_AXES, mesh, rules, shape))
-    return {name: jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=sharding) for name in ("k", "v")}
-
-
-def plan_rollout(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """Compiles the sampler's two programs as it calls them: `sampling.decode_loop.start` (prefill, which
-    returns the cache) and `decode` (the loop, which takes the state donated).
-
-    `rollout_batch` rows = rollout_batch / samples_per_prompt prompts of `rollout_prompt_len` tokens,
-    decoded into a cache of `rollout_len` slots. Returns the cache's own size and, per program, the
-    bytes live beside the params (arguments + outputs not aliased + temps - params)."""
-    from polaris_jax.sampling import decode_loop
-    from polaris_jax.sampling.sampler import DEFAULT_PREFILL_CHUNK
-    from polaris_jax.sampling.strategies import SamplingSettings
-
-    cfg, rows, n = request.model_config, request.rollout_batch, request.samples_per_prompt
-    prompts, width = rows // n, request.rollout_prompt_len
-    params = _with_shardings(param_shapes(cfg), param_shardings(cfg, mesh, rules))
-    rep = partitioning.replicated(mesh)
-
-    def struct(shape, dtype, axes):
-        spec = logical_to_spec(axes, mesh, rules, shape) if axes else None
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec) if axes else rep)
-
-    inputs = (
-        struct((prompts, width), jnp.int32, ("batch", None)),
-        struct((prompts,), jnp.int32, ("batch",)),
-        struct((rows,), jnp.int32, ("batch",)),
-        struct((rows,), jnp.int32, ("batch",)),
-        struct((rows,), jnp.bool_, ("batch",)),
-        struct((), jnp.int32, ()),
-    )
-    settings = SamplingSettings.create(temperature=1.0, vocab_size=cfg.vocab_size)
-    criteria = decode_loop.StopCriteria(
-        eos_ids=np.zeros(1, np.int32),
-        stop_ql=np.full((1, 1), -1, np.int32),
-        stop_len_q=np.zeros(1, np.int32),
-        max_new_tokens=np.int32(request.rollout_len - width),
-    )
-    statics = dict(mesh=mesh, rules=rules)
-    start = decode_loop.start.lower(
-        cfg,
-        params,
-        *inputs,
-        settings,
-        criteria,
-        cache_len=request.rollout_len,
-        prefill_chunk=DEFAULT_PREFILL_CHUNK,
-        **statics,
-    ).compile()
-    state = jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        start.out_info,
-        start.output_shardings,
-    )
-    decode = decode_loop.decode.lower(cfg, params, state, settings, criteria, **statics).compile()
-    params_bytes = per_device_bytes(params)
-    live = {"start": _peak(_memory(start)) - params_bytes, "decode": _peak(_memory(decode)) - params_bytes}
-    cache = abstract_cache(cfg, mesh, rules, rows, request.rollout_len)
-    return {"kv_cache": per_device_bytes(cache), "live_beside_params": live}
-
-
-def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
+def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, rollout_mesh=None) -> dict:
     """The whole plan as one flat dict of per-device numbers (bytes, FLOPs) plus a few descriptors."""
     cfg = request.model_config
     train = plan_train_step(request, mesh, rules, optimizer)
     mem = train["xla"]
-    train_peak = _peak(mem)
+    train_peak = peak(mem)
     out = {
         "mesh": dict(mesh.shape),
         "devices": int(mesh.devices.size),
@@ -266,8 +231,28 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) 
         "model_flops_per_step": train["model_flops_per_step"],
         "compile_s": round(train["compile_s"], 1),
     }
-    if request.rollout_batch:
-        rollout = plan_rollout(request, mesh, rules)
+    if request.engine is not None:
+        # The engine on its own mesh (rollout.mesh; default the training mesh). On the training devices the
+        # train state stays resident beside it, and a separate engine mesh holds its own copy of the params.
+        engine_mesh = rollout_mesh or mesh
+        rollout = rollout_plan.plan_engine(request, engine_mesh, rules)
+        shared = set(engine_mesh.devices.flat) <= set(mesh.devices.flat)
+        resident = train["params"] + train["optimizer_state"] if shared else 0
+        own_params = rollout["params"] if engine_mesh is not mesh else 0
+        rollout_bytes = max(rollout["live_beside_params"].values())
+        out.update(
+            rollout_mesh=dict(engine_mesh.shape),
+            rollout_batch=rollout["rows"],
+            rollout_len=request.engine.max_seq_len,
+            engine_pages=request.engine.num_pages,
+            engine_page_size=request.engine.page_size,
+            kv_cache_bytes=rollout["kv_cache"],
+            rollout_temp_bytes=rollout_bytes,
+            engine_params_bytes=own_params,
+            rollout_peak_bytes=resident + own_params + rollout_bytes,
+        )
+    elif request.rollout_batch:
+        rollout = rollout_plan.plan_rollout(request, mesh, rules)
         rollout_bytes = max(rollout["live_beside_params"].values())
         out.update(
             rollout_batch=request.rollout_batch,
@@ -348,7 +333,9 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if "kv_cache_bytes" in result:
         rows += [
             (
-                f"kv cache ({result['rollout_batch']} rows x {result['rollout_len']}) / device",
+                f"kv page pool ({result['engine_pages']} pages x {result['engine_page_size']}) / device"
+                if "engine_pages" in result
+                else f"kv cache ({result['rollout_batch']} rows x {result['rollout_len']}) / device",
                 format_bytes(result["kv_cache_bytes"]),
             ),
             ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),

@@ -12,10 +12,13 @@ of rows per optimiser step. Prints a table, then one JSON line.
 
 SFT configs (`train/sft/config.py`): rows = data.batch_size, length = data.seq_len, microbatches =
 train.microbatches; no rollout unless --rollout_batch/--rollout_len are given.
-GRPO configs (`train/grpo/config.py`): the update is planned as the SFT step over the same rows,
-prompts_per_step x samples_per_prompt / algo.minibatches rows of data.max_prompt_len + the longest
-stage's max_response_len tokens (the policy loss adds only a few [B, T] arrays), and the rollout
-as the sampler decoding prompts_per_step x samples_per_prompt / rollout.chunks rows.
+GRPO configs (`train/grpo/config.py`): the update is planned as the real GRPO update
+(`train.grpo.step.make_grpo_update`) at the longest stage, over prompts_per_step x samples_per_prompt
+responses of data.max_prompt_len + that stage's max_response_len tokens: packed into rows of
+algo.pack_tokens when the config packs (every sequence at full length: the most rows packing needs),
+in micro passes of algo.micro_tokens or algo.microbatches. The rollout is the paged engine
+(rollout.backend = engine: its page pool and programs on rollout.mesh, shared or disjoint devices), or
+the static sampler decoding prompts_per_step x samples_per_prompt / rollout.chunks rows.
 `--hardware=h100|h200|h800|v5p|v6e` checks each peak against that device's memory: the table and the JSON
 line (`train_fits`, `rollout_fits`, and `train_overflow` / `rollout_overflow`: the largest term of a peak
 that does not fit) say whether it fits.
@@ -24,6 +27,7 @@ See `docs/planner.md` for what the numbers mean and where a GPU/TPU compiler wil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -59,7 +63,10 @@ _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "Prompt + response tokens 
 _ROLLOUT_PROMPT_LEN = flags.DEFINE_integer("rollout_prompt_len", None, "Prompt tokens per rollout row (default 512).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", None, "Rollout rows sharing one prefill (default 8).")
 _HARDWARE = flags.DEFINE_enum(
-    "hardware", "", ["", "h100", "h200", "h800", "v5p", "v6e"], "Device memory to check each peak against."
+    "hardware",
+    "",
+    ["", "h100", "h200", "h800", "v5p", "v6e"],
+    "Device memory to check each peak against (default: the config's `hardware`, if any).",
 )
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
 
@@ -122,7 +129,11 @@ def model_config_for(config, model_preset: str):
     m = config.model
     if model_preset:
         return preset(
-            model_preset, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy
+            model_preset,
+            param_dtype=m.param_dtype,
+            compute_dtype=m.compute_dtype,
+            remat_policy=m.remat_policy,
+            sequence_parallelism=m.get("sequence_parallelism", "ulysses"),
         )
     if m.init_from and not os.path.exists(os.path.join(m.init_from, "config.json")):
         raise app.UsageError(
@@ -151,24 +162,41 @@ def model_config_for(config, model_preset: str):
 def shape_defaults(config) -> dict:
     """PlanRequest fields implied by an SFT or GRPO config (before flags)."""
     if "rollout" in config and "schedule" in config:  # the GRPO schema (jobs grpo and demo)
+        from polaris_jax.sampling.engine_settings import engine_section, engine_settings_from
+        from polaris_jax.train.grpo import config as grpo_config
+        from polaris_jax.train.grpo import step as grpo_step
+
+        stage = max(grpo_config.stages(config), key=lambda s: s.max_response_len)
         rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-        length = config.data.max_prompt_len + max(config.schedule.max_response_len)
-        return dict(
-            batch_size=rows // config.algo.minibatches,
+        length = config.data.max_prompt_len + stage.max_response_len
+        fields = dict(
+            batch_size=rows,
             seq_len=length,
             microbatches=config.algo.microbatches,
             loss_chunk=config.train.loss_chunk_size,
-            rollout_batch=rows // config.rollout.chunks,
-            rollout_len=length,
+            update=grpo_step.update_settings(config, stage),
             rollout_prompt_len=config.data.max_prompt_len,
             samples_per_prompt=config.rollout.samples_per_prompt,
         )
+        if config.rollout.get("backend", "static") == "engine":
+            fields["engine"] = engine_settings_from(config.rollout.get("engine", None) or engine_section(), length)
+        else:
+            fields.update(rollout_batch=rows // config.rollout.chunks, rollout_len=length)
+        return fields
     return dict(
         batch_size=config.data.batch_size,
         seq_len=config.data.seq_len,
         microbatches=config.train.microbatches,
         loss_chunk=config.train.loss_chunk_size,
     )
+
+
+def rollout_layout(config) -> tuple[dict[str, int], bool]:
+    """The engine's mesh sizes of a GRPO config (empty: the training mesh) and whether its devices are
+    disjoint from training's."""
+    if "rollout" not in config or "mesh" not in config.rollout:
+        return {}, False
+    return {k: int(v) for k, v in config.rollout.mesh.items()}, config.rollout.get("devices", "shared") == "disjoint"
 
 
 def optimizer_for(config):
@@ -187,7 +215,12 @@ def main(argv):
 
         config = default_config()
     mesh_shape = parse_mesh(_MESH.value) if _MESH.value else {k: int(v) for k, v in config.mesh.items()}
-    use_fake_cpu_devices(device_count(mesh_shape, _DEVICES.value))
+    train_devices = device_count(mesh_shape, _DEVICES.value)
+    rollout_shape, disjoint = rollout_layout(config)
+    rollout_devices = device_count(rollout_shape, 0) if disjoint else 0
+    use_fake_cpu_devices(train_devices + rollout_devices)
+
+    import jax
 
     from polaris_jax.models.sharding import make_mesh, sharding_rules
     from polaris_jax.tools import memory_plan
@@ -214,11 +247,22 @@ def main(argv):
         "samples_per_prompt": _SAMPLES.value,
     }
     fields.update({k: v for k, v in flag_values.items() if v is not None})
+    if fields.get("update") is not None and _SEQ_LEN.value:  # a GRPO update of other lengths
+        update = fields["update"]
+        response = _SEQ_LEN.value - (fields["seq_len"] - update.max_response_len)
+        pack = max(update.pack_tokens, _SEQ_LEN.value) if update.pack_tokens else 0
+        fields["update"] = dataclasses.replace(update, max_response_len=response, pack_tokens=pack)
     request = memory_plan.PlanRequest(model_config=model_config, **fields)
-    result = memory_plan.plan(request, make_mesh(mesh_shape), sharding_rules(config), optimizer_for(config))
+    devices = jax.devices()
+    mesh = make_mesh(mesh_shape, devices[:train_devices])
+    rollout_mesh = None
+    if rollout_shape and request.engine is not None:
+        rollout_mesh = make_mesh(rollout_shape, devices[train_devices:] if disjoint else devices[:train_devices])
+    result = memory_plan.plan(request, mesh, sharding_rules(config), optimizer_for(config), rollout_mesh=rollout_mesh)
     result["model"] = _MODEL.value or config.model.preset or config.model.init_from
-    if _HARDWARE.value:
-        result.update(memory_plan.fit(result, _HARDWARE.value))
+    hardware = _HARDWARE.value or config.get("hardware", "")
+    if hardware:
+        result.update(memory_plan.fit(result, hardware))
     if _FORMAT.value == "text":
         width = max(len(label) for label, _ in memory_plan.summary_rows(result))
         for label, value in memory_plan.summary_rows(result):

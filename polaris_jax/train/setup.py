@@ -3,7 +3,7 @@ LoRA on top, and the params placed in their shards. Shared by the SFT and GRPO l
 
 Config sections read here:
   model:  preset, init_from (HF dir, '' = random init), overrides (ModelConfig fields; vocab_size 0 =
-          the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy
+          the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy, sequence_parallelism
   lora:   rank (0 = full fine-tuning), alpha, targets
 """
 
@@ -35,6 +35,8 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "bfloat16"  # matmul inputs
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
+    # Attention when the mesh has a `sequence` axis (context parallelism): ulysses | ring.
+    c.model.sequence_parallelism = "ulysses"
     # LoRA ("LoRA Without Regret"): use ~10x the full fine-tuning learning rate; see models/lora.py.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning
@@ -49,6 +51,7 @@ def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig
         param_dtype=config.model.param_dtype,
         compute_dtype=config.model.compute_dtype,
         remat_policy=config.model.remat_policy,
+        sequence_parallelism=config.model.get("sequence_parallelism", "ulysses"),
     )
     if overrides.get("vocab_size", None) == 0:
         if tokenizer is None:

@@ -91,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
     # > 0: the update packs (prompt + response) sequences into rows of this many tokens (train/grpo/packing.py);
     # it must hold the longest sequence, data.max_prompt_len + the longest stage's max_response_len.
     c.algo.pack_tokens = 0
+    # Packed updates: tokens per micro pass and batch shard (verl's ppo_max_token_len_per_gpu), a multiple of
+    # pack_tokens; the micro-pass count then follows each batch's packed rows (0 = algo.microbatches).
+    c.algo.micro_tokens = 0
     c.algo.off_policy = "none"  # none | tis | mis | decoupled: the correction against the sampler's logprobs
     c.algo.off_policy_cap = 2.0  # C of tis / mis
 
@@ -213,8 +216,9 @@ def policy_loss_kwargs(config) -> tuple[tuple[str, object], ...]:
     return tuple(sorted((k, _frozen(v, f"algo.policy_loss_kwargs.{k}")) for k, v in kwargs.items()))
 
 
-def validate_config(config, *, check_files: bool = True) -> None:
-    """Refuses, with a message naming the field, a config the loop could only fail on later."""
+def validate_config(config, *, check_files: bool = True, device_count: int | None = None) -> None:
+    """Refuses, with a message naming the field, a config the loop could only fail on later. `device_count`:
+    the devices to check the meshes against (default: this process's)."""
     # Here, not at the top: `polaris_jax.rewards` imports sympy, which loading a config does not need.
     from polaris_jax.rewards import validate_spec
     from polaris_jax.rewards.extraction import THINK_POLICY_CHOICES
@@ -296,6 +300,15 @@ def validate_config(config, *, check_files: bool = True) -> None:
             f"algo.pack_tokens={a.pack_tokens} must be 0 (no packing) or hold the longest sequence, {longest} tokens "
             f"(data.max_prompt_len + the longest stage's max_response_len)"
         )
+    if a.micro_tokens and not (a.pack_tokens and a.micro_tokens % a.pack_tokens == 0 and a.microbatches == 1):
+        raise ConfigError(
+            f"algo.micro_tokens={a.micro_tokens} sets the micro passes of packed updates: it needs "
+            f"algo.pack_tokens > 0 (now {a.pack_tokens}) dividing it, and algo.microbatches = 1 (now {a.microbatches})"
+        )
+    if a.micro_tokens and rl.micro_weight(a.loss_agg_mode) is None:
+        raise ConfigError(
+            f"algo.loss_agg_mode={a.loss_agg_mode!r} declares no microbatch weighting for algo.micro_tokens"
+        )
     if a.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={a.num_iterations} must be >= 1")
     if a.kl_coef and not a.use_reference:
@@ -315,7 +328,7 @@ def validate_config(config, *, check_files: bool = True) -> None:
         check_sampler_config(r.backend, r.engine, "rollout.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_rollout_section(config)
+    check_rollout_section(config, device_count)
     if config.shaping.dynamic_sampling and config.shaping.polaris_substitution:
         raise ConfigError("choose one of shaping.dynamic_sampling (DAPO) and shaping.polaris_substitution")
     try:

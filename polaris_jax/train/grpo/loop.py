@@ -284,7 +284,7 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
                 host_batch,
                 row_tokens=a.pack_tokens,
                 minibatches=a.minibatches,
-                microbatches=a.microbatches,
+                microbatches=a.micro_tokens // a.pack_tokens if a.micro_tokens else a.microbatches,
                 row_multiple=batch_shards(run.mesh, run.rules),
             )
             metrics["packed_rows"] = float(host_batch.tokens_mkl.shape[0] * host_batch.tokens_mkl.shape[1])

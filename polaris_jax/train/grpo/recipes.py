@@ -20,14 +20,22 @@ def polaris_recipe(
     response_lens: tuple[int, ...],
     temperatures: tuple[float, ...],
     steps: tuple[int, ...] = (400, 200, 100),
+    rollout_mesh: dict | None = None,
+    engine_pages: int = 98_304,
 ) -> ml_collections.ConfigDict:
     """The Polaris recipe (An et al. 2025) in place, shared by configs/polaris_*.py, which pick the model
     and its stage schedule: lr 1e-6 constant, 128 prompts x 8 samples, PPO-clip 0.2 / 0.28 (DAPO
     clip-higher), token-mean loss, no KL, no entropy bonus, top_p 1.0, in-batch substitution of
-    uninformative groups, rollout rescue; evaluation at the first stage's temperature."""
+    uninformative groups, rollout rescue; evaluation at the first stage's temperature.
+
+    Layout for one node of 8 x 80 GB (Polaris's 8 x H800): training on (fsdp=2, sequence=4), each row
+    split over 4 devices by Ulysses (Polaris's SP=4), updates packed into rows of the longest sequence
+    with one row per micro pass and FSDP shard (verl's dynamic batch size); the engine on the same
+    devices over `rollout_mesh` (default tensor=8: the KV pool split by kv heads) with a pool of
+    `engine_pages` pages of 16 tokens (about 1.6M tokens) and 256 slots. `tools.plan` checks it fits."""
     c.model.init_from = model_dir
     c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = "dots_no_batch"
+    c.model.remat_policy = "full"  # each layer recomputed in the backward pass, as verl's gradient checkpointing
     c.data.instruction = POLARIS_INSTRUCTION
     c.data.max_prompt_len = 1024
 
@@ -40,6 +48,10 @@ def polaris_recipe(
     c.rollout.samples_per_prompt = 8
     c.rollout.top_p = 1.0
     c.rollout.chunks = 4
+    c.rollout.backend = "engine"
+    c.rollout.engine.max_slots = 256
+    c.rollout.engine.num_pages = engine_pages
+    c.rollout.mesh = ml_collections.ConfigDict(rollout_mesh or dict(tensor=8))
 
     c.algo.advantage = "grpo"
     c.algo.policy_loss = "ppo_clip"
@@ -51,7 +63,9 @@ def polaris_recipe(
     c.algo.entropy_coef = 0.0
     c.algo.num_iterations = 1
     c.algo.minibatches = 1
-    c.algo.microbatches = 16
+    c.algo.microbatches = 1
+    c.algo.pack_tokens = c.data.max_prompt_len + max(response_lens)
+    c.algo.micro_tokens = c.algo.pack_tokens
 
     c.shaping.polaris_substitution = True
     c.shaping.rollout_rescue = True
@@ -69,7 +83,9 @@ def polaris_recipe(
     c.eval.temperature = temperatures[0]
     c.checkpoint.every = 25
     c.checkpoint.lora_only = False
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(fsdp=2, sequence=4))
+    c.hardware = "h800"  # the device the layout is planned for (tools.plan's default --hardware)
+    c.model.sequence_parallelism = "ulysses"
     return c
 
 
@@ -102,6 +118,12 @@ def make_tiny(c: ml_collections.ConfigDict, stage_lengths=(32, 40, 48)) -> ml_co
     c.rollout.chunks = 2
     c.algo.minibatches = min(c.algo.minibatches, 2)
     c.algo.microbatches = 1
+    # Padded updates: a stage then compiles once (packing compiles once per packed-row count it meets).
+    c.algo.pack_tokens = 0
+    c.algo.micro_tokens = 0
+    c.rollout.mesh = ml_collections.ConfigDict()
+    c.rollout.engine.num_pages = 0
+    c.rollout.engine.max_slots = min(c.rollout.engine.max_slots, 64)
     c.train.loss_chunk_size = 64
     c.eval.dataset = "synthetic_arith:eval:8"
     c.eval.samples_per_problem = 2

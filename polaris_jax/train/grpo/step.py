@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from polaris_jax.models.transformer import forward
+from polaris_jax.sampling import sampler
 from polaris_jax.train import losses, partitioning, rl
 from polaris_jax.train import state as state_lib
 from polaris_jax.train.grpo.config import policy_loss_kwargs
@@ -87,6 +88,9 @@ class UpdateSettings:
     microbatches: int = 1
     chunk_size: int = 512
     pack_tokens: int = 0  # > 0: the batch is a packing.PackedUpdateBatch with rows of this many tokens
+    # Packed: packed rows per micro pass and batch shard (algo.micro_tokens / pack_tokens); the number of
+    # micro passes is then K / (micro_rows x shards), read from the batch's shape (0 = `microbatches`).
+    micro_rows: int = 0
 
     def __post_init__(self):
         if isinstance(self.policy_loss_kwargs, Mapping):
@@ -121,6 +125,7 @@ def update_settings(config, stage) -> UpdateSettings:
         microbatches=a.microbatches,
         chunk_size=config.train.loss_chunk_size,
         pack_tokens=a.pack_tokens,
+        micro_rows=a.micro_tokens // a.pack_tokens if a.pack_tokens and a.micro_tokens else 0,
     )
 
 
@@ -293,11 +298,13 @@ def _finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
+def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings, batch_shards: int = 1):
     """The un-jitted update; `make_grpo_update` wraps it with shardings and donation."""
+    stage_settings = settings
 
     def update(state, batch, rng, ref_params):
         del rng  # the update is deterministic; the argument keeps the SFT/GRPO step signature
+        settings = packed_micro_settings(stage_settings, batch, batch_shards)
         if settings.pack_tokens:
             responses, rows = _packed_inputs(batch, settings)
             logprobs = lambda params: _packed_no_grad_logprobs(model_config, params, responses, rows, settings)  # noqa: E731
@@ -351,6 +358,18 @@ def grpo_update_fn(model_config, optimizer, schedule, settings: UpdateSettings):
     return update
 
 
+def packed_micro_settings(settings: UpdateSettings, batch, batch_shards: int) -> UpdateSettings:
+    """With a token budget per micro pass (`micro_rows`), the micro-pass count of this packed batch: its K
+    rows over micro_rows x batch_shards (K is a static shape, so each K traces its own count)."""
+    if not (settings.pack_tokens and settings.micro_rows):
+        return settings
+    k = batch.tokens_mkl.shape[1]
+    per_pass = settings.micro_rows * batch_shards
+    if k % per_pass:
+        raise ValueError(f"{k} packed rows do not split into micro passes of {per_pass} rows")
+    return dataclasses.replace(settings, microbatches=k // per_pass)
+
+
 def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None, packed: bool = False):
     """The sharding of every `UpdateBatch` (or, `packed`, `PackedUpdateBatch`) field: rows split over the
     mesh's batch axes ([Mb, K, L] packed arrays: their K rows)."""
@@ -381,7 +400,7 @@ def make_grpo_update(
 ):
     """Jitted `update(state, batch, rng, ref_params) -> (state, metrics)`; the state is donated.
     `ref_params` is None unless `settings.use_reference`."""
-    fn = grpo_update_fn(model_config, optimizer, schedule, settings)
+    fn = grpo_update_fn(model_config, optimizer, schedule, settings, sampler.batch_shards(mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
     batch = batch_shardings(mesh, rules, rows, packed=bool(settings.pack_tokens))

@@ -30,7 +30,7 @@ def _run(settings, batch):
             batch,
             row_tokens=settings.pack_tokens,
             minibatches=settings.minibatches,
-            microbatches=settings.microbatches,
+            microbatches=settings.micro_rows or settings.microbatches,
         )
     state, metrics = update(state, grpo_step.put_update_batch(batch, shardings), jax.random.PRNGKey(0), None)
     return jax.device_get(state["params"]), jax.device_get(metrics)
@@ -57,6 +57,19 @@ def test_packed_update_equals_the_padded_one(algo):
         # sequence-level metric depends on which responses share a microbatch (in both layouts).
         keys.append("policy_loss")
     for key in keys:
+        np.testing.assert_allclose(packed[key], padded[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), packed_params, padded_params)
+
+
+def test_a_token_budget_per_micro_pass_equals_the_padded_update():
+    """algo.micro_tokens = 3 x pack_tokens: micro passes of 3 packed rows, as many as the batch's K needs."""
+    batch = _batch()
+    algo = dict(loss_agg_mode="seq-mean-token-sum-norm", minibatches=2)
+    padded_params, padded = _run(grpo_helpers.settings(**algo), batch)
+    settings = grpo_helpers.settings(pack_tokens=ROW_TOKENS, micro_tokens=3 * ROW_TOKENS, **algo)
+    assert settings.micro_rows == 3
+    packed_params, packed = _run(settings, batch)
+    for key in ["loss", "grad_norm", "entropy", "sampler_logprob_gap"]:
         np.testing.assert_allclose(packed[key], padded[key], rtol=2e-4, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), packed_params, padded_params)
 

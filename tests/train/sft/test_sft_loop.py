@@ -93,8 +93,8 @@ def test_configs_are_locked_sft_configs_with_mesh_rules_and_command(name):
             arg = "lora"
         config, doc = _load_config(name, arg)
         assert config.job == "sft"
-        assert set(config.mesh.keys()) <= {"data", "fsdp", "tensor", "expert"}
-        assert dict(config.sharding_rules)["embed"] == "fsdp"
+        assert set(config.mesh.keys()) <= {"data", "fsdp", "tensor", "expert", "sequence"}
+        assert tuple(dict(config.sharding_rules)["embed"]) == ("fsdp", "sequence")  # FSDP over both
         assert f"python -m polaris_jax.main --config=configs/{name}.py" in doc
         with pytest.raises(AttributeError):
             config.no_such_key = 1  # locked
