@@ -129,19 +129,19 @@ def _ring(config, axis, sp, q, k, v, seg):
     blocks = dict(block_q=config.attention_block_q, block_kv=config.attention_block_kv)
     b, _, n, h = q.shape
     acc = [(jnp.zeros((b, chunk, n, h), jnp.float32), jnp.full((b, chunk, n), _MASKED, jnp.float32)) for _ in (0, 1)]
+
+    def visible(q_c, k_c, v_c, q_seg, kv_seg, offset):
+        out, lse = flash_attention_with_lse(q_c, k_c, v_c, q_seg, kv_seg, offset, **blocks)
+        return out.astype(jnp.float32), lse
+
+    def hidden(q_c, *_):  # a key chunk wholly after the query chunk
+        return jnp.zeros(q_c.shape, jnp.float32), jnp.full(q_c.shape[:3], _MASKED, jnp.float32)
+
     for step in range(sp):
         kv_starts = starts((rank - step) % sp)
         for qi in (0, 1):
             for ki, (k_c, v_c, seg_c) in enumerate(zip(halves(k), halves(v), halves(seg))):
                 offset = q_starts[qi] - kv_starts[ki]
-
-                def visible(q_c, k_c, v_c, q_seg, kv_seg, offset):
-                    out, lse = flash_attention_with_lse(q_c, k_c, v_c, q_seg, kv_seg, offset, **blocks)
-                    return out.astype(jnp.float32), lse
-
-                def hidden(q_c, *_):
-                    return jnp.zeros(q_c.shape, jnp.float32), jnp.full(q_c.shape[:3], _MASKED, jnp.float32)
-
                 part = jax.lax.cond(offset >= 0, visible, hidden, q_chunks[qi], k_c, v_c, q_segs[qi], seg_c, offset)
                 acc[qi] = _combine(acc[qi], part)
         if step < sp - 1:

@@ -126,7 +126,7 @@ def current_activation_mesh():
 
 def constrain(x, axes: tuple[str | None, ...]):
     """`with_sharding_constraint` by logical axis names; identity outside `activation_sharding`."""
-    context = getattr(_ACTIVATION_CONTEXT, "value", None)
+    context = current_activation_mesh()
     if context is None:
         return x
     mesh, rules = context

@@ -104,7 +104,8 @@ def abstract_batch(mesh: Mesh, rules, batch_size: int, seq_len: int) -> dict:
 
 
 def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
-    """Compiles the SFT step ahead of time and returns per-device byte counts and FLOPs.
+    """Compiles the train step (the SFT step, or with `request.update` the GRPO update) ahead of time and
+    returns per-device byte counts and FLOPs.
 
     `optimizer` is an (optax transform, schedule) pair; by default AdamW with clipping, whose state
     (two float32 moments per trainable weight) is what the memory depends on."""
@@ -112,30 +113,10 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     optimizer, schedule = optimizer or make_optimizer(peak_lr=1e-5, total_steps=1000, warmup_ratio=0.01)
     state, shardings, _ = abstract_train_state(cfg, optimizer, mesh, rules)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=partitioning.replicated(mesh))
-    if request.update is not None:
-        from polaris_jax.train.grpo import step as grpo_step
-
-        batch = abstract_update_batch(request, mesh, rules)
-        step = grpo_step.make_grpo_update(
-            cfg,
-            optimizer,
-            schedule,
-            request.update,
-            mesh=mesh,
-            state_shardings=shardings,
-            rules=rules,
-            rows=request.batch_size,
-        )
-        ref = None
-        if request.update.use_reference:
-            ref = with_shardings(param_shapes(cfg), param_shardings(cfg, mesh, rules))
-        args = (state, batch, rng, ref)
-    else:
-        batch = abstract_batch(mesh, rules, request.batch_size, request.seq_len)
-        step = _sft_step(request, mesh, rules, optimizer, schedule, shardings)
-        args = (state, batch, rng)
+    build = _sft_step if request.update is None else _grpo_update
+    step, batch, extra_args = build(request, mesh, rules, optimizer, schedule, shardings)
     start = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    compiled = step.lower(state, batch, rng, *extra_args).compile()
     compile_s = time.perf_counter() - start
     tokens = request.batch_size * request.seq_len
     pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
@@ -154,8 +135,9 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
 
 
 def _sft_step(request: PlanRequest, mesh, rules, optimizer, schedule, shardings):
+    """(step, abstract batch, arguments after the rng) of the SFT step."""
     cfg = request.model_config
-    return sft_step.make_sft_step(
+    step = sft_step.make_sft_step(
         cfg,
         optimizer,
         schedule,
@@ -166,6 +148,28 @@ def _sft_step(request: PlanRequest, mesh, rules, optimizer, schedule, shardings)
         microbatches=request.microbatches,
         batch_shape=(request.batch_size, request.seq_len),
     )
+    return step, abstract_batch(mesh, rules, request.batch_size, request.seq_len), ()
+
+
+def _grpo_update(request: PlanRequest, mesh, rules, optimizer, schedule, shardings):
+    """(update, abstract batch, arguments after the rng: the reference params) of the GRPO update."""
+    from polaris_jax.train.grpo import step as grpo_step
+
+    cfg = request.model_config
+    update = grpo_step.make_grpo_update(
+        cfg,
+        optimizer,
+        schedule,
+        request.update,
+        mesh=mesh,
+        state_shardings=shardings,
+        rules=rules,
+        rows=request.batch_size,
+    )
+    ref = None
+    if request.update.use_reference:
+        ref = with_shardings(param_shapes(cfg), param_shardings(cfg, mesh, rules))
+    return update, abstract_update_batch(request, mesh, rules), (ref,)
 
 
 def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES):
@@ -184,7 +188,7 @@ def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES)
     if s.pack_tokens:
         per_row = max(1, s.pack_tokens // length)
         needed = -(-(rows // s.minibatches) // per_row)
-        k = packed_rows(needed, (s.micro_rows or s.microbatches) * batch_shards(mesh, rules))
+        k = packed_rows(needed, s.packed_row_multiple * batch_shards(mesh, rules))
         mkl = ((s.minibatches, k, s.pack_tokens), int32)
         fields = dict(tokens_mkl=mkl, positions_mkl=mkl, segment_ids_mkl=mkl, targets_mkl=mkl)
         fields.update(flat_index_br=((rows, response), int32), **per_response)

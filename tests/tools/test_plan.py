@@ -15,9 +15,9 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _plan(*flags) -> dict:
+def _plan(*flags, module: str = "polaris_jax.tools.plan") -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "polaris_jax.tools.plan", "--format=json", *flags],
+        [sys.executable, "-m", module, "--format=json", *flags],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

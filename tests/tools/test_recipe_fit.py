@@ -9,14 +9,10 @@ The device memory is the vendor's figure (80 GB = 80e9 bytes for H100 / H800), n
 
 from __future__ import annotations
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.tools.test_plan import _plan
+
 DEVICE_80GB = 80e9
 GIB = 1024**3
 
@@ -27,18 +23,6 @@ RECIPES = [  # polaris_qwen3_4b: the contract test below, on its own mesh
     ("sft_fathom_r1_14b", "r1_distill_qwen_14b", 8),
     ("lora_rl_qwen3_8b", "qwen3_8b", 1),
 ]
-
-
-def _plan(*flags) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "polaris_jax.plan", "--format=json", *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -56,7 +40,8 @@ def test_recipe_fits_its_hardware(config, model, devices):
 def test_polaris_longest_stage_on_fsdp2_sequence4_plans_under_72_gib():
     """The issue's contract: the 53,248-token stage, sequence-parallel over 4 of 8 fake devices (the
     config's own mesh), under 72 GiB and under 90% of an H800's 80 GB."""
-    plan = _plan("--config=configs/polaris_qwen3_4b.py", "--model=qwen3_4b", "--mesh=fsdp=2,sequence=4")
+    flags = ("--config=configs/polaris_qwen3_4b.py", "--model=qwen3_4b", "--mesh=fsdp=2,sequence=4")
+    plan = _plan(*flags, module="polaris_jax.plan")  # the published command
     assert plan["devices"] == 8 and plan["mesh"] == {"fsdp": 2, "sequence": 4} and plan["hardware"] == "h800"
     assert plan["seq_len"] == 1024 + 52_224
     for peak in (plan["train_peak_bytes"], plan["rollout_peak_bytes"]):

@@ -279,12 +279,12 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
         host_batch = grpo_step.update_batch(step_batch.rollouts, step_batch.advantages_b, step_batch.mask_br)
         train_tokens = float(host_batch.segment_ids_bt.sum()) * (1 + config.algo.num_iterations)
         if config.algo.pack_tokens:
-            a = config.algo
+            settings = grpo_step.update_settings(config, stage)
             host_batch = pack_update_batch(
                 host_batch,
-                row_tokens=a.pack_tokens,
-                minibatches=a.minibatches,
-                microbatches=a.micro_tokens // a.pack_tokens if a.micro_tokens else a.microbatches,
+                row_tokens=settings.pack_tokens,
+                minibatches=settings.minibatches,
+                microbatches=settings.packed_row_multiple,
                 row_multiple=batch_shards(run.mesh, run.rules),
             )
             metrics["packed_rows"] = float(host_batch.tokens_mkl.shape[0] * host_batch.tokens_mkl.shape[1])

@@ -92,6 +92,11 @@ class UpdateSettings:
     # micro passes is then K / (micro_rows x shards), read from the batch's shape (0 = `microbatches`).
     micro_rows: int = 0
 
+    @property
+    def packed_row_multiple(self) -> int:
+        """Packed rows per micro pass and batch shard: K is a multiple of this times the batch shards."""
+        return self.micro_rows or self.microbatches
+
     def __post_init__(self):
         if isinstance(self.policy_loss_kwargs, Mapping):
             object.__setattr__(self, "policy_loss_kwargs", tuple(sorted(self.policy_loss_kwargs.items())))
