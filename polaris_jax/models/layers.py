@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import context_parallel, cpu_gemm, paged_attention, paged_kernels
+from polaris_jax.models import context_parallel, cpu_gemm, moe, paged_attention, paged_kernels
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -114,49 +114,6 @@ def mlp_block(config, layer, x_btd):
     return project(config, layer, "down", jax.nn.silu(gate) * up)
 
 
-def _expert_matmul(config, layer, name, x_nd, group_sizes_e):
-    """Grouped matmul of expert-sorted rows against expert weights [E, in, out] (+ LoRA)."""
-    dtype = config.dtype
-    y = jax.lax.ragged_dot(x_nd, layer[name].astype(dtype), group_sizes_e)
-    if name + "_lora_a" in layer:
-        low = jax.lax.ragged_dot(x_nd, layer[name + "_lora_a"].astype(dtype), group_sizes_e)
-        y = y + lora_scale(config) * jax.lax.ragged_dot(low, layer[name + "_lora_b"].astype(dtype), group_sizes_e)
-    return y
-
-
-def moe_block(config, layer, x_btd, token_mask_bt):
-    """Top-k routed SwiGLU experts (fp32 softmax router, no shared expert).
-
-    Returns (output [B,T,D], router stats for the load-balancing loss)."""
-    b, t, d = x_btd.shape
-    e, k = config.num_experts, config.num_experts_per_tok
-    x_nd = x_btd.reshape(b * t, d)
-    router_logits_ne = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), layer["router"].astype(jnp.float32))
-    probs_ne = jax.nn.softmax(router_logits_ne, axis=-1)
-    top_w_nk, top_e_nk = jax.lax.top_k(probs_ne, k)
-    if config.norm_topk_prob:
-        top_w_nk = top_w_nk / jnp.sum(top_w_nk, axis=-1, keepdims=True)
-    # Sort the (token, slot) pairs by expert so each expert's rows are contiguous for ragged_dot.
-    flat_e = top_e_nk.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
-    rows = x_nd[order // k]
-    group_sizes_e = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-    gate = _expert_matmul(config, layer, "gate", rows, group_sizes_e)
-    up = _expert_matmul(config, layer, "up", rows, group_sizes_e)
-    out_sorted = _expert_matmul(config, layer, "down", jax.nn.silu(gate) * up, group_sizes_e)
-    out_nk_d = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * t, k, d)
-    out_nd = jnp.einsum("nkd,nk->nd", out_nk_d.astype(jnp.float32), top_w_nk).astype(x_btd.dtype)
-    # Load-balancing statistics (Switch Transformer / transformers' load_balancing_loss_func).
-    m_n = token_mask_bt.reshape(-1).astype(jnp.float32)
-    expert_onehot_nke = jax.nn.one_hot(top_e_nk, e, dtype=jnp.float32)
-    stats = dict(
-        dispatch_ke=jnp.einsum("nke,n->ke", expert_onehot_nke, m_n),
-        prob_e=jnp.einsum("ne,n->e", probs_ne, m_n),
-        tokens=jnp.sum(m_n),
-    )
-    return out_nd.reshape(b, t, d), stats
-
-
 def decoder_layer(config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta):
     h = rms_norm(x_btd, layer["attn_norm"], config.rms_norm_eps)
     attn_out, new_cache_layer = attention_block(
@@ -165,7 +122,7 @@ def decoder_layer(config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, 
     x_btd = x_btd + attn_out
     h = rms_norm(x_btd, layer["mlp_norm"], config.rms_norm_eps)
     if kind == "moe":
-        mlp_out, stats = moe_block(config, layer, h, segment_ids_bt != 0)
+        mlp_out, stats = moe.moe_block(config, layer, h, segment_ids_bt != 0)
     else:
         mlp_out, stats = mlp_block(config, layer, h), None
     return x_btd + mlp_out, new_cache_layer, stats

@@ -15,6 +15,7 @@ params are an argument of each call, so new weights, prompts or settings never r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from polaris_jax.models import forward
 from polaris_jax.models.paged_attention import copy_pages
-from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
+from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec
 from polaris_jax.sampling.strategies import RowSettings, sample_rows
 
 PAGE_AXES = ("kv_heads", None, None, None)
@@ -67,24 +68,31 @@ def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
     return jax.lax.with_sharding_constraint(kv_pages, page_shardings(kv_pages, mesh, rules))
 
 
-def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool):
+def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool, mesh, rules):
     cache = dict(kv_pages, page_table_bp=table_bp)
-    out, cache = forward(
-        config,
-        params,
-        token_b[:, None],
-        jnp.maximum(position_b, 0)[:, None],
-        segment_ids_bt=live_b[:, None].astype(jnp.int32),
-        cache=cache,
-        return_hidden=not logits,
-    )
+    # An MoE model runs its experts expert-parallel over the mesh (models.moe), which reads the mesh from
+    # the activation context; dense models keep the layout XLA picks for them.
+    context = activation_sharding(mesh, rules) if mesh is not None and config.is_moe else contextlib.nullcontext()
+    with context:
+        out, cache = forward(
+            config,
+            params,
+            token_b[:, None],
+            jnp.maximum(position_b, 0)[:, None],
+            segment_ids_bt=live_b[:, None].astype(jnp.int32),
+            cache=cache,
+            return_hidden=not logits,
+        )
     return out, dict(k=cache["k"], v=cache["v"])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"), donate_argnames=("kv_pages",))
 def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=None, rules=DEFAULT_RULES):
     """Writes the chunk's tokens (position -1: padding) into their pages; returns the pages."""
-    _, kv_pages = _run(config, params, kv_pages, token_c, position_c, table_cp, position_c >= 0, logits=False)
+    live_c = position_c >= 0
+    _, kv_pages = _run(
+        config, params, kv_pages, token_c, position_c, table_cp, live_c, logits=False, mesh=mesh, rules=rules
+    )
     return _constrain_pages(kv_pages, mesh, rules)
 
 
@@ -105,7 +113,9 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         i, kv_pages, token_b, done_b, tokens_br, logprobs_br = carry
         live_b = ~done_b
         position_b = jnp.where(live_b, batch.position_b + i, -1)
-        logits_b1v, kv_pages = _run(config, params, kv_pages, token_b, position_b, batch.table_bp, live_b, logits=True)
+        logits_b1v, kv_pages = _run(
+            config, params, kv_pages, token_b, position_b, batch.table_bp, live_b, logits=True, mesh=mesh, rules=rules
+        )
         keys_b = jax.vmap(jax.random.fold_in)(row_key_b, batch.num_new_b + i)
         new_b, logprob_b = sample_rows(logits_b1v[:, 0], keys_b, batch.settings)
         new_b = jnp.where(live_b, new_b, 0)

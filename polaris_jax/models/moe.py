@@ -1,0 +1,191 @@
+"""Top-k routed SwiGLU experts (Qwen3-MoE), on one device or expert-parallel over a mesh.
+
+Routing (fp32 router, softmax, top-k, optional renormalisation) runs in the ordinary SPMD program, or is
+replayed from recorded expert ids (`routed_btk`, router replay). The experts run in one `shard_map` over
+the whole mesh when tracing under `activation_sharding` (no global sort, no all-gather of routed rows):
+
+- each device keeps its own tokens (batch over data/fsdp/expert, length over sequence, copies over tensor);
+- it holds E/EP experts (EP = the mesh axes the rules give `experts`), their weights gathered along embed
+  (FSDP) and split along mlp over tensor;
+- with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of C rows per destination:
+  C = n·k (dropless, the default) or ceil(capacity_factor·n·k/EP), overflow dropped. One all_to_all over
+  the expert axes delivers them, the local experts run as grouped matmuls (models.grouped_matmul), a second
+  all_to_all returns the results, and the router weights combine them. Tensor shards' partial sums over
+  mlp are added by one psum.
+
+Backward is the same program transposed (all_to_all is its own transpose), so EP=4 equals EP=1 on
+logits and gradients (tests/models/test_expert_parallel.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from polaris_jax.models import grouped_matmul
+from polaris_jax.models.config import ConfigError
+from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec
+
+# Logical axes of each expert weight inside the shard_map: embed gathered (None), mlp split over tensor.
+_LOCAL_AXES = {
+    "gate": ("experts", None, "mlp"),
+    "up": ("experts", None, "mlp"),
+    "down": ("experts", "mlp", None),
+    "gate_lora_a": ("experts", None, None),
+    "up_lora_a": ("experts", None, None),
+    "down_lora_a": ("experts", "mlp", None),
+    "gate_lora_b": ("experts", None, "mlp"),
+    "up_lora_b": ("experts", None, "mlp"),
+    "down_lora_b": ("experts", None, None),
+}
+
+
+def route(config, layer, x_btd, routed_btk=None):
+    """(probs_bte fp32, top_w_btk fp32, top_e_btk int32). With `routed_btk` the experts are those ids and
+    their weights the router's probabilities of them (router replay)."""
+    logits_bte = jnp.einsum("btd,de->bte", x_btd.astype(jnp.float32), layer["router"].astype(jnp.float32))
+    probs_bte = jax.nn.softmax(logits_bte, axis=-1)
+    if routed_btk is None:
+        top_w_btk, top_e_btk = jax.lax.top_k(probs_bte, config.num_experts_per_tok)
+    else:
+        top_e_btk = routed_btk.astype(jnp.int32)
+        top_w_btk = jnp.take_along_axis(probs_bte, top_e_btk, axis=-1)
+    if config.norm_topk_prob:
+        top_w_btk = top_w_btk / jnp.sum(top_w_btk, axis=-1, keepdims=True)
+    return probs_bte, top_w_btk, top_e_btk
+
+
+def moe_block(config, layer, x_btd, token_mask_bt, routed_btk=None):
+    """Returns (output [B, T, D], stats): router statistics for the load-balancing loss and the routing
+    metrics (models.transformer.router_metrics), and `experts_btk`, the ids each token used."""
+    probs_bte, top_w_btk, top_e_btk = route(config, layer, x_btd, routed_btk)
+    experts = {name: layer[name] for name in _LOCAL_AXES if name in layer}
+    context = current_activation_mesh()
+    if context is None:
+        out_btd, dropped = _experts(config, (), 1, (), (), 1, x_btd, top_e_btk, top_w_btk, experts)
+    else:
+        out_btd, dropped = _sharded_experts(config, *context, x_btd, top_e_btk, top_w_btk, experts)
+    m_n = token_mask_bt.reshape(-1).astype(jnp.float32)
+    onehot_nke = jax.nn.one_hot(top_e_btk.reshape(m_n.shape[0], -1), config.num_experts, dtype=jnp.float32)
+    stats = dict(
+        dispatch_ke=jnp.einsum("nke,n->ke", onehot_nke, m_n),
+        prob_e=jnp.einsum("ne,n->e", probs_bte.reshape(m_n.shape[0], -1), m_n),
+        tokens=jnp.sum(m_n),
+        dropped=dropped,
+        experts_btk=top_e_btk,
+    )
+    return out_btd, stats
+
+
+def expert_axes(mesh, rules, num_experts: int) -> tuple[tuple[str, ...], int]:
+    """(mesh axes, EP size) that the experts are split over; a ConfigError when EP does not divide them."""
+    target = dict(rules).get("experts")
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    names = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
+    ep = int(np.prod([mesh.shape[a] for a in names]))
+    if num_experts % ep:
+        raise ConfigError(
+            f"expert parallelism over mesh axes {names} ({ep} devices) must divide num_experts={num_experts}; "
+            f"choose an expert axis size that divides it"
+        )
+    return names, ep
+
+
+def capacity(config, rows: int, ep: int) -> int:
+    """Send-buffer rows per destination for `rows` local (token, slot) pairs."""
+    if ep == 1 or config.moe_capacity_factor <= 0:
+        return rows  # dropless: every pair of this device may go to one destination
+    return min(rows, int(np.ceil(config.moe_capacity_factor * rows / ep)))
+
+
+def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
+    ep_axes, ep = expert_axes(mesh, rules, config.num_experts)
+    token_spec = logical_to_spec(("batch", "length", None), mesh, rules, x_btd.shape)
+    weight_specs = {name: logical_to_spec(_LOCAL_AXES[name], mesh, rules, w.shape) for name, w in experts.items()}
+    tp_axes = _axes(weight_specs["gate"][2])
+    token_shards = int(np.prod([mesh.shape[a] for a in _axes(token_spec[0]) + _axes(token_spec[1])]))
+    copies = mesh.size // token_shards  # devices holding the same tokens (tensor shards, unsplit batches)
+    local = functools.partial(_experts, config, ep_axes, ep, tp_axes, tuple(mesh.axis_names), copies)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, weight_specs),
+        out_specs=(token_spec, PartitionSpec()),
+        check_vma=False,
+    )
+    return fn(x_btd, top_e_btk, top_w_btk, experts)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, top_w_btk, experts):
+    """One device's share: its tokens through their experts. Returns (output [b, t, D], dropped pairs)."""
+    b, t, d = x_btd.shape
+    k = config.num_experts_per_tok
+    x_nd = x_btd.reshape(b * t, d)
+    expert_r = top_e_btk.reshape(-1)
+    order_r = jnp.argsort(expert_r, stable=True)  # pairs grouped by expert, hence by destination
+    rows_rd = x_nd[order_r // k]
+    if ep == 1:
+        group_sizes_e = jnp.bincount(expert_r, length=config.num_experts).astype(jnp.int32)
+        y_sorted_rd = _expert_mlp(config, experts, rows_rd, group_sizes_e)
+        dropped = jnp.zeros((), jnp.float32)
+    else:
+        y_sorted_rd, dropped = _exchange(config, ep_axes, ep, experts, rows_rd, expert_r[order_r])
+    y_rd = jnp.zeros_like(y_sorted_rd).at[order_r].set(y_sorted_rd, unique_indices=True)
+    out_nd = jnp.einsum("nkd,nk->nd", y_rd.reshape(b * t, k, d).astype(jnp.float32), top_w_btk.reshape(b * t, k))
+    if tp_axes:
+        out_nd = jax.lax.psum(out_nd, tp_axes)
+    if all_axes:
+        dropped = jax.lax.psum(dropped, all_axes) / copies
+    return out_nd.astype(x_btd.dtype).reshape(b, t, d), dropped
+
+
+def _exchange(config, ep_axes, ep, experts, rows_rd, sorted_expert_r):
+    """Sends sorted pairs to their experts' devices and brings the results back (same order)."""
+    rows, d = rows_rd.shape
+    local_experts = config.num_experts // ep
+    cap = capacity(config, rows, ep)
+    dest_r = sorted_expert_r // local_experts
+    counts_p = jnp.bincount(dest_r, length=ep)
+    position_r = jnp.arange(rows) - (jnp.cumsum(counts_p) - counts_p)[dest_r]
+    kept_r = position_r < cap
+    slot_r = jnp.where(kept_r, dest_r * cap + position_r, ep * cap)  # ep*cap: out of range, dropped
+    send_x = jnp.zeros((ep * cap, d), rows_rd.dtype).at[slot_r].set(rows_rd, mode="drop", unique_indices=True)
+    send_e = jnp.full((ep * cap,), local_experts, jnp.int32)
+    send_e = send_e.at[slot_r].set(sorted_expert_r % local_experts, mode="drop", unique_indices=True)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
+    recv_x, recv_e = exchange(send_x), exchange(send_e)  # [EP·C] rows from each source in turn
+    order_s = jnp.argsort(recv_e, stable=True)  # empty slots (id local_experts) sort last
+    group_sizes_e = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
+    y_sorted = _expert_mlp(config, experts, recv_x[order_s], group_sizes_e)
+    y_recv = jnp.zeros_like(y_sorted).at[order_s].set(y_sorted, unique_indices=True)
+    back = exchange(y_recv)
+    y_rd = back.at[slot_r].get(mode="fill", fill_value=0)
+    return y_rd, jnp.sum(~kept_r).astype(jnp.float32)
+
+
+def _expert_mlp(config, experts, rows_rd, group_sizes_e):
+    """SwiGLU of rows sorted by (local) expert, `group_sizes_e` rows each; rows past their sum give zero."""
+
+    def mlp(layout, x_rd):
+        x = layout.enter(x_rd.astype(config.dtype))
+        h = jax.nn.silu(_matmul(config, layout, experts, "gate", x)) * _matmul(config, layout, experts, "up", x)
+        return layout.leave(_matmul(config, layout, experts, "down", h))
+
+    return grouped_matmul.run(config.moe_matmul, mlp, rows_rd, group_sizes_e)
+
+
+def _matmul(config, layout, experts, name, x):
+    y = layout.matmul(x, experts[name])
+    if name + "_lora_a" in experts:
+        low = layout.matmul(x, experts[name + "_lora_a"])
+        scale = config.lora_alpha / config.lora_rank
+        y = y + (scale * layout.matmul(low, experts[name + "_lora_b"])).astype(y.dtype)
+    return y

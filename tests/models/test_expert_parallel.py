@@ -1,0 +1,209 @@
+"""Expert parallelism (models.moe): a Qwen3-MoE with a dense layer mixed in, experts split over expert=4 of 8
+fake CPU devices (fsdp=2), equals the same model on one device in float32: logits and every SFT gradient,
+the GRPO update (SGD, so the new params compare the gradients), and the paged engine's greedy tokens and
+logprobs; with and without norm_topk_prob. The compiled step exchanges tokens by all-to-all, and an
+expert axis that does not divide the experts is refused while tracing, before compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from polaris_jax.models.config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+VOCAB, ROWS, LENGTH = 32, 8, 32
+
+
+def moe_config(norm_topk_prob: bool = True, **overrides) -> ModelConfig:
+    shape = dict(vocab_size=VOCAB, num_layers=3, mlp_only_layers=(1,), num_experts=8, num_experts_per_tok=2)
+    return ModelConfig.tiny("qwen3_moe", **{**shape, "norm_topk_prob": norm_topk_prob, **overrides})
+
+
+def sft_batch(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, (ROWS, LENGTH)).astype(np.int32)
+    lengths = rng.integers(LENGTH // 2, LENGTH + 1, ROWS)
+    segments = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.int32)
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    targets = np.roll(tokens, -1, axis=1)
+    loss_mask = segments * (np.arange(LENGTH)[None] < lengths[:, None] - 1)
+    return dict(
+        tokens_bt=tokens, positions_bt=positions, segment_ids_bt=segments, targets_bt=targets, loss_mask_bt=loss_mask
+    )
+
+
+def _max_error(a, b) -> float:
+    import jax
+
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def _sft(config, mesh) -> dict:
+    import jax
+
+    from polaris_jax.models import forward, init_params, param_shardings
+    from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
+    from polaris_jax.train import losses, partitioning
+
+    batch = sft_batch()
+    params = init_params(config, jax.random.key(0), std=0.1)
+
+    def run(p, b):
+        logits, _ = forward(config, p, b["tokens_bt"], b["positions_bt"], segment_ids_bt=b["segment_ids_bt"])
+        loss, grads = jax.value_and_grad(lambda q: losses.sft_loss(config, q, b)[0])(p)
+        return logits, loss, grads
+
+    def split(p, b):
+        with activation_sharding(mesh, DEFAULT_RULES):
+            return run(p, b)
+
+    reference = jax.jit(run)(params, batch)
+    sharded_params = jax.device_put(params, param_shardings(config, mesh))
+    shardings = partitioning.batch_shardings(mesh, DEFAULT_RULES, (ROWS, LENGTH))
+    sharded_batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+    compiled = jax.jit(split).lower(sharded_params, sharded_batch).compile()
+    logits, loss, grads = compiled(sharded_params, sharded_batch)
+    valid = batch["segment_ids_bt"].astype(bool)
+    return dict(
+        logits_error=float(np.max(np.abs(np.asarray(logits)[valid] - np.asarray(reference[0])[valid]))),
+        loss=float(loss),
+        reference_loss=float(reference[1]),
+        grad_error=_max_error(grads, reference[2]),
+        grad_scale=max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(reference[2])),
+        expert_grad_spec=str(grads["moe_layers"]["gate"].sharding.spec),
+        all_to_all="all-to-all" in compiled.as_text(),
+    )
+
+
+def _grpo(config, mesh) -> dict:
+    import jax
+
+    from polaris_jax.models import make_mesh
+    from tests.train.grpo import grpo_helpers
+
+    settings = grpo_helpers.settings()
+    batch = grpo_helpers.host_update_batch(3, rows=ROWS)
+    out = {}
+    for name, m in (("one", make_mesh({"fsdp": 1}, jax.devices()[:1])), ("ep", mesh)):
+        update, state, shardings, _ = grpo_helpers.make_update(
+            settings, mesh=m, rows=ROWS, model_config=config, sgd=True
+        )
+        from polaris_jax.train.grpo import step as grpo_step
+
+        state, metrics = update(state, grpo_step.put_update_batch(batch, shardings), jax.random.key(0), None)
+        out[name] = (jax.device_get(state["params"]), float(metrics["loss"]))
+    return dict(param_error=_max_error(out["one"][0], out["ep"][0]), loss=out["ep"][1], reference_loss=out["one"][1])
+
+
+def _engine(config, mesh) -> dict:
+    import jax
+
+    from polaris_jax.models import init_params, param_shardings
+    from polaris_jax.models.sharding import shard_params
+    from polaris_jax.sampling.engine import Engine
+    from polaris_jax.sampling.engine_settings import EngineSettings
+    from polaris_jax.sampling.requests import Request
+
+    settings = EngineSettings(max_slots=8, num_pages=64, page_size=8, max_seq_len=64, prefill_chunk=16, decode_block=4)
+    params = init_params(config, jax.random.key(1), std=0.1)
+    rng = np.random.default_rng(5)
+    requests = lambda: [
+        Request(rng_prompt.tolist(), max_new_tokens=12, temperature=0.0, id=i) for i, rng_prompt in enumerate(prompts)
+    ]
+    prompts = [rng.integers(1, VOCAB, n) for n in (3, 9, 17, 5, 11)]
+    one = Engine(config, params, settings).run(requests())
+    ep = Engine(config, shard_params(params, param_shardings(config, mesh)), settings, mesh=mesh).run(requests())
+    flat = lambda runs: [c for per_request in runs for c in per_request]
+    return dict(
+        tokens_equal=[a.tokens == b.tokens for a, b in zip(flat(one), flat(ep))],
+        logprob_error=max(
+            float(np.max(np.abs(np.subtract(a.logprobs, b.logprobs)))) for a, b in zip(flat(one), flat(ep))
+        ),
+    )
+
+
+def _bad_split() -> str:
+    import jax
+
+    from polaris_jax.models import init_params, make_mesh
+    from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
+    from polaris_jax.train import losses
+
+    config = moe_config(num_experts=6)
+    params = init_params(config, jax.random.key(0), std=0.1)
+
+    def split(p, b):
+        with activation_sharding(make_mesh({"fsdp": 2, "expert": 4}), DEFAULT_RULES):
+            return losses.sft_loss(config, p, b)[0]
+
+    try:
+        jax.jit(split).trace(params, sft_batch())
+    except Exception as error:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def worker() -> dict:
+    import jax
+
+    from polaris_jax.models import make_mesh
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    mesh = make_mesh({"fsdp": 2, "expert": 4})
+    results = {}
+    for norm in (True, False):
+        config = moe_config(norm)
+        results[f"norm={norm}"] = dict(sft=_sft(config, mesh), grpo=_grpo(config, mesh), engine=_engine(config, mesh))
+    results["bad_split"] = _bad_split()
+    return results
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
+    code = "import json, tests.models.test_expert_parallel as t; print('RESULT', json.dumps(t.worker()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_ep4_equals_one_device_on_logits_and_sft_gradients(results, norm):
+    sft = results[f"norm={norm}"]["sft"]
+    assert sft["all_to_all"], "the compiled step has no all-to-all: tokens did not move to their experts"
+    assert "expert" in sft["expert_grad_spec"], sft["expert_grad_spec"]
+    assert sft["logits_error"] < 1e-4, sft
+    assert abs(sft["loss"] - sft["reference_loss"]) < 1e-5, sft
+    assert sft["grad_error"] < 1e-5 * max(sft["grad_scale"], 1.0), sft
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_ep4_equals_one_device_on_the_grpo_update(results, norm):
+    grpo = results[f"norm={norm}"]["grpo"]
+    assert abs(grpo["loss"] - grpo["reference_loss"]) < 1e-5, grpo
+    assert grpo["param_error"] < 1e-6, grpo
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_ep4_engine_matches_one_device(results, norm):
+    engine = results[f"norm={norm}"]["engine"]
+    assert all(engine["tokens_equal"]), engine
+    assert engine["logprob_error"] < 1e-4, engine
+
+
+def test_an_expert_axis_not_dividing_the_experts_is_refused_before_compile(results):
+    message = results["bad_split"]
+    assert message.startswith("ConfigError"), message
+    assert "num_experts=6" in message and "4 devices" in message, message
