@@ -55,6 +55,8 @@ class Rollouts:
     correct_b: float32 [B] the verifier's verdict (1.0 or 0.0).
     rewards_b: float32 [B] the weighted reward spec.
     group_b: int32 [B] the index of the row's problem in the caller's problem list.
+    routed_experts_btlk: int16 [B, T + R, MoE layers, k] or None: the experts the engine routed each prompt and
+      response position to (router replay; -1 on padding and the last response token).
     """
 
     prompt_bt: np.ndarray
@@ -66,6 +68,7 @@ class Rollouts:
     correct_b: np.ndarray
     rewards_b: np.ndarray
     group_b: np.ndarray
+    routed_experts_btlk: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -110,13 +113,14 @@ class RolloutSettings:
     engine: Mapping | None = None  # the engine's sizes, a `sampling.engine_settings.engine_section()` as a dict
     length_spread: float = 0.0  # benchmarks: > 0 ignores EOS and caps each prompt at `long_tail_budgets`
     seed: int = 0  # the long-tail budgets' seed
+    router_replay: bool = False  # the engine records each token's experts (MoE)
 
     def engine_settings(self, model_config) -> EngineSettings | None:
         """The paged engine's settings for these rollouts, or None for the static `generate`."""
         max_seq_len = min(self.prompt_width + self.max_response_len, model_config.max_position_embeddings)
         if self.backend == "static":
             return None
-        return engine_settings_from(self.engine or engine_section(), max_seq_len)
+        return engine_settings_from(self.engine or engine_section(), max_seq_len, self.router_replay)
 
 
 def verifier_pool(think_policy: str, prompt_text: str, **pool_kwargs) -> VerifierPool:
@@ -275,6 +279,7 @@ def assemble_rollouts(
         correct_b=correct_b,
         rewards_b=rewards_b,
         group_b=group_b,
+        routed_experts_btlk=_routed_experts(outputs, prompt_len_b, prompt_width),
     )
     info = {
         "reward_failures": float(failures),
@@ -282,6 +287,21 @@ def assemble_rollouts(
         **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()},
     }
     return rollouts, info
+
+
+def _routed_experts(outputs: Sequence[SampleOutput], prompt_len_b, prompt_width: int) -> np.ndarray | None:
+    """The engine's per-row records laid out as the update's rows: the prompt left-padded to `prompt_width`,
+    then the response; -1 where nothing was recorded."""
+    records = [r for o in outputs if o.routed_experts is not None for r in o.routed_experts]
+    if not records:
+        return None
+    width = prompt_width + max(o.tokens_br.shape[1] for o in outputs)
+    out = np.full((len(records), width, *records[0].shape[1:]), -1, np.int16)
+    for b, (record, prompt_len) in enumerate(zip(records, prompt_len_b)):
+        prompt_len = int(prompt_len)
+        out[b, prompt_width - prompt_len : prompt_width] = record[:prompt_len]
+        out[b, prompt_width : prompt_width + len(record) - prompt_len] = record[prompt_len:]
+    return out
 
 
 def _engine_sample(

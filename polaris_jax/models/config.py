@@ -270,6 +270,22 @@ class ModelConfig:
         )
 
     @classmethod
+    def qwen3_235b_a22b(cls, **kw):
+        return cls.qwen3_30b_a3b(
+            **{
+                **dict(
+                    hidden_size=4096,
+                    num_layers=94,
+                    num_heads=64,
+                    num_kv_heads=4,
+                    intermediate_size=12288,
+                    moe_intermediate_size=1536,
+                ),
+                **kw,
+            }
+        )
+
+    @classmethod
     def _qwen2(cls, **kw):
         return cls(**{**dict(arch="qwen2", qkv_bias=True, qk_norm=False, rms_norm_eps=1e-6), **kw})
 

@@ -12,7 +12,7 @@ Rows past sum(group_sizes_g) belong to no group and come out zero. Kernels (`Mod
   times that of the rows (64x at 64 experts: `benchmarks/moe.py`).
 - "tiled": block-sparse in plain JAX, any backend: each group's rows are padded to a multiple of a tile
   and every tile is one entry of a batched matmul against its group's weight (gathered per tile). Cost
-  ~ (rows + G·tile)·in·out, and a transient [tiles, in, out] weight gather.
+  ~ (rows + G·tile)·in·out; the weight gather is bounded (GATHER_BYTES per step, tiles in chunks beyond).
 - "auto": ragged_dot where the function is lowered for TPU, tiled elsewhere (`jax.lax.platform_dependent`
   picks at lowering, not from the host's backend).
 """
@@ -24,16 +24,22 @@ import jax.numpy as jnp
 
 from polaris_jax.models.config import MOE_MATMULS as KERNELS
 
+GATHER_BYTES = 256 * 2**20  # the tiled kernel's per-step weight gather; beyond it, tiles go in chunks
 
-class RaggedLayout:
-    def __init__(self, group_sizes_g, rows: int):
-        self.group_sizes_g = group_sizes_g
+
+class _RowsInPlace:
+    """A layout whose rows enter and leave as they are."""
 
     def enter(self, x_ri):
         return x_ri
 
     def leave(self, y_ro):
         return y_ro
+
+
+class RaggedLayout(_RowsInPlace):
+    def __init__(self, group_sizes_g, rows: int):
+        self.group_sizes_g = group_sizes_g
 
     def matmul(self, x_ri, w_gio):
         y = jax.lax.ragged_dot(x_ri, w_gio.astype(x_ri.dtype), self.group_sizes_g, preferred_element_type=jnp.float32)
@@ -67,10 +73,35 @@ class TiledLayout:
         return y_ro.at[self.slot_r].get(mode="fill", fill_value=0)
 
     def matmul(self, x_ri, w_gio):
+        w_gio = w_gio.astype(x_ri.dtype)
         x_tmi = x_ri.reshape(self.tiles, self.tile, x_ri.shape[-1])
-        w_tio = w_gio.astype(x_ri.dtype)[self.group_t]
-        y = jnp.einsum("tmi,tio->tmo", x_tmi, w_tio, preferred_element_type=jnp.float32)
+        tile_weight_bytes = w_gio.shape[-2] * w_gio.shape[-1] * w_gio.dtype.itemsize
+        chunk = max(1, GATHER_BYTES // tile_weight_bytes)
+        tiles_mm = lambda x, groups: jnp.einsum("tmi,tio->tmo", x, w_gio[groups], preferred_element_type=jnp.float32)
+        if chunk >= self.tiles:
+            y = tiles_mm(x_tmi, self.group_t)
+        else:  # bounded gathers: `chunk` tiles' weights at a time
+            chunks = -(-self.tiles // chunk)
+            pad = chunks * chunk - self.tiles
+            x_ctmi = jnp.pad(x_tmi, ((0, pad), (0, 0), (0, 0))).reshape(chunks, chunk, self.tile, -1)
+            group_ct = jnp.pad(self.group_t, (0, pad)).reshape(chunks, chunk)
+            y = jax.lax.map(lambda args: tiles_mm(*args), (x_ctmi, group_ct)).reshape(chunks * chunk, self.tile, -1)
+            y = y[: self.tiles]
         return y.reshape(self.tiles * self.tile, -1).astype(x_ri.dtype)
+
+
+class CapacityLayout(_RowsInPlace):
+    """Rows already laid out as G groups of `capacity` slots each (GShard's capacity-factor dispatch):
+    one batched matmul straight against the [G, in, out] weights, no gather and no padding beyond the
+    empty slots."""
+
+    def __init__(self, groups: int):
+        self.groups = groups
+
+    def matmul(self, x_ri, w_gio):
+        x_gci = x_ri.reshape(self.groups, -1, x_ri.shape[-1])
+        y = jnp.einsum("gci,gio->gco", x_gci, w_gio.astype(x_ri.dtype), preferred_element_type=jnp.float32)
+        return y.reshape(x_ri.shape[0], -1).astype(x_ri.dtype)
 
 
 def tile_size(rows: int, groups: int) -> int:

@@ -114,7 +114,9 @@ def mlp_block(config, layer, x_btd):
     return project(config, layer, "down", jax.nn.silu(gate) * up)
 
 
-def decoder_layer(config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta):
+def decoder_layer(
+    config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta, routed_btk=None
+):
     h = rms_norm(x_btd, layer["attn_norm"], config.rms_norm_eps)
     attn_out, new_cache_layer = attention_block(
         config, layer, h, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta
@@ -122,7 +124,7 @@ def decoder_layer(config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, 
     x_btd = x_btd + attn_out
     h = rms_norm(x_btd, layer["mlp_norm"], config.rms_norm_eps)
     if kind == "moe":
-        mlp_out, stats = moe.moe_block(config, layer, h, segment_ids_bt != 0)
+        mlp_out, stats = moe.moe_block(config, layer, h, segment_ids_bt != 0, routed_btk)
     else:
         mlp_out, stats = mlp_block(config, layer, h), None
     return x_btd + mlp_out, new_cache_layer, stats

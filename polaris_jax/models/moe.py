@@ -7,11 +7,16 @@ the whole mesh when tracing under `activation_sharding` (no global sort, no all-
 - each device keeps its own tokens (batch over data/fsdp/expert, length over sequence, copies over tensor);
 - it holds E/EP experts (EP = the mesh axes the rules give `experts`), their weights gathered along embed
   (FSDP) and split along mlp over tensor;
-- with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of C rows per destination:
-  C = n·k (dropless, the default) or ceil(capacity_factor·n·k/EP), overflow dropped. One all_to_all over
-  the expert axes delivers them, the local experts run as grouped matmuls (models.grouped_matmul), a second
-  all_to_all returns the results, and the router weights combine them. Tensor shards' partial sums over
-  mlp are added by one psum.
+- dropless (the default): with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of
+  n·k rows per destination (every pair may go to one device), one all_to_all over the expert axes delivers
+  them, the local experts run as grouped matmuls (models.grouped_matmul), a second all_to_all returns the
+  results. Static shapes make the buffers EP times the routed pairs (benchmarks/moe.py);
+- `moe_capacity_factor` = cf > 0 (GShard): each expert takes at most C = ceil(cf·n·k/E) pairs from each
+  device, overflow dropped (`moe_dropped`); the [E, C] slots travel in one all_to_all each way and run
+  as one batched matmul, so FLOPs and bytes are cf times those of the routed pairs.
+
+The router weights combine each token's k results; tensor shards' partial sums over mlp are added by
+one psum.
 
 Backward is the same program transposed (all_to_all is its own transpose), so EP=4 equals EP=1 on
 logits and gradients (tests/models/test_expert_parallel.py).
@@ -51,8 +56,9 @@ def route(config, layer, x_btd, routed_btk=None):
     probs_bte = jax.nn.softmax(logits_bte, axis=-1)
     if routed_btk is None:
         top_w_btk, top_e_btk = jax.lax.top_k(probs_bte, config.num_experts_per_tok)
-    else:
-        top_e_btk = routed_btk.astype(jnp.int32)
+    else:  # -1: not recorded (e.g. a response's last token, never fed back while sampling): route as usual
+        routed_btk = routed_btk.astype(jnp.int32)
+        top_e_btk = jnp.where(routed_btk >= 0, routed_btk, jax.lax.top_k(probs_bte, config.num_experts_per_tok)[1])
         top_w_btk = jnp.take_along_axis(probs_bte, top_e_btk, axis=-1)
     if config.norm_topk_prob:
         top_w_btk = top_w_btk / jnp.sum(top_w_btk, axis=-1, keepdims=True)
@@ -76,9 +82,37 @@ def moe_block(config, layer, x_btd, token_mask_bt, routed_btk=None):
         prob_e=jnp.einsum("ne,n->e", probs_bte.reshape(m_n.shape[0], -1), m_n),
         tokens=jnp.sum(m_n),
         dropped=dropped,
+        pairs=jnp.asarray(top_e_btk.size, jnp.float32),
         experts_btk=top_e_btk,
     )
     return out_btd, stats
+
+
+def router_counts(stats_list) -> dict:
+    """Additive routing counts of a forward (sums over microbatches stay exact): per MoE layer and expert
+    the (unpadded) tokens routed to it [L, E], and the routed pairs dropped over capacity and in all."""
+    return dict(
+        counts_le=jnp.concatenate([jnp.sum(s["dispatch_ke"], axis=1) for s in stats_list]),
+        dropped=sum(jnp.sum(s["dropped"]) for s in stats_list),
+        pairs=sum(jnp.sum(s["pairs"]) for s in stats_list),
+    )
+
+
+def routing_metrics(counts: dict) -> dict:
+    """Tinker-style routing health from `router_counts`: the fraction of experts that got tokens, the
+    max / min expert load relative to an even split, oversubscription (the share of pairs above their
+    expert's even share) and the share of pairs dropped over capacity; means over MoE layers."""
+    counts_le = counts["counts_le"]
+    even_l1 = jnp.maximum(jnp.mean(counts_le, axis=1, keepdims=True), 1e-9)
+    load_le = counts_le / even_l1
+    total_l = jnp.maximum(jnp.sum(counts_le, axis=1), 1e-9)
+    return {
+        "moe_experts_used": jnp.mean(counts_le > 0),
+        "moe_max_load": jnp.max(load_le),
+        "moe_min_load": jnp.min(load_le),
+        "moe_oversubscription": jnp.mean(jnp.sum(jnp.maximum(counts_le - even_l1, 0.0), axis=1) / total_l),
+        "moe_dropped": counts["dropped"] / jnp.maximum(counts["pairs"], 1.0),
+    }
 
 
 def expert_axes(mesh, rules, num_experts: int) -> tuple[tuple[str, ...], int]:
@@ -93,13 +127,6 @@ def expert_axes(mesh, rules, num_experts: int) -> tuple[tuple[str, ...], int]:
             f"choose an expert axis size that divides it"
         )
     return names, ep
-
-
-def capacity(config, rows: int, ep: int) -> int:
-    """Send-buffer rows per destination for `rows` local (token, slot) pairs."""
-    if ep == 1 or config.moe_capacity_factor <= 0:
-        return rows  # dropless: every pair of this device may go to one destination
-    return min(rows, int(np.ceil(config.moe_capacity_factor * rows / ep)))
 
 
 def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
@@ -132,12 +159,14 @@ def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, t
     expert_r = top_e_btk.reshape(-1)
     order_r = jnp.argsort(expert_r, stable=True)  # pairs grouped by expert, hence by destination
     rows_rd = x_nd[order_r // k]
-    if ep == 1:
+    if config.moe_capacity_factor > 0:
+        y_sorted_rd, dropped = _by_capacity(config, ep_axes, ep, experts, rows_rd, expert_r[order_r])
+    elif ep == 1:
         group_sizes_e = jnp.bincount(expert_r, length=config.num_experts).astype(jnp.int32)
-        y_sorted_rd = _expert_mlp(config, experts, rows_rd, group_sizes_e)
+        y_sorted_rd = _grouped_mlp(config, experts, rows_rd, group_sizes_e)
         dropped = jnp.zeros((), jnp.float32)
     else:
-        y_sorted_rd, dropped = _exchange(config, ep_axes, ep, experts, rows_rd, expert_r[order_r])
+        y_sorted_rd, dropped = _dropless_exchange(config, ep_axes, ep, experts, rows_rd, expert_r[order_r])
     y_rd = jnp.zeros_like(y_sorted_rd).at[order_r].set(y_sorted_rd, unique_indices=True)
     out_nd = jnp.einsum("nkd,nk->nd", y_rd.reshape(b * t, k, d).astype(jnp.float32), top_w_btk.reshape(b * t, k))
     if tp_axes:
@@ -147,16 +176,40 @@ def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, t
     return out_nd.astype(x_btd.dtype).reshape(b, t, d), dropped
 
 
-def _exchange(config, ep_axes, ep, experts, rows_rd, sorted_expert_r):
-    """Sends sorted pairs to their experts' devices and brings the results back (same order)."""
+def _slots(sorted_group_r, groups: int, cap: int):
+    """(slot of each sorted pair in a [groups, cap] buffer, out of range when its group is full; kept)."""
+    counts_g = jnp.bincount(sorted_group_r, length=groups)
+    position_r = jnp.arange(sorted_group_r.shape[0]) - (jnp.cumsum(counts_g) - counts_g)[sorted_group_r]
+    kept_r = position_r < cap
+    return jnp.where(kept_r, sorted_group_r * cap + position_r, groups * cap), kept_r
+
+
+def _by_capacity(config, ep_axes, ep, experts, rows_rd, sorted_expert_r):
+    """GShard dispatch: each expert takes at most C = ceil(capacity_factor * pairs / E) of this device's
+    pairs; [E, C] slots go to the experts' devices in one all_to_all and run as one batched matmul."""
+    rows, d = rows_rd.shape
+    e, local_experts = config.num_experts, config.num_experts // ep
+    cap = max(1, int(np.ceil(config.moe_capacity_factor * rows / e)))
+    slot_r, kept_r = _slots(sorted_expert_r, e, cap)
+    send = jnp.zeros((e * cap, d), rows_rd.dtype).at[slot_r].set(rows_rd, mode="drop", unique_indices=True)
+    if ep > 1:  # [EP sources, local experts, C] -> [local experts, EP·C] and back
+        exchange = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
+        x = exchange(send).reshape(ep, local_experts, cap, d).swapaxes(0, 1).reshape(e * cap, d)
+        y = _swiglu(config, grouped_matmul.CapacityLayout(local_experts), experts, x)
+        y = exchange(y.reshape(local_experts, ep, cap, d).swapaxes(0, 1).reshape(e * cap, d))
+    else:
+        y = _swiglu(config, grouped_matmul.CapacityLayout(e), experts, send)
+    return y.at[slot_r].get(mode="fill", fill_value=0), jnp.sum(~kept_r).astype(jnp.float32)
+
+
+def _dropless_exchange(config, ep_axes, ep, experts, rows_rd, sorted_expert_r):
+    """Sends sorted pairs to their experts' devices and brings the results back (same order): C = all of
+    this device's pairs per destination, so nothing is dropped whatever the routing."""
     rows, d = rows_rd.shape
     local_experts = config.num_experts // ep
-    cap = capacity(config, rows, ep)
+    cap = rows
     dest_r = sorted_expert_r // local_experts
-    counts_p = jnp.bincount(dest_r, length=ep)
-    position_r = jnp.arange(rows) - (jnp.cumsum(counts_p) - counts_p)[dest_r]
-    kept_r = position_r < cap
-    slot_r = jnp.where(kept_r, dest_r * cap + position_r, ep * cap)  # ep*cap: out of range, dropped
+    slot_r, _ = _slots(dest_r, ep, cap)
     send_x = jnp.zeros((ep * cap, d), rows_rd.dtype).at[slot_r].set(rows_rd, mode="drop", unique_indices=True)
     send_e = jnp.full((ep * cap,), local_experts, jnp.int32)
     send_e = send_e.at[slot_r].set(sorted_expert_r % local_experts, mode="drop", unique_indices=True)
@@ -164,22 +217,22 @@ def _exchange(config, ep_axes, ep, experts, rows_rd, sorted_expert_r):
     recv_x, recv_e = exchange(send_x), exchange(send_e)  # [EP·C] rows from each source in turn
     order_s = jnp.argsort(recv_e, stable=True)  # empty slots (id local_experts) sort last
     group_sizes_e = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
-    y_sorted = _expert_mlp(config, experts, recv_x[order_s], group_sizes_e)
+    y_sorted = _grouped_mlp(config, experts, recv_x[order_s], group_sizes_e)
     y_recv = jnp.zeros_like(y_sorted).at[order_s].set(y_sorted, unique_indices=True)
     back = exchange(y_recv)
-    y_rd = back.at[slot_r].get(mode="fill", fill_value=0)
-    return y_rd, jnp.sum(~kept_r).astype(jnp.float32)
+    return back.at[slot_r].get(mode="fill", fill_value=0), jnp.zeros((), jnp.float32)
 
 
-def _expert_mlp(config, experts, rows_rd, group_sizes_e):
+def _grouped_mlp(config, experts, rows_rd, group_sizes_e):
     """SwiGLU of rows sorted by (local) expert, `group_sizes_e` rows each; rows past their sum give zero."""
-
-    def mlp(layout, x_rd):
-        x = layout.enter(x_rd.astype(config.dtype))
-        h = jax.nn.silu(_matmul(config, layout, experts, "gate", x)) * _matmul(config, layout, experts, "up", x)
-        return layout.leave(_matmul(config, layout, experts, "down", h))
-
+    mlp = lambda layout, x_rd: _swiglu(config, layout, experts, x_rd)
     return grouped_matmul.run(config.moe_matmul, mlp, rows_rd, group_sizes_e)
+
+
+def _swiglu(config, layout, experts, x_rd):
+    x = layout.enter(x_rd.astype(config.dtype))
+    h = jax.nn.silu(_matmul(config, layout, experts, "gate", x)) * _matmul(config, layout, experts, "up", x)
+    return layout.leave(_matmul(config, layout, experts, "down", h))
 
 
 def _matmul(config, layout, experts, name, x):

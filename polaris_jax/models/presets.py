@@ -13,6 +13,7 @@ PRESETS = {
     "qwen3_14b": ModelConfig.qwen3_14b,
     "deepseek_r1_0528_qwen3_8b": ModelConfig.deepseek_r1_0528_qwen3_8b,
     "qwen3_30b_a3b": ModelConfig.qwen3_30b_a3b,
+    "qwen3_235b_a22b": ModelConfig.qwen3_235b_a22b,
     "qwen2p5_math_1p5b": ModelConfig.qwen2p5_math_1p5b,
     "qwen2p5_math_7b": ModelConfig.qwen2p5_math_7b,
     "r1_distill_qwen_1p5b": ModelConfig.r1_distill_qwen_1p5b,

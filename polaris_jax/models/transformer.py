@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import context_parallel, cpu_gemm, paged_attention
+from polaris_jax.models import context_parallel, cpu_gemm, moe, paged_attention
 from polaris_jax.models.layers import decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain, current_activation_mesh
@@ -57,7 +57,7 @@ def unstack_layers(params) -> dict:
     return out
 
 
-def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta):
+def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed):
     """The same layers as `_scan_run`, one at a time, over per-layer params and caches."""
     count = len(layers) if isinstance(layers, (list, tuple)) else jax.tree.leaves(layers)[0].shape[0]
     layer_fn = functools.partial(decoder_layer, config, kind)
@@ -67,7 +67,8 @@ def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_k
     for i in range(count):
         layer = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda p: p[i], layers)
         kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        x_btd, new_kv, stats = layer_fn(layer, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
+        routed_btk = None if routed is None else routed[i]
+        x_btd, new_kv, stats = layer_fn(layer, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk)
         if new_kv is not None:
             new_k.append(new_kv[0])
             new_v.append(new_kv[1])
@@ -79,15 +80,15 @@ def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_k
     return x_btd, ((pack(new_k), pack(new_v)), stats)
 
 
-def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta):
+def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed):
     def body(x, xs):
-        layer, kv = xs
-        x, new_kv, stats = decoder_layer(config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta)
+        layer, kv, routed_btk = xs
+        x, new_kv, stats = decoder_layer(config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk)
         return constrain(x, _RESIDUAL_AXES), (new_kv, stats)
 
     if config.remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat_policy], prevent_cse=False)
-    return jax.lax.scan(body, x_btd, (stack, cache_kv))
+    return jax.lax.scan(body, x_btd, (stack, cache_kv, routed))
 
 
 def lm_head(config, params, hidden_btd) -> jnp.ndarray:
@@ -134,6 +135,7 @@ def forward(
     cache=None,
     return_hidden: bool = False,
     return_aux: bool = False,
+    routed_experts=None,
 ):
     """Runs the decoder.
 
@@ -148,13 +150,18 @@ def forward(
         tokens with segment id 0 are padding (neither written nor attending).
     Returns:
       (logits_btv float32, new_cache) — hidden states instead of logits if `return_hidden` — plus an aux
-      dict {"router_aux_loss"} when `return_aux`.
+      dict {"router_aux_loss", and for MoE "router" (models.moe.router_counts) and "routed_experts"} when
+      `return_aux`: routed_experts int32 [MoE layers, B, T, k] holds the experts each token used.
+    routed_experts: router replay: int [MoE layers, B, T, k] expert ids (e.g. recorded by the engine while
+      sampling) used instead of the router's top-k; -1 entries route as usual. The weights are the router's
+      probabilities of the replayed experts, so the router still trains.
     """
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
     zigzag = _ring_order(config, tokens_bt.shape[1]) if cache is None else None
     if zigzag is not None:  # ring attention's load-balanced layout (models.context_parallel)
         tokens_bt, positions_bt, segment_ids_bt = (x[:, zigzag] for x in (tokens_bt, positions_bt, segment_ids_bt))
+        routed_experts = None if routed_experts is None else routed_experts[:, :, zigzag]
     # The table whole along `embed` (an FSDP all-gather) before the lookup: a lookup into the embed-sharded
     # table comes out sharded along embed, which XLA can only turn into the residual's (batch, length)
     # sharding by replicating the whole [B, T, D] activation.
@@ -176,8 +183,11 @@ def forward(
             "mask_bts": attn_lib.cache_mask(valid_bs, cache["end"], tokens_bt.shape[1]),
         }
     per_layer_cache = cache is not None and isinstance(cache["k"], (list, tuple))
-    new_k, new_v, stats_list = [], [], []
+    new_k, new_v, stats_list, moe_done = [], [], [], 0
     for kind, first, count in config.layer_runs():
+        routed = None
+        if kind == "moe" and routed_experts is not None:
+            routed, moe_done = routed_experts[moe_done : moe_done + count], moe_done + count
         stack = _run_params(config, params, kind, first, count)
         kv = None
         if cache is not None:
@@ -187,7 +197,7 @@ def forward(
                 else (cache["k"][first : first + count], cache["v"][first : first + count])
             )
         run = _unrolled_run if per_layer_cache or isinstance(stack, (list, tuple)) else _scan_run
-        x_btd, (run_kv, stats) = run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta)
+        x_btd, (run_kv, stats) = run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed)
         if cache is not None:
             new_k.append(run_kv[0])
             new_v.append(run_kv[1])
@@ -207,6 +217,10 @@ def forward(
     if not return_aux:
         return out, new_cache
     aux = {"router_aux_loss": router_aux_loss(config, stats_list) if stats_list else jnp.zeros((), jnp.float32)}
+    if stats_list:
+        aux["router"] = moe.router_counts(stats_list)
+        experts_lbtk = jnp.concatenate([s["experts_btk"] for s in stats_list])
+        aux["routed_experts"] = experts_lbtk if zigzag is None else experts_lbtk[:, :, np.argsort(zigzag)]
     return out, new_cache, aux
 
 

@@ -128,6 +128,7 @@ class Engine:
         self._tickets = itertools.count()
         self._auto_ids = itertools.count()
         self._pending_copies: list[tuple[int, int]] = []
+        self._record = settings.record_experts
         self.last_metrics: dict = {}
         self.totals = collections.Counter()
 
@@ -225,13 +226,14 @@ class Engine:
             np.full(chunk, -1, np.int32),
             np.zeros((chunk, self._max_pages), np.int32),
         )
-        self._pages = engine_steps.prefill(
+        self._pages, _ = engine_steps.prefill(
             self.config,
             self.params,
             self._pages,
             *put(padding, self.mesh, self.rules, rows=True),
             mesh=self.mesh,
             rules=self.rules,
+            record=self._record,
         )
         self._pending_copies = [(NULL_PAGE, NULL_PAGE)]
         self._flush_copies()
@@ -245,6 +247,7 @@ class Engine:
                 block=self.settings.decode_block,
                 mesh=self.mesh,
                 rules=self.rules,
+                record=self._record,
             )
 
     # ----- the step -----
@@ -297,6 +300,8 @@ class Engine:
         self._pending_copies += leader.copies
         for follower in leader.followers:
             follower.prefilled = leader.prefilled
+            if self._record:  # the prompt's experts, shared like its pages
+                follower.completion.routed_experts = leader.completion.routed_experts[: leader.prefilled].copy()
         self._decoding.update(dict.fromkeys([leader] + leader.followers))
         leader.followers, leader.copies = [], []
 
@@ -305,7 +310,7 @@ class Engine:
         token_c = np.zeros(chunk, np.int32)
         position_c = np.full(chunk, -1, np.int32)
         table_cp = np.full((chunk, self._max_pages), NULL_PAGE, np.int32)
-        used, done = 0, []
+        used, done, spans = 0, [], []
         for leader in self._prefilling:
             if used == chunk:
                 break
@@ -315,15 +320,21 @@ class Engine:
             token_c[span] = context[leader.prefilled : leader.prefilled + take]
             position_c[span] = np.arange(leader.prefilled, leader.prefilled + take)
             table_cp[span] = self.pool.page_table_array([leader.key], self._max_pages)
+            spans.append((leader, leader.prefilled, take))
             leader.prefilled += take
             used += take
             if leader.prefilled == len(context) - 1:
                 done.append(leader)
         if used:
             batch = put((token_c, position_c, table_cp), self.mesh, self.rules, rows=True)
-            self._pages = engine_steps.prefill(
-                self.config, self.params, self._pages, *batch, mesh=self.mesh, rules=self.rules
+            self._pages, experts_clk = engine_steps.prefill(
+                self.config, self.params, self._pages, *batch, mesh=self.mesh, rules=self.rules, record=self._record
             )
+            if self._record:
+                experts_clk, start = to_host(experts_clk), 0
+                for leader, first, take in spans:
+                    _record(leader.completion, first, experts_clk[start : start + take])
+                    start += take
         for leader in done:
             self._prefill_done(leader)
         return used
@@ -367,7 +378,7 @@ class Engine:
         # Longest first: paged attention runs rows in groups, each as long as its longest row.
         reserved.sort(key=lambda item: -item[0].context_len)
         batch = self._decode_batch(reserved, rows)
-        self._pages, tokens_br, logprobs_br, _ = engine_steps.decode(
+        self._pages, tokens_br, logprobs_br, _, experts_brlk = engine_steps.decode(
             self.config,
             self.params,
             self._pages,
@@ -375,10 +386,14 @@ class Engine:
             block=self.settings.decode_block,
             mesh=self.mesh,
             rules=self.rules,
+            record=self._record,
         )
-        tokens_br, logprobs_br = to_host((tokens_br, logprobs_br))  # all-gathered where rows span processes
+        # All-gathered where rows span processes.
+        tokens_br, logprobs_br, experts_brlk = to_host((tokens_br, logprobs_br, experts_brlk))
         generated = 0
         for b, (sample, budget) in enumerate(reserved):
+            if self._record:  # the experts of the tokens fed: the last one, then the new ones
+                _record(sample.completion, sample.context_len - 1, experts_brlk[b, :budget])
             generated += self._accept(sample, tokens_br[b, :budget].tolist(), logprobs_br[b, :budget].tolist(), deltas)
         return generated, rows
 
@@ -436,6 +451,8 @@ class Engine:
         deltas.append(Delta(request.id, completion.sample, tokens, logprobs, reason))
         if reason:
             completion.finish_reason = reason
+            if self._record:  # past the stop: experts of tokens never kept
+                completion.routed_experts = completion.routed_experts[: sample.context_len - 1]
             self._release(sample)
             self._unfinished[request.id] -= 1
         return len(tokens)
@@ -457,3 +474,15 @@ class Engine:
         sample.prefilled, sample.followers, sample.copies = 0, [], []
         self._waiting.appendleft([sample] + followers)
         self.totals.update(preemptions=1)
+
+
+def _record(completion: Completion, start: int, experts_nlk: np.ndarray) -> None:
+    """Writes the experts of context positions start.. into `completion.routed_experts` (int16, -1 = none)."""
+    end = start + len(experts_nlk)
+    held = completion.routed_experts
+    if held is None or len(held) < end:
+        grown = np.full((max(end, 2 * (0 if held is None else len(held))), *experts_nlk.shape[1:]), -1, np.int16)
+        if held is not None:
+            grown[: len(held)] = held
+        completion.routed_experts = held = grown
+    held[start:end] = experts_nlk

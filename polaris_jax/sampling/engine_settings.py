@@ -24,6 +24,7 @@ class EngineSettings:
     max_queue: requests waiting for admission before `submit` raises QueueFull.
     max_eos_ids: EOS ids a request may give (a fixed shape of the decode call).
     slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
+    record_experts: MoE only: record each fed token's experts in `Completion.routed_experts` (router replay).
     """
 
     max_slots: int = 64
@@ -35,6 +36,7 @@ class EngineSettings:
     max_queue: int = 1024
     slot_buckets: tuple[int, ...] = ()
     max_eos_ids: int = 8
+    record_experts: bool = False
 
     def buckets(self, shards: int = 1) -> tuple[int, ...]:
         sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
@@ -55,6 +57,8 @@ class EngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineSettings.{name}={value!r} must be a positive integer")
+        if self.record_experts and not config.is_moe:
+            raise ValueError("record_experts=True records MoE routing, but the model has no experts")
         if self.decode_block > self.page_size:
             raise ValueError(f"decode_block={self.decode_block} must be <= page_size={self.page_size}")
         if max(self.buckets(shards)) < self.max_slots:
@@ -95,7 +99,7 @@ def check_sampler_config(backend: str, engine, where: str = "") -> None:
         raise ValueError(f"{where}engine.decode_block={engine.decode_block} must be <= page_size={engine.page_size}")
 
 
-def engine_settings_from(engine, max_seq_len: int) -> EngineSettings:
+def engine_settings_from(engine, max_seq_len: int, record_experts: bool = False) -> EngineSettings:
     """The EngineSettings an `engine_section()` asks for, for samples of up to `max_seq_len` tokens."""
     engine = dict(engine)
     page = int(engine["page_size"])
@@ -108,4 +112,5 @@ def engine_settings_from(engine, max_seq_len: int) -> EngineSettings:
         prefill_chunk=int(engine["prefill_chunk"]),
         decode_block=int(engine["decode_block"]),
         max_queue=1 << 30,
+        record_experts=record_experts,
     )

@@ -68,13 +68,14 @@ def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
     return jax.lax.with_sharding_constraint(kv_pages, page_shardings(kv_pages, mesh, rules))
 
 
-def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool, mesh, rules):
+def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool, mesh, rules, record):
+    """(logits or hidden, pages, experts_blk int32 [B, MoE layers, k] of each fed token when `record`)."""
     cache = dict(kv_pages, page_table_bp=table_bp)
     # An MoE model runs its experts expert-parallel over the mesh (models.moe), which reads the mesh from
     # the activation context; dense models keep the layout XLA picks for them.
     context = activation_sharding(mesh, rules) if mesh is not None and config.is_moe else contextlib.nullcontext()
     with context:
-        out, cache = forward(
+        out, cache, aux = forward(
             config,
             params,
             token_b[:, None],
@@ -82,40 +83,69 @@ def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, log
             segment_ids_bt=live_b[:, None].astype(jnp.int32),
             cache=cache,
             return_hidden=not logits,
+            return_aux=True,
         )
-    return out, dict(k=cache["k"], v=cache["v"])
+    experts_blk = aux["routed_experts"][:, :, 0].swapaxes(0, 1) if record else None
+    return out, dict(k=cache["k"], v=cache["v"]), experts_blk
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"), donate_argnames=("kv_pages",))
-def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=None, rules=DEFAULT_RULES):
-    """Writes the chunk's tokens (position -1: padding) into their pages; returns the pages."""
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "record"), donate_argnames=("kv_pages",))
+def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=None, rules=DEFAULT_RULES, record=False):
+    """Writes the chunk's tokens (position -1: padding) into their pages; returns (pages, experts_clk: each
+    token's experts [C, MoE layers, k] when `record` (router replay), else None)."""
     live_c = position_c >= 0
-    _, kv_pages = _run(
-        config, params, kv_pages, token_c, position_c, table_cp, live_c, logits=False, mesh=mesh, rules=rules
+    _, kv_pages, experts_clk = _run(
+        config,
+        params,
+        kv_pages,
+        token_c,
+        position_c,
+        table_cp,
+        live_c,
+        logits=False,
+        mesh=mesh,
+        rules=rules,
+        record=record,
     )
-    return _constrain_pages(kv_pages, mesh, rules)
+    return _constrain_pages(kv_pages, mesh, rules), experts_clk
 
 
-@functools.partial(jax.jit, static_argnames=("config", "block", "mesh", "rules"), donate_argnames=("kv_pages",))
-def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=None, rules=DEFAULT_RULES):
-    """Returns (pages, tokens_br int32 [B, block], logprobs_br float32, steps): row b's generated tokens are
-    tokens_br[b, :min(budget_b, its first EOS + 1)]; `steps` is how many iterations ran."""
+@functools.partial(
+    jax.jit, static_argnames=("config", "block", "mesh", "rules", "record"), donate_argnames=("kv_pages",)
+)
+def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=None, rules=DEFAULT_RULES, record=False):
+    """Returns (pages, tokens_br int32 [B, block], logprobs_br float32, steps, experts_brlk): row b's generated
+    tokens are tokens_br[b, :min(budget_b, its first EOS + 1)]; `steps` is how many iterations ran;
+    experts_brlk int32 [B, block, MoE layers, k] are the experts of the token fed at iteration r (the row's
+    last token, then its new ones) when `record`, else None."""
     rows = batch.token_b.shape[0]
     row_key_b = jax.vmap(lambda seed, sample: jax.random.fold_in(jax.random.key(seed), sample))(
         batch.seed_b, batch.sample_b
     )
 
     def running(carry):
-        i, _, _, done_b, _, _ = carry
+        i, _, _, done_b, _, _, _ = carry
         return (i < block) & ~jnp.all(done_b)
 
     def step(carry):
-        i, kv_pages, token_b, done_b, tokens_br, logprobs_br = carry
+        i, kv_pages, token_b, done_b, tokens_br, logprobs_br, experts_brlk = carry
         live_b = ~done_b
         position_b = jnp.where(live_b, batch.position_b + i, -1)
-        logits_b1v, kv_pages = _run(
-            config, params, kv_pages, token_b, position_b, batch.table_bp, live_b, logits=True, mesh=mesh, rules=rules
+        logits_b1v, kv_pages, experts_blk = _run(
+            config,
+            params,
+            kv_pages,
+            token_b,
+            position_b,
+            batch.table_bp,
+            live_b,
+            logits=True,
+            mesh=mesh,
+            rules=rules,
+            record=record,
         )
+        if record:
+            experts_brlk = experts_brlk.at[:, i].set(experts_blk)
         keys_b = jax.vmap(jax.random.fold_in)(row_key_b, batch.num_new_b + i)
         new_b, logprob_b = sample_rows(logits_b1v[:, 0], keys_b, batch.settings)
         new_b = jnp.where(live_b, new_b, 0)
@@ -123,7 +153,7 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         logprobs_br = logprobs_br.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
         is_eos_b = jnp.any(new_b[:, None] == batch.eos_ids_b, axis=-1)
         done_b = done_b | (live_b & is_eos_b) | (i + 1 >= batch.budget_b)
-        return i + 1, _constrain_pages(kv_pages, mesh, rules), new_b, done_b, tokens_br, logprobs_br
+        return i + 1, _constrain_pages(kv_pages, mesh, rules), new_b, done_b, tokens_br, logprobs_br, experts_brlk
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -132,9 +162,12 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         batch.budget_b <= 0,
         jnp.zeros((rows, block), jnp.int32),
         jnp.zeros((rows, block), jnp.float32),
+        jnp.zeros((rows, block, config.num_layers_of("moe"), config.num_experts_per_tok), jnp.int32)
+        if record
+        else None,
     )
-    steps, kv_pages, _, _, tokens_br, logprobs_br = jax.lax.while_loop(running, step, init)
-    return kv_pages, tokens_br, logprobs_br, steps
+    steps, kv_pages, _, _, tokens_br, logprobs_br, experts_brlk = jax.lax.while_loop(running, step, init)
+    return kv_pages, tokens_br, logprobs_br, steps, experts_brlk
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("kv_pages",))

@@ -120,6 +120,9 @@ class Completion:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    # Router replay (EngineSettings.record_experts): int16 [positions, MoE layers, k], the experts each context
+    # token (prompt, then tokens but the last) was routed to when fed; -1 where none was recorded.
+    routed_experts: np.ndarray | None = None
 
     def resume(self, **changes) -> Request:
         """A request that continues this partial sample from its tokens (same keys, same settings)."""
@@ -146,4 +149,6 @@ def to_sample_output(completions: Sequence[Sequence[Completion]], max_new_tokens
         out.logprobs_br[b, : len(c.tokens)] = c.logprobs
         out.lengths_b[b] = len(c.tokens)
         out.finish_b[b] = FINISH_CODES.get(c.finish_reason, RUNNING)
+    if rows and rows[0].routed_experts is not None:
+        out = dataclasses.replace(out, routed_experts=tuple(c.routed_experts for c in rows))
     return out

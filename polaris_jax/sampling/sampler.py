@@ -101,6 +101,7 @@ class SampleOutput:
     logprobs_br: np.ndarray
     lengths_b: np.ndarray
     finish_b: np.ndarray
+    routed_experts: tuple | None = None  # the engine's, per row (`Completion.routed_experts`), when recorded
 
     @property
     def tokens(self) -> list[list[int]]:

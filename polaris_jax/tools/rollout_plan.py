@@ -60,7 +60,7 @@ def plan_rollout(request, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
         stop_len_q=np.zeros(1, np.int32),
         max_new_tokens=np.int32(request.rollout_len - width),
     )
-    statics = dict(mesh=mesh, rules=rules)
+    statics = dict(mesh=mesh, rules=rules, record=settings.record_experts)
     start = decode_loop.start.lower(
         cfg,
         params,
@@ -114,7 +114,7 @@ def plan_engine(request, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
         ints(rows, settings.max_eos_ids),
         RowSettings.stack([], rows),
     )
-    statics = dict(mesh=mesh, rules=rules)
+    statics = dict(mesh=mesh, rules=rules, record=settings.record_experts)
     decode = engine_steps.decode.lower(
         cfg, params, pages, jax.tree.map(on_rows, batch), block=settings.decode_block, **statics
     ).compile()

@@ -106,6 +106,8 @@ def token_stats(
         with_entropy=with_entropy,
     )
     stats["router_aux_loss"] = aux["router_aux_loss"]
+    if "router" in aux:
+        stats["router"] = aux["router"]
     return stats
 
 
@@ -153,6 +155,8 @@ def sft_loss(
     loss = (ce_sum + settings.z_loss_coef * z_sum) / num_target_tokens
     loss = loss + aux_weight * router_aux_coef(config, settings) * router
     terms = {"ce_sum": ce_sum, "z_sum": z_sum, "router_aux_loss": aux_weight * router}
+    if "router" in stats:  # additive counts: microbatch sums stay exact (models.moe.routing_metrics)
+        terms["router"] = jax.lax.stop_gradient(stats["router"])
     return loss, terms
 
 

@@ -3,7 +3,8 @@ LoRA on top, and the params placed in their shards. Shared by the SFT and GRPO l
 
 Config sections read here:
   model:  preset, init_from (HF dir, '' = random init), overrides (ModelConfig fields; vocab_size 0 =
-          the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy, sequence_parallelism
+          the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy, sequence_parallelism,
+          moe_matmul, moe_capacity_factor
   lora:   rank (0 = full fine-tuning), alpha, targets
 """
 
@@ -37,6 +38,10 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
     # Attention when the mesh has a `sequence` axis (context parallelism): ulysses | ring.
     c.model.sequence_parallelism = "ulysses"
+    # MoE: the experts' grouped-matmul kernel (auto | ragged_dot | tiled) and expert parallelism's capacity
+    # factor (0 = dropless); see models/moe.py.
+    c.model.moe_matmul = "auto"
+    c.model.moe_capacity_factor = 0.0
     # LoRA ("LoRA Without Regret"): use ~10x the full fine-tuning learning rate; see models/lora.py.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning
@@ -52,6 +57,8 @@ def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig
         compute_dtype=config.model.compute_dtype,
         remat_policy=config.model.remat_policy,
         sequence_parallelism=config.model.get("sequence_parallelism", "ulysses"),
+        moe_matmul=config.model.get("moe_matmul", "auto"),
+        moe_capacity_factor=float(config.model.get("moe_capacity_factor", 0.0)),
     )
     if overrides.get("vocab_size", None) == 0:
         if tokenizer is None:

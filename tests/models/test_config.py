@@ -166,6 +166,7 @@ def test_preset_sizes_match_published_parameter_counts():
     assert billions(preset("qwen3_0p6b")) == pytest.approx(0.596, abs=0.01)
     assert billions(preset("qwen3_8b")) == pytest.approx(8.19, abs=0.05)
     assert billions(preset("qwen3_30b_a3b")) == pytest.approx(30.5, abs=0.2)
+    assert billions(preset("qwen3_235b_a22b")) == pytest.approx(235.1, abs=0.3)  # model card: 235B total
     assert billions(preset("r1_distill_qwen_14b")) == pytest.approx(14.77, abs=0.05)
 
 

@@ -6,6 +6,7 @@ expert axis that does not divide the experts is refused while tracing, before co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -19,6 +20,8 @@ from polaris_jax.models.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VOCAB, ROWS, LENGTH = 32, 8, 32
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+_REFERENCES = {}  # one-device SFT results per config (in the worker)
 
 
 def moe_config(norm_topk_prob: bool = True, **overrides) -> ModelConfig:
@@ -47,31 +50,37 @@ def _max_error(a, b) -> float:
     )
 
 
-def _sft(config, mesh) -> dict:
+def _sft(config, mesh, split_config=None) -> dict:
+    """SFT logits, loss and grads of `split_config` (default: `config`) under the mesh against `config` on one
+    device, plus the split run's routing metrics."""
     import jax
 
-    from polaris_jax.models import forward, init_params, param_shardings
+    from polaris_jax.models import forward, init_params, moe, param_shardings
     from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
     from polaris_jax.train import losses, partitioning
 
     batch = sft_batch()
     params = init_params(config, jax.random.key(0), std=0.1)
 
-    def run(p, b):
-        logits, _ = forward(config, p, b["tokens_bt"], b["positions_bt"], segment_ids_bt=b["segment_ids_bt"])
+    def run(config, p, b):
+        logits, _, aux = forward(
+            config, p, b["tokens_bt"], b["positions_bt"], segment_ids_bt=b["segment_ids_bt"], return_aux=True
+        )
         loss, grads = jax.value_and_grad(lambda q: losses.sft_loss(config, q, b)[0])(p)
-        return logits, loss, grads
+        return logits, loss, grads, moe.routing_metrics(aux["router"])
 
     def split(p, b):
         with activation_sharding(mesh, DEFAULT_RULES):
-            return run(p, b)
+            return run(split_config or config, p, b)
 
-    reference = jax.jit(run)(params, batch)
+    if config not in _REFERENCES:
+        _REFERENCES[config] = jax.jit(functools.partial(run, config), compiler_options=FAST_COMPILE)(params, batch)
+    reference = _REFERENCES[config]
     sharded_params = jax.device_put(params, param_shardings(config, mesh))
     shardings = partitioning.batch_shardings(mesh, DEFAULT_RULES, (ROWS, LENGTH))
     sharded_batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-    compiled = jax.jit(split).lower(sharded_params, sharded_batch).compile()
-    logits, loss, grads = compiled(sharded_params, sharded_batch)
+    compiled = jax.jit(split, compiler_options=FAST_COMPILE).lower(sharded_params, sharded_batch).compile()
+    logits, loss, grads, routing = compiled(sharded_params, sharded_batch)
     valid = batch["segment_ids_bt"].astype(bool)
     return dict(
         logits_error=float(np.max(np.abs(np.asarray(logits)[valid] - np.asarray(reference[0])[valid]))),
@@ -81,6 +90,8 @@ def _sft(config, mesh) -> dict:
         grad_scale=max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(reference[2])),
         expert_grad_spec=str(grads["moe_layers"]["gate"].sharding.spec),
         all_to_all="all-to-all" in compiled.as_text(),
+        routing={k: float(v) for k, v in routing.items()},
+        reference_routing={k: float(v) for k, v in reference[3].items()},
     )
 
 
@@ -152,31 +163,49 @@ def _bad_split() -> str:
     return "no error"
 
 
-def worker() -> dict:
+def worker(part: str) -> dict:
+    """`default`: everything with norm_topk_prob, its SFT check without, capacity and a bad split; `slow`:
+    the GRPO update and the engine without norm_topk_prob."""
     import jax
 
     from polaris_jax.models import make_mesh
 
     jax.config.update("jax_default_matmul_precision", "highest")
     mesh = make_mesh({"fsdp": 2, "expert": 4})
-    results = {}
-    for norm in (True, False):
-        config = moe_config(norm)
-        results[f"norm={norm}"] = dict(sft=_sft(config, mesh), grpo=_grpo(config, mesh), engine=_engine(config, mesh))
-    results["bad_split"] = _bad_split()
+    if part == "slow":
+        config = moe_config(False)
+        return {"norm=False": dict(grpo=_grpo(config, mesh), engine=_engine(config, mesh))}
+    config = moe_config(True)
+    results = {
+        "norm=True": dict(sft=_sft(config, mesh), grpo=_grpo(config, mesh), engine=_engine(config, mesh)),
+        "norm=False": dict(sft=_sft(moe_config(False), mesh)),
+        # E/k = 4: every expert can take every token of its source device, so nothing is dropped.
+        "capacity=4": _sft(config, mesh, config.replace(moe_capacity_factor=4.0)),
+        "capacity=0.5": _sft(config, mesh, config.replace(moe_capacity_factor=0.5)),
+        "bad_split": _bad_split(),
+    }
     return results
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
+def _run_worker(part: str) -> dict:
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
     )
-    code = "import json, tests.models.test_expert_parallel as t; print('RESULT', json.dumps(t.worker()))"
+    code = f"import json, tests.models.test_expert_parallel as t; print('RESULT', json.dumps(t.worker({part!r})))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return _run_worker("default")
+
+
+@pytest.fixture(scope="module")
+def slow_results() -> dict:
+    return _run_worker("slow")
 
 
 @pytest.mark.parametrize("norm", [True, False])
@@ -189,18 +218,44 @@ def test_ep4_equals_one_device_on_logits_and_sft_gradients(results, norm):
     assert sft["grad_error"] < 1e-5 * max(sft["grad_scale"], 1.0), sft
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_ep4_equals_one_device_on_the_grpo_update(results, norm):
-    grpo = results[f"norm={norm}"]["grpo"]
+def _check_grpo(grpo):
     assert abs(grpo["loss"] - grpo["reference_loss"]) < 1e-5, grpo
     assert grpo["param_error"] < 1e-6, grpo
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_ep4_engine_matches_one_device(results, norm):
-    engine = results[f"norm={norm}"]["engine"]
+def _check_engine(engine):
     assert all(engine["tokens_equal"]), engine
     assert engine["logprob_error"] < 1e-4, engine
+
+
+def test_ep4_equals_one_device_on_the_grpo_update_and_in_the_engine(results):
+    _check_grpo(results["norm=True"]["grpo"])
+    _check_engine(results["norm=True"]["engine"])
+
+
+@pytest.mark.slow
+def test_ep4_equals_one_device_on_the_grpo_update_and_in_the_engine_without_norm_topk_prob(slow_results):
+    _check_grpo(slow_results["norm=False"]["grpo"])
+    _check_engine(slow_results["norm=False"]["engine"])
+
+
+def test_routing_metrics_are_the_one_device_metrics_and_nothing_is_dropped(results):
+    sft = results["norm=True"]["sft"]
+    for name, value in sft["reference_routing"].items():
+        assert abs(sft["routing"][name] - value) < 1e-6, (name, sft["routing"], sft["reference_routing"])
+    routing = sft["routing"]
+    assert routing["moe_dropped"] == 0.0
+    assert 0.0 < routing["moe_min_load"] <= 1.0 <= routing["moe_max_load"], routing
+    assert 0.0 < routing["moe_experts_used"] <= 1.0 and 0.0 <= routing["moe_oversubscription"] < 1.0, routing
+
+
+def test_a_capacity_factor_holding_every_pair_equals_dropless_and_a_small_one_drops(results):
+    full, small = results["capacity=4"], results["capacity=0.5"]
+    assert full["all_to_all"] and full["routing"]["moe_dropped"] == 0.0, full
+    assert full["logits_error"] < 1e-4 and full["grad_error"] < 1e-5 * max(full["grad_scale"], 1.0), full
+    # Half the even share per expert and source: at least half of the pairs cannot fit.
+    assert small["routing"]["moe_dropped"] >= 0.5, small["routing"]
+    assert small["logits_error"] > 1e-3, small
 
 
 def test_an_expert_axis_not_dividing_the_experts_is_refused_before_compile(results):

@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Benchmarks only: > 0 ignores EOS and gives each prompt a seeded lognormal response budget whose 99th
     # percentile (max_response_len) is this many times its 1st (rollout.long_tail_budgets).
     c.rollout.length_spread = 0.0
+    # MoE router replay: the engine records each token's experts and the update routes through them (the
+    # training/inference routing mismatch fix); the engine backend, padded updates, no rollout rescue.
+    c.rollout.router_replay = False
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
@@ -304,6 +307,14 @@ def validate_config(config, *, check_files: bool = True, device_count: int | Non
         raise ConfigError(
             f"algo.micro_tokens={a.micro_tokens} sets the micro passes of packed updates: it needs "
             f"algo.pack_tokens > 0 (now {a.pack_tokens}) dividing it, and algo.microbatches = 1 (now {a.microbatches})"
+        )
+    if config.rollout.router_replay and (
+        config.rollout.backend != "engine" or a.pack_tokens or config.shaping.rollout_rescue
+    ):
+        raise ConfigError(
+            "rollout.router_replay records experts in the paged engine and replays them in padded updates: it needs "
+            f"rollout.backend='engine' (now {config.rollout.backend!r}), algo.pack_tokens=0 (now {a.pack_tokens}) "
+            f"and shaping.rollout_rescue=False (now {config.shaping.rollout_rescue}); packed replay is not built yet"
         )
     if a.micro_tokens and rl.micro_weight(a.loss_agg_mode) is None:
         raise ConfigError(

@@ -138,18 +138,20 @@ class Run:
     def update_fn(self, stage):
         if stage.index not in self._updates:
             rows = self.config.rollout.prompts_per_step * self.config.rollout.samples_per_prompt
+            settings = grpo_step.update_settings(self.config, stage)
             fn = grpo_step.make_grpo_update(
                 self.model_config,
                 self.optimizer,
                 self.schedule,
-                grpo_step.update_settings(self.config, stage),
+                settings,
                 mesh=self.mesh,
                 state_shardings=self.shardings,
                 rules=self.rules,
                 rows=rows,
             )
             packed = bool(self.config.algo.pack_tokens)
-            self._updates[stage.index] = (fn, grpo_step.batch_shardings(self.mesh, self.rules, rows, packed))
+            shardings = grpo_step.batch_shardings(self.mesh, self.rules, rows, packed, settings.router_replay)
+            self._updates[stage.index] = (fn, shardings)
         return self._updates[stage.index]
 
     def params(self):
@@ -185,6 +187,7 @@ def _sampler(run: Run, stage, step: int, params, mesh):
         engine=r.engine.to_dict(),
         length_spread=r.length_spread,
         seed=run.config.seed,
+        router_replay=r.router_replay,
     )
 
     def sample(position: int, round_index: int):

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from polaris_jax.models import moe
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from polaris_jax.models.transformer import forward
 from polaris_jax.sampling import sampler
@@ -53,6 +54,7 @@ class UpdateBatch:
     mask_br: float32 [B, R] 1 on the response tokens the loss trains on.
     sampler_logprobs_br: float32 [B, R] the sampler's log-probabilities of the response tokens.
     advantages_b: float32 [B] one advantage per response.
+    routed_experts_btlk: int16 [B, T, MoE layers, k] or None: experts to replay (router replay; -1 = route).
     """
 
     tokens_bt: Any
@@ -62,6 +64,7 @@ class UpdateBatch:
     mask_br: Any
     sampler_logprobs_br: Any
     advantages_b: Any
+    routed_experts_btlk: Any = None
 
     def replace(self, **fields) -> UpdateBatch:
         return dataclasses.replace(self, **fields)
@@ -91,6 +94,7 @@ class UpdateSettings:
     # Packed: packed rows per micro pass and batch shard (algo.micro_tokens / pack_tokens); the number of
     # micro passes is then K / (micro_rows x shards), read from the batch's shape (0 = `microbatches`).
     micro_rows: int = 0
+    router_replay: bool = False  # the batch carries the engine's experts and the forward replays them
 
     @property
     def packed_row_multiple(self) -> int:
@@ -131,6 +135,7 @@ def update_settings(config, stage) -> UpdateSettings:
         chunk_size=config.train.loss_chunk_size,
         pack_tokens=a.pack_tokens,
         micro_rows=a.micro_tokens // a.pack_tokens if a.pack_tokens and a.micro_tokens else 0,
+        router_replay=bool(config.rollout.get("router_replay", False)),
     )
 
 
@@ -138,17 +143,12 @@ def response_stats(model_config, params, batch: UpdateBatch, settings: UpdateSet
     """{logprobs, entropy} [B, R] of the response tokens at the sampling temperature."""
     r = batch.response_br.shape[1]
     p = batch.tokens_bt.shape[1] - r
-    hidden_btd, _ = forward(
-        model_config,
-        params,
-        batch.tokens_bt,
-        batch.positions_bt,
-        segment_ids_bt=batch.segment_ids_bt,
-        return_hidden=True,
+    hidden_btd, routing = _hidden(
+        model_config, params, batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.routed_experts_btlk
     )
     # The token at position t is predicted from position t - 1: response token j from slot p - 1 + j.
     hidden_brd = hidden_btd[:, p - 1 : p - 1 + r]
-    return losses.hidden_token_stats(
+    stats = losses.hidden_token_stats(
         model_config,
         params,
         hidden_brd,
@@ -157,6 +157,23 @@ def response_stats(model_config, params, batch: UpdateBatch, settings: UpdateSet
         temperature=settings.temperature,
         with_entropy=True,
     )
+    return {**stats, **routing}
+
+
+def _hidden(model_config, params, tokens_bt, positions_bt, segment_ids_bt, routed_experts_btlk=None):
+    """(final hidden states, {"routing": metrics} for an MoE model, else {}); replays the given experts."""
+    hidden_btd, _, aux = forward(
+        model_config,
+        params,
+        tokens_bt,
+        positions_bt,
+        segment_ids_bt=segment_ids_bt,
+        return_hidden=True,
+        return_aux=True,
+        routed_experts=None if routed_experts_btlk is None else jnp.moveaxis(routed_experts_btlk, 2, 0),
+    )
+    routing = {"routing": moe.routing_metrics(jax.lax.stop_gradient(aux["router"]))} if "router" in aux else {}
+    return hidden_btd, routing
 
 
 def _no_grad_logprobs(model_config, params, batch: UpdateBatch, settings):
@@ -205,7 +222,7 @@ def minibatch_loss(model_config, trainable, frozen, rows, settings: UpdateSettin
     weight_fn = rl.micro_weight(settings.loss_agg_mode)
     weight = 1.0 if weight_fn is None else weight_fn(mask_br, total_mask_br)
     token_share = jnp.sum(mask_br) / jnp.maximum(jnp.sum(total_mask_br), 1.0)
-    metrics = {k: v * token_share for k, v in metrics.items() if k != "response_tokens"}
+    metrics = {k: v * token_share for k, v in {**metrics, **stats.get("routing", {})}.items() if k != "response_tokens"}
     return loss * weight, metrics
 
 
@@ -246,10 +263,8 @@ def _packed_inputs(batch: PackedUpdateBatch, settings: UpdateSettings):
 
 def _packed_stats(model_config, params, rows: dict, settings: UpdateSettings):
     """{logprobs, entropy} [K, L] of each packed position's target (the next response token)."""
-    hidden_kld, _ = forward(
-        model_config, params, rows["tokens"], rows["positions"], segment_ids_bt=rows["segments"], return_hidden=True
-    )
-    return losses.hidden_token_stats(
+    hidden_kld, routing = _hidden(model_config, params, rows["tokens"], rows["positions"], rows["segments"])
+    stats = losses.hidden_token_stats(
         model_config,
         params,
         hidden_kld,
@@ -258,6 +273,7 @@ def _packed_stats(model_config, params, rows: dict, settings: UpdateSettings):
         temperature=settings.temperature,
         with_entropy=True,
     )
+    return {**stats, **routing}
 
 
 def _packed_no_grad_logprobs(model_config, params, responses, rows, settings: UpdateSettings):
@@ -294,6 +310,7 @@ def _packed_minibatch_grads(model_config, trainable, frozen, minibatch, settings
         loss, metrics = _rl_loss(logprobs_br, (responses, old_br, ref_br), mask_br, entropy_br, settings)
         weight = 1.0 if weight_fn is None else weight_fn(mask_br, total_mask_br)
         share = jnp.sum(mask_br) / jnp.maximum(jnp.sum(total_mask_br), 1.0)
+        metrics = {**metrics, **stats.get("routing", {})}
         return loss * weight, {k: v * share for k, v in metrics.items() if k != "response_tokens"}
 
     return accumulate_gradients(loss_fn, trainable, rows, settings.microbatches)
@@ -375,12 +392,18 @@ def packed_micro_settings(settings: UpdateSettings, batch, batch_shards: int) ->
     return dataclasses.replace(settings, microbatches=k // per_pass)
 
 
-def batch_shardings(mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None, packed: bool = False):
+def batch_shardings(
+    mesh: Mesh, rules=DEFAULT_RULES, rows: int | None = None, packed: bool = False, replay: bool = False
+):
     """The sharding of every `UpdateBatch` (or, `packed`, `PackedUpdateBatch`) field: rows split over the
-    mesh's batch axes ([Mb, K, L] packed arrays: their K rows)."""
+    mesh's batch axes ([Mb, K, L] packed arrays: their K rows); `replay`: the batch carries routed experts."""
     cls = PackedUpdateBatch if packed else UpdateBatch
 
     def sharding(name: str):
+        if name == "routed_experts_btlk":
+            shape = None if rows is None else (rows, 1, 1, 1)
+            spec = logical_to_spec(("batch", "length", None, None), mesh, rules, shape)
+            return NamedSharding(mesh, spec) if replay else None
         if name.endswith("_mkl"):
             return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), mesh, rules))
         ndim = 1 if name.endswith("_b") else 2
@@ -408,7 +431,7 @@ def make_grpo_update(
     fn = grpo_update_fn(model_config, optimizer, schedule, settings, sampler.batch_shards(mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_shardings = param_shardings(model_config, mesh, rules) if settings.use_reference else None
-    batch = batch_shardings(mesh, rules, rows, packed=bool(settings.pack_tokens))
+    batch = batch_shardings(mesh, rules, rows, packed=bool(settings.pack_tokens), replay=settings.router_replay)
     in_shardings = (state_shardings, batch, replicated, ref_shardings)
     return partitioning.jit_step(
         fn,
@@ -437,6 +460,7 @@ def update_batch(rollouts, advantages_b: np.ndarray, mask_br: np.ndarray) -> Upd
         mask_br=(np.asarray(mask_br) * response_valid_br).astype(np.float32),
         sampler_logprobs_br=rollouts.sampler_logprobs_br.astype(np.float32),
         advantages_b=np.asarray(advantages_b, np.float32),
+        routed_experts_btlk=getattr(rollouts, "routed_experts_btlk", None),
     )
 
 

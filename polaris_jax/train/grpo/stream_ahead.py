@@ -57,6 +57,7 @@ class StreamingAhead:
             prompt_width=width,
             backend="engine",
             engine=r.engine.to_dict(),
+            router_replay=r.router_replay,
         )
         engine = Engine(
             run.model_config,

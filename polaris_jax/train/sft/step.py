@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from polaris_jax.models import moe
 from polaris_jax.models.sharding import DEFAULT_RULES
 from polaris_jax.train import losses, partitioning
 from polaris_jax.train import state as state_lib
@@ -64,6 +65,8 @@ def sft_step_fn(
             "learning_rate": schedule(state["step"]),
             "target_tokens": num_target_tokens,
         }
+        if "router" in terms:
+            metrics.update(moe.routing_metrics(terms["router"]))
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 

@@ -98,5 +98,7 @@ def make_update(
         rows=rows,
         compiler_options=FAST_COMPILE,
     )
-    batch_shardings = grpo_step.batch_shardings(mesh, rows=rows, packed=bool(settings.pack_tokens))
+    batch_shardings = grpo_step.batch_shardings(
+        mesh, rows=rows, packed=bool(settings.pack_tokens), replay=settings.router_replay
+    )
     return update, state, batch_shardings, model_config

@@ -202,6 +202,11 @@ _BAD = {
     "rollout_axis": lambda c: c.rollout.update(dict(backend="engine", mesh=dict(tensr=1))),
     "disjoint": lambda c: c.rollout.update(dict(backend="engine", devices="disjoint", mesh=dict(tensor=1))),
     "devices": lambda c: c.rollout.update(dict(backend="engine", devices="split")),
+    "replay_static": lambda c: c.rollout.update(dict(backend="static", router_replay=True)),
+    "replay_packed": lambda c: (
+        c.rollout.update(dict(backend="engine", router_replay=True)),
+        c.algo.update(dict(pack_tokens=4096)),
+    ),
 }
 _MESSAGES = {
     "unequal": "one entry per stage",
@@ -225,6 +230,8 @@ _MESSAGES = {
     "rollout_axis": "rollout.mesh: axis 'tensr' is not one of",
     "disjoint": "takes 1 of 1 devices, leaving none for training",
     "devices": "rollout.devices='split' must be one of",
+    "replay_static": "rollout.router_replay .* needs rollout.backend='engine' \\(now 'static'\\)",
+    "replay_packed": "rollout.router_replay .* algo.pack_tokens=0 \\(now 4096\\)",
 }
 
 
