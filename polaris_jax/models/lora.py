@@ -1,7 +1,8 @@
 """LoRA adapters ("LoRA without regret", Tinker): add, split trainable, merge for export.
 
 Adapters live beside their base weight in the same layer dict (`q_lora_a`, `q_lora_b`, ...), on
-attention, MLP and MoE expert projections, and optionally (target "lm_head") on the unembedding as
+attention, MLP and MoE expert projections (Tinker's layout: the hidden-size factor shared by all
+experts), and optionally (target "lm_head") on the unembedding as
 top-level `lm_head_lora_a/b`. A is random (std 1/sqrt(fan_in)), B is zero, and the
 update is scaled by alpha/rank, so a new adapter leaves the model unchanged.
 
@@ -41,7 +42,9 @@ def lora_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: is_lora_leaf(path), params)
 
 
-def _delta(a, b, w_ndim: int):
+def _delta(a, b, w_ndim: int, experts: bool = False):
+    if experts:
+        a, b = _share_across_experts(a, b, w_ndim)
     lead = a.ndim + b.ndim - w_ndim - 2
     letters = iter(string.ascii_lowercase.replace("r", ""))
     lead_s = "".join(next(letters) for _ in range(lead))
@@ -50,6 +53,14 @@ def _delta(a, b, w_ndim: int):
     return jnp.einsum(
         f"{lead_s}{in_s}r,{lead_s}r{out_s}->{lead_s}{in_s}{out_s}", a.astype(jnp.float32), b.astype(jnp.float32)
     )
+
+
+def _share_across_experts(a, b, w_ndim: int):
+    """Tinker's expert LoRA shares one factor across experts: give it the other factor's experts axis."""
+    axis = w_ndim - 3  # [..., E, in, out]
+    experts = max(a, b, key=lambda f: f.ndim).shape[axis]
+    grow = lambda f: jnp.broadcast_to(jnp.expand_dims(f, axis), f.shape[:axis] + (experts,) + f.shape[axis:])
+    return (grow(a), b) if a.ndim < b.ndim else (a, grow(b))
 
 
 def merge_lora(config, params):
@@ -66,7 +77,8 @@ def merge_lora(config, params):
         for name in list(layer):
             if name + "_lora_a" in value:
                 w = layer[name]
-                delta = _delta(value[name + "_lora_a"], value[name + "_lora_b"], w.ndim)
+                experts = "router" in value and name in ("gate", "up", "down")
+                delta = _delta(value[name + "_lora_a"], value[name + "_lora_b"], w.ndim, experts)
                 layer[name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
         out[key] = layer
     merged_config = config.replace(lora_rank=0, lora_alpha=0.0)

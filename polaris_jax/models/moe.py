@@ -24,6 +24,7 @@ logits and gradients (tests/models/test_expert_parallel.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -33,20 +34,31 @@ from jax.sharding import PartitionSpec
 
 from polaris_jax.models import grouped_matmul
 from polaris_jax.models.config import ConfigError
-from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec
+from polaris_jax.models.sharding import activation_sharding, current_activation_mesh, logical_to_spec
 
 # Logical axes of each expert weight inside the shard_map: embed gathered (None), mlp split over tensor.
 _LOCAL_AXES = {
     "gate": ("experts", None, "mlp"),
     "up": ("experts", None, "mlp"),
     "down": ("experts", "mlp", None),
-    "gate_lora_a": ("experts", None, None),
-    "up_lora_a": ("experts", None, None),
+    # LoRA in Tinker's layout: the hidden-size factor shared by all experts, the other per expert.
+    "gate_lora_a": (None, None),
+    "up_lora_a": (None, None),
     "down_lora_a": ("experts", "mlp", None),
     "gate_lora_b": ("experts", None, "mlp"),
     "up_lora_b": ("experts", None, "mlp"),
-    "down_lora_b": ("experts", None, None),
+    "down_lora_b": (None, None),
 }
+
+
+def mesh_context(config, mesh, rules):
+    """The context a sampler traces its forward in: with an expert axis an MoE model runs its experts
+    expert-parallel over the mesh (read from the activation context). Otherwise XLA's own layout: in a
+    decode loop the weights are loop-invariant, and gathering them for the experts' shard_map would be
+    hoisted out of the loop, holding every layer's gathered experts at once."""
+    if mesh is None or not config.is_moe or expert_axes(mesh, rules, config.num_experts)[1] == 1:
+        return contextlib.nullcontext()
+    return activation_sharding(mesh, rules)
 
 
 def route(config, layer, x_btd, routed_btk=None):
@@ -134,9 +146,15 @@ def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
     token_spec = logical_to_spec(("batch", "length", None), mesh, rules, x_btd.shape)
     weight_specs = {name: logical_to_spec(_LOCAL_AXES[name], mesh, rules, w.shape) for name, w in experts.items()}
     tp_axes = _axes(weight_specs["gate"][2])
-    token_shards = int(np.prod([mesh.shape[a] for a in _axes(token_spec[0]) + _axes(token_spec[1])]))
-    copies = mesh.size // token_shards  # devices holding the same tokens (tensor shards, unsplit batches)
-    local = functools.partial(_experts, config, ep_axes, ep, tp_axes, tuple(mesh.axis_names), copies)
+    token_axes = _axes(token_spec[0]) + _axes(token_spec[1])
+    copies = mesh.size // int(np.prod([mesh.shape[a] for a in token_axes]))  # devices holding the same tokens
+    # Rows the batch axes cannot split (a decode bucket, a prefill chunk) reach every EP device whole: each
+    # then dispatches only its 1/EP share and the shares are all-gathered after.
+    split = ep > 1 and not set(ep_axes) & set(token_axes)
+    local = functools.partial(
+        _experts, config, ep_axes, ep, tp_axes, tuple(mesh.axis_names), copies // (ep if split else 1)
+    )
+    local = functools.partial(_split_tokens, ep_axes, ep, local) if split else local
     fn = jax.shard_map(
         local,
         mesh=mesh,
@@ -145,6 +163,19 @@ def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
         check_vma=False,
     )
     return fn(x_btd, top_e_btk, top_w_btk, experts)
+
+
+def _split_tokens(ep_axes, ep, experts_fn, x_btd, top_e_btk, top_w_btk, experts):
+    """`experts_fn` over this device's 1/EP of tokens that every EP device holds, all-gathered after."""
+    b, t, d = x_btd.shape
+    n, k = b * t, top_e_btk.shape[-1]
+    share = -(-n // ep)
+    start = jax.lax.axis_index(ep_axes) * share
+    take = lambda x: jax.lax.dynamic_slice_in_dim(jnp.pad(x, ((0, share * ep - n), (0, 0))), start, share)
+    x_1sd = take(x_btd.reshape(n, d))[None]
+    out, dropped = experts_fn(x_1sd, take(top_e_btk.reshape(n, k))[None], take(top_w_btk.reshape(n, k))[None], experts)
+    out_nd = jax.lax.all_gather(out[0], ep_axes, tiled=True)[:n]
+    return out_nd.reshape(b, t, d), dropped
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -238,7 +269,14 @@ def _swiglu(config, layout, experts, x_rd):
 def _matmul(config, layout, experts, name, x):
     y = layout.matmul(x, experts[name])
     if name + "_lora_a" in experts:
-        low = layout.matmul(x, experts[name + "_lora_a"])
+        low = _factor_matmul(layout, x, experts[name + "_lora_a"])
         scale = config.lora_alpha / config.lora_rank
-        y = y + (scale * layout.matmul(low, experts[name + "_lora_b"])).astype(y.dtype)
+        y = y + (scale * _factor_matmul(layout, low, experts[name + "_lora_b"])).astype(y.dtype)
     return y
+
+
+def _factor_matmul(layout, x, factor):
+    """A LoRA factor: per expert ([E, in, out], grouped) or shared by every expert ([in, out], one matmul)."""
+    if factor.ndim == 3:
+        return layout.matmul(x, factor)
+    return jnp.einsum("ri,io->ro", x, factor.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)

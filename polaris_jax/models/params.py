@@ -5,7 +5,9 @@ Layout (kernels are [in, out]; per-layer tensors are stacked on a leading `layer
   dense_layers / moe_layers: attn_norm, mlp_norm [D]; q [D, N, H]; k, v [D, K, H]; o [N, H, D];
     q_bias [N, H], k_bias, v_bias [K, H] (qwen2); q_norm, k_norm [H] (qwen3);
     dense: gate, up [D, F], down [F, D];  moe: router [D, E], gate, up [E, D, F], down [E, F, D];
-    LoRA: <w>_lora_a [..in, r], <w>_lora_b [r, out..] (experts keep their leading E axis).
+    LoRA: <w>_lora_a [..in, r], <w>_lora_b [r, out..]; on experts Tinker's layout: the hidden-size side is
+    one factor shared by every expert, the expert side is per expert (gate/up: a [D, r], b [E, r, F];
+    down: a [E, F, r], b [r, D]).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ class ParamSpec:
 def _lora_specs(name: str, in_shape, in_axes, out_shape, out_axes, rank, experts: int = 0) -> dict:
     fan_in = int(np.prod(in_shape))
     lead, lead_axes = ((experts,), ("experts",)) if experts else ((), ())
+    a_lead, a_axes = ((), ()) if "embed" in in_axes else (lead, lead_axes)  # experts share the hidden side
+    b_lead, b_axes = ((), ()) if "embed" in out_axes else (lead, lead_axes)
     return {
         name + "_lora_a": ParamSpec(
-            lead + tuple(in_shape) + (rank,), lead_axes + tuple(in_axes) + (None,), "lora_a", fan_in
+            a_lead + tuple(in_shape) + (rank,), a_axes + tuple(in_axes) + (None,), "lora_a", fan_in
         ),
-        name + "_lora_b": ParamSpec(lead + (rank,) + tuple(out_shape), lead_axes + (None,) + tuple(out_axes), "zeros"),
+        name + "_lora_b": ParamSpec(b_lead + (rank,) + tuple(out_shape), b_axes + (None,) + tuple(out_axes), "zeros"),
     }
 
 

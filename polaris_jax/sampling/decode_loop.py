@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from polaris_jax.models import forward, init_cache, lm_head
+from polaris_jax.models import forward, init_cache, lm_head, moe
 from polaris_jax.models.attention import HeadMajorKV
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
 from polaris_jax.sampling.strategies import SamplingSettings, sample
@@ -215,15 +215,16 @@ def start(
     b, p = prompt_gt.shape
     segment_gt = (jnp.arange(p)[None, :] >= p - prompt_len_g[:, None]).astype(jnp.int32)
     positions_gt = jnp.maximum(jnp.cumsum(segment_gt, axis=1) - 1, 0).astype(jnp.int32)
-    last_hidden_g1d, cache = _prefill(
-        config,
-        params,
-        prompt_gt,
-        positions_gt,
-        segment_gt,
-        init_cache(config, b, p, cache_dtype, per_layer=True),
-        prefill_chunk,
-    )
+    with moe.mesh_context(config, mesh, rules):
+        last_hidden_g1d, cache = _prefill(
+            config,
+            params,
+            prompt_gt,
+            positions_gt,
+            segment_gt,
+            init_cache(config, b, p, cache_dtype, per_layer=True),
+            prefill_chunk,
+        )
     last_logits_gv = lm_head(config, params, last_hidden_g1d)[:, 0]
     rows = functools.partial(jnp.take, indices=row_src_b, axis=0)
     cache = _map_kv(cache, lambda x, length_axis: _pad_length(rows(x), length_axis, cache_len))
@@ -258,7 +259,8 @@ def decode(config, params, state: DecodeState, settings, criteria, *, mesh=None,
     def step(s: DecodeState):
         slot = s.cache["end"]
         positions_b1 = (s.prompt_len_b + slot - s.prompt_width)[:, None]
-        logits_d1v, cache = forward(config, params, s.next_token_b[:, None], positions_b1, cache=s.cache)
+        with moe.mesh_context(config, mesh, rules):
+            logits_d1v, cache = forward(config, params, s.next_token_b[:, None], positions_b1, cache=s.cache)
         s = _record(s.replace(cache=cache), logits_d1v[:, 0], slot, settings, criteria)
         return _constrain(s, mesh, rules)
 

@@ -15,7 +15,6 @@ params are an argument of each call, so new weights, prompts or settings never r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -23,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from polaris_jax.models import forward
+from polaris_jax.models import forward, moe
 from polaris_jax.models.paged_attention import copy_pages
-from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
 from polaris_jax.sampling.strategies import RowSettings, sample_rows
 
 PAGE_AXES = ("kv_heads", None, None, None)
@@ -71,10 +70,7 @@ def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
 def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool, mesh, rules, record):
     """(logits or hidden, pages, experts_blk int32 [B, MoE layers, k] of each fed token when `record`)."""
     cache = dict(kv_pages, page_table_bp=table_bp)
-    # An MoE model runs its experts expert-parallel over the mesh (models.moe), which reads the mesh from
-    # the activation context; dense models keep the layout XLA picks for them.
-    context = activation_sharding(mesh, rules) if mesh is not None and config.is_moe else contextlib.nullcontext()
-    with context:
+    with moe.mesh_context(config, mesh, rules):
         out, cache, aux = forward(
             config,
             params,

@@ -60,7 +60,7 @@ def plan_rollout(request, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
         stop_len_q=np.zeros(1, np.int32),
         max_new_tokens=np.int32(request.rollout_len - width),
     )
-    statics = dict(mesh=mesh, rules=rules, record=settings.record_experts)
+    statics = dict(mesh=mesh, rules=rules)
     start = decode_loop.start.lower(
         cfg,
         params,

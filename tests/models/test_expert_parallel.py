@@ -29,10 +29,10 @@ def moe_config(norm_topk_prob: bool = True, **overrides) -> ModelConfig:
     return ModelConfig.tiny("qwen3_moe", **{**shape, "norm_topk_prob": norm_topk_prob, **overrides})
 
 
-def sft_batch(seed: int = 0) -> dict:
+def sft_batch(seed: int = 0, rows: int = ROWS) -> dict:
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, VOCAB, (ROWS, LENGTH)).astype(np.int32)
-    lengths = rng.integers(LENGTH // 2, LENGTH + 1, ROWS)
+    tokens = rng.integers(1, VOCAB, (rows, LENGTH)).astype(np.int32)
+    lengths = rng.integers(LENGTH // 2, LENGTH + 1, rows)
     segments = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.int32)
     positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
     targets = np.roll(tokens, -1, axis=1)
@@ -50,7 +50,7 @@ def _max_error(a, b) -> float:
     )
 
 
-def _sft(config, mesh, split_config=None) -> dict:
+def _sft(config, mesh, split_config=None, rows: int = ROWS) -> dict:
     """SFT logits, loss and grads of `split_config` (default: `config`) under the mesh against `config` on one
     device, plus the split run's routing metrics."""
     import jax
@@ -59,8 +59,12 @@ def _sft(config, mesh, split_config=None) -> dict:
     from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
     from polaris_jax.train import losses, partitioning
 
-    batch = sft_batch()
+    batch = sft_batch(rows=rows)
     params = init_params(config, jax.random.key(0), std=0.1)
+    if config.lora_rank:  # B factors start at zero; give them values so every factor has a gradient
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(path) else x, params
+        )
 
     def run(config, p, b):
         logits, _, aux = forward(
@@ -73,11 +77,12 @@ def _sft(config, mesh, split_config=None) -> dict:
         with activation_sharding(mesh, DEFAULT_RULES):
             return run(split_config or config, p, b)
 
-    if config not in _REFERENCES:
-        _REFERENCES[config] = jax.jit(functools.partial(run, config), compiler_options=FAST_COMPILE)(params, batch)
-    reference = _REFERENCES[config]
+    if (config, rows) not in _REFERENCES:
+        reference_fn = jax.jit(functools.partial(run, config), compiler_options=FAST_COMPILE)
+        _REFERENCES[config, rows] = reference_fn(params, batch)
+    reference = _REFERENCES[config, rows]
     sharded_params = jax.device_put(params, param_shardings(config, mesh))
-    shardings = partitioning.batch_shardings(mesh, DEFAULT_RULES, (ROWS, LENGTH))
+    shardings = partitioning.batch_shardings(mesh, DEFAULT_RULES, (rows, LENGTH))
     sharded_batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
     compiled = jax.jit(split, compiler_options=FAST_COMPILE).lower(sharded_params, sharded_batch).compile()
     logits, loss, grads, routing = compiled(sharded_params, sharded_batch)
@@ -182,6 +187,10 @@ def worker(part: str) -> dict:
         # E/k = 4: every expert can take every token of its source device, so nothing is dropped.
         "capacity=4": _sft(config, mesh, config.replace(moe_capacity_factor=4.0)),
         "capacity=0.5": _sft(config, mesh, config.replace(moe_capacity_factor=0.5)),
+        # LoRA on attention, MLP and the experts (Tinker's layout: the hidden-size factor shared by experts).
+        "lora": _sft(config.replace(lora_rank=4, lora_alpha=8.0), mesh),
+        # 2 rows do not split over the 8 batch shards: every EP device holds them and dispatches 1/EP.
+        "unsplit_rows": _sft(config, mesh, rows=2),
         "bad_split": _bad_split(),
     }
     return results
@@ -256,6 +265,19 @@ def test_a_capacity_factor_holding_every_pair_equals_dropless_and_a_small_one_dr
     # Half the even share per expert and source: at least half of the pairs cannot fit.
     assert small["routing"]["moe_dropped"] >= 0.5, small["routing"]
     assert small["logits_error"] > 1e-3, small
+
+
+def test_expert_lora_in_tinkers_layout_under_ep4_equals_one_device(results):
+    lora = results["lora"]
+    assert lora["logits_error"] < 1e-4, lora
+    assert lora["grad_error"] < 1e-5 * max(lora["grad_scale"], 1.0), lora
+
+
+def test_rows_every_ep_device_holds_are_split_between_them_and_still_equal_one_device(results):
+    unsplit = results["unsplit_rows"]
+    assert unsplit["all_to_all"] and unsplit["routing"]["moe_dropped"] == 0.0, unsplit
+    assert unsplit["logits_error"] < 1e-4, unsplit
+    assert unsplit["grad_error"] < 1e-5 * max(unsplit["grad_scale"], 1.0), unsplit
 
 
 def test_an_expert_axis_not_dividing_the_experts_is_refused_before_compile(results):

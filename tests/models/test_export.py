@@ -38,8 +38,9 @@ def test_round_trip_through_transformers(arch, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
-def test_lora_is_merged_on_export(tmp_path):
-    config = _config("qwen3")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # MoE: expert LoRA in Tinker's layout
+def test_lora_is_merged_on_export(arch, tmp_path):
+    config = _config(arch)
     base = init_params(config, jax.random.key(0), std=0.2)
     lora_config, params = add_lora(config, base, jax.random.key(1), rank=4, alpha=8.0)
     # Non-zero B so the adapters actually change the model.

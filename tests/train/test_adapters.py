@@ -70,11 +70,21 @@ def test_moe_expert_adapters_get_gradients():
     spec = adapters.AdapterSpec(rank=2, seed=0)
     adapter = adapters.init_adapter(config, spec)
     expert_leaves = {k: v.shape for k, v in adapter["moe_layers"].items() if k.startswith(("gate", "up", "down"))}
-    assert expert_leaves and all(shape[1] == config.num_experts for shape in expert_leaves.values())
+    # Tinker's layout: the hidden-size factor is shared by every expert, the other is per expert.
+    layers, d, e, f, r = config.num_layers, config.hidden_size, config.num_experts, config.moe_intermediate_size, 2
+    assert expert_leaves == {
+        "gate_lora_a": (layers, d, r),
+        "up_lora_a": (layers, d, r),
+        "gate_lora_b": (layers, e, r, f),
+        "up_lora_b": (layers, e, r, f),
+        "down_lora_a": (layers, e, f, r),
+        "down_lora_b": (layers, r, d),
+    }
     batch = adapters.pad_batch(_rows(np.random.RandomState(1), (7,), config.vocab_size), ("weights",), {})
     out = adapters.forward_backward(spec.model_config(config), "cross_entropy", base, adapter, batch, {})
     grads = out["grads"]["moe_layers"]
     assert float(jnp.abs(grads["up_lora_b"]).max()) > 0  # B starts at zero; its gradient must not
+    assert float(jnp.abs(grads["down_lora_b"]).max()) > 0  # the shared factor too
     assert float(jnp.abs(grads["q_lora_b"]).max()) > 0
 
 
