@@ -4,7 +4,8 @@ Routing (fp32 router, softmax, top-k, optional renormalisation) runs in the ordi
 replayed from recorded expert ids (`routed_btk`, router replay). The experts run in one `shard_map` over
 the whole mesh when tracing under `activation_sharding` (no global sort, no all-gather of routed rows):
 
-- each device keeps its own tokens (batch over data/fsdp/expert, length over sequence, copies over tensor);
+- each device keeps its own tokens (batch over data/fsdp/expert, length over sequence, copies over tensor;
+  rows the batch axes cannot split reach every EP device whole, and each dispatches 1/EP of them);
 - it holds E/EP experts (EP = the mesh axes the rules give `experts`), their weights gathered along embed
   (FSDP) and split along mlp over tensor;
 - dropless (the default): with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of
@@ -79,7 +80,7 @@ def route(config, layer, x_btd, routed_btk=None):
 
 def moe_block(config, layer, x_btd, token_mask_bt, routed_btk=None):
     """Returns (output [B, T, D], stats): router statistics for the load-balancing loss and the routing
-    metrics (models.transformer.router_metrics), and `experts_btk`, the ids each token used."""
+    metrics (`router_counts`, `routing_metrics`), and `experts_btk`, the ids each token used."""
     probs_bte, top_w_btk, top_e_btk = route(config, layer, x_btd, routed_btk)
     experts = {name: layer[name] for name in _LOCAL_AXES if name in layer}
     context = current_activation_mesh()

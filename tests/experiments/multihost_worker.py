@@ -120,11 +120,14 @@ def main():
     # A GRPO update batch is whole on every process (the rollout gathered it); in its shards it must hold
     # exactly those values.
     def rows(name):
-        shape = (BATCH,) if name.endswith("_b") else (BATCH, LENGTH)
+        shape = (
+            (BATCH,) if name.endswith("_b") else (BATCH, LENGTH, 2, 2) if name.endswith("_btlk") else (BATCH, LENGTH)
+        )
         return np.arange(np.prod(shape)).reshape(shape).astype(np.float32)
 
     update = grpo_step.UpdateBatch(**{f.name: rows(f.name) for f in dataclasses.fields(grpo_step.UpdateBatch)})
-    placed = grpo_step.put_update_batch(update, grpo_step.batch_shardings(mesh, DEFAULT_RULES, BATCH))
+    shardings = grpo_step.batch_shardings(mesh, DEFAULT_RULES, BATCH, replay=True)  # with router replay's experts
+    placed = grpo_step.put_update_batch(update, shardings)
     gathered_update = multihost_utils.process_allgather(placed, tiled=True)
     for f in dataclasses.fields(update):
         if not np.array_equal(np.asarray(getattr(gathered_update, f.name)), getattr(update, f.name)):

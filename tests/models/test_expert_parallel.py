@@ -169,31 +169,31 @@ def _bad_split() -> str:
 
 
 def worker(part: str) -> dict:
-    """`default`: everything with norm_topk_prob, its SFT check without, capacity and a bad split; `slow`:
-    the GRPO update and the engine without norm_topk_prob."""
+    """`default`: SFT, GRPO and the engine with norm_topk_prob, capacity, a bad split; `slow`: the same three
+    without norm_topk_prob, expert LoRA, and rows every EP device holds."""
     import jax
 
     from polaris_jax.models import make_mesh
 
     jax.config.update("jax_default_matmul_precision", "highest")
     mesh = make_mesh({"fsdp": 2, "expert": 4})
-    if part == "slow":
-        config = moe_config(False)
-        return {"norm=False": dict(grpo=_grpo(config, mesh), engine=_engine(config, mesh))}
     config = moe_config(True)
-    results = {
+    if part == "slow":
+        no_norm = moe_config(False)
+        return {
+            "norm=False": dict(sft=_sft(no_norm, mesh), grpo=_grpo(no_norm, mesh), engine=_engine(no_norm, mesh)),
+            # LoRA on attention, MLP and the experts (Tinker's layout: the hidden-size factor shared by experts).
+            "lora": _sft(config.replace(lora_rank=4, lora_alpha=8.0), mesh),
+            # 2 rows do not split over the 8 batch shards: every EP device holds them and dispatches 1/EP.
+            "unsplit_rows": _sft(config, mesh, rows=2),
+        }
+    return {
         "norm=True": dict(sft=_sft(config, mesh), grpo=_grpo(config, mesh), engine=_engine(config, mesh)),
-        "norm=False": dict(sft=_sft(moe_config(False), mesh)),
         # E/k = 4: every expert can take every token of its source device, so nothing is dropped.
         "capacity=4": _sft(config, mesh, config.replace(moe_capacity_factor=4.0)),
         "capacity=0.5": _sft(config, mesh, config.replace(moe_capacity_factor=0.5)),
-        # LoRA on attention, MLP and the experts (Tinker's layout: the hidden-size factor shared by experts).
-        "lora": _sft(config.replace(lora_rank=4, lora_alpha=8.0), mesh),
-        # 2 rows do not split over the 8 batch shards: every EP device holds them and dispatches 1/EP.
-        "unsplit_rows": _sft(config, mesh, rows=2),
         "bad_split": _bad_split(),
     }
-    return results
 
 
 def _run_worker(part: str) -> dict:
@@ -217,9 +217,7 @@ def slow_results() -> dict:
     return _run_worker("slow")
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_ep4_equals_one_device_on_logits_and_sft_gradients(results, norm):
-    sft = results[f"norm={norm}"]["sft"]
+def _check_sft(sft):
     assert sft["all_to_all"], "the compiled step has no all-to-all: tokens did not move to their experts"
     assert "expert" in sft["expert_grad_spec"], sft["expert_grad_spec"]
     assert sft["logits_error"] < 1e-4, sft
@@ -237,13 +235,15 @@ def _check_engine(engine):
     assert engine["logprob_error"] < 1e-4, engine
 
 
-def test_ep4_equals_one_device_on_the_grpo_update_and_in_the_engine(results):
+def test_ep4_equals_one_device_on_logits_sft_gradients_the_grpo_update_and_in_the_engine(results):
+    _check_sft(results["norm=True"]["sft"])
     _check_grpo(results["norm=True"]["grpo"])
     _check_engine(results["norm=True"]["engine"])
 
 
 @pytest.mark.slow
-def test_ep4_equals_one_device_on_the_grpo_update_and_in_the_engine_without_norm_topk_prob(slow_results):
+def test_the_same_without_norm_topk_prob(slow_results):
+    _check_sft(slow_results["norm=False"]["sft"])
     _check_grpo(slow_results["norm=False"]["grpo"])
     _check_engine(slow_results["norm=False"]["engine"])
 
@@ -267,14 +267,16 @@ def test_a_capacity_factor_holding_every_pair_equals_dropless_and_a_small_one_dr
     assert small["logits_error"] > 1e-3, small
 
 
-def test_expert_lora_in_tinkers_layout_under_ep4_equals_one_device(results):
-    lora = results["lora"]
+@pytest.mark.slow
+def test_expert_lora_in_tinkers_layout_under_ep4_equals_one_device(slow_results):
+    lora = slow_results["lora"]
     assert lora["logits_error"] < 1e-4, lora
     assert lora["grad_error"] < 1e-5 * max(lora["grad_scale"], 1.0), lora
 
 
-def test_rows_every_ep_device_holds_are_split_between_them_and_still_equal_one_device(results):
-    unsplit = results["unsplit_rows"]
+@pytest.mark.slow
+def test_rows_every_ep_device_holds_are_split_between_them_and_still_equal_one_device(slow_results):
+    unsplit = slow_results["unsplit_rows"]
     assert unsplit["all_to_all"] and unsplit["routing"]["moe_dropped"] == 0.0, unsplit
     assert unsplit["logits_error"] < 1e-4, unsplit
     assert unsplit["grad_error"] < 1e-5 * max(unsplit["grad_scale"], 1.0), unsplit

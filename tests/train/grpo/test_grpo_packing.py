@@ -42,8 +42,12 @@ def _run(settings, batch):
         dict(loss_agg_mode="token-mean"),
         dict(loss_agg_mode="seq-mean-token-mean", microbatches=2),
         dict(loss_agg_mode="seq-mean-token-sum-norm", minibatches=2, microbatches=2),
-        dict(loss_agg_mode="token-mean", policy_loss="gspo", minibatches=2),
-        dict(loss_agg_mode="token-mean", policy_loss="cispo", num_iterations=2, off_policy="tis", microbatches=2),
+        # Two more losses in the slow tier (make test-slow): the packing path they take is the one above.
+        pytest.param(dict(loss_agg_mode="token-mean", policy_loss="gspo", minibatches=2), marks=pytest.mark.slow),
+        pytest.param(
+            dict(loss_agg_mode="token-mean", policy_loss="cispo", num_iterations=2, off_policy="tis", microbatches=2),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["token-mean", "seq-mean-token-mean", "dr-grpo", "gspo", "cispo-tis-mu2"],
 )
