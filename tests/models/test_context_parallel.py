@@ -5,18 +5,12 @@ compile with a message naming the problem."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from polaris_jax.models import context_parallel
 from polaris_jax.models.config import ConfigError, ModelConfig
+from tests.fake_devices import run_on_8_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 LENGTH = 4096
 
 
@@ -93,13 +87,7 @@ def worker() -> dict:
 
 @pytest.fixture(scope="module")
 def split_results() -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
-    )
-    code = "import json; from tests.models.test_context_parallel import worker; print(json.dumps(worker()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_on_8_devices("tests.models.test_context_parallel", "worker()")
 
 
 @pytest.mark.parametrize("scheme", ["ulysses", "ring"])

@@ -7,18 +7,13 @@ expert axis that does not divide the experts is refused while tracing, before co
 from __future__ import annotations
 
 import functools
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from polaris_jax.models.config import ModelConfig
+from tests.fake_devices import run_on_8_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 VOCAB, ROWS, LENGTH = 32, 8, 32
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _REFERENCES = {}  # one-device SFT results per config (in the worker)
@@ -196,25 +191,14 @@ def worker(part: str) -> dict:
     }
 
 
-def _run_worker(part: str) -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
-    )
-    code = f"import json, tests.models.test_expert_parallel as t; print('RESULT', json.dumps(t.worker({part!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
-
-
 @pytest.fixture(scope="module")
 def results() -> dict:
-    return _run_worker("default")
+    return run_on_8_devices("tests.models.test_expert_parallel", "worker('default')")
 
 
 @pytest.fixture(scope="module")
 def slow_results() -> dict:
-    return _run_worker("slow")
+    return run_on_8_devices("tests.models.test_expert_parallel", "worker('slow')")
 
 
 def _check_sft(sft):

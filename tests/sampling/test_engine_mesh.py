@@ -1,21 +1,14 @@
 """The engine compiles nothing after `warmup()` whatever it serves, and on a mesh of 8 fake CPU devices (in a
 subprocess: the suite runs on 1) it gives the single-device outputs, with the pages' kv heads over `tensor`."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import numpy as np
 
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request
+from tests.fake_devices import run_on_8_devices
 from tests.sampling.conftest import compilations
 from tests.sampling.test_engine import SMALL, finish
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_serving_a_mix_compiles_nothing_after_warmup(tied):
@@ -85,13 +78,7 @@ def _requests(model) -> list[Request]:
 
 
 def test_engine_on_eight_device_mesh(tied):
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
-    )
-    code = "import json, tests.sampling.test_engine_mesh as t; print('RESULT', json.dumps(t.sharded_run()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    result = run_on_8_devices("tests.sampling.test_engine_mesh", "sharded_run()", timeout=600)
     assert result["devices"] == 8
     assert result["tokens"][: len(tied.prompts)] == result["expected"]
     single = [c for per_request in Engine(tied.config, tied.params, SMALL).run(_requests(tied)) for c in per_request]

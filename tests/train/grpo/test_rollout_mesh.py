@@ -6,12 +6,6 @@ weights compile nothing after warm-up."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import ml_collections
 import numpy as np
@@ -19,8 +13,8 @@ import numpy as np
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.requests import Request
+from tests.fake_devices import run_on_8_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[3]
 SETTINGS = EngineSettings(max_slots=8, num_pages=64, page_size=8, max_seq_len=96, prefill_chunk=16, decode_block=4)
 LAYOUTS = {
     "shared": (dict(fsdp=4, tensor=2), dict(data=2, tensor=4)),
@@ -87,13 +81,7 @@ def mesh_run(devices: str) -> dict:
 
 
 def _subprocess(devices: str) -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
-    )
-    code = f"import json, tests.train.grpo.test_rollout_mesh as t; print('RESULT', json.dumps(t.mesh_run({devices!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+    return run_on_8_devices("tests.train.grpo.test_rollout_mesh", f"mesh_run({devices!r})", timeout=600)
 
 
 def test_the_engine_on_its_own_mesh_equals_one_device():
