@@ -16,7 +16,7 @@ ARCHITECTURES = {
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "dense", "flash")
+ATTENTION_IMPLS = ("auto", "dense", "flash", "splash", "cudnn")
 SEQUENCE_PARALLELISMS = ("ulysses", "ring")
 MOE_MATMULS = ("auto", "ragged_dot", "tiled")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -62,8 +62,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
-    # Attention over T > 1 queries: dense [T, S] scores, or blockwise (models.flash_attention) with
-    # O(T·block) memory. auto = flash once T·S exceeds flash_min_scores (dense is faster when small).
+    # Attention over T > 1 queries: dense [T, S] scores, blockwise (models.flash_attention) with O(T·block)
+    # memory, or a platform kernel (splash on TPU, cudnn on CUDA: models.attention_kernels). auto = the
+    # platform's kernel where it fits, else flash once T·S exceeds flash_min_scores (dense is faster when small).
     attention_impl: str = "auto"
     attention_block_q: int = 512
     attention_block_kv: int = 512
@@ -125,8 +126,9 @@ class ModelConfig:
         return _DTYPES[self.param_dtype]
 
     def use_flash_attention(self, num_queries: int, num_keys: int) -> bool:
-        """Whether attention of `num_queries` over `num_keys` runs blockwise (see `attention_impl`)."""
-        if self.attention_impl == "auto":
+        """Whether plain-JAX attention of `num_queries` over `num_keys` runs blockwise (see `attention_impl`;
+        the kernels' configs use the auto rule where no kernel runs, e.g. prefill over a cache)."""
+        if self.attention_impl not in ("dense", "flash"):
             return num_queries > 1 and num_queries * num_keys > self.flash_min_scores
         return self.attention_impl == "flash" and num_queries > 1
 

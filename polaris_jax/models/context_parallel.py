@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from polaris_jax.models import attention as attn_lib
+from polaris_jax.models import attention_kernels
 from polaris_jax.models.config import ConfigError
-from polaris_jax.models.flash_attention import flash_attention, flash_attention_with_lse
+from polaris_jax.models.flash_attention import flash_attention_with_lse
 from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec
 
 _MASKED = -1e30
@@ -112,11 +112,7 @@ def _ulysses(config, axis, sp, q, k, v, seg):
     to_heads = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
     q, k, v = to_heads(q), to_heads(k), to_heads(v)
     seg = jax.lax.all_gather(seg, axis, axis=1, tiled=True)
-    t = q.shape[1]
-    if config.use_flash_attention(t, t):
-        out = flash_attention(q, k, v, seg, seg, block_q=config.attention_block_q, block_kv=config.attention_block_kv)
-    else:
-        out = attn_lib.grouped_attention(q, k, v, attn_lib.self_mask(seg))
+    out = attention_kernels.self_attention(config, q, k, v, seg, local=True)
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 

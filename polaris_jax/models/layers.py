@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import context_parallel, cpu_gemm, moe, paged_attention, paged_kernels
+from polaris_jax.models import attention_kernels, context_parallel, cpu_gemm, moe, paged_attention, paged_kernels
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
@@ -81,10 +81,8 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
     elif cache_layer is None:
         if context_parallel.sequence_axis() is not None:  # rows split over the `sequence` mesh axis
             out = context_parallel.attention(config, q, k, v, segment_ids_bt)
-        elif config.use_flash_attention(t, t):
-            out = flash_attention(q, k, v, segment_ids_bt, segment_ids_bt, **blocks)
-        else:
-            out = attn_lib.grouped_attention(q, k, v, attn_lib.self_mask(segment_ids_bt))
+        else:  # the platform's kernel or plain JAX, by config.attention_impl
+            out = attention_kernels.self_attention(config, q, k, v, segment_ids_bt)
         new_cache_layer = None
     else:
         k_cache, v_cache = attn_lib.write_cache_layer(*cache_layer, k, v, cache_meta["end"])

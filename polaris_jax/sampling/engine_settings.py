@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
@@ -79,10 +77,12 @@ class EngineSettings:
 BACKENDS = ("static", "engine")
 
 
-def engine_section() -> ml_collections.ConfigDict:
+def engine_section():
     """The paged engine's fixed sizes as config keys (num_pages 0: enough pages for max_slots full-length
     samples). Beside it, a `backend` key chooses the sampler: "static" (`sampling.generate`, one static batch
     with row compaction) or "engine" (`sampling.engine.Engine`, continuous batching over a paged KV cache)."""
+    import ml_collections  # here, so the engine imports on a bare JAX install (benchmarks.device_suite)
+
     return ml_collections.ConfigDict(dict(max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8))
 
 

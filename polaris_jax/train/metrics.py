@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-from clu import metrics as clu_metrics
 
 # Dense bf16 peak FLOP/s per chip, matched as a lowercase substring of `device.device_kind` (first hit wins).
 PEAK_FLOPS = (
@@ -98,6 +97,8 @@ def step_flops(model_config, num_tokens: int, pairs: int, lora: bool = False) ->
 
 def make_collection(names):
     """A clu Collection type averaging each named scalar over a logging interval (last value for a few)."""
+    from clu import metrics as clu_metrics  # here, so FLOP counting imports on a bare JAX install
+
     fields = {
         name: (clu_metrics.LastValue if name in LAST_VALUE_METRICS else clu_metrics.Average).from_output(name)
         for name in names

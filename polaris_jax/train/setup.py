@@ -4,7 +4,7 @@ LoRA on top, and the params placed in their shards. Shared by the SFT and GRPO l
 Config sections read here:
   model:  preset, init_from (HF dir, '' = random init), overrides (ModelConfig fields; vocab_size 0 =
           the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy, sequence_parallelism,
-          moe_matmul, moe_capacity_factor
+          attention_impl, moe_matmul, moe_capacity_factor
   lora:   rank (0 = full fine-tuning), alpha, targets
 """
 
@@ -18,6 +18,7 @@ import ml_collections
 from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.files import write_atomic
+from polaris_jax.models import attention_kernels
 from polaris_jax.models import lora as lora_lib
 from polaris_jax.models.config import LORA_TARGETS, ConfigError, ModelConfig
 from polaris_jax.models.hf_io import load_hf
@@ -38,6 +39,9 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
     # Attention when the mesh has a `sequence` axis (context parallelism): ulysses | ring.
     c.model.sequence_parallelism = "ulysses"
+    # Training attention: auto (the platform's kernel where it fits) | dense | flash | splash (TPU) | cudnn (CUDA);
+    # see models/attention_kernels.py.
+    c.model.attention_impl = "auto"
     # MoE: the experts' grouped-matmul kernel (auto | ragged_dot | tiled) and expert parallelism's capacity
     # factor (0 = dropless); see models/moe.py.
     c.model.moe_matmul = "auto"
@@ -49,14 +53,16 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.lora.targets = LORA_TARGETS
 
 
-def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig:
-    """The ModelConfig a run trains (before LoRA), from init_from's config.json or a preset."""
+def model_config_from(config, tokenizer: Tokenizer | None = None, platform: str | None = "default") -> ModelConfig:
+    """The ModelConfig a run trains (before LoRA), from init_from's config.json or a preset. A kernel that
+    `platform` (default: JAX's backend; None: do not check) lacks is a ConfigError here, before any compile."""
     overrides = dict(config.model.overrides.to_dict()) if "overrides" in config.model else {}
     overrides.update(
         param_dtype=config.model.param_dtype,
         compute_dtype=config.model.compute_dtype,
         remat_policy=config.model.remat_policy,
         sequence_parallelism=config.model.get("sequence_parallelism", "ulysses"),
+        attention_impl=config.model.get("attention_impl", "auto"),
         moe_matmul=config.model.get("moe_matmul", "auto"),
         moe_capacity_factor=float(config.model.get("moe_capacity_factor", 0.0)),
     )
@@ -79,6 +85,10 @@ def model_config_from(config, tokenizer: Tokenizer | None = None) -> ModelConfig
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
         )
+    try:
+        attention_kernels.check_platform(model_config, jax.default_backend() if platform == "default" else platform)
+    except ConfigError as e:
+        raise ConfigError(f"model.attention_impl: {e}") from e
     return model_config
 
 

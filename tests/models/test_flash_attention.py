@@ -141,7 +141,7 @@ def test_auto_switches_on_the_score_count_and_bad_values_are_named():
     assert config.use_flash_attention(4096, 4096)
     assert config.replace(attention_impl="flash").use_flash_attention(8, 8)
     assert not config.replace(attention_impl="dense").use_flash_attention(32768, 32768)
-    with pytest.raises(ValueError, match="attention_impl='splash'"):
-        config.replace(attention_impl="splash")
+    with pytest.raises(ValueError, match="attention_impl='sparse'"):
+        config.replace(attention_impl="sparse")
     with pytest.raises(ValueError, match="attention blocks"):
         config.replace(attention_block_q=0)

@@ -35,7 +35,6 @@ from polaris_jax.models.transformer import forward
 from polaris_jax.sampling import sampler
 from polaris_jax.train import losses, partitioning, rl
 from polaris_jax.train import state as state_lib
-from polaris_jax.train.grpo.config import policy_loss_kwargs
 from polaris_jax.train.grpo.packing import PackedUpdateBatch, to_responses
 from polaris_jax.train.losses import accumulate_gradients, split_microbatches
 
@@ -116,6 +115,8 @@ class UpdateSettings:
 
 def update_settings(config, stage) -> UpdateSettings:
     """The update's settings for one stage (a `config.Stage`) of a validated GRPO config."""
+    from polaris_jax.train.grpo.config import policy_loss_kwargs  # ml_collections: not for benchmarks.device_suite
+
     a = config.algo
     return UpdateSettings(
         max_response_len=stage.max_response_len,
