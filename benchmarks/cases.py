@@ -28,9 +28,15 @@ from polaris_jax.train.sft.step import make_sft_step
 KERNEL_CALLS = {
     "mosaic": "tpu_custom_call",  # splash attention, TPU paged attention, megablox
     "triton": "__gpu$xla.gpu.triton",  # Pallas GPU paged attention
-    "cudnn": "__cudnn$fmha",  # cuDNN fused attention
+    "cudnn": "__cudnn$fmha",  # cuDNN fused attention (the prefix of its forward and backward calls)
     "ragged_dot": "ragged_dot",  # jax.lax.ragged_dot (the MoE grouped matmul on TPU)
 }
+
+
+UNGUARANTEED_CALLS = (
+    KERNEL_CALLS["triton"],
+    *(f"__cudnn$fmha{kind}Softmax{bwd}" for kind in ("", "ScaleBias") for bwd in ("", "Backward")),
+)
 
 
 @dataclasses.dataclass
@@ -43,8 +49,8 @@ class Case:
         return self.fn(*self.args, **self.kwargs)
 
     def export(self, platforms: tuple[str, ...]):
-        # Pallas Triton calls carry no serialization-compatibility guarantee; we lower them, not ship them.
-        unguaranteed = [jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["triton"])]
+        # Pallas Triton and cuDNN calls carry no serialization-compatibility guarantee; we lower them, not ship them.
+        unguaranteed = [jax.export.DisabledSafetyCheck.custom_call(name) for name in UNGUARANTEED_CALLS]
         export = jax.export.export(self.fn, platforms=platforms, disabled_checks=unguaranteed)
         return export(*self.args, **self.kwargs)
 

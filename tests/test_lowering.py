@@ -29,7 +29,7 @@ _CUDNN_REASON = attention_kernels.cudnn_unfit(jnp.zeros((1, 8, 2, 128), jnp.bflo
 needs_cudnn = pytest.mark.skipif(
     bool(_CUDNN_REASON),
     reason=f"cuda lowering of cuDNN attention: {_CUDNN_REASON} (jax asks the plugin for the cuDNN version "
-    "while tracing); the rest of the cuda lowering is checked",
+    "while tracing); `make test-cuda-lowering` installs both in a side folder and runs this",
 )
 
 

@@ -122,17 +122,18 @@ def splash_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, interpre
     return jnp.transpose(out_bnth, (0, 2, 1, 3))[:, :t].astype(q_btnh.dtype)
 
 
-def _splash_on_mesh(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: bool):
+def splash_on_mesh(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: bool = False, interpret: bool = False):
     """Splash per device: a Mosaic call is opaque to the SPMD partitioner (it would gather every row), so under
     a mesh it runs in a shard_map over the batch and head shards (queries follow the kv heads' split)."""
     context = current_activation_mesh()
+    kernel = functools.partial(splash_attention, config, interpret=interpret)
     if local or context is None:
-        return splash_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt)
+        return kernel(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     mesh, rules = context
     kv_spec = logical_to_spec(("batch", None, "kv_heads", "head_dim"), mesh, rules, k_btkh.shape)
     q_spec = PartitionSpec(kv_spec[0], None, kv_spec[2], None)
     fn = jax.shard_map(
-        functools.partial(splash_attention, config),
+        kernel,
         mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0], None)),
         out_specs=q_spec,
@@ -149,7 +150,7 @@ def cudnn_unfit(q_btnh, k_btkh) -> str:
     if h % 8 or h > 256:
         return f"head_dim={h}: cuDNN wants a multiple of 8, at most 256"
     if not _cudnn_traceable():
-        return "this jaxlib has no CUDA plugin, so cuDNN attention cannot be traced here"
+        return "no CUDA plugin with cuDNN beside this jaxlib, so cuDNN attention cannot be traced here"
     return ""
 
 
@@ -157,7 +158,10 @@ def cudnn_unfit(q_btnh, k_btkh) -> str:
 def _cudnn_traceable() -> bool:
     from jax._src.lib import cuda_versions  # None without the jax-cuda plugin
 
-    return cuda_versions is not None
+    try:
+        return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+    except RuntimeError:  # the plugin without cuDNN's libraries
+        return False
 
 
 def cudnn_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt):
@@ -179,7 +183,7 @@ def self_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: boo
     by `config.attention_impl`. `local=True` inside a shard_map (the per-device shapes are already split)."""
     impl = config.attention_impl
     args = (q_btnh, k_btkh, v_btkh, segment_ids_bt)
-    splash_fn = functools.partial(_splash_on_mesh, config, local=local)
+    splash_fn = functools.partial(splash_on_mesh, config, local=local)
     if impl == "splash":
         return splash_fn(*args)
     if impl == "cudnn":

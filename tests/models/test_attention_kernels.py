@@ -77,7 +77,7 @@ def test_auto_lowers_splash_for_tpu_and_plain_jax_for_cpu(caplog):
 
 def test_auto_for_cuda_takes_cudnn_where_it_can_be_traced():
     if reason := attention_kernels.cudnn_unfit(jnp.zeros((1, 8, 2, 128), jnp.bfloat16), None):
-        pytest.skip(f"cuda lowering of cuDNN attention: {reason} (jax asks the plugin for the cuDNN version)")
+        pytest.skip(f"cuda lowering of cuDNN attention: {reason}; `make test-cuda-lowering` runs it with the plugin")
     assert CUDNN in _training_forward_text("cuda")
 
 
@@ -131,3 +131,40 @@ def test_run_setup_refuses_a_kernel_this_backend_lacks_before_compiling():
     with pytest.raises(ConfigError, match="model.attention_impl: attention_impl='cudnn' runs on cuda only, not on cpu"):
         setup.model_config_from(config)
     assert setup.model_config_from(config, platform=None).attention_impl == "cudnn"  # the planner's view
+
+
+def worker() -> dict:
+    """On 8 fake devices (batch over data=2 x fsdp=2, heads over tensor=2): splash's shard_map, lowered for TPU,
+    gives the kernel per-device shapes; run with the plain path as its per-device kernel (the TPU interpreter
+    cannot run inside a shard_map here), it equals the plain path on the whole batch."""
+    from polaris_jax.models.sharding import activation_sharding, make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    config = ModelConfig.tiny(attention_block_q=128)
+    q, k, v, seg = _case(2, 4, 160, 8, 2, 64)
+    sharded = jax.jit(functools.partial(attention_kernels.splash_on_mesh, config))
+    with activation_sharding(mesh):
+        text = sharded.trace(q, k, v, seg).lower(lowering_platforms=("tpu",)).as_text()
+    kernel_operands = [line.split(" : (")[1].split(")")[0] for line in text.splitlines() if MOSAIC in line]
+    real = attention_kernels.splash_attention
+    attention_kernels.splash_attention = lambda config, q, k, v, seg, interpret: attention_kernels.xla_attention(
+        config, q, k, v, seg
+    )
+    try:
+        with activation_sharding(mesh):
+            got = jax.jit(functools.partial(attention_kernels.splash_on_mesh, config))(q, k, v, seg)
+    finally:
+        attention_kernels.splash_attention = real
+    want = attention_kernels.xla_attention(config, q, k, v, seg)
+    return {"max_error": float(np.max(np.abs(np.asarray(got) - np.asarray(want)))), "kernel_operands": kernel_operands}
+
+
+def test_splash_runs_per_device_in_its_shard_map():
+    from tests.fake_devices import run_on_8_devices
+
+    result = run_on_8_devices("tests.models.test_attention_kernels", "worker()", timeout=300)
+    assert result["max_error"] < 1e-6
+    # Each device's kernel sees one row's q with half the heads ([4, 256, 64]), and one kv head ([1, 256, 64]).
+    assert result["kernel_operands"]
+    for operands in result["kernel_operands"]:
+        assert "tensor<4x256x64xf32>, tensor<1x256x64xf32>" in operands, operands
