@@ -106,7 +106,7 @@ def timed(fn, repeats: int) -> tuple[float, float, int]:
 
 
 def kernels(case: cases.Case) -> list[str]:
-    platform = jax.devices()[0].platform
+    platform = {"gpu": "cuda"}.get(jax.devices()[0].platform, jax.devices()[0].platform)  # lowering's name
     text = case.fn.trace(*case.args, **case.kwargs).lower(lowering_platforms=(platform,)).as_text()
     return sorted(cases.kernels_in(text))
 

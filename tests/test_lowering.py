@@ -78,3 +78,19 @@ def test_one_artifact_for_three_platforms_runs_here_as_the_jitted_step():
     _, got = exported.call(copy(state), batch, rng)
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(got["grad_norm"]), float(want["grad_norm"]), rtol=1e-5)
+
+
+def test_bf16_training_accumulates_every_matmul_in_fp32():
+    """Mixed precision as the field runs it: bf16 weights and activations into every matmul of the TPU SFT
+    step (forward and backward), fp32 out of every one (accumulation), and an fp32 loss."""
+    config = ModelConfig.tiny(head_dim=128, compute_dtype="bfloat16", param_dtype="bfloat16")
+    case = cases.sft_case(config, rows=2, length=256)
+    text = case.fn.trace(*case.args).lower(lowering_platforms=("tpu",)).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    operands = [line.rsplit(" : (", 1)[1].split(")")[0] for line in dots]
+    results = [line.rsplit("->", 1)[1] for line in dots]
+    assert dots and all(r.strip().endswith("xf32>") for r in results), [r for r in results if "f32" not in r]
+    bf16_in = sum("bf16" in ops for ops in operands)
+    assert bf16_in >= len(dots) - 1, operands  # all but splash backward's fp32 row term, sum(dO * O) over head_dim
+    _, metrics = jax.eval_shape(case.fn, *case.args)
+    assert metrics["loss"].dtype == jnp.float32

@@ -19,6 +19,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "dense", "flash", "splash", "cudnn")
 SEQUENCE_PARALLELISMS = ("ulysses", "ring")
 MOE_MATMULS = ("auto", "ragged_dot", "tiled")
+PAGED_ATTENTION_IMPLS = ("auto", "xla", "gpu", "tpu")  # models.paged_kernels
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # per layer: the default targets
 UNEMBED_TARGET = "lm_head"  # the output projection (Tinker's train_unembed); opt-in
@@ -69,6 +70,9 @@ class ModelConfig:
     attention_block_q: int = 512
     attention_block_kv: int = 512
     flash_min_scores: int = 1024 * 1024
+    # Decode attention over KV pages (models.paged_kernels): auto = the platform's Pallas kernel where it fits,
+    # xla = the plain-JAX reference, gpu / tpu = that Pallas kernel (the engine's `attention_kernel` sets it).
+    paged_attention_impl: str = "auto"
     # Attention when a `sequence` mesh axis splits rows (models.context_parallel): ulysses | ring.
     sequence_parallelism: str = "ulysses"
     eos_token_ids: tuple[int, ...] = ()
@@ -90,6 +94,10 @@ class ModelConfig:
         if self.sequence_parallelism not in SEQUENCE_PARALLELISMS:
             raise ConfigError(
                 f"sequence_parallelism={self.sequence_parallelism!r} is not one of {SEQUENCE_PARALLELISMS}"
+            )
+        if self.paged_attention_impl not in PAGED_ATTENTION_IMPLS:
+            raise ConfigError(
+                f"paged_attention_impl={self.paged_attention_impl!r} is not one of {PAGED_ATTENTION_IMPLS}"
             )
         if self.moe_matmul not in MOE_MATMULS:
             raise ConfigError(f"moe_matmul={self.moe_matmul!r} is not one of {MOE_MATMULS}")

@@ -76,6 +76,7 @@ def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cach
             cache_meta["lengths_b"],
             cache_meta["positions_bt"],
             scale=q.shape[-1] ** -0.5,
+            impl=config.paged_attention_impl,
         )
         new_cache_layer = (k_pages, v_pages)
     elif cache_layer is None:

@@ -36,6 +36,7 @@ from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
 from jax.experimental.pallas.ops.tpu import paged_attention as tpu_paged
 
 from polaris_jax.models import paged_attention as reference
+from polaris_jax.models.config import ConfigError
 from polaris_jax.registry import Registry
 
 KERNELS = Registry("paged attention kernel", inputs=6)
@@ -169,11 +170,32 @@ def branches(q_bthd, k_pages_kpsd, v_pages_kpsd, *, scale) -> dict:
     return out
 
 
-def attend_by_platform(q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, *, scale):
-    """Paged attention ([b, t, h, d] in q's dtype) by the kernel for the platform being lowered for; the
-    reference on CPU, on other platforms, and wherever no kernel fits (then no switch is staged at all)."""
+def check_kernel(impl: str, platform: str | None, q_bthd, k_pages_kpsd, v_pages_kpsd) -> None:
+    """A ConfigError when the named kernel `impl` ("gpu" | "tpu") cannot run on `platform` (a jax backend name;
+    None: any) or does not take these shapes (ShapeDtypeStructs will do); auto and xla always pass."""
+    if impl in ("auto", "xla"):
+        return
+    platforms = KERNELS.meta(impl)["platforms"] + (("gpu",) if impl == "gpu" else ())
+    if platform is not None and platform not in platforms:
+        raise ConfigError(f"paged attention kernel {impl!r} runs on {platforms[0]} only, not on {platform}")
+    if reason := KERNELS.meta(impl)["unfit"](q_bthd, k_pages_kpsd, v_pages_kpsd):
+        raise ConfigError(f"paged attention kernel {impl!r} does not take these shapes: {reason}")
+
+
+def attend_by_platform(
+    q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, *, scale, impl: str = "auto"
+):
+    """Paged attention ([b, t, h, d] in q's dtype) by `impl` (`ModelConfig.paged_attention_impl`). auto: the
+    kernel for the platform being lowered for; the reference on CPU, on other platforms, and wherever no kernel
+    fits (then no switch is staged at all). xla: the reference. gpu / tpu: that kernel, for decode (a chunk of
+    several tokens per row takes the reference)."""
     args = (q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt)
     fallback = functools.partial(reference.paged_attention, scale=scale)
+    if impl == "xla" or (impl != "auto" and q_bthd.shape[1] != 1):
+        return fallback(*args)
+    if impl != "auto":
+        check_kernel(impl, None, q_bthd, k_pages_kpsd, v_pages_kpsd)
+        return KERNELS.get(impl)(*args, scale=scale)
     kernels = branches(q_bthd, k_pages_kpsd, v_pages_kpsd, scale=scale)
     if not kernels:
         return fallback(*args)

@@ -50,6 +50,7 @@ import itertools
 import jax
 import numpy as np
 
+from polaris_jax.models import paged_kernels
 from polaris_jax.models.paged_attention import NULL_PAGE, init_kv_pages
 from polaris_jax.models.sharding import DEFAULT_RULES, to_host
 from polaris_jax.sampling import engine_steps
@@ -110,9 +111,12 @@ class Engine:
         version: int = 0,
     ):
         settings = settings or EngineSettings()
-        self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
         self._shards = batch_shards(mesh, rules)
         settings.check(config, self._shards)
+        if settings.attention_kernel != "auto":
+            config = config.replace(paged_attention_impl=settings.attention_kernel)
+        self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
+        self._check_kernel()
         self._buckets = settings.buckets(self._shards)
         self._max_pages = -(-settings.max_seq_len // settings.page_size)
         self.pool = PagePool(settings.num_pages, settings.page_size)
@@ -131,6 +135,15 @@ class Engine:
         self._record = settings.record_experts
         self.last_metrics: dict = {}
         self.totals = collections.Counter()
+
+    def _check_kernel(self) -> None:
+        """A named paged-attention kernel that cannot run here is a ConfigError now, before any compile."""
+        c, pages = self.config, self.settings.num_pages
+        platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
+        q = jax.ShapeDtypeStruct((1, 1, c.num_heads, c.head_dim), c.dtype)
+        page_shape = (c.num_kv_heads, pages, self.settings.page_size, c.head_dim)
+        kv = jax.ShapeDtypeStruct(page_shape, kv_dtype(c) or c.dtype)
+        paged_kernels.check_kernel(c.paged_attention_impl, platform, q, kv, kv)
 
     # ----- weights -----
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from polaris_jax.models.config import PAGED_ATTENTION_IMPLS
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
@@ -23,6 +25,8 @@ class EngineSettings:
     max_eos_ids: EOS ids a request may give (a fixed shape of the decode call).
     slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
     record_experts: MoE only: record each fed token's experts in `Completion.routed_experts` (router replay).
+    attention_kernel: decode attention over the pages: auto (the platform's Pallas kernel where it fits) | xla
+      (the plain-JAX reference) | gpu | tpu (that Pallas kernel; refused where it cannot run).
     """
 
     max_slots: int = 64
@@ -35,6 +39,7 @@ class EngineSettings:
     slot_buckets: tuple[int, ...] = ()
     max_eos_ids: int = 8
     record_experts: bool = False
+    attention_kernel: str = "auto"
 
     def buckets(self, shards: int = 1) -> tuple[int, ...]:
         sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
@@ -55,6 +60,8 @@ class EngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineSettings.{name}={value!r} must be a positive integer")
+        if self.attention_kernel not in PAGED_ATTENTION_IMPLS:
+            raise ValueError(f"attention_kernel={self.attention_kernel!r} is not one of {PAGED_ATTENTION_IMPLS}")
         if self.record_experts and not config.is_moe:
             raise ValueError("record_experts=True records MoE routing, but the model has no experts")
         if self.decode_block > self.page_size:
@@ -83,7 +90,9 @@ def engine_section():
     with row compaction) or "engine" (`sampling.engine.Engine`, continuous batching over a paged KV cache)."""
     import ml_collections  # here, so the engine imports on a bare JAX install (benchmarks.device_suite)
 
-    return ml_collections.ConfigDict(dict(max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8))
+    return ml_collections.ConfigDict(
+        dict(max_slots=64, page_size=16, num_pages=0, prefill_chunk=512, decode_block=8, attention_kernel="auto")
+    )
 
 
 def check_sampler_config(backend: str, engine, where: str = "") -> None:
@@ -97,6 +106,9 @@ def check_sampler_config(backend: str, engine, where: str = "") -> None:
         raise ValueError(f"{where}engine.num_pages={engine.num_pages!r} must be >= 0 (0: sized for max_slots)")
     if int(engine.decode_block) > int(engine.page_size):
         raise ValueError(f"{where}engine.decode_block={engine.decode_block} must be <= page_size={engine.page_size}")
+    kernel = engine.get("attention_kernel", "auto")
+    if kernel not in PAGED_ATTENTION_IMPLS:
+        raise ValueError(f"{where}engine.attention_kernel={kernel!r} must be one of {PAGED_ATTENTION_IMPLS}")
 
 
 def engine_settings_from(engine, max_seq_len: int, record_experts: bool = False) -> EngineSettings:
@@ -113,4 +125,5 @@ def engine_settings_from(engine, max_seq_len: int, record_experts: bool = False)
         decode_block=int(engine["decode_block"]),
         max_queue=1 << 30,
         record_experts=record_experts,
+        attention_kernel=str(engine.get("attention_kernel", "auto")),
     )

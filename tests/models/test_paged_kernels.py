@@ -13,6 +13,7 @@ import pytest
 
 from polaris_jax.models import paged_kernels
 from polaris_jax.models.paged_attention import NULL_PAGE, paged_attention
+from polaris_jax.models.params import init_params
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 _reference = jax.jit(paged_attention, static_argnames=("scale", "pages_per_block"))
@@ -110,3 +111,37 @@ def test_registry_names_and_reasons():
     assert "t=3" in paged_kernels.KERNELS.meta("gpu")["unfit"](q, pages, pages)
     q1 = jax.ShapeDtypeStruct((2, 1, 8, 64), jnp.float32)
     assert set(paged_kernels.branches(q1, pages, pages, scale=0.1)) == {"cuda"}
+
+
+@pytest.mark.parametrize(
+    "impl,platform,want",
+    [
+        ("auto", "cuda", {"__gpu$xla.gpu.triton"}),
+        ("xla", "cuda", set()),  # the switch turns the kernel off
+        ("xla", "tpu", set()),
+        ("tpu", "tpu", {"tpu_custom_call"}),
+        ("gpu", "cuda", {"__gpu$xla.gpu.triton"}),
+    ],
+)
+def test_the_config_switch_picks_the_kernel(impl, platform, want):
+    case = paged_case(4, t=1, head_dim=128, page_size=16, max_pages=5)
+    fn = jax.jit(functools.partial(paged_kernels.attend_by_platform, scale=0.1, impl=impl))
+    text = fn.trace(*case).lower(lowering_platforms=(platform,)).as_text()
+    assert {name for name in ("__gpu$xla.gpu.triton", "tpu_custom_call") if name in text} == want
+
+
+def test_a_named_kernel_that_cannot_run_is_a_config_error_before_compiling():
+    from polaris_jax.models.config import ConfigError, ModelConfig
+    from polaris_jax.sampling import Engine, EngineSettings
+
+    config = ModelConfig.tiny()  # head_dim 16: Mosaic wants 128 lanes
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    settings = lambda kernel: EngineSettings(max_slots=2, num_pages=8, max_seq_len=64, attention_kernel=kernel)
+    with pytest.raises(ConfigError, match="'tpu' runs on tpu only, not on cpu"):
+        Engine(config, params, settings("tpu"))
+    q = jax.ShapeDtypeStruct((1, 1, 4, 16), jnp.float32)
+    pages = jax.ShapeDtypeStruct((2, 8, 16, 16), jnp.float32)
+    with pytest.raises(ConfigError, match="head_dim=16: Mosaic wants a multiple of 128"):
+        paged_kernels.check_kernel("tpu", "tpu", q, pages, pages)
+    with pytest.raises(ValueError, match="attention_kernel='triton' is not one of"):
+        Engine(config, params, settings("triton"))
