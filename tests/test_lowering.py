@@ -66,6 +66,7 @@ def test_each_program_exports_with_its_platforms_kernels(name, platform, want):
     assert cases.kernels_in(exported.mlir_module()) == want
 
 
+@pytest.mark.slow
 def test_one_artifact_for_three_platforms_runs_here_as_the_jitted_step():
     """Without Pallas calls (JAX lowers a Pallas call for every platform of a multi-platform export, and
     refuses), one export serves cpu, tpu and cuda, and its cpu branch computes what the jitted step does."""

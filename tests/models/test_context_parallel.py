@@ -90,6 +90,7 @@ def split_results() -> dict:
     return run_on_8_devices("tests.models.test_context_parallel", "worker()")
 
 
+@pytest.mark.slow  # ~45 s of 8-device compiles; CI's slow tier runs it
 @pytest.mark.parametrize("scheme", ["ulysses", "ring"])
 def test_sequence_split_equals_one_device(split_results, scheme):
     r = split_results[scheme]
@@ -98,6 +99,7 @@ def test_sequence_split_equals_one_device(split_results, scheme):
     assert r["grad_err"] <= 1e-4 * r["grad_scale"], r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["ulysses", "ring"])
 def test_row_length_not_dividing_is_refused_before_compile(split_results, scheme):
     message = split_results[scheme]["bad_length_error"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings
@@ -84,6 +85,7 @@ def _subprocess(devices: str) -> dict:
     return run_on_8_devices("tests.train.grpo.test_rollout_mesh", f"mesh_run({devices!r})", timeout=600)
 
 
+@pytest.mark.slow  # ~30 s on 8 fake devices; CI's slow tier runs it
 def test_the_engine_on_its_own_mesh_equals_one_device():
     from tests.sampling.conftest import golden
 
