@@ -96,7 +96,9 @@ class Run:
         )
         self.state = partitioning.init_sharded_state(params, self.optimizer, state_rng, mask, self.shardings)
         self.to_engine = (
-            None if self.rollout_mesh is self.mesh else ParamsMover(self.model_config, self.rollout_mesh, self.rules)
+            None
+            if self.rollout_mesh is self.mesh
+            else ParamsMover(self.model_config, self.rollout_mesh, self.rules, trainable_mask=mask)
         )
         del params
         rescue = (
@@ -303,6 +305,8 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
         metrics.update(update_metrics)
         metrics["train_tokens_per_s"] = train_tokens / max(time_update, 1e-9)
     metrics["time_update"] = time_update
+    if run.to_engine is not None:  # the latest push of weights to the engine's mesh
+        metrics.update(run.to_engine.last)
     metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout"], 1e-9)
     metrics["time_wait_rollout"] = waited_s
     metrics["time_step"] = time.perf_counter() - started + waited_s

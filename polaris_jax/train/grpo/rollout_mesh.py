@@ -5,7 +5,8 @@ like `mesh`; empty = the training mesh itself), either over the same devices (`r
 "shared"`) or over devices of its own (`"disjoint"`: the engine takes the last prod(rollout.mesh)
 devices, training the rest). After each update the weights move once, whole arrays resharded by
 `jax.device_put` (disjoint) or a jitted copy with the engine's out_shardings (shared): the engine
-never all-gathers weights per token.
+never all-gathers weights per token. With LoRA only the adapters move after the first push; each push's
+time and bytes go to the step's metrics (`ParamsMover.last`).
 
     train_mesh, engine_mesh = meshes(config)
     to_engine = ParamsMover(model_config, engine_mesh, rules)
@@ -16,6 +17,9 @@ never all-gathers weights per token.
 
 from __future__ import annotations
 
+import collections
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +28,7 @@ from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import MESH_AXES, make_mesh, mesh_from_config, param_shardings
 
 DEVICES = ("shared", "disjoint")
+SYNC_METRICS = ("engine/weight_sync_s", "engine/weight_sync_bytes", "engine/weight_sync_device_bytes_max")
 
 
 def _axis_sizes(section, key: str) -> dict[str, int]:
@@ -116,18 +121,50 @@ def meshes(config):
 
 class ParamsMover:
     """`mover(params)`: a fresh copy of the learner's params laid out for the engine's mesh (one transfer;
-    fresh buffers, since the update donates the learner's)."""
+    fresh buffers, since the update donates the learner's). Each array moves shard to shard into the engine's
+    layout, so experts split over an `expert` axis are never gathered on one device.
 
-    def __init__(self, model_config, mesh, rules):
+    With a `trainable_mask` (LoRA), the frozen base moves once, on the first call, and later calls move only
+    the trainable leaves (the adapters) beside the cached base. `last` holds the latest push's
+    `engine/weight_sync_s`, `engine/weight_sync_bytes` (arrays moved, logical bytes) and
+    `engine/weight_sync_device_bytes_max` (the most bytes any one engine device received)."""
+
+    def __init__(self, model_config, mesh, rules, trainable_mask=None):
         self.shardings = param_shardings(model_config, mesh, rules)
         self.mesh = mesh
-        self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.shardings)
+        self.trainable_mask = trainable_mask
+        self._copies: dict[tuple, object] = {}  # jitted copies by the leaves they move (all, then the trainable)
+        self._cached: list | None = None  # the engine-side leaves of the last push (frozen ones are reused)
+        self.last = dict.fromkeys(SYNC_METRICS, 0.0)
+
+    def _move(self, index, leaves, shardings):
+        engine_devices = set(self.mesh.devices.flat)
+        if all(set(x.sharding.device_set) <= engine_devices for x in leaves if isinstance(x, jax.Array)):
+            if index not in self._copies:
+                self._copies[index] = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=shardings)
+            return self._copies[index](leaves)
+        return jax.device_put(leaves, shardings)
 
     def __call__(self, params):
-        engine_devices = set(self.mesh.devices.flat)
-        on_engine_devices = all(
-            set(x.sharding.device_set) <= engine_devices for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
-        )
-        if on_engine_devices:
-            return self._copy(params)
-        return jax.device_put(params, self.shardings)
+        start = time.perf_counter()
+        leaves, treedef = jax.tree.flatten(params)
+        shardings = treedef.flatten_up_to(self.shardings)
+        mask = [True] * len(leaves) if self.trainable_mask is None else treedef.flatten_up_to(self.trainable_mask)
+        index = [i for i, trainable in enumerate(mask) if trainable or self._cached is None]
+        moved = self._move(tuple(index), [leaves[i] for i in index], [shardings[i] for i in index])
+        out = list(self._cached) if self._cached is not None else [None] * len(leaves)
+        for i, x in zip(index, moved):
+            out[i] = x
+        jax.block_until_ready(moved)
+        if self.trainable_mask is not None:
+            self._cached = out
+        received = collections.Counter()
+        for x in moved:
+            for shard in x.addressable_shards:
+                received[shard.device.id] += shard.data.nbytes
+        self.last = {
+            "engine/weight_sync_s": time.perf_counter() - start,
+            "engine/weight_sync_bytes": float(sum(x.nbytes for x in moved)),
+            "engine/weight_sync_device_bytes_max": float(max(received.values(), default=0)),
+        }
+        return jax.tree.unflatten(treedef, out)

@@ -105,3 +105,59 @@ def test_the_engine_on_its_own_mesh_equals_one_device():
             np.testing.assert_allclose(row, c.logprobs, rtol=1e-4, atol=1e-4)
         assert result["second"] == _tokens(scaled) and result["second_versions"] == [1], devices
         assert result["compiled"] == [], f"{devices}: compiled after warm-up on new weights: {result['compiled']}"
+
+
+def moe_sync_run() -> dict:
+    """Runs inside the subprocess: LoRA on a tiny MoE, learner on fsdp=4 (devices 0-3), engine on expert=4
+    (devices 4-7). The first push moves everything, each expert weight a quarter per engine device; the next
+    moves only the adapters, and the engine's params equal the learner's both times."""
+    from polaris_jax.models import ModelConfig, init_params, lora, param_shardings
+    from polaris_jax.models.sharding import DEFAULT_RULES, make_mesh, shard_params
+    from polaris_jax.train.grpo.rollout_mesh import ParamsMover
+
+    devices = jax.devices()
+    config = ModelConfig.tiny("qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    lora_config, params = lora.add_lora(config, init_params(config, jax.random.key(0)), jax.random.key(1), rank=4)
+    mask = lora.lora_mask(params)
+    train_mesh, engine_mesh = make_mesh({"fsdp": 4}, devices[:4]), make_mesh({"expert": 4}, devices[4:])
+    train_params = shard_params(params, param_shardings(lora_config, train_mesh))
+    mover = ParamsMover(lora_config, engine_mesh, DEFAULT_RULES, trainable_mask=mask)
+
+    def equal(moved, want):
+        return all(
+            bool(np.array_equal(np.asarray(a), np.asarray(b)))
+            for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(want))
+        )
+
+    first = mover(train_params)
+    first_sync = dict(mover.last)
+    experts = first["moe_layers"]["gate"]
+    per_device = {s.device.id: s.data.nbytes for s in experts.addressable_shards}
+    stepped = jax.tree.map(lambda x, m: x * 1.5 if m else x, train_params, mask)
+    second = mover(stepped)
+    nbytes = lambda tree, keep: float(
+        sum(x.nbytes for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep(m))
+    )
+    return dict(
+        first_equal=equal(first, train_params),
+        second_equal=equal(second, stepped),
+        first_sync=first_sync,
+        second_sync=dict(mover.last),
+        all_bytes=nbytes(params, lambda m: True),
+        adapter_bytes=nbytes(params, lambda m: m),
+        expert_bytes=float(experts.nbytes),
+        expert_bytes_per_device=sorted(set(per_device.values())),
+        expert_devices=sorted(per_device),
+    )
+
+
+def test_moe_weight_sync_moves_expert_shards_and_then_only_the_adapters():
+    r = run_on_8_devices("tests.train.grpo.test_rollout_mesh", "moe_sync_run()", timeout=300)
+    assert r["first_equal"] and r["second_equal"]
+    assert r["expert_devices"] == [4, 5, 6, 7]
+    assert r["expert_bytes_per_device"] == [r["expert_bytes"] / 4]  # split, never whole on one device
+    assert r["first_sync"]["engine/weight_sync_bytes"] == r["all_bytes"]
+    assert r["second_sync"]["engine/weight_sync_bytes"] == r["adapter_bytes"] < r["all_bytes"] / 4
+    assert 0 < r["second_sync"]["engine/weight_sync_device_bytes_max"] <= r["adapter_bytes"]
+    assert r["first_sync"]["engine/weight_sync_device_bytes_max"] < r["all_bytes"]
+    assert r["first_sync"]["engine/weight_sync_s"] > 0
