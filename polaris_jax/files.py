@@ -3,14 +3,17 @@
 The content goes to a temp file in the destination's directory, is flushed, and replaces the
 destination with `os.replace`, so a reader (or a resumed run after a kill) sees the old file or the
 new one, never half of one; a failure leaves the old file and no temp file behind.
+`atomic_directory` does the same for a directory of files (an export, an adapter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -35,3 +38,22 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Iterable[str | 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temp directory beside `path` to fill; on success it replaces `path`, on any failure it is
+    removed and `path` is left as it was. An existing non-empty `path` is refused unless `overwrite`."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

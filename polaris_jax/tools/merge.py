@@ -17,11 +17,11 @@ import collections
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from polaris_jax.files import atomic_directory
 from polaris_jax.models.config import ModelConfig
 from polaris_jax.models.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 
@@ -82,13 +82,11 @@ def merge_checkpoints(
             raise ValueError(f"weights {weights} sum to 0 and cannot be normalised")
         weights = [w / total for w in weights]
     output = os.path.abspath(os.fspath(output))
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:  # before reading any input
         raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True to replace it")
     readers = [CheckpointReader(p) for p in inputs]
     layout = _file_layout(inputs[0])
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=os.path.dirname(output))
-    try:
+    with atomic_directory(output, overwrite=overwrite) as tmp:
         for file_name, names in layout.items():
             write_safetensors(
                 os.path.join(tmp, file_name),
@@ -98,12 +96,6 @@ def merge_checkpoints(
         for name in _SIDE_FILES:
             if os.path.exists(os.path.join(inputs[0], name)):
                 shutil.copy2(os.path.join(inputs[0], name), os.path.join(tmp, name))
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
