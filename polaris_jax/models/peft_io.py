@@ -56,7 +56,7 @@ def _expert_factors(config, stack: dict, j: int) -> dict[str, np.ndarray]:
     gate_up_key, down_key = _expert_keys(config)
     e, r = config.num_experts, config.lora_rank
     f, d = config.moe_intermediate_size, config.hidden_size
-    get = lambda name: to_host(stack[name][j])
+    get = lambda name: stack[name][j]
     out = {}
     if {"gate", "up"} & set(config.lora_targets):
         a_rd = np.zeros((2 * r, d), np.float32)
@@ -81,6 +81,11 @@ def adapter_tensors(config, params) -> dict[str, np.ndarray]:
     """PEFT-named tensors of every adapter in `params` (float32)."""
     if not config.lora_rank:
         raise ConfigError("the model carries no LoRA adapters (lora_rank=0)")
+    params = {  # the adapters on the host, each fetched once (a slice per layer would compile per shape)
+        k: {n: to_host(w) for n, w in v.items() if "_lora_" in n} if isinstance(v, dict) else to_host(v)
+        for k, v in params.items()
+        if isinstance(v, dict) or "_lora_" in k
+    }
     tensors = {}
     for layer in range(config.num_layers):
         kind, j = hf_names._stack_index(config, layer)
@@ -88,9 +93,7 @@ def adapter_tensors(config, params) -> dict[str, np.ndarray]:
         for name in config.lora_targets:
             if name == UNEMBED_TARGET or (kind == "moe" and name in ("gate", "up", "down")):
                 continue
-            a, b = _dense_factors(
-                config, name, to_host(stack[name + "_lora_a"][j]), to_host(stack[name + "_lora_b"][j])
-            )
+            a, b = _dense_factors(config, name, stack[name + "_lora_a"][j], stack[name + "_lora_b"][j])
             tensors[f"{prefix}{_MODULES[name]}.lora_A.weight"], tensors[f"{prefix}{_MODULES[name]}.lora_B.weight"] = (
                 a,
                 b,
@@ -98,9 +101,7 @@ def adapter_tensors(config, params) -> dict[str, np.ndarray]:
         if kind == "moe":
             tensors.update({prefix + k: v for k, v in _expert_factors(config, stack, j).items()})
     if UNEMBED_TARGET in config.lora_targets:
-        a, b = _dense_factors(
-            config, UNEMBED_TARGET, to_host(params["lm_head_lora_a"]), to_host(params["lm_head_lora_b"])
-        )
+        a, b = _dense_factors(config, UNEMBED_TARGET, params["lm_head_lora_a"], params["lm_head_lora_b"])
         tensors[f"{_PREFIX}lm_head.lora_A.weight"], tensors[f"{_PREFIX}lm_head.lora_B.weight"] = a, b
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
@@ -146,11 +147,12 @@ def adapter_config(config, base_model_name_or_path: str = "") -> dict:
 def save_peft(config, params, path, *, base_model_name_or_path: str = "", overwrite: bool = False) -> str:
     """Writes `params`' adapters as a PEFT adapter directory (atomically: a temp directory renamed into place).
     An existing non-empty `path` is kept unless `overwrite`."""
+    peft_config = adapter_config(config, base_model_name_or_path)  # refuses what PEFT cannot hold, first
     tensors = adapter_tensors(config, params)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), tensors, {"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(adapter_config(config, base_model_name_or_path), f, indent=2)
+            json.dump(peft_config, f, indent=2)
     return os.path.abspath(os.fspath(path))
 
 

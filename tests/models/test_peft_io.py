@@ -3,6 +3,7 @@
 a dense MLP layer, and routed experts as PEFT's 3-D `target_parameters`); reading it back gives the same
 params, which `save_hf` merges into a checkpoint transformers loads alone."""
 
+import functools
 import json
 
 import jax
@@ -18,15 +19,20 @@ MASK = np.array([[1] * 8, [0, 0] + [1] * 6], np.int32)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _model(arch="qwen3_moe", targets=TARGETS, unembed=False, **overrides):
-    extra = dict(num_experts=4, num_experts_per_tok=2, **overrides) if arch == "qwen3_moe" else overrides
+@functools.cache  # shared by the tests (they only read it)
+def _model(arch="qwen3_moe", targets=TARGETS, unembed=False):
+    extra = dict(num_experts=4, num_experts_per_tok=2) if arch == "qwen3_moe" else {}
     config = ModelConfig.tiny(arch, num_layers=3, **extra)
-    base = init_params(config, jax.random.key(0), std=0.2)
     targets = targets + (("lm_head",) if unembed else ())
-    lora_config, params = add_lora(config, base, jax.random.key(1), rank=4, alpha=8.0, targets=targets)
-    noise = iter(jax.random.split(jax.random.key(2), 64))  # non-zero B, so every adapter moves the logits
+    add = lambda key: add_lora(config, init_params(config, key, std=0.2), key, rank=4, alpha=8.0, targets=targets)
+    lora_config = config.replace(lora_rank=4, lora_alpha=8.0, lora_targets=targets)
+    params = jax.device_get(jax.jit(lambda key: add(key)[1])(jax.random.key(0)))  # one compile, not one per op
+    base = {
+        k: ({n: w for n, w in v.items() if "_lora_" not in n} if isinstance(v, dict) else v) for k, v in params.items()
+    }
+    noise = np.random.default_rng(2)  # non-zero B, so every adapter moves the logits
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.1 * jax.random.normal(next(noise), x.shape) if "_lora_b" in str(p) else x, params
+        lambda p, x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype) if "_lora_b" in str(p) else x, params
     )
     return config, base, lora_config, params
 
@@ -61,13 +67,19 @@ def test_peft_loads_our_adapter_with_our_logits(arch, targets, unembed, tmp_path
     # PEFT fuses gate and up, so either alone comes back as both (the other's factor zero: the same model).
     assert loaded_config.lora_rank == 4 and set(lora_config.lora_targets) <= set(loaded_config.lora_targets)
     np.testing.assert_allclose(np.asarray(logits(loaded_config, loaded, IDS, MASK)), ours, atol=1e-5)
+    if arch == "qwen3_moe" and not unembed:  # the engine samples from the loaded adapter as from ours
+        from polaris_jax.sampling import Engine, EngineSettings, Request
+
+        settings = EngineSettings(max_slots=2, num_pages=16, page_size=8, max_seq_len=32, prefill_chunk=8)
+        greedy = lambda c, p: Engine(c, p, settings).run([Request([3, 1, 4, 1, 5], 8, temperature=0.0)])[0][0].tokens
+        assert greedy(loaded_config, loaded) == greedy(lora_config, params)
     save_hf(loaded_config, loaded, tmp_path / "merged")  # merged: transformers alone, no PEFT
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert np.abs(hf_logits(merged, IDS, MASK) - ours)[real].max() <= 1e-4
 
 
 def test_expert_tensors_are_peft_3d_target_parameters(tmp_path):
-    _, _, lora_config, params = _model()
+    _, _, lora_config, params = _model("qwen3_moe", TARGETS, False)
     save_peft(lora_config, params, tmp_path / "adapter")
     config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -77,7 +89,7 @@ def test_expert_tensors_are_peft_3d_target_parameters(tmp_path):
 def test_bad_adapters_are_refused_naming_the_problem(tmp_path):
     from polaris_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
-    config, base, lora_config, params = _model()
+    config, base, lora_config, params = _model("qwen3_moe", TARGETS, False)
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_peft(config, base, tmp_path)
     path = save_peft(lora_config, params, tmp_path / "adapter")
@@ -94,7 +106,7 @@ def test_bad_adapters_are_refused_naming_the_problem(tmp_path):
         load_peft(config, base, path)
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         save_peft(lora_config, params, path)
-    _, _, mixed_config, mixed = _model(mlp_only_layers=(0,))  # a dense MLP layer among the experts
+    mixed_config = lora_config.replace(mlp_only_layers=(0,))  # a dense MLP layer among the experts
     with pytest.raises(ConfigError, match="dense MLP layers"):
-        save_peft(mixed_config, mixed, tmp_path / "mixed")
+        save_peft(mixed_config, params, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
