@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from polaris_jax.models.config import PAGED_ATTENTION_IMPLS
 from polaris_jax.sampling.engine import EngineSettings
 
 DEFAULT_WORKDIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "polaris_jax", "serve")
@@ -36,6 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill_chunk", type=int, default=defaults.prefill_chunk)
     p.add_argument("--decode_block", type=int, default=defaults.decode_block)
     p.add_argument("--max_queue", type=int, default=defaults.max_queue)
+    p.add_argument(
+        "--attention_kernel",
+        default=defaults.attention_kernel,
+        choices=PAGED_ATTENTION_IMPLS,
+        help="decode attention: auto (the platform's Pallas kernel) | xla | gpu | tpu",
+    )
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per forward_backward pass")
     p.add_argument("--config", default=None, help="a settings file, e.g. configs/serve.py:h100 (flags given win)")
     args = p.parse_args(argv)
@@ -116,6 +123,7 @@ def main(argv=None) -> None:
         prefill_chunk=args.prefill_chunk,
         decode_block=args.decode_block,
         max_queue=args.max_queue,
+        attention_kernel=args.attention_kernel,
     )
     thread = EngineThread(Engine(config, params, settings))
     thread.start()
