@@ -35,10 +35,13 @@ from polaris_jax.models import attention as attn_lib
 from polaris_jax.models.config import ConfigError
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec
+from polaris_jax.registry import Registry
 
 log = logging.getLogger(__name__)
 
-KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("cuda", "gpu")}
+# Entries: (config, q, k, v, segments, *, local) -> [B, T, N, H]; each declares the `platforms` it runs on
+# (jax backend names; the first is the one `platform_dependent` stages it for) and an `unfit(q, k)` check.
+KERNELS = Registry("attention kernel", inputs=5)
 SPLASH_LANES = 128  # splash's block sizes are multiples of the 128 TPU lanes
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -46,11 +49,12 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 def check_platform(config, platform: str | None) -> None:
     """A ConfigError when `config.attention_impl` names a kernel `platform` (jax backend name) lacks."""
     impl = config.attention_impl
-    if platform is None or impl not in KERNEL_PLATFORMS:
+    if platform is None or impl not in KERNELS.names():
         return
-    if platform not in KERNEL_PLATFORMS[impl]:
+    platforms = KERNELS.meta(impl)["platforms"]
+    if platform not in platforms:
         raise ConfigError(
-            f"attention_impl={impl!r} runs on {KERNEL_PLATFORMS[impl][0]} only, not on {platform}; "
+            f"attention_impl={impl!r} runs on {platforms[0]} only, not on {platform}; "
             "use 'auto' (the platform's kernel where it fits) or 'flash'"
         )
     if impl == "cudnn" and jnp.dtype(config.dtype) not in _CUDNN_DTYPES:
@@ -122,6 +126,7 @@ def splash_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, interpre
     return jnp.transpose(out_bnth, (0, 2, 1, 3))[:, :t].astype(q_btnh.dtype)
 
 
+@KERNELS.register("splash", platforms=("tpu",), unfit=splash_unfit)
 def splash_on_mesh(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: bool = False, interpret: bool = False):
     """Splash per device: a Mosaic call is opaque to the SPMD partitioner (it would gather every row), so under
     a mesh it runs in a shard_map over the batch and head shards (queries follow the kv heads' split)."""
@@ -164,8 +169,11 @@ def _cudnn_traceable() -> bool:
         return False
 
 
-def cudnn_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt):
-    """Causal attention within segments by cuDNN's fused kernel (its own custom partitioning: no shard_map)."""
+@KERNELS.register("cudnn", platforms=("cuda", "gpu"), unfit=cudnn_unfit)
+def cudnn_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: bool = False):
+    """Causal attention within segments by cuDNN's fused kernel (its own custom partitioning: no shard_map,
+    so `local` changes nothing)."""
+    del local
     same_segment_b1tt = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
         q_btnh, k_btkh, v_btkh, mask=same_segment_b1tt, is_causal=True, implementation="cudnn"
@@ -183,20 +191,18 @@ def self_attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt, *, local: boo
     by `config.attention_impl`. `local=True` inside a shard_map (the per-device shapes are already split)."""
     impl = config.attention_impl
     args = (q_btnh, k_btkh, v_btkh, segment_ids_bt)
-    splash_fn = functools.partial(splash_on_mesh, config, local=local)
-    if impl == "splash":
-        return splash_fn(*args)
-    if impl == "cudnn":
-        return cudnn_attention(config, *args)
+    if impl in KERNELS.names():
+        return KERNELS.get(impl)(config, *args, local=local)
     fallback = functools.partial(xla_attention, config)
     if impl != "auto":
         return fallback(*args)
-    kernels = {
-        "tpu": ("splash", splash_unfit(q_btnh, k_btkh), splash_fn),
-        "cuda": ("cudnn", cudnn_unfit(q_btnh, k_btkh), functools.partial(cudnn_attention, config)),
-    }
-    branches = {platform: fn for platform, (_, reason, fn) in kernels.items() if not reason}
-    choices = [(platform, reason and f"fallback ({reason})" or name) for platform, (name, reason, _) in kernels.items()]
+    branches, choices = {}, []
+    for name in KERNELS.names():
+        platform, unfit = KERNELS.meta(name)["platforms"][0], KERNELS.meta(name)["unfit"]
+        reason = unfit(q_btnh, k_btkh)
+        choices.append((platform, f"fallback ({reason})" if reason else name))
+        if not reason:
+            branches[platform] = functools.partial(KERNELS.get(name), config, local=local)
     t = q_btnh.shape[1]
     choices.append(("other", "flash" if config.use_flash_attention(t, t) else "dense"))
     _log_choice(tuple(np.shape(q_btnh)), tuple(choices))
