@@ -127,7 +127,7 @@ def export_names(config) -> list[tuple[str, tuple]]:
     return names
 
 
-def _stack_index(config, layer: int) -> tuple[str, int]:
+def stack_index(config, layer: int) -> tuple[str, int]:
     kind = "moe" if config.layer_is_moe(layer) else "dense"
     return kind, sum(1 for i in range(layer) if config.layer_is_moe(i) == (kind == "moe"))
 
@@ -142,7 +142,7 @@ def export_tensor(config, params, hf_name: str) -> np.ndarray:
         return to_host(params["lm_head"]).T.copy()
     layer = int(hf_name.split(".")[2])
     ours = {hf: name for hf, name, _ in _layer_names(config, layer)}[hf_name]
-    kind, j = _stack_index(config, layer)
+    kind, j = stack_index(config, layer)
     stack = params[kind + "_layers"]
     if "@" in ours:
         name, expert = ours.split("@")

@@ -45,7 +45,7 @@ def _expert_keys(config) -> tuple[str, str]:
     return f"mlp.experts.{inner}lora_{{}}.weight", "mlp.experts.lora_{}.weight"
 
 
-def _dense_factors(config, name: str, a, b) -> tuple[np.ndarray, np.ndarray]:
+def _dense_factors(config, a, b) -> tuple[np.ndarray, np.ndarray]:
     """Our (a [..in, r], b [r, out..]) of one projection -> PEFT's (A [r, in], B [out, r])."""
     r = config.lora_rank
     return a.reshape(-1, r).T.copy(), b.reshape(r, -1).T.copy()
@@ -88,20 +88,18 @@ def adapter_tensors(config, params) -> dict[str, np.ndarray]:
     }
     tensors = {}
     for layer in range(config.num_layers):
-        kind, j = hf_names._stack_index(config, layer)
+        kind, j = hf_names.stack_index(config, layer)
         stack, prefix = params[kind + "_layers"], f"{_PREFIX}model.layers.{layer}."
         for name in config.lora_targets:
             if name == UNEMBED_TARGET or (kind == "moe" and name in ("gate", "up", "down")):
                 continue
-            a, b = _dense_factors(config, name, stack[name + "_lora_a"][j], stack[name + "_lora_b"][j])
-            tensors[f"{prefix}{_MODULES[name]}.lora_A.weight"], tensors[f"{prefix}{_MODULES[name]}.lora_B.weight"] = (
-                a,
-                b,
-            )
+            a, b = _dense_factors(config, stack[name + "_lora_a"][j], stack[name + "_lora_b"][j])
+            key = f"{prefix}{_MODULES[name]}.lora_"
+            tensors[key + "A.weight"], tensors[key + "B.weight"] = a, b
         if kind == "moe":
             tensors.update({prefix + k: v for k, v in _expert_factors(config, stack, j).items()})
     if UNEMBED_TARGET in config.lora_targets:
-        a, b = _dense_factors(config, UNEMBED_TARGET, params["lm_head_lora_a"], params["lm_head_lora_b"])
+        a, b = _dense_factors(config, params["lm_head_lora_a"], params["lm_head_lora_b"])
         tensors[f"{_PREFIX}lm_head.lora_A.weight"], tensors[f"{_PREFIX}lm_head.lora_B.weight"] = a, b
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
@@ -188,7 +186,7 @@ def load_peft(config, params, path) -> tuple[object, dict]:
     tensor = lambda key: _tensor(file, key, path)
     fills: dict[str, dict[str, tuple[list, list]]] = {}
     for layer in range(config.num_layers):
-        kind, j = hf_names._stack_index(config, layer)
+        kind, j = hf_names.stack_index(config, layer)
         prefix = f"{_PREFIX}model.layers.{layer}."
         for name in targets:
             if name == UNEMBED_TARGET or (kind == "moe" and name in ("gate", "up", "down")):
