@@ -219,6 +219,7 @@ def _check_engine(engine):
     assert engine["logprob_error"] < 1e-4, engine
 
 
+@pytest.mark.slow  # one ~80 s 8-device subprocess for all four; CI's slow tier runs it
 def test_ep4_equals_one_device_on_logits_sft_gradients_the_grpo_update_and_in_the_engine(results):
     _check_sft(results["norm=True"]["sft"])
     _check_grpo(results["norm=True"]["grpo"])
@@ -232,6 +233,7 @@ def test_the_same_without_norm_topk_prob(slow_results):
     _check_engine(slow_results["norm=False"]["engine"])
 
 
+@pytest.mark.slow
 def test_routing_metrics_are_the_one_device_metrics_and_nothing_is_dropped(results):
     sft = results["norm=True"]["sft"]
     for name, value in sft["reference_routing"].items():
@@ -242,6 +244,7 @@ def test_routing_metrics_are_the_one_device_metrics_and_nothing_is_dropped(resul
     assert 0.0 < routing["moe_experts_used"] <= 1.0 and 0.0 <= routing["moe_oversubscription"] < 1.0, routing
 
 
+@pytest.mark.slow
 def test_a_capacity_factor_holding_every_pair_equals_dropless_and_a_small_one_drops(results):
     full, small = results["capacity=4"], results["capacity=0.5"]
     assert full["all_to_all"] and full["routing"]["moe_dropped"] == 0.0, full
@@ -266,6 +269,7 @@ def test_rows_every_ep_device_holds_are_split_between_them_and_still_equal_one_d
     assert unsplit["grad_error"] < 1e-5 * max(unsplit["grad_scale"], 1.0), unsplit
 
 
+@pytest.mark.slow
 def test_an_expert_axis_not_dividing_the_experts_is_refused_before_compile(results):
     message = results["bad_split"]
     assert message.startswith("ConfigError"), message
