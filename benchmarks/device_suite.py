@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import cases
+from polaris_jax.files import write_atomic
 from polaris_jax.models import preset
 from polaris_jax.models.config import ModelConfig
 from polaris_jax.sampling import Engine, EngineSettings, Request, generate
@@ -360,14 +361,8 @@ def main(argv=None) -> dict:
 
 
 def _write(out: str, report: dict) -> None:
-    for name, text in (
-        ("device_suite.json", json.dumps(report, indent=1, default=str)),
-        ("device_suite.md", markdown(report)),
-    ):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    write_atomic(os.path.join(out, "device_suite.json"), json.dumps(report, indent=1, default=str))
+    write_atomic(os.path.join(out, "device_suite.md"), markdown(report))
 
 
 if __name__ == "__main__":

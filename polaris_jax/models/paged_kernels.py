@@ -182,6 +182,13 @@ def check_kernel(impl: str, platform: str | None, q_bthd, k_pages_kpsd, v_pages_
         raise ConfigError(f"paged attention kernel {impl!r} does not take these shapes: {reason}")
 
 
+def check_decode_kernel(impl: str, platform: str | None, config, num_pages: int, page_size: int, kv_dtype) -> None:
+    """`check_kernel` for an engine's decode: one query token per row against its pool of pages."""
+    q = jax.ShapeDtypeStruct((1, 1, config.num_heads, config.head_dim), config.dtype)
+    kv = jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, page_size, config.head_dim), kv_dtype)
+    check_kernel(impl, platform, q, kv, kv)
+
+
 def attend_by_platform(
     q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, *, scale, impl: str = "auto"
 ):

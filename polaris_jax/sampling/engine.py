@@ -116,7 +116,15 @@ class Engine:
         if settings.attention_kernel != "auto":
             config = config.replace(paged_attention_impl=settings.attention_kernel)
         self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
-        self._check_kernel()
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        paged_kernels.check_decode_kernel(  # a named kernel that cannot run here: a ConfigError before any compile
+            config.paged_attention_impl,
+            platform,
+            config,
+            settings.num_pages,
+            settings.page_size,
+            kv_dtype(config) or config.dtype,
+        )
         self._buckets = settings.buckets(self._shards)
         self._max_pages = -(-settings.max_seq_len // settings.page_size)
         self.pool = PagePool(settings.num_pages, settings.page_size)
@@ -135,15 +143,6 @@ class Engine:
         self._record = settings.record_experts
         self.last_metrics: dict = {}
         self.totals = collections.Counter()
-
-    def _check_kernel(self) -> None:
-        """A named paged-attention kernel that cannot run here is a ConfigError now, before any compile."""
-        c, pages = self.config, self.settings.num_pages
-        platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
-        q = jax.ShapeDtypeStruct((1, 1, c.num_heads, c.head_dim), c.dtype)
-        page_shape = (c.num_kv_heads, pages, self.settings.page_size, c.head_dim)
-        kv = jax.ShapeDtypeStruct(page_shape, kv_dtype(c) or c.dtype)
-        paged_kernels.check_kernel(c.paged_attention_impl, platform, q, kv, kv)
 
     # ----- weights -----
 
