@@ -15,7 +15,8 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# offload = full, with each layer's input (the residuals a full remat keeps) in pinned host memory.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("auto", "dense", "flash", "splash", "cudnn")
 SEQUENCE_PARALLELISMS = ("ulysses", "ring")
 MOE_MATMULS = ("auto", "ragged_dot", "tiled")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from polaris_jax.models import attention as attn_lib
 from polaris_jax.models import attention_kernels, context_parallel, cpu_gemm, moe, paged_attention, paged_kernels
 from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
+
+LAYER_INPUT = "layer_input"  # the name of a layer's input residual stream, for remat policies
 
 # einsum of the base weight, then of the LoRA A and B factors (rank axis "r").
 _PROJ = {
@@ -116,6 +119,7 @@ def mlp_block(config, layer, x_btd):
 def decoder_layer(
     config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta, routed_btk=None
 ):
+    x_btd = checkpoint_name(x_btd, LAYER_INPUT)  # what remat_policy=offload keeps, in host memory
     h = rms_norm(x_btd, layer["attn_norm"], config.rms_norm_eps)
     attn_out, new_cache_layer = attention_block(
         config, layer, h, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta

@@ -19,7 +19,7 @@ import numpy as np
 
 from polaris_jax.models import attention as attn_lib
 from polaris_jax.models import context_parallel, cpu_gemm, moe, paged_attention
-from polaris_jax.models.layers import decoder_layer, lora_scale, rms_norm
+from polaris_jax.models.layers import LAYER_INPUT, decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain, current_activation_mesh
 
@@ -29,6 +29,15 @@ _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Everything recomputed, and the one tensor per layer a full remat keeps (its input, [B, T, D]) moved to
+    # pinned host memory in the forward pass and back for the backward (MaxText's offloaded decoder input).
+    # XLA on CPU lowers the moves to nothing; on GPU/TPU the stacked [L, B, T, D] then leaves device memory.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=(LAYER_INPUT,),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 

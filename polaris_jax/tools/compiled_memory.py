@@ -41,3 +41,26 @@ def memory(compiled) -> dict:
 def peak(mem: dict) -> int:
     """Bytes live while a compiled program runs: arguments, outputs not aliased onto donated inputs, temps."""
     return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+
+
+def host_offloaded_bytes(closed_jaxpr) -> int:
+    """Global bytes a traced program keeps in host memory across its scans: the outputs of `scan`s placed in
+    host memory, i.e. the stacked residuals a remat policy offloads (remat_policy=offload). XLA on CPU
+    ignores the placement, so its memory analysis counts them as device temporaries."""
+    total = 0
+
+    def walk(jaxpr):
+        nonlocal total
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                for var in eqn.outvars:
+                    if "host" in str(getattr(var.aval, "memory_space", "")).lower():
+                        total += int(np.prod(var.aval.shape, dtype=np.int64)) * jnp.dtype(var.aval.dtype).itemsize
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed_jaxpr.jaxpr)
+    return total

@@ -7,7 +7,9 @@ real GRPO update (`train.grpo.step.make_grpo_update`, packed when its settings p
 static sampler, or with `PlanRequest.engine` the paged engine on its own mesh (tools/rollout_plan.py):
 
   params, optimizer state   per-device bytes of the state's shards (exact, from the shardings)
-  activations               `memory_analysis().temp_size_in_bytes` of the compiled train step
+  activations               `memory_analysis().temp_size_in_bytes` of the compiled train step, less
+                            what remat_policy=offload keeps in host memory (host activations: the
+                            host-placed scan outputs of the traced step; XLA:CPU ignores placements)
   kv cache                  per-device bytes of the sampler's cache shards for rollout_batch x rollout_len,
                             or of the engine's page pool
   rollout state + temp      the larger of the sampler's two programs (`sampling.decode_loop.start`,
@@ -35,8 +37,16 @@ from jax.sharding import Mesh
 from polaris_jax.models.lora import lora_mask
 from polaris_jax.models.params import param_shapes
 from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
+from polaris_jax.sampling.sampler import batch_shards
 from polaris_jax.tools import hlo_flops, rollout_plan
-from polaris_jax.tools.compiled_memory import flops, memory, peak, per_device_bytes, with_shardings
+from polaris_jax.tools.compiled_memory import (
+    flops,
+    host_offloaded_bytes,
+    memory,
+    peak,
+    per_device_bytes,
+    with_shardings,
+)
 from polaris_jax.train import losses, partitioning
 from polaris_jax.train import metrics as metrics_lib
 from polaris_jax.train import state as state_lib
@@ -66,6 +76,8 @@ class PlanRequest:
     # The paged engine's sizes (sampling.EngineSettings): the rollout is then the engine's page pool and
     # programs on the rollout mesh, not the static sampler's cache of rollout_batch x rollout_len.
     engine: object = None
+    # optimizer.offload_during_rollout: the optimiser state waits in host memory while the rollout decodes.
+    offload_optimizer: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2:
@@ -116,8 +128,12 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     build = _sft_step if request.update is None else _grpo_update
     step, batch, extra_args = build(request, mesh, rules, optimizer, schedule, shardings)
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng, *extra_args).compile()
+    traced = step.trace(state, batch, rng, *extra_args)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
+    # Offloaded residuals ([L, B, T, D] per layer run) are split like the residual stream: rows over the
+    # batch shards, tokens over `sequence`.
+    activation_shards = batch_shards(mesh, rules) * dict(mesh.shape).get("sequence", 1)
     tokens = request.batch_size * request.seq_len
     pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
     model_flops = metrics_lib.step_flops(cfg, tokens, pairs, lora=bool(cfg.lora_rank))
@@ -127,6 +143,7 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
         "optimizer_state": per_device_bytes(state["opt_state"]),
         "batch": per_device_bytes(batch),
         "xla": memory(compiled),
+        "host_activations": host_offloaded_bytes(traced.jaxpr) // activation_shards,
         "xla_flops_per_device": flops(compiled),
         "matmul_flops_per_device": hlo_flops.matmul_flops(compiled.as_text()),
         "model_flops_per_step": model_flops,
@@ -175,7 +192,6 @@ def _grpo_update(request: PlanRequest, mesh, rules, optimizer, schedule, shardin
 def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES):
     """The GRPO update's batch as sharded ShapeDtypeStructs: `UpdateBatch` [B, P + R], or packed
     `PackedUpdateBatch` [Mb, K, L] with K the rows of every sequence at full length (the most there can be)."""
-    from polaris_jax.sampling.sampler import batch_shards
     from polaris_jax.train.grpo import step as grpo_step
     from polaris_jax.train.grpo.packing import packed_rows
 
@@ -210,7 +226,10 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
     cfg = request.model_config
     train = plan_train_step(request, mesh, rules, optimizer)
     mem = train["xla"]
-    train_peak = peak(mem)
+    host_activations = train["host_activations"]  # XLA:CPU counts them as device temps; a GPU/TPU does not
+    train_peak = peak(mem) - host_activations
+    # What stays on the training devices while the rollout decodes.
+    rollout_optimizer = 0 if request.offload_optimizer else train["optimizer_state"]
     out = {
         "mesh": dict(mesh.shape),
         "devices": int(mesh.devices.size),
@@ -224,8 +243,10 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
         "params_bytes": train["params"],
         "trainable_params_bytes": train["trainable_params"],
         "optimizer_state_bytes": train["optimizer_state"],
+        "rollout_optimizer_state_bytes": rollout_optimizer,
         "batch_bytes": train["batch"],
-        "activations_bytes": mem["temp"],
+        "activations_bytes": mem["temp"] - host_activations,
+        "host_activations_bytes": host_activations,
         "xla_argument_bytes": mem["argument"],
         "xla_output_bytes": mem["output"],
         "xla_alias_bytes": mem["alias"],
@@ -241,7 +262,7 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
         engine_mesh = rollout_mesh or mesh
         rollout = rollout_plan.plan_engine(request, engine_mesh, rules)
         shared = set(engine_mesh.devices.flat) <= set(mesh.devices.flat)
-        resident = train["params"] + train["optimizer_state"] if shared else 0
+        resident = train["params"] + rollout_optimizer if shared else 0
         own_params = rollout["params"] if engine_mesh is not mesh else 0
         rollout_bytes = max(rollout["live_beside_params"].values())
         out.update(
@@ -265,7 +286,7 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
             kv_cache_bytes=rollout["kv_cache"],
             rollout_temp_bytes=rollout_bytes,
             # The train state stays resident while the sampler runs; the cache is in the programs' bytes.
-            rollout_peak_bytes=train["params"] + train["optimizer_state"] + rollout_bytes,
+            rollout_peak_bytes=train["params"] + rollout_optimizer + rollout_bytes,
         )
     return out
 
@@ -290,7 +311,7 @@ def fit(result: dict, hardware: str) -> dict:
         },
         "rollout": {
             "params": result["params_bytes"],
-            "optimizer_state": result["optimizer_state_bytes"],
+            "optimizer_state": result.get("rollout_optimizer_state_bytes", result["optimizer_state_bytes"]),
             "kv_cache": result.get("kv_cache_bytes", 0),
             "rollout_temp": result.get("rollout_temp_bytes", 0) - result.get("kv_cache_bytes", 0),
         },
@@ -332,6 +353,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("  of which trainable", format_bytes(result["trainable_params_bytes"])),
         ("optimizer state / device", format_bytes(result["optimizer_state_bytes"])),
         ("activations (XLA temp) / device", format_bytes(result["activations_bytes"])),
+        ("  offloaded to host / device", format_bytes(result["host_activations_bytes"])),
         ("train step peak / device", format_bytes(result["train_peak_bytes"])),
     ]
     if "kv_cache_bytes" in result:
@@ -343,7 +365,12 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
                 format_bytes(result["kv_cache_bytes"]),
             ),
             ("rollout state + temp (cache incl.) / device", format_bytes(result["rollout_temp_bytes"])),
-            ("rollout peak (+ params, optimizer) / device", format_bytes(result["rollout_peak_bytes"])),
+            (
+                "rollout peak (+ params, optimizer) / device"
+                if result["rollout_optimizer_state_bytes"]
+                else "rollout peak (+ params; optimizer on host) / device",
+                format_bytes(result["rollout_peak_bytes"]),
+            ),
         ]
     if "hardware" in result:
         memory = format_bytes(result["device_memory_bytes"])

@@ -51,7 +51,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: confi
 _MICRO = flags.DEFINE_integer(
     "microbatches", None, "Gradient accumulation passes (default: config.train.microbatches)."
 )
-_REMAT = flags.DEFINE_string("remat", "", "Remat policy: none | full | dots | dots_no_batch (default: the config's).")
+_REMAT = flags.DEFINE_string(
+    "remat", "", "Remat policy: none | full | dots | dots_no_batch | offload (default: the config's)."
+)
 _ATTENTION = flags.DEFINE_enum(
     "attention_impl",
     "",
@@ -177,6 +179,7 @@ def shape_defaults(config) -> dict:
             update=grpo_step.update_settings(config, stage),
             rollout_prompt_len=config.data.max_prompt_len,
             samples_per_prompt=config.rollout.samples_per_prompt,
+            offload_optimizer=bool(config.optimizer.get("offload_during_rollout", False)),
         )
         if config.rollout.get("backend", "static") == "engine":
             fields["engine"] = engine_settings_from(config.rollout.get("engine", None) or engine_section(), length)
@@ -203,7 +206,7 @@ def optimizer_for(config):
     """The config's AdamW (+ clipping); the schedule's length does not change memory."""
     from polaris_jax.train.optimizer import optimizer_from_config
 
-    return optimizer_from_config(config.optimizer, total_steps=1000)
+    return optimizer_from_config(config.optimizer, total_steps=1000, param_dtype=config.model.param_dtype)
 
 
 def main(argv):

@@ -42,6 +42,11 @@ def state_shardings(model_config, optimizer, trainable_mask, mesh: Mesh, rules=D
     return {"params": trainable, "frozen": frozen, "opt_state": opt, "step": replicated(mesh), "rng": replicated(mesh)}
 
 
+def in_memory(shardings, memory_kind: str):
+    """The same shardings in another memory of the same devices ("pinned_host", "device")."""
+    return jax.tree.map(lambda s: s.with_memory_kind(memory_kind), shardings)
+
+
 def trainable_shapes(model_config, trainable_mask):
     """ShapeDtypeStructs of the trainable part (None where frozen); nothing is allocated."""
     return state_lib.partition(param_shapes(model_config), trainable_mask)[0]

@@ -36,7 +36,7 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0 = the tokenizer's
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "bfloat16"  # matmul inputs
-    c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
+    c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch | offload (full, inputs on host)
     # Attention when the mesh has a `sequence` axis (context parallelism): ulysses | ring.
     c.model.sequence_parallelism = "ulysses"
     # Training attention: auto (the platform's kernel where it fits) | dense | flash | splash (TPU) | cudnn (CUDA);

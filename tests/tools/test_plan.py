@@ -125,3 +125,27 @@ def test_hardware_flag_says_which_peak_fits_and_what_overflows():
     big = dict(small, activations_bytes=10**12, train_peak_bytes=10**12 + 3, kv_cache_bytes=5, rollout_temp_bytes=9)
     out = fit(dict(big, rollout_peak_bytes=12), "h200")
     assert out["train_overflow"] == "activations" and out["rollout_fits"] is True
+
+
+def test_memory_options_are_counted():
+    """remat offload: the stacked layer inputs (2 layers x 2 rows per device x 256 tokens x 64 float32) leave
+    the device activations for host memory; bf16 params + float32 master: params halve and the optimiser state
+    holds the master beside the two moments (3 x float32 per weight)."""
+    common = ("--config=configs/sft_tiny.py", "--mesh=fsdp=2", "--batch_size=4", "--seq_len=256")
+    full = _plan(*common, "--remat=full")
+    offload = _plan(
+        *common, "--remat=offload", "--config.model.param_dtype=bfloat16", "--config.optimizer.master_weights=True"
+    )
+    assert full["host_activations_bytes"] == 0
+    assert offload["host_activations_bytes"] == 2 * 2 * 256 * 64 * 4
+    assert offload["activations_bytes"] + offload["host_activations_bytes"] == pytest.approx(
+        full["activations_bytes"], rel=0.02
+    )
+    assert offload["params_bytes"] == full["params_bytes"] // 2
+    assert abs(offload["optimizer_state_bytes"] - 3 * full["params_bytes"]) <= 64
+
+
+def test_optimizer_offload_leaves_the_rollout_peak_to_params_and_engine():
+    plan = _plan("--config=configs/grpo_tiny.py", "--config.optimizer.offload_during_rollout=True")
+    assert plan["optimizer_state_bytes"] > 0 and plan["rollout_optimizer_state_bytes"] == 0
+    assert plan["rollout_peak_bytes"] == plan["params_bytes"] + plan["rollout_temp_bytes"]

@@ -27,6 +27,7 @@ from polaris_jax.models.sharding import DEFAULT_RULES
 from polaris_jax.sampling.engine_settings import check_sampler_config, engine_section
 from polaris_jax.train import rl, setup
 from polaris_jax.train.grpo.rollout_mesh import check_rollout_section
+from polaris_jax.train.optimizer import check_master_weights
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -124,6 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0
+    # bf16 params (model.param_dtype) with a float32 master copy in the optimiser state (train.optimizer).
+    c.optimizer.master_weights = False
+    # The optimiser state waits in pinned host memory while the engine decodes (synchronous loop only).
+    c.optimizer.offload_during_rollout = False
 
     c.train = ml_collections.ConfigDict()
     c.train.loss_chunk_size = 512
@@ -331,6 +336,12 @@ def validate_config(config, *, check_files: bool = True, device_count: int | Non
     staleness = r.max_staleness
     if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
         raise ConfigError(f"rollout.max_staleness={staleness!r} must be an integer >= 0 (0: synchronous)")
+    if config.optimizer.offload_during_rollout and staleness:
+        raise ConfigError(
+            f"optimizer.offload_during_rollout=True needs the synchronous loop (rollout.max_staleness=0, now "
+            f"{staleness}): with rollouts ahead the update runs while the engine decodes"
+        )
+    check_master_weights(config.optimizer, config.model.param_dtype)
     if r.chunks < 1 or r.prompts_per_step % r.chunks:
         raise ConfigError(
             f"rollout.prompts_per_step={r.prompts_per_step} does not split into rollout.chunks={r.chunks}"

@@ -88,7 +88,9 @@ class Run:
         self.model_config, params, mask = setup.build_params(config, base, self.mesh, self.rules, model_rng)
         self.stages = stages(config)
         updates_per_step = config.algo.num_iterations * config.algo.minibatches
-        self.optimizer, self.schedule = optimizer_from_config(config.optimizer, total_steps(config) * updates_per_step)
+        self.optimizer, self.schedule = optimizer_from_config(
+            config.optimizer, total_steps(config) * updates_per_step, config.model.param_dtype
+        )
         self.shardings = partitioning.state_shardings(self.model_config, self.optimizer, mask, self.mesh, self.rules)
         # The reference is a real copy: the policy's buffers are donated to every update.
         self.ref_params = (
@@ -158,6 +160,13 @@ class Run:
 
     def params(self):
         return state_lib.full_params(self.state)
+
+    def place_optimizer(self, memory_kind: str) -> None:
+        """With optimizer.offload_during_rollout, moves the optimiser state to "pinned_host" (while the engine
+        decodes, its HBM goes to the KV pages) or back to "device" (for the update); else does nothing."""
+        if self.config.optimizer.offload_during_rollout:
+            shardings = partitioning.in_memory(self.shardings["opt_state"], memory_kind)
+            self.state = {**self.state, "opt_state": jax.device_put(self.state["opt_state"], shardings)}
 
     def sampler_params(self):
         """(params, mesh) for this run's sampler: the engine's mesh (one resharding transfer) or the training mesh."""
@@ -275,6 +284,7 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
     """The jitted update on a collected batch; returns the step's host metrics. `step` is 0-based."""
     config, stage, step_batch = run.config, collected.stage, collected.step_batch
     started = time.perf_counter()
+    run.place_optimizer("device")  # the update, and any checkpoint after it, see it on the device
     metrics = dict(step_batch.info)
     metrics.update(stage=float(stage.index), temperature=stage.temperature)
     metrics["rollout/staleness"] = float(step - collected.version)
@@ -317,6 +327,7 @@ def update(run: Run, step: int, collected: Collected, waited_s: float = 0.0) -> 
 def train_step(run: Run, step: int) -> dict:
     """Synchronous: rollout with the current params, shape, update. `step` is 0-based."""
     started = time.perf_counter()
+    run.place_optimizer("pinned_host")
     params, mesh = run.sampler_params()
     collected = collect(run, step, params, step, mesh=mesh)
     return update(run, step, collected, waited_s=time.perf_counter() - started)

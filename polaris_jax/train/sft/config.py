@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping
+    # bf16 params (model.param_dtype) with a float32 master copy in the optimiser state (train.optimizer).
+    c.optimizer.master_weights = False
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000

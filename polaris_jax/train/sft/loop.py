@@ -59,7 +59,7 @@ def run(config, workdir: str) -> dict:
     model_rng, state_rng = jax.random.split(rng)
     base_config = setup.model_config_from(config, tokenizer)
     model_config, params, mask = setup.build_params(config, base_config, mesh, rules, model_rng)
-    optimizer, schedule = optimizer_from_config(config.optimizer, config.train.steps)
+    optimizer, schedule = optimizer_from_config(config.optimizer, config.train.steps, config.model.param_dtype)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh, rules)
     state = partitioning.init_sharded_state(params, optimizer, state_rng, mask, shardings)
     del params

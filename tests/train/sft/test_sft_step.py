@@ -20,7 +20,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time;
 
 
 def _setup(
-    model_config, *, lora_rank=0, microbatches=1, peak_lr=1e-3, steps=50, batch_shape=(4, 32), std=0.02, sgd=False
+    model_config,
+    *,
+    lora_rank=0,
+    microbatches=1,
+    peak_lr=1e-3,
+    steps=50,
+    batch_shape=(4, 32),
+    std=0.02,
+    sgd=False,
+    master_weights=False,
 ):
     mesh = make_mesh({"fsdp": 1})
     rng = jax.random.PRNGKey(0)
@@ -32,7 +41,9 @@ def _setup(
         mask = lora_lib.lora_mask(params)
     else:
         mask = jax.tree.map(lambda _: True, params)
-    optimizer, schedule = make_optimizer(peak_lr=peak_lr, total_steps=steps, warmup_ratio=0.0, grad_clip_norm=1.0)
+    optimizer, schedule = make_optimizer(
+        peak_lr=peak_lr, total_steps=steps, warmup_ratio=0.0, grad_clip_norm=1.0, master_weights=master_weights
+    )
     if sgd:  # updates linear in the gradient: params then compare gradients directly
         optimizer = optax.sgd(schedule)
     shardings = partitioning.state_shardings(model_config, optimizer, mask, mesh)
