@@ -97,9 +97,13 @@ def attention(config, q_btnh, k_btkh, v_btkh, segment_ids_bt):
     check(config, q_btnh.shape[1], sp, config.num_heads // heads_split, config.num_kv_heads // heads_split)
     if kv_spec[1] != axis:
         raise ConfigError(f"the 'length' rule must map to {axis!r} alone to split rows; got {kv_spec[1]!r}")
-    local = _ulysses if config.sequence_parallelism == "ulysses" else _ring
+    local = functools.partial(_ulysses if config.sequence_parallelism == "ulysses" else _ring, config, axis, sp)
+    if config.sequence_parallelism == "ring" and config.remat_policy == "none":
+        # The backward pass runs the ring again instead of keeping every key/value chunk that went round
+        # (SP chunks = the whole row's K/V per layer: the split undone). Layer remat policies recompute them.
+        local = jax.checkpoint(local)
     fn = jax.shard_map(
-        functools.partial(local, config, axis, sp),
+        local,
         mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
         out_specs=q_spec,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polaris_jax.models import attention as attn_lib
-from polaris_jax.models import context_parallel, cpu_gemm, moe, paged_attention
+from polaris_jax.models import context_parallel, cpu_gemm, embedding, moe, paged_attention
 from polaris_jax.models.layers import LAYER_INPUT, decoder_layer, lora_scale, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain, current_activation_mesh
@@ -171,11 +171,8 @@ def forward(
     if zigzag is not None:  # ring attention's load-balanced layout (models.context_parallel)
         tokens_bt, positions_bt, segment_ids_bt = (x[:, zigzag] for x in (tokens_bt, positions_bt, segment_ids_bt))
         routed_experts = None if routed_experts is None else routed_experts[:, :, zigzag]
-    # The table whole along `embed` (an FSDP all-gather) before the lookup: a lookup into the embed-sharded
-    # table comes out sharded along embed, which XLA can only turn into the residual's (batch, length)
-    # sharding by replicating the whole [B, T, D] activation.
-    if current_activation_mesh() is not None:
-        x_btd = constrain(params["embed"].astype(config.dtype), ("vocab", None))[tokens_bt]
+    if current_activation_mesh() is not None:  # ids travel, not the table (models.embedding)
+        x_btd = embedding.lookup(params["embed"], tokens_bt, config.dtype)
     else:  # also the decode layouts' embedding objects
         x_btd = params["embed"][tokens_bt].astype(config.dtype)
     x_btd = constrain(x_btd, _RESIDUAL_AXES)
