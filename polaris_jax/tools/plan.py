@@ -13,7 +13,7 @@ of rows per optimiser step. Prints a table, then one JSON line.
 SFT configs (`train/sft/config.py`): rows = data.batch_size, length = data.seq_len, microbatches =
 train.microbatches; no rollout unless --rollout_batch/--rollout_len are given.
 GRPO configs (`train/grpo/config.py`): the update is planned as the real GRPO update
-(`train.grpo.step.make_grpo_update`) at the longest stage, over prompts_per_step x samples_per_prompt
+(`train.grpo.step.make_grpo_update`) at the longest stage (or `--stage=N`), over prompts_per_step x samples_per_prompt
 responses of data.max_prompt_len + that stage's max_response_len tokens: packed into rows of
 algo.pack_tokens when the config packs (every sequence at full length: the most rows packing needs),
 in micro passes of algo.micro_tokens or algo.microbatches. The rollout is the paged engine
@@ -69,6 +69,9 @@ _HARDWARE = flags.DEFINE_enum(
     "",
     ["", "h100", "h200", "h800", "v5p", "v6e"],
     "Device memory to check each peak against (default: the config's `hardware`, if any).",
+)
+_STAGE = flags.DEFINE_integer(
+    "stage", -1, "GRPO configs: the schedule stage to plan (0-based; default -1: the longest stage)."
 )
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
 
@@ -161,14 +164,18 @@ def model_config_for(config, model_preset: str):
     return setup.model_config_from(config, tokenizer, platform=None)  # plans for the hardware named, not this host
 
 
-def shape_defaults(config) -> dict:
-    """PlanRequest fields implied by an SFT or GRPO config (before flags)."""
+def shape_defaults(config, stage_index: int = -1) -> dict:
+    """PlanRequest fields implied by an SFT or GRPO config (before flags); GRPO at stage `stage_index`
+    (-1: the longest)."""
     if "rollout" in config and "schedule" in config:  # the GRPO schema (jobs grpo and demo)
         from polaris_jax.sampling.engine_settings import engine_section, engine_settings_from
         from polaris_jax.train.grpo import config as grpo_config
         from polaris_jax.train.grpo import step as grpo_step
 
-        stage = max(grpo_config.stages(config), key=lambda s: s.max_response_len)
+        all_stages = grpo_config.stages(config)
+        if not -1 <= stage_index < len(all_stages):
+            raise app.UsageError(f"--stage={stage_index}: the schedule has stages 0..{len(all_stages) - 1}")
+        stage = max(all_stages, key=lambda s: s.max_response_len) if stage_index < 0 else all_stages[stage_index]
         rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
         length = config.data.max_prompt_len + stage.max_response_len
         fields = dict(
@@ -241,7 +248,7 @@ def main(argv):
         model_config = model_config.replace(
             lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(config.lora.targets)
         )
-    fields = shape_defaults(config)
+    fields = shape_defaults(config, _STAGE.value)
     flag_values = {
         "batch_size": _BATCH.value,
         "seq_len": _SEQ_LEN.value,
