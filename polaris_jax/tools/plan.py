@@ -139,6 +139,9 @@ def model_config_for(config, model_preset: str):
             compute_dtype=m.compute_dtype,
             remat_policy=m.remat_policy,
             sequence_parallelism=m.get("sequence_parallelism", "ulysses"),
+            attention_impl=m.get("attention_impl", "auto"),
+            moe_matmul=m.get("moe_matmul", "auto"),
+            moe_capacity_factor=float(m.get("moe_capacity_factor", 0.0)),
         )
     if m.init_from and not os.path.exists(os.path.join(m.init_from, "config.json")):
         raise app.UsageError(

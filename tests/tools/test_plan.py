@@ -149,3 +149,23 @@ def test_optimizer_offload_leaves_the_rollout_peak_to_params_and_engine():
     plan = _plan("--config=configs/grpo_tiny.py", "--config.optimizer.offload_during_rollout=True")
     assert plan["optimizer_state_bytes"] > 0 and plan["rollout_optimizer_state_bytes"] == 0
     assert plan["rollout_peak_bytes"] == plan["params_bytes"] + plan["rollout_temp_bytes"]
+
+
+def test_a_preset_keeps_the_configs_model_knobs():
+    """--model=PRESET swaps the shape, not the config's numerics and kernels (capacity factor, dtypes, remat)."""
+    from polaris_jax.tools.plan import model_config_for
+    from polaris_jax.train.grpo.config import default_config
+
+    config = default_config()
+    config.model.moe_capacity_factor = 1.25
+    config.model.param_dtype = "bfloat16"
+    config.model.remat_policy = "offload"
+    config.model.attention_impl = "flash"
+    cfg = model_config_for(config, "qwen3_30b_a3b")
+    assert (cfg.moe_capacity_factor, cfg.param_dtype, cfg.remat_policy, cfg.attention_impl) == (
+        1.25,
+        "bfloat16",
+        "offload",
+        "flash",
+    )
+    assert cfg.num_experts == 128

@@ -43,6 +43,7 @@ def test_optimizer_state_waits_on_the_host_during_rollouts_and_nothing_changes(t
         assert results[True][key] == results[False][key], key
 
 
+@pytest.mark.slow  # the optimiser and SFT-step tests check the master in the default tier
 def test_bf16_params_with_a_float32_master_train_in_the_loop(tmp_path, monkeypatch):
     """The loop runs with bf16 params and a master copy: the engine samples from the bf16 params, the
     optimiser state holds the float32 master, and after two updates the params are the master rounded."""
