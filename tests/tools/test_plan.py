@@ -127,6 +127,7 @@ def test_hardware_flag_says_which_peak_fits_and_what_overflows():
     assert out["train_overflow"] == "activations" and out["rollout_fits"] is True
 
 
+@pytest.mark.slow  # two plans, ~20 s; the values tests of the options run in the default tier
 def test_memory_options_are_counted():
     """remat offload: the stacked layer inputs (2 layers x 2 rows per device x 256 tokens x 64 float32) leave
     the device activations for host memory; bf16 params + float32 master: params halve and the optimiser state
@@ -145,6 +146,7 @@ def test_memory_options_are_counted():
     assert abs(offload["optimizer_state_bytes"] - 3 * full["params_bytes"]) <= 64
 
 
+@pytest.mark.slow  # a GRPO plan, ~17 s
 def test_optimizer_offload_leaves_the_rollout_peak_to_params_and_engine():
     plan = _plan("--config=configs/grpo_tiny.py", "--config.optimizer.offload_during_rollout=True")
     assert plan["optimizer_state_bytes"] > 0 and plan["rollout_optimizer_state_bytes"] == 0
@@ -152,20 +154,24 @@ def test_optimizer_offload_leaves_the_rollout_peak_to_params_and_engine():
 
 
 def test_a_preset_keeps_the_configs_model_knobs():
-    """--model=PRESET swaps the shape, not the config's numerics and kernels (capacity factor, dtypes, remat)."""
-    from polaris_jax.tools.plan import model_config_for
-    from polaris_jax.train.grpo.config import default_config
-
-    config = default_config()
-    config.model.moe_capacity_factor = 1.25
-    config.model.param_dtype = "bfloat16"
-    config.model.remat_policy = "offload"
-    config.model.attention_impl = "flash"
-    cfg = model_config_for(config, "qwen3_30b_a3b")
-    assert (cfg.moe_capacity_factor, cfg.param_dtype, cfg.remat_policy, cfg.attention_impl) == (
-        1.25,
-        "bfloat16",
-        "offload",
-        "flash",
-    )
-    assert cfg.num_experts == 128
+    """--model=PRESET swaps the shape, not the config's numerics and kernels (capacity factor, dtypes, remat).
+    In a subprocess: tools.plan defines absl flags that polaris_jax.main also defines."""
+    code = """
+import json
+from polaris_jax.tools.plan import model_config_for
+from polaris_jax.train.grpo.config import default_config
+config = default_config()
+config.model.update(moe_capacity_factor=1.25, param_dtype="bfloat16", remat_policy="offload", attention_impl="flash")
+cfg = model_config_for(config, "qwen3_30b_a3b")
+names = ("moe_capacity_factor", "param_dtype", "remat_policy", "attention_impl", "num_experts")
+print(json.dumps({name: getattr(cfg, name) for name in names}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "moe_capacity_factor": 1.25,
+        "param_dtype": "bfloat16",
+        "remat_policy": "offload",
+        "attention_impl": "flash",
+        "num_experts": 128,
+    }
