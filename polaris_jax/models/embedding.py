@@ -21,11 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from polaris_jax.models.sharding import current_activation_mesh, logical_to_spec, spec_axes
 
 
 def lookup(table_vd, tokens_bt, dtype):
@@ -49,8 +45,8 @@ def lookup(table_vd, tokens_bt, dtype):
 
 
 def _local_lookup(table_spec, token_spec, table_vd, tokens_bt):
-    vocab_axes, embed_axes = _axes(table_spec[0]), _axes(table_spec[1])
-    token_dim = {axis: dim for dim, entry in enumerate(token_spec) for axis in _axes(entry)}
+    vocab_axes, embed_axes = spec_axes(table_spec[0]), spec_axes(table_spec[1])
+    token_dim = {axis: dim for dim, entry in enumerate(token_spec) for axis in spec_axes(entry)}
     for axis in embed_axes:  # the ids of every device holding other D slices of the same rows
         if axis in token_dim:
             tokens_bt = jax.lax.all_gather(tokens_bt, axis, axis=token_dim[axis], tiled=True)

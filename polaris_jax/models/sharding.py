@@ -63,6 +63,16 @@ def logical_to_spec(axes: Iterable[str | None], mesh: Mesh, rules=DEFAULT_RULES,
     return PartitionSpec(*spec)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_count(mesh: Mesh, spec: PartitionSpec) -> int:
+    """Into how many pieces `spec` splits an array on `mesh`."""
+    return int(np.prod([mesh.shape[a] for entry in spec for a in spec_axes(entry)]))
+
+
 def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 

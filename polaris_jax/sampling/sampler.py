@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from polaris_jax.models import cpu_gemm
-from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, to_host
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, shard_count, to_host
 from polaris_jax.models.transformer import unstack_layers
 from polaris_jax.sampling import decode_loop
 from polaris_jax.sampling.buckets import Buckets, round_up
@@ -148,9 +148,7 @@ def _stop_criteria(eos_token_ids, stop_sequences, max_new_tokens: int, vocab_siz
 def batch_shards(mesh, rules) -> int:
     if mesh is None:
         return 1
-    spec = logical_to_spec(("batch",), mesh, rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return shard_count(mesh, logical_to_spec(("batch",), mesh, rules))
 
 
 def put(tree, mesh, rules, *, rows: bool):

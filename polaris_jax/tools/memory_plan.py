@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 
 from polaris_jax.models.lora import lora_mask
 from polaris_jax.models.params import param_shapes
-from polaris_jax.models.sharding import DEFAULT_RULES, param_shardings
+from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings, shard_count
 from polaris_jax.sampling.sampler import batch_shards
 from polaris_jax.tools import hlo_flops, rollout_plan
 from polaris_jax.tools.compiled_memory import (
@@ -131,9 +131,8 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     traced = step.trace(state, batch, rng, *extra_args)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    # Offloaded residuals ([L, B, T, D] per layer run) are split like the residual stream: rows over the
-    # batch shards, tokens over `sequence`.
-    activation_shards = batch_shards(mesh, rules) * dict(mesh.shape).get("sequence", 1)
+    # Offloaded residuals ([L, B, T, D] per layer run) are split like the residual stream's rows and tokens.
+    activation_shards = shard_count(mesh, logical_to_spec(("batch", "length"), mesh, rules))
     tokens = request.batch_size * request.seq_len
     pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
     model_flops = metrics_lib.step_flops(cfg, tokens, pairs, lora=bool(cfg.lora_rank))

@@ -133,16 +133,7 @@ def model_config_for(config, model_preset: str):
 
     m = config.model
     if model_preset:
-        return preset(
-            model_preset,
-            param_dtype=m.param_dtype,
-            compute_dtype=m.compute_dtype,
-            remat_policy=m.remat_policy,
-            sequence_parallelism=m.get("sequence_parallelism", "ulysses"),
-            attention_impl=m.get("attention_impl", "auto"),
-            moe_matmul=m.get("moe_matmul", "auto"),
-            moe_capacity_factor=float(m.get("moe_capacity_factor", 0.0)),
-        )
+        return preset(model_preset, **setup.model_knobs(config))
     if m.init_from and not os.path.exists(os.path.join(m.init_from, "config.json")):
         raise app.UsageError(
             f"model.init_from={m.init_from!r} has no config.json here; pass --model=PRESET "

@@ -34,7 +34,7 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.model.preset = "tiny"  # a models.presets.PRESETS name or "tiny"; ignored when init_from is set
     c.model.init_from = ""  # Hugging Face checkpoint directory to start from ("" = random init)
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0 = the tokenizer's
-    c.model.param_dtype = "float32"  # master weights
+    c.model.param_dtype = "float32"  # bfloat16 with optimizer.master_weights: a float32 master in the optimiser
     c.model.compute_dtype = "bfloat16"  # matmul inputs
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch | offload (full, inputs on host)
     # Attention when the mesh has a `sequence` axis (context parallelism): ulysses | ring.
@@ -53,19 +53,25 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     c.lora.targets = LORA_TARGETS
 
 
+def model_knobs(config) -> dict:
+    """The ModelConfig fields the `model` section sets on any architecture: numerics, remat and kernels."""
+    m = config.model
+    return dict(
+        param_dtype=m.param_dtype,
+        compute_dtype=m.compute_dtype,
+        remat_policy=m.remat_policy,
+        sequence_parallelism=m.get("sequence_parallelism", "ulysses"),
+        attention_impl=m.get("attention_impl", "auto"),
+        moe_matmul=m.get("moe_matmul", "auto"),
+        moe_capacity_factor=float(m.get("moe_capacity_factor", 0.0)),
+    )
+
+
 def model_config_from(config, tokenizer: Tokenizer | None = None, platform: str | None = "default") -> ModelConfig:
     """The ModelConfig a run trains (before LoRA), from init_from's config.json or a preset. A kernel that
     `platform` (default: JAX's backend; None: do not check) lacks is a ConfigError here, before any compile."""
     overrides = dict(config.model.overrides.to_dict()) if "overrides" in config.model else {}
-    overrides.update(
-        param_dtype=config.model.param_dtype,
-        compute_dtype=config.model.compute_dtype,
-        remat_policy=config.model.remat_policy,
-        sequence_parallelism=config.model.get("sequence_parallelism", "ulysses"),
-        attention_impl=config.model.get("attention_impl", "auto"),
-        moe_matmul=config.model.get("moe_matmul", "auto"),
-        moe_capacity_factor=float(config.model.get("moe_capacity_factor", 0.0)),
-    )
+    overrides.update(model_knobs(config))
     if overrides.get("vocab_size", None) == 0:
         if tokenizer is None:
             raise ValueError("model.overrides.vocab_size=0 takes the tokenizer's size, but there is no tokenizer")
