@@ -313,13 +313,10 @@ def validate_config(config, *, check_files: bool = True, device_count: int | Non
             f"algo.micro_tokens={a.micro_tokens} sets the micro passes of packed updates: it needs "
             f"algo.pack_tokens > 0 (now {a.pack_tokens}) dividing it, and algo.microbatches = 1 (now {a.microbatches})"
         )
-    if config.rollout.router_replay and (
-        config.rollout.backend != "engine" or a.pack_tokens or config.shaping.rollout_rescue
-    ):
+    if config.rollout.router_replay and (config.rollout.backend != "engine" or config.shaping.rollout_rescue):
         raise ConfigError(
-            "rollout.router_replay records experts in the paged engine and replays them in padded updates: it needs "
-            f"rollout.backend='engine' (now {config.rollout.backend!r}), algo.pack_tokens=0 (now {a.pack_tokens}) "
-            f"and shaping.rollout_rescue=False (now {config.shaping.rollout_rescue}); packed replay is not built yet"
+            "rollout.router_replay records experts in the paged engine: it needs rollout.backend='engine' "
+            f"(now {config.rollout.backend!r}) and shaping.rollout_rescue=False (now {config.shaping.rollout_rescue})"
         )
     if a.micro_tokens and rl.micro_weight(a.loss_agg_mode) is None:
         raise ConfigError(

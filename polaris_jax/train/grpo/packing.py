@@ -35,6 +35,8 @@ class PackedUpdateBatch:
       minibatch's packed rows (row b belongs to minibatch b % Mb, as `losses.split_microbatches` splits);
       -1 past the response.
     mask_br, sampler_logprobs_br, advantages_b: as in `step.UpdateBatch`.
+    routed_experts_mklk: int16 [Mb, K, L, MoE layers, k] or None: router replay's recorded experts, moved
+      with their tokens (-1 = route, as on padding).
     """
 
     tokens_mkl: Any
@@ -45,6 +47,7 @@ class PackedUpdateBatch:
     mask_br: Any
     sampler_logprobs_br: Any
     advantages_b: Any
+    routed_experts_mklk: Any = None
 
 
 def _bins(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -91,6 +94,8 @@ def pack_update_batch(batch, *, row_tokens: int, minibatches: int, microbatches:
     shape = (minibatches, k, row_tokens)
     tokens, positions, segments, targets = (np.zeros(shape, np.int32) for _ in range(4))
     flat_index_br = np.full((rows, r), -1, np.int32)
+    routed_btlk = getattr(batch, "routed_experts_btlk", None)
+    routed = None if routed_btlk is None else np.full(shape + routed_btlk.shape[2:], -1, routed_btlk.dtype)
     for m, (members, minibatch_bins) in enumerate(zip(per_minibatch, bins)):
         for row, sequence_ids in enumerate(minibatch_bins):
             offset = 0
@@ -105,6 +110,8 @@ def pack_update_batch(batch, *, row_tokens: int, minibatches: int, microbatches:
                 predicts = offset + pl - 1 + np.arange(rl)  # the column whose logits give response token j
                 targets[m, row, predicts] = response_br[b, :rl]
                 flat_index_br[b, :rl] = row * row_tokens + predicts
+                if routed is not None:
+                    routed[m, row, span] = routed_btlk[b, p - pl : p + rl]
                 offset += pl + rl
     return PackedUpdateBatch(
         tokens_mkl=tokens,
@@ -115,6 +122,7 @@ def pack_update_batch(batch, *, row_tokens: int, minibatches: int, microbatches:
         mask_br=np.asarray(batch.mask_br, np.float32),
         sampler_logprobs_br=np.asarray(batch.sampler_logprobs_br, np.float32),
         advantages_b=np.asarray(batch.advantages_b, np.float32),
+        routed_experts_mklk=routed,
     )
 
 

@@ -259,12 +259,16 @@ def _packed_inputs(batch: PackedUpdateBatch, settings: UpdateSettings):
         targets=batch.targets_mkl,
         row_ids=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (minibatches, k)),
     )
+    if batch.routed_experts_mklk is not None:
+        rows["experts"] = batch.routed_experts_mklk
     return split_microbatches(responses, settings.minibatches), rows
 
 
 def _packed_stats(model_config, params, rows: dict, settings: UpdateSettings):
     """{logprobs, entropy} [K, L] of each packed position's target (the next response token)."""
-    hidden_kld, routing = _hidden(model_config, params, rows["tokens"], rows["positions"], rows["segments"])
+    hidden_kld, routing = _hidden(
+        model_config, params, rows["tokens"], rows["positions"], rows["segments"], rows.get("experts")
+    )
     stats = losses.hidden_token_stats(
         model_config,
         params,
@@ -404,6 +408,9 @@ def batch_shardings(
         if name == "routed_experts_btlk":
             shape = None if rows is None else (rows, 1, 1, 1)
             spec = logical_to_spec(("batch", "length", None, None), mesh, rules, shape)
+            return NamedSharding(mesh, spec) if replay else None
+        if name == "routed_experts_mklk":
+            spec = logical_to_spec((None, "batch", "length", None, None), mesh, rules)
             return NamedSharding(mesh, spec) if replay else None
         if name.endswith("_mkl"):
             return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), mesh, rules))

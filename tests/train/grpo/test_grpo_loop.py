@@ -203,9 +203,9 @@ _BAD = {
     "disjoint": lambda c: c.rollout.update(dict(backend="engine", devices="disjoint", mesh=dict(tensor=1))),
     "devices": lambda c: c.rollout.update(dict(backend="engine", devices="split")),
     "replay_static": lambda c: c.rollout.update(dict(backend="static", router_replay=True)),
-    "replay_packed": lambda c: (
+    "replay_rescue": lambda c: (
         c.rollout.update(dict(backend="engine", router_replay=True)),
-        c.algo.update(dict(pack_tokens=4096)),
+        c.shaping.update(dict(rollout_rescue=True)),
     ),
 }
 _MESSAGES = {
@@ -231,7 +231,7 @@ _MESSAGES = {
     "disjoint": "takes 1 of 1 devices, leaving none for training",
     "devices": "rollout.devices='split' must be one of",
     "replay_static": "rollout.router_replay .* needs rollout.backend='engine' \\(now 'static'\\)",
-    "replay_packed": "rollout.router_replay .* algo.pack_tokens=0 \\(now 4096\\)",
+    "replay_rescue": "rollout.router_replay .* shaping.rollout_rescue=False \\(now True\\)",
 }
 
 

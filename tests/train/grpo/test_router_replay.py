@@ -14,6 +14,7 @@ from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.requests import Request, to_sample_output
 from polaris_jax.train.grpo import step as grpo_step
+from polaris_jax.train.grpo.packing import pack_update_batch, to_responses
 from tests.train.grpo import grpo_helpers
 
 NEW = 24
@@ -74,6 +75,28 @@ def _logprob_gaps(params, batch) -> dict:
     return gaps
 
 
+def _packed_logprob_gaps(params, batch) -> dict:
+    """`_logprob_gaps` through a packed update's forward: several sequences per row, the experts moved with
+    their tokens, the logprobs gathered back to the response layout."""
+    settings = grpo_helpers.settings(pack_tokens=2 * batch.tokens_bt.shape[1])
+    mask = batch.mask_br > 0
+    gaps = {}
+    for name, b in (("replay", batch), ("reroute", batch.replace(routed_experts_btlk=None))):
+        packed = pack_update_batch(b, row_tokens=settings.pack_tokens, minibatches=1, microbatches=1)
+        assert packed.tokens_mkl.shape[1] < b.tokens_bt.shape[0], "no two sequences share a row"
+        assert (packed.routed_experts_mklk is None) == (name == "reroute")
+
+        def logprobs(p, packed):
+            _, rows = grpo_step._packed_inputs(packed, settings)
+            rows = jax.tree.map(lambda x: x[0], rows)
+            lp_kl = grpo_step._packed_stats(CONFIG, p, rows, settings)["logprobs"]
+            return to_responses(lp_kl, rows["row_ids"], packed.flat_index_br, 1)[0]
+
+        lp_br = jax.jit(logprobs)(params, jax.tree.map(jnp.asarray, packed))
+        gaps[name] = float(np.max(np.abs(np.asarray(lp_br) - batch.sampler_logprobs_br)[mask]))
+    return gaps
+
+
 @pytest.fixture(scope="module")
 def near_tie():
     params = _params(1e-7)
@@ -85,6 +108,13 @@ def test_replay_gives_the_engines_logprobs_where_rerouting_does_not(near_tie):
     gaps = _logprob_gaps(params, batch)
     assert gaps["replay"] < 1e-4, gaps
     assert gaps["reroute"] > 0.5, gaps  # flipped near-ties: the mismatch replay exists to remove
+
+
+def test_packed_replay_gives_the_engines_logprobs(near_tie):
+    params, _, batch = near_tie
+    gaps = _packed_logprob_gaps(params, batch)
+    assert gaps["replay"] < 1e-4, gaps
+    assert gaps["reroute"] > 0.5, gaps
 
 
 def test_without_ties_rerouting_agrees_with_the_engine():
