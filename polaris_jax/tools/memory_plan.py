@@ -190,14 +190,18 @@ def _grpo_update(request: PlanRequest, mesh, rules, optimizer, schedule, shardin
 
 def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES):
     """The GRPO update's batch as sharded ShapeDtypeStructs: `UpdateBatch` [B, P + R], or packed
-    `PackedUpdateBatch` [Mb, K, L] with K the rows of every sequence at full length (the most there can be)."""
+    `PackedUpdateBatch` [Mb, K, L] with K the rows of every sequence at full length (the most there can be);
+    with router replay, the recorded experts of every position."""
     from polaris_jax.train.grpo import step as grpo_step
     from polaris_jax.train.grpo.packing import packed_rows
 
     s, rows, length = request.update, request.batch_size, request.seq_len
     response = s.max_response_len
-    shardings = grpo_step.batch_shardings(mesh, rules, rows, packed=bool(s.pack_tokens))
+    replay = s.router_replay and request.model_config.is_moe
+    shardings = grpo_step.batch_shardings(mesh, rules, rows, packed=bool(s.pack_tokens), replay=replay)
     int32, f32 = jnp.int32, jnp.float32
+    cfg = request.model_config
+    experts_lk = (cfg.num_layers_of("moe"), cfg.num_experts_per_tok) if replay else ()
     per_response = dict(mask_br=((rows, response), f32), sampler_logprobs_br=((rows, response), f32))
     per_response["advantages_b"] = ((rows,), f32)
     if s.pack_tokens:
@@ -207,11 +211,15 @@ def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES)
         mkl = ((s.minibatches, k, s.pack_tokens), int32)
         fields = dict(tokens_mkl=mkl, positions_mkl=mkl, segment_ids_mkl=mkl, targets_mkl=mkl)
         fields.update(flat_index_br=((rows, response), int32), **per_response)
+        if replay:
+            fields["routed_experts_mklk"] = ((s.minibatches, k, s.pack_tokens, *experts_lk), jnp.int16)
         cls = grpo_step.PackedUpdateBatch
     else:
         bt = ((rows, length), int32)
         fields = dict(tokens_bt=bt, positions_bt=bt, segment_ids_bt=bt, response_br=((rows, response), int32))
         fields.update(per_response)
+        if replay:
+            fields["routed_experts_btlk"] = ((rows, length, *experts_lk), jnp.int16)
         cls = grpo_step.UpdateBatch
     structs = {
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(shardings, name))

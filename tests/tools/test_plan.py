@@ -175,3 +175,29 @@ print(json.dumps({name: getattr(cfg, name) for name in names}))
         "attention_impl": "flash",
         "num_experts": 128,
     }
+
+
+@pytest.mark.parametrize("pack_tokens", [0, 96])
+def test_router_replay_plans_the_recorded_experts(pack_tokens):
+    """A tiny MoE GRPO update with router replay (padded and packed) compiles in the planner, and its batch
+    holds the replayed experts: int16, one per position, MoE layer and top-k slot."""
+    import dataclasses
+
+    import jax
+    from jax.sharding import Mesh
+
+    from polaris_jax.models import ModelConfig
+    from polaris_jax.tools import memory_plan
+    from tests.train.grpo import grpo_helpers
+
+    cfg = ModelConfig.tiny("qwen3_moe", vocab_size=64, num_layers=2, num_experts=4, num_experts_per_tok=2)
+    mesh = Mesh(jax.devices()[:1], ("fsdp",))
+    batch = {}
+    for replay in (False, True):
+        settings = dataclasses.replace(grpo_helpers.settings(pack_tokens=pack_tokens), router_replay=replay)
+        request = memory_plan.PlanRequest(model_config=cfg, batch_size=8, seq_len=48, update=settings)
+        batch[replay] = memory_plan.plan_train_step(request, mesh)["batch"]
+    # Without replay, packed: four int32 [Mb, K, L] arrays, then flat index, mask, logprobs [B, R], advantages.
+    per_response = 8 * grpo_helpers.RESPONSE * 3 * 4 + 8 * 4
+    positions = 8 * 48 if not pack_tokens else (batch[False] - per_response) // 16
+    assert batch[True] - batch[False] == positions * 2 * 2 * 2, batch  # layers x top-k x int16
