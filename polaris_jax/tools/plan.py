@@ -22,6 +22,9 @@ the static sampler decoding prompts_per_step x samples_per_prompt / rollout.chun
 `--hardware=h100|h200|h800|v5p|v6e` checks each peak against that device's memory: the table and the JSON
 line (`train_fits`, `rollout_fits`, and `train_overflow` / `rollout_overflow`: the largest term of a peak
 that does not fit) say whether it fits.
+`--mesh=auto --devices=N` plans the train step on every fsdp x expert x sequence layout of N devices the
+model allows and keeps the one with the smallest train-step peak (`tools/mesh_search.py`); the JSON line
+gains `mesh_search` (one row per candidate: its mesh and train peak, or the error that refused it).
 See `docs/planner.md` for what the numbers mean and where a GPU/TPU compiler will differ.
 """
 
@@ -41,8 +44,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config (configs/*.py[:arg]); default: the SFT defaults of train/sft/config.py.",
     lock_config=True,
 )
-_MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=2,fsdp=4,tensor=1' (default: the config's mesh).")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Fake devices when the mesh holds a -1 size (default 8).")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "",
+    "Mesh sizes, e.g. 'data=2,fsdp=4,tensor=1' (default: the config's mesh); 'auto': the fsdp x expert x "
+    "sequence layout of --devices with the smallest train-step peak (tools/mesh_search.py).",
+)
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake devices for --mesh=auto or a -1 mesh size (default 8).")
 _MODEL = flags.DEFINE_string("model", "", "A models.PRESETS name planned instead of the config's model.")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", None, "LoRA rank (0 = full fine-tuning; default: the config's).")
 _LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: the config's).")
@@ -218,8 +226,12 @@ def main(argv):
         from polaris_jax.train.sft.config import default_config
 
         config = default_config()
-    mesh_shape = parse_mesh(_MESH.value) if _MESH.value else {k: int(v) for k, v in config.mesh.items()}
-    train_devices = device_count(mesh_shape, _DEVICES.value)
+    auto_mesh = _MESH.value == "auto"
+    if auto_mesh:
+        mesh_shape, train_devices = {}, _DEVICES.value or 8
+    else:
+        mesh_shape = parse_mesh(_MESH.value) if _MESH.value else {k: int(v) for k, v in config.mesh.items()}
+        train_devices = device_count(mesh_shape, _DEVICES.value)
     rollout_shape, disjoint = rollout_layout(config)
     rollout_devices = device_count(rollout_shape, 0) if disjoint else 0
     use_fake_cpu_devices(train_devices + rollout_devices)
@@ -227,7 +239,7 @@ def main(argv):
     import jax
 
     from polaris_jax.models.sharding import make_mesh, sharding_rules
-    from polaris_jax.tools import memory_plan
+    from polaris_jax.tools import memory_plan, mesh_search
 
     model_config = model_config_for(config, _MODEL.value)
     if _REMAT.value:
@@ -260,16 +272,32 @@ def main(argv):
         fields["update"] = dataclasses.replace(update, max_response_len=response, pack_tokens=pack)
     request = memory_plan.PlanRequest(model_config=model_config, **fields)
     devices = jax.devices()
+    rules, optimizer = sharding_rules(config), optimizer_for(config)
+    search_table = None
+    if auto_mesh:  # the train step alone on each candidate; the rollout is planned on the one kept
+        train_only = dataclasses.replace(request, engine=None, rollout_batch=0, rollout_len=0)
+        peak_of = (
+            lambda shape: memory_plan.plan(  # noqa: E731
+                train_only, make_mesh(shape, devices[:train_devices]), rules, optimizer
+            )["train_peak_bytes"]
+        )
+        candidates = mesh_search.candidate_meshes(train_devices, model_config)
+        mesh_shape, search_table = mesh_search.search(peak_of, candidates)
     mesh = make_mesh(mesh_shape, devices[:train_devices])
     rollout_mesh = None
     if rollout_shape and request.engine is not None:
         rollout_mesh = make_mesh(rollout_shape, devices[train_devices:] if disjoint else devices[:train_devices])
-    result = memory_plan.plan(request, mesh, sharding_rules(config), optimizer_for(config), rollout_mesh=rollout_mesh)
+    result = memory_plan.plan(request, mesh, rules, optimizer, rollout_mesh=rollout_mesh)
     result["model"] = _MODEL.value or config.model.preset or config.model.init_from
+    if search_table is not None:
+        result["mesh_search"] = search_table
     hardware = _HARDWARE.value or config.get("hardware", "")
     if hardware:
         result.update(memory_plan.fit(result, hardware))
     if _FORMAT.value == "text":
+        for row in search_table or ():
+            figure = memory_plan.format_bytes(row["train_peak_bytes"]) if "train_peak_bytes" in row else row["error"]
+            print(f"mesh candidate {row['mesh']}: train peak {figure}")
         width = max(len(label) for label, _ in memory_plan.summary_rows(result))
         for label, value in memory_plan.summary_rows(result):
             print(f"{label:<{width}}  {value}")

@@ -201,3 +201,41 @@ def test_router_replay_plans_the_recorded_experts(pack_tokens):
     per_response = 8 * grpo_helpers.RESPONSE * 3 * 4 + 8 * 4
     positions = 8 * 48 if not pack_tokens else (batch[False] - per_response) // 16
     assert batch[True] - batch[False] == positions * 2 * 2 * 2, batch  # layers x top-k x int16
+
+
+def test_mesh_auto_keeps_the_layout_with_the_smallest_train_peak():
+    r = _plan("--config=configs/sft_tiny.py", "--mesh=auto", "--devices=4", "--batch_size=4", "--seq_len=256")
+    table = {json.dumps(row["mesh"], sort_keys=True): row for row in r["mesh_search"]}
+    assert set(table) == {'{"fsdp": 4}', '{"fsdp": 2, "sequence": 2}', '{"fsdp": 1, "sequence": 4}'}, table
+    assert "Ulysses" in table['{"fsdp": 1, "sequence": 4}']["error"]  # 2 kv heads do not split 4 ways
+    peaks = [row["train_peak_bytes"] for row in r["mesh_search"] if "train_peak_bytes" in row]
+    assert r["devices"] == 4 and r["train_peak_bytes"] <= min(peaks) * 1.01
+    assert table[json.dumps(r["mesh"], sort_keys=True)]["train_peak_bytes"] == r["train_peak_bytes"]
+
+
+def test_mesh_candidates_and_ties():
+    from polaris_jax.models import ModelConfig
+    from polaris_jax.tools import mesh_search
+
+    moe = ModelConfig.tiny("qwen3_moe", num_experts=6, num_experts_per_tok=2)
+    shapes = mesh_search.candidate_meshes(8, moe)
+    assert {s.get("expert", 1) for s in shapes} == {1, 2}  # 4 and 8 do not divide 6 experts
+    assert all(s["fsdp"] * s.get("expert", 1) * s.get("sequence", 1) == 8 for s in shapes) and len(shapes) == 7
+    assert mesh_search.candidate_meshes(4, ModelConfig.tiny("qwen3")) == [
+        {"fsdp": 4},
+        {"fsdp": 2, "sequence": 2},
+        {"fsdp": 1, "sequence": 4},
+    ]
+    peaks = {"a": 10_000, "b": 10_050, "c": 9_960}
+
+    def peak_of(mesh):
+        if mesh["name"] == "bad":
+            raise ValueError("refused\nsecond line")
+        return peaks[mesh["name"]]
+
+    candidates = [{"name": "a", "sequence": 2}, {"name": "b"}, {"name": "c", "expert": 2}, {"name": "bad"}]
+    best, table = mesh_search.search(peak_of, candidates)
+    assert best["name"] == "b"  # within 1% of the least, and no sequence or expert shards
+    assert table[-1] == {"mesh": {"name": "bad"}, "error": "refused"}
+    with pytest.raises(ValueError, match="no mesh"):
+        mesh_search.search(peak_of, [{"name": "bad"}])
