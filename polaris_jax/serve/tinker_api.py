@@ -190,12 +190,12 @@ def tinker_router(t: Tinker, dependencies) -> fastapi.APIRouter:
     @api.post("/asample")
     async def asample(http: fastapi.Request):
         body = await json_body(http)
-        weights, request, top = t.sampling.request(body, t.tokenizer)
-        if t.sampling.queue_full(weights):  # refused, not queued until memory runs out; the SDK retries a 429
+        call = t.sampling.request(body, t.tokenizer)
+        if t.sampling.queue_full(call.weights):  # refused, not queued until memory runs out; the SDK retries a 429
             return JSONResponse({"detail": "the sampler's queue is full; retry later"}, 429)
         request_id = t.futures.create("sample")
-        asyncio.create_task(t.sampling.sample(weights, request, top, request_id))
-        return _future(request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(request.n)])
+        asyncio.create_task(t.sampling.sample(call, request_id))
+        return _future(request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(call.request.n)])
 
     @api.post("/retrieve_future")
     async def retrieve_future(http: fastapi.Request):

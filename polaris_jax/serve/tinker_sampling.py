@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import random
 import uuid
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,8 +23,9 @@ from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request, RequestError
 from polaris_jax.serve import tinker_checkpoints as ckpt
 from polaris_jax.serve.base_model import BaseModel
-from polaris_jax.serve.engine_thread import EngineThread, merge
+from polaris_jax.serve.engine_thread import EngineThread
 from polaris_jax.serve.futures import PROTO, Futures
+from polaris_jax.serve.openai_api import ChoiceText, drive
 from polaris_jax.serve.store import SamplerRow, Store
 from polaris_jax.serve.tinker_proto import BadInput, sample_response
 from polaris_jax.train import adapters
@@ -36,6 +38,17 @@ class Weights:
     key: str  # "base", a tinker:// sampler path, or "live:<sampler id>"
     spec: adapters.AdapterSpec | None = None
     adapter: dict | None = None
+
+
+class Asample(NamedTuple):
+    """A checked asample request: the weights to sample, the engine request, the top-k prompt logprobs
+    asked for (-1: none), the stop strings matched on the decoded text, and the tokenizer that decodes it."""
+
+    weights: Weights
+    request: Request
+    top: int
+    stop_texts: list[str]
+    tokenizer: Any
 
 
 class Sampling:
@@ -131,8 +144,8 @@ class Sampling:
 
     # ----- asample -----
 
-    def request(self, body: dict, tokenizer) -> tuple[Weights, Request, int]:
-        """Checks an asample body; (weights, engine request, top-k prompt logprobs or -1 for none)."""
+    def request(self, body: dict, tokenizer) -> Asample:
+        """Checks an asample body into an `Asample`."""
         weights = self.sampler(body.get("sampling_session_id"))
         chunks = (body.get("prompt") or {}).get("chunks") or []
         tokens = []
@@ -154,7 +167,7 @@ class Sampling:
         max_tokens = params.get("max_tokens")
         if max_tokens is None:
             max_tokens = self.base.max_seq_len - len(tokens)
-        eos, stops = self._stops(params.get("stop"), tokenizer)
+        eos, stops, stop_texts = self._stops(params.get("stop"), tokenizer)
         seed, top_k = params.get("seed"), params.get("top_k", -1)
         request = Request(
             prompt=tokens,
@@ -174,32 +187,33 @@ class Sampling:
             message = str(e).split(": ", 1)[-1].replace("max_new_tokens", "sampling_params.max_tokens")
             raise BadInput(message) from None
         wants_prompt = bool(body.get("prompt_logprobs")) or top > 0
-        return weights, request, top if wants_prompt else -1
+        return Asample(weights, request, top if wants_prompt else -1, stop_texts, tokenizer)
 
     def _stops(self, stop, tokenizer):
-        """(eos ids, stop sequences): stop=None keeps the model's EOS ids; a given list replaces them
-        (ids stop at that token; strings stop at their tokens); [] stops only at max_tokens."""
+        """(eos ids, stop token sequences, stop strings): stop=None keeps the model's EOS ids; a given list
+        replaces them (ids stop at that token; a string stops where the decoded text first contains it,
+        whatever tokens spell it, and the engine also stops on its own tokenization); [] stops only at
+        max_tokens."""
         if stop is None:
-            return self.base.eos_token_ids, ()
+            return self.base.eos_token_ids, (), []
         stop = [stop] if isinstance(stop, (str, int)) else stop
         if not isinstance(stop, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in stop):
             raise BadInput(f"sampling_params.stop: {stop!r} is not a string, a list of strings or a list of token ids")
         ids = tuple(s for s in stop if isinstance(s, int))
-        seqs = tuple(tuple(tokenizer.encode(s)) for s in stop if isinstance(s, str) and s)
-        return ids, seqs
+        texts = [s for s in stop if isinstance(s, str) and s]
+        return ids, tuple(tuple(tokenizer.encode(s)) for s in texts), texts
 
-    async def sample(self, weights: Weights, request: Request, top: int, request_id: str) -> None:
-        """Runs a checked request and finishes its future with a SampleResponse."""
+    async def sample(self, call: Asample, request_id: str) -> None:
+        """Runs a checked request and finishes its future with a SampleResponse. A sample ends at the token
+        that completes a stop string in its decoded text (that token included, as vLLM returns them)."""
+        weights, request, top = call.weights, call.request, call.top
         try:
             engine = await asyncio.to_thread(self.engine, weights)
             streams = await engine.submit_all([request])
-            seqs = [[[], [], "length"] for _ in range(request.n)]
-            async for _, delta in merge(streams):
-                seq = seqs[delta.sample]
-                seq[0] += delta.tokens
-                seq[1] += delta.logprobs
-                if delta.finish_reason is not None:
-                    seq[2] = "length" if delta.finish_reason == "length" else "stop"
+            choices = [ChoiceText(call.tokenizer, call.stop_texts) for _ in range(request.n)]
+            async for _ in drive(streams, choices, request.n):
+                pass
+            seqs = [[c.tokens, c.logprobs, c.finish or "length"] for c in choices]
             prompt_lp, topk = None, None
             if top >= 0:
                 prompt_lp, topk = await asyncio.to_thread(self._prompt_logprobs, weights, list(request.prompt), top)

@@ -274,6 +274,34 @@ def test_base_sampler_greedy_matches_transformers(server):
     assert all(lp <= 0 for lp in seq.logprobs)
 
 
+def test_a_stop_string_ends_where_the_text_contains_it_whatever_tokens_spell_it(server):
+    """A stop string spanning two sampled tokens (the last character of one, the first of the next): its
+    own tokenization is not what the model sampled, yet the sample ends at the token that completes it in
+    the decoded text (that token included), as vLLM serves Tinker's string stops."""
+    tokenizer = qwen_tokenizer_offline("qwen3")
+    sampler = _service(server).create_sampling_client(base_model=server["model"]).result()
+    prompt = np.random.RandomState(5).randint(0, 151_643, size=7).tolist()
+    greedy = types.SamplingParams(max_tokens=24, temperature=0.0, stop=[])
+    tokens = sampler.sample(types.ModelInput.from_ints(prompt), 1, greedy).result().sequences[0].tokens
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = None
+    for j in range(1, len(tokens)):
+        before, after = tokenizer.decode(tokens[:j]), tokenizer.decode(tokens[j : j + 1])
+        stop = before[-1:] + after[:1]
+        clean = len(stop) == 2 and "\ufffd" not in before + after and text.startswith(before)
+        if (
+            clean
+            and text.find(stop) == len(before) - 1
+            and tuple(tokenizer.encode(stop)) != tuple(tokens[j - 1 : j + 1])
+        ):
+            cut = j
+            break
+    assert cut is not None, f"no clean token boundary in {text!r}"
+    params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=[stop])
+    seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+    assert seq.tokens == tokens[: cut + 1] and seq.stop_reason == "stop", (stop, seq.tokens, tokens)
+
+
 def test_prometheus_metrics_count_the_work(server):
     text = httpx.get(f"{server['state']['base']}/metrics").text  # after the tests above: training and sampling
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
