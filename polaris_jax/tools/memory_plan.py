@@ -244,6 +244,8 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
         "batch_size": request.batch_size,
         "seq_len": request.seq_len,
         "microbatches": request.microbatches,
+        "pack_tokens": request.update.pack_tokens if request.update is not None else 0,
+        "micro_tokens": request.update.micro_rows * request.update.pack_tokens if request.update is not None else 0,
         "remat_policy": cfg.remat_policy,
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
@@ -350,11 +352,22 @@ def format_flops(num: float | None) -> str:
     return f"{num / 10**exp:.2f} {prefix}FLOP"
 
 
+def _passes(result: dict) -> str:
+    """How the step splits its batch: microbatches, or packed rows in micro passes of a token budget."""
+    if not result.get("pack_tokens"):
+        return f"{result['microbatches']} microbatches"
+    micro = result.get("micro_tokens")
+    budget = (
+        f", micro passes of {micro} tokens per batch shard" if micro else f", {result['microbatches']} microbatches"
+    )
+    return f"packed into rows of {result['pack_tokens']} tokens{budget}"
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(label, value) rows for printing one plan."""
     rows = [
         ("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
-        ("batch x seq_len", f"{result['batch_size']} x {result['seq_len']} ({result['microbatches']} microbatches)"),
+        ("batch x seq_len", f"{result['batch_size']} x {result['seq_len']} ({_passes(result)})"),
         ("lora rank", str(result["lora_rank"]) if result["lora_rank"] else "full fine-tuning"),
         ("params / device", format_bytes(result["params_bytes"])),
         ("  of which trainable", format_bytes(result["trainable_params_bytes"])),
