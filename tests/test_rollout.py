@@ -6,9 +6,7 @@ such a trace 1 (think="strip") and the eval job 0 (think="require").
 """
 
 import collections
-import importlib.util
 import json
-import os
 import types
 
 import numpy as np
@@ -21,17 +19,14 @@ from polaris_jax.evals import run_eval
 from polaris_jax.rewards.extraction import ExtractionConfig
 from polaris_jax.rewards.scoring import score_completion
 from polaris_jax.train.grpo import loop as grpo_loop
+from tests.config_files import config_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUNCATED = "Let me try 6*7. That gives \\boxed{42}, but wait, I should check whether"  # cut off: no </think>
 FINISHED = "6*7 = 42.\n</think>\n\nThe answer is \\boxed{42}."
 
 
 def _load(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_module(name).get_config(arg)
 
 
 def scripted_generate(tokenizer):

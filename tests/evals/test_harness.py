@@ -1,6 +1,5 @@
 """End to end: a tiny saved checkpoint, 8 MATH-500 problems, n=4, both output files."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ from polaris_jax.data.chat_template import builtin_template  # noqa: E402
 from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
 from polaris_jax.evals import run_eval  # noqa: E402
 from polaris_jax.models import ModelConfig, init_params, save_hf  # noqa: E402
+from tests.config_files import config_module  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,10 +52,7 @@ def checkpoint(tmp_path_factory):
 
 
 def eval_config(checkpoint):
-    spec = importlib.util.spec_from_file_location("eval_math", REPO / "configs" / "eval_math.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_module("eval_math").get_config("tiny")
     config.checkpoint = str(checkpoint)
     config.benchmark = str(MATH500)
     config.num_problems = 8

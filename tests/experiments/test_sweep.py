@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from experiments import sweep as sweep_lib
+from tests.config_files import config_module
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -173,14 +174,10 @@ def test_dry_run_prints_one_exact_command_per_point(tmp_path):
 )
 def test_grpo_tiny_sweep_overrides_exist_in_its_config(spec):
     """Every key the example sweep sets is a field of configs/grpo_tiny.py (a locked config refuses others)."""
-    import importlib.util
 
     s = sweep_lib.load_sweep(str(REPO_ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec else ""))
     assert len(s.points()) >= 4
-    module_spec = importlib.util.spec_from_file_location("grpo_tiny", REPO_ROOT / s.config)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_module(pathlib.Path(s.config).stem).get_config()
     for key in {k for point in s.points() for k in point}:
         node = config
         for part in key.split(".")[:-1]:

@@ -7,9 +7,7 @@ budget). Held-out pass@1 (sampled at the training temperature) must rise by MARG
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,9 +19,9 @@ from polaris_jax.data.tokenizer import Tokenizer  # noqa: E402
 from polaris_jax.rewards.scoring import score_completion  # noqa: E402
 from polaris_jax.tools import demo  # noqa: E402
 from polaris_jax.train.sft import loop as sft_loop  # noqa: E402
+from tests.config_files import config_module  # noqa: E402
 from tests.serve.server_helpers import free_port, running_server  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARGIN = 0.10
 STEPS, PROMPTS, GROUP, EVAL, EVAL_SAMPLES = 12, 16, 8, 64, 4
 MAX_TOKENS = 40
@@ -54,10 +52,7 @@ def _reward(tokenizer, tokens, problem) -> float:
 
 @pytest.mark.slow
 def test_a_grpo_loop_through_the_sdk_raises_held_out_accuracy(tmp_path):
-    spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("ci")
+    config = config_module("grpo_tiny").get_config("ci")
     paths = demo.write_task(config, str(tmp_path / "data"))
     model_dir = sft_loop.run(demo.sft_config(config, paths), str(tmp_path / "sft"))["export_dir"]
     tokenizer = Tokenizer.from_dir(model_dir)

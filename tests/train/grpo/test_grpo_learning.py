@@ -7,14 +7,11 @@ while a trainer that does not learn (wrong sign, misaligned log-probs, advantage
 reward) stays at or below the starting accuracy.
 """
 
-import importlib.util
-import os
-
 import pytest
 
 from polaris_jax.tools import demo
+from tests.config_files import config_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 MARGIN = 0.10
 
 
@@ -22,10 +19,7 @@ MARGIN = 0.10
 @pytest.mark.parametrize("staleness", [0, 1], ids=["synchronous", "asynchronous_k1_tis"])
 def test_grpo_raises_held_out_accuracy(tmp_path, staleness):
     """On the engine (the default backend); k = 1 streams rollouts while the learner updates."""
-    spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("ci")
+    config = config_module("grpo_tiny").get_config("ci")
     config.rollout.max_staleness = staleness
     config.algo.off_policy = "tis" if staleness else "none"
     result = demo.run(config, str(tmp_path))
@@ -43,10 +37,7 @@ def test_lora_grpo_on_a_tiny_moe_learns_and_changes_only_the_adapters(tmp_path):
 
     from polaris_jax.models.safetensors_io import CheckpointReader
 
-    spec = importlib.util.spec_from_file_location("grpo_tiny", os.path.join(ROOT, "configs", "grpo_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("ci")
+    config = config_module("grpo_tiny").get_config("ci")
     with config.unlocked():
         config.model.overrides.update(arch="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=144)
         config.lora.rank, config.lora.alpha = 16, 32.0

@@ -1,7 +1,6 @@
 """The GRPO loop end to end on a tiny model: metrics, no recompiles, exact resume after SIGKILL,
 non-finite loss, reward functions that raise, and schedules refused at start-up."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from polaris_jax import main
 from polaris_jax.train.grpo import loop as grpo_loop
 from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import ConfigError, validate_config
+from tests.config_files import config_module
 from tests.train.step_guard import guarded_train_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -45,10 +45,7 @@ REQUIRED_METRICS = (
 
 
 def polaris_tiny(**overrides):
-    spec = importlib.util.spec_from_file_location("polaris_qwen3_4b", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_module("polaris_qwen3_4b").get_config("tiny")
     for key, value in {**OVERRIDES, **overrides}.items():
         node = config
         *parents, leaf = key.split(".")
@@ -249,10 +246,7 @@ GRPO_RECIPES = ("openr1_grpo", "polaris_qwen3_4b", "polaris_r1_distill_7b", "lor
 
 @pytest.mark.parametrize("name", GRPO_RECIPES)
 def test_every_grpo_recipe_has_a_tiny_cpu_variant_and_its_command(name):
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module(name)
     assert f"--config=configs/{name}.py:tiny" in module.__doc__
     tiny = module.get_config("tiny")
     validate_config(tiny)  # its files exist (synthetic data) and every name is known

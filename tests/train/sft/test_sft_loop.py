@@ -1,6 +1,5 @@
 """The SFT loop end to end on a tiny jsonl with bad rows; configs; refused keys; missing checkpoints."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,6 +12,7 @@ from polaris_jax.data import synthetic_arith
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.models import load_hf
 from polaris_jax.train.sft import loop as sft_loop
+from tests.config_files import config_module
 from tests.train.step_guard import guarded_train_steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -20,9 +20,7 @@ SFT_CONFIGS = ["sft_tiny", "sft_r1_distill_qwen3_8b", "sft_fathom_r1_14b"]
 
 
 def _load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module(name)
     return module.get_config(arg), module.__doc__
 
 
