@@ -195,12 +195,11 @@ def abstract_update_batch(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES)
     from polaris_jax.train.grpo import step as grpo_step
     from polaris_jax.train.grpo.packing import packed_rows
 
-    s, rows, length = request.update, request.batch_size, request.seq_len
+    s, rows, length, cfg = request.update, request.batch_size, request.seq_len, request.model_config
     response = s.max_response_len
-    replay = s.router_replay and request.model_config.is_moe
+    replay = s.router_replay and cfg.is_moe
     shardings = grpo_step.batch_shardings(mesh, rules, rows, packed=bool(s.pack_tokens), replay=replay)
     int32, f32 = jnp.int32, jnp.float32
-    cfg = request.model_config
     experts_lk = (cfg.num_layers_of("moe"), cfg.num_experts_per_tok) if replay else ()
     per_response = dict(mask_br=((rows, response), f32), sampler_logprobs_br=((rows, response), f32))
     per_response["advantages_b"] = ((rows,), f32)
