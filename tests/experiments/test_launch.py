@@ -147,7 +147,7 @@ XM_SWEEP = (
 @pytest.mark.parametrize(
     "xmanager",
     [
-        "fake",
+        pytest.param("fake", marks=pytest.mark.slow),  # ~20 s: make test-slow
         pytest.param(
             "real",
             marks=pytest.mark.skipif(

@@ -100,6 +100,7 @@ def test_qwen3_8b_lora_rank32_plan():
     assert r["activations_bytes"] > 0 and r["matmul_flops_per_device"] > 0
 
 
+@pytest.mark.slow  # ~20 s: make test-slow (the 20-minute budget of make test)
 def test_attention_impl_flag_plans_blockwise_attention_in_linear_memory():
     """At 4,096 tokens dense attention holds [heads, T, T] float32 scores per row; blockwise does not."""
     common = ("--config=configs/sft_tiny.py", "--mesh=fsdp=1", "--batch_size=1", "--seq_len=4096", "--remat=none")
@@ -177,7 +178,7 @@ print(json.dumps({name: getattr(cfg, name) for name in names}))
     }
 
 
-@pytest.mark.parametrize("pack_tokens", [0, 96])
+@pytest.mark.parametrize("pack_tokens", [pytest.param(0, marks=pytest.mark.slow), 96])  # ~20 s each
 def test_router_replay_plans_the_recorded_experts(pack_tokens):
     """A tiny MoE GRPO update with router replay (padded and packed) compiles in the planner, and its batch
     holds the replayed experts: int16, one per position, MoE layer and top-k slot."""
@@ -203,6 +204,7 @@ def test_router_replay_plans_the_recorded_experts(pack_tokens):
     assert batch[True] - batch[False] == positions * 2 * 2 * 2, batch  # layers x top-k x int16
 
 
+@pytest.mark.slow  # ~23 s; test_mesh_candidates_and_ties covers the search logic in make test
 def test_mesh_auto_keeps_the_layout_with_the_smallest_train_peak():
     r = _plan("--config=configs/sft_tiny.py", "--mesh=auto", "--devices=4", "--batch_size=4", "--seq_len=256")
     table = {json.dumps(row["mesh"], sort_keys=True): row for row in r["mesh_search"]}

@@ -73,6 +73,7 @@ def test_master_weights_need_low_precision_params():
     assert isinstance(tx.init(_params(jnp.bfloat16)), MasterWeightsState)
 
 
+@pytest.mark.slow  # ~22 s (three SFT runs): make test-slow
 def test_sft_step_with_bf16_params_and_master_tracks_float32_params():
     """Three SFT steps with bf16 params + float32 master against float32 params (bf16 matmuls in both): the
     losses agree and the master moves as the float32 params do, while bf16 params without a master round
