@@ -26,6 +26,7 @@ from polaris_jax.sampling.requests import QueueFull, Request, RequestError
 from polaris_jax.serve import metrics
 from polaris_jax.serve import openai_api as api
 from polaris_jax.serve.base_model import BaseModel
+from polaris_jax.serve.choices import ChoiceText, drive
 from polaris_jax.serve.engine_thread import EngineStopped, EngineThread
 from polaris_jax.serve.futures import HTTP_REQUEST_ID
 from polaris_jax.serve.tinker_api import Tinker, tinker_router
@@ -146,10 +147,10 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     async def respond(body, http, requests, rid, done, piece_chunk, chunk_cls):
         """Runs the requests; the full response (done(choices)) or an SSE stream of piece_chunk's."""
         streams = await (await engine_for(body.model)).submit_all(requests)
-        choices = [api.ChoiceText(served.tokenizer, body.stops) for _ in range(len(requests) * body.n)]
+        choices = [ChoiceText(served.tokenizer, body.stops) for _ in range(len(requests) * body.n)]
         prompt_tokens = sum(len(r.prompt) for r in requests)
         if not body.stream:
-            async for _ in api.drive(streams, choices, body.n, http.is_disconnected):
+            async for _ in drive(streams, choices, body.n, http.is_disconnected):
                 pass
             if await http.is_disconnected():
                 return fastapi.Response(status_code=499)
@@ -160,7 +161,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
                 if piece_chunk(0, None, None) is not None:  # chat streams open each choice with its role
                     for index in range(len(choices)):
                         yield _sse(piece_chunk(index, None, None))
-                async for index in api.drive(streams, choices, body.n):
+                async for index in drive(streams, choices, body.n):
                     piece = choices[index].take()
                     if piece is not None:
                         yield _sse(piece_chunk(index, choices[index], piece))

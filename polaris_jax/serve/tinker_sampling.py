@@ -23,9 +23,9 @@ from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request, RequestError
 from polaris_jax.serve import tinker_checkpoints as ckpt
 from polaris_jax.serve.base_model import BaseModel
+from polaris_jax.serve.choices import ChoiceText, drive
 from polaris_jax.serve.engine_thread import EngineThread
 from polaris_jax.serve.futures import PROTO, Futures
-from polaris_jax.serve.openai_api import ChoiceText, drive
 from polaris_jax.serve.store import SamplerRow, Store
 from polaris_jax.serve.tinker_proto import BadInput, sample_response
 from polaris_jax.train import adapters

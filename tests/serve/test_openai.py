@@ -166,7 +166,7 @@ def test_stream_completions_with_stop_equals_whole(server):
 
 
 def test_choice_text_detokenizes_and_stops():
-    from polaris_jax.serve.openai_api import ChoiceText
+    from polaris_jax.serve.choices import ChoiceText
 
     tokenizer = qwen_tokenizer_offline("qwen3")
     ids = tokenizer.encode("🦜 hi there, friend")  # the parrot is two tokens, each a partial character

@@ -72,7 +72,8 @@ def test_a_grpo_loop_through_the_sdk_raises_held_out_accuracy(tmp_path):
             sampler = training.save_weights_and_get_sampling_client(name=f"step{step}").result()
             batch = train_problems[step * PROMPTS : (step + 1) * PROMPTS]
             params = types.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)
-            futures = [(p, _prompt(tokenizer, p), sampler.sample(_prompt(tokenizer, p), GROUP, params)) for p in batch]
+            prompts = [_prompt(tokenizer, p) for p in batch]
+            futures = [(p, q, sampler.sample(q, GROUP, params)) for p, q in zip(batch, prompts)]
             datums = []
             for problem, prompt, future in futures:
                 sequences = future.result().sequences

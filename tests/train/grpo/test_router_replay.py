@@ -62,39 +62,30 @@ def _rollout(params):
     return rollouts, batch
 
 
-def _logprob_gaps(params, batch) -> dict:
-    """Max |training logprob - engine logprob| over response tokens, with and without replay."""
-    settings = grpo_helpers.settings()
+def _logprob_gaps(params, batch, packed: bool = False) -> dict:
+    """Max |training logprob - engine logprob| over response tokens, with and without replay; `packed`:
+    through a packed update's forward (several sequences per row, the experts moved with their tokens, the
+    logprobs gathered back to the response layout)."""
+    settings = grpo_helpers.settings(pack_tokens=2 * batch.tokens_bt.shape[1] if packed else 0)
     mask = batch.mask_br > 0
     gaps = {}
     for name, b in (("replay", batch), ("reroute", batch.replace(routed_experts_btlk=None))):
-        stats = jax.jit(lambda p, b: grpo_step.response_stats(CONFIG, p, b, settings))(
-            params, jax.tree.map(jnp.asarray, b)
-        )
-        gaps[name] = float(np.max(np.abs(np.asarray(stats["logprobs"]) - batch.sampler_logprobs_br)[mask]))
+        if packed:
+            b = pack_update_batch(b, row_tokens=settings.pack_tokens, minibatches=1, microbatches=1)
+            assert b.tokens_mkl.shape[1] < batch.tokens_bt.shape[0], "no two sequences share a row"
+            assert (b.routed_experts_mklk is None) == (name == "reroute")
+        logprobs_br = jax.jit(lambda p, b: _logprobs(p, b, settings, packed))(params, jax.tree.map(jnp.asarray, b))
+        gaps[name] = float(np.max(np.abs(np.asarray(logprobs_br) - batch.sampler_logprobs_br)[mask]))
     return gaps
 
 
-def _packed_logprob_gaps(params, batch) -> dict:
-    """`_logprob_gaps` through a packed update's forward: several sequences per row, the experts moved with
-    their tokens, the logprobs gathered back to the response layout."""
-    settings = grpo_helpers.settings(pack_tokens=2 * batch.tokens_bt.shape[1])
-    mask = batch.mask_br > 0
-    gaps = {}
-    for name, b in (("replay", batch), ("reroute", batch.replace(routed_experts_btlk=None))):
-        packed = pack_update_batch(b, row_tokens=settings.pack_tokens, minibatches=1, microbatches=1)
-        assert packed.tokens_mkl.shape[1] < b.tokens_bt.shape[0], "no two sequences share a row"
-        assert (packed.routed_experts_mklk is None) == (name == "reroute")
-
-        def logprobs(p, packed):
-            _, rows = grpo_step._packed_inputs(packed, settings)
-            rows = jax.tree.map(lambda x: x[0], rows)
-            lp_kl = grpo_step._packed_stats(CONFIG, p, rows, settings)["logprobs"]
-            return to_responses(lp_kl, rows["row_ids"], packed.flat_index_br, 1)[0]
-
-        lp_br = jax.jit(logprobs)(params, jax.tree.map(jnp.asarray, packed))
-        gaps[name] = float(np.max(np.abs(np.asarray(lp_br) - batch.sampler_logprobs_br)[mask]))
-    return gaps
+def _logprobs(params, batch, settings, packed: bool):
+    if not packed:
+        return grpo_step.response_stats(CONFIG, params, batch, settings)["logprobs"]
+    _, rows = grpo_step._packed_inputs(batch, settings)
+    rows = jax.tree.map(lambda x: x[0], rows)
+    lp_kl = grpo_step._packed_stats(CONFIG, params, rows, settings)["logprobs"]
+    return to_responses(lp_kl, rows["row_ids"], batch.flat_index_br, 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +103,7 @@ def test_replay_gives_the_engines_logprobs_where_rerouting_does_not(near_tie):
 
 def test_packed_replay_gives_the_engines_logprobs(near_tie):
     params, _, batch = near_tie
-    gaps = _packed_logprob_gaps(params, batch)
+    gaps = _logprob_gaps(params, batch, packed=True)
     assert gaps["replay"] < 1e-4, gaps
     assert gaps["reroute"] > 0.5, gaps
 
