@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polaris_jax.sampling.vocab_blocks import first_argmax, inverse_cdf_draw, log_softmax_at, softmax_blocks
+
 TRUNCATIONS: dict[str, Callable] = {}
 # Application order when several truncations are active.
 TRUNCATION_ORDER = ("top_k", "top_p", "min_p")
@@ -155,75 +157,55 @@ def truncate(scaled_logits_bv, settings: SamplingSettings):
     return scaled_logits_bv
 
 
-def first_argmax(x_bv):
-    """`jnp.argmax` over the last axis as two plain reductions (max, then the first index holding it).
-
-    XLA on CPU lowers argmax to a (value, index) tuple reduction that is not vectorised: 4x slower at a
-    vocabulary of 32K, 7.5 ms a step at 152K and batch 8."""
-    vocab = x_bv.shape[-1]
-    max_b1 = jnp.max(x_bv, axis=-1, keepdims=True)
-    index_bv = jnp.where(x_bv == max_b1, jnp.arange(vocab, dtype=jnp.int32), vocab)
-    return jnp.minimum(jnp.min(index_bv, axis=-1), vocab - 1)  # an all-NaN row picks the last id
-
-
 def greedy(logits_bv, keys_b, settings: SamplingSettings):
     del keys_b, settings
     return first_argmax(logits_bv)
 
 
-def inverse_cdf_draw(scaled_bv, keys_b):
-    """One draw per row from softmax(scaled_bv) by inverting its CDF with one uniform per row: the first id
-    whose cumulative mass exceeds u * total (-inf logits have no mass and are never drawn).
-
-    Gumbel-max (`jax.random.categorical`) needs one random number per vocabulary entry: at 152K ids and 64
-    rows that is 293 ms a token step on a 2-core CPU, against 77 ms here (benchmarks: BENCHMARKS.md)."""
-    vocab = scaled_bv.shape[-1]
-    mass_bv = jnp.exp(scaled_bv - jnp.max(scaled_bv, axis=-1, keepdims=True))
-    cdf_bv = jnp.cumsum(mass_bv, axis=-1)
-    u_b1 = jax.vmap(lambda key: jax.random.uniform(key, (1,), scaled_bv.dtype))(keys_b)
-    below_b = jnp.sum(cdf_bv <= u_b1 * cdf_bv[:, -1:], axis=-1, dtype=jnp.int32)
-    return jnp.minimum(below_b, vocab - 1)
+def _ones_b1(logits_bv):
+    return jnp.ones((logits_bv.shape[0], 1), logits_bv.dtype)
 
 
 def categorical(logits_bv, keys_b, settings: SamplingSettings):
     """Temperature scaling, the active truncations, then one independent draw per row (inverse CDF)."""
-    return inverse_cdf_draw(truncate(logits_bv / settings.temperature, settings), keys_b)
+    if not settings.truncations:  # scale inside the draw's exp (shares its pass with the logprob's)
+        return inverse_cdf_draw(logits_bv, keys_b, _ones_b1(logits_bv) / settings.temperature)
+    truncated_bv = truncate(logits_bv / settings.temperature, settings)
+    return inverse_cdf_draw(truncated_bv, keys_b, _ones_b1(logits_bv))
 
 
 STRATEGIES: dict[str, Callable] = {"greedy": greedy, "categorical": categorical}
-
-
-def _logprob_b(scaled_bv, tokens_b):
-    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)  # the same reduction as greedy's: XLA computes it once
-    log_mass_b = jnp.log(jnp.sum(jnp.exp(scaled_bv - max_b1), axis=-1))
-    chosen_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
-    return chosen_b - max_b1[:, 0] - log_mass_b
 
 
 def sample(logits_bv, keys_b, settings: SamplingSettings):
     """Returns (tokens_b int32, logprobs_b float32); see the module docstring for the logprob convention."""
     logits_bv = logits_bv.astype(jnp.float32)
     tokens_b = STRATEGIES["greedy" if settings.greedy else "categorical"](logits_bv, keys_b, settings)
-    scaled_bv = logits_bv if settings.greedy else logits_bv / settings.temperature
-    return tokens_b, _logprob_b(scaled_bv, tokens_b)
+    inv_temperature_b1 = _ones_b1(logits_bv) / (1.0 if settings.greedy else settings.temperature)
+    blocks = softmax_blocks(logits_bv, inv_temperature_b1)  # the draw's own, merged by XLA (same ops)
+    return tokens_b, log_softmax_at(logits_bv, tokens_b, inv_temperature_b1, blocks)
 
 
 def sample_rows(logits_bv, keys_b, settings: RowSettings):
     """`sample` with each row's own settings (greedy where temperature is 0): a row draws the same token
-    and logprob as `sample` with its settings would. The truncations and the draw run only when some row
-    needs them (`lax.cond`), so an all-greedy batch pays for greedy alone."""
+    and logprob as `sample` with its settings would. The truncations run only when some sampled row
+    asks for one and the draw only when some row samples (`lax.cond`)."""
     logits_bv = logits_bv.astype(jnp.float32)
     greedy_b1 = settings.temperature == 0.0
-    scaled_bv = logits_bv / jnp.where(greedy_b1, 1.0, settings.temperature)
-    greedy_b = greedy(logits_bv, keys_b, settings)
+    temperature_b1 = jnp.where(greedy_b1, 1.0, settings.temperature)
+    inv_temperature_b1 = 1.0 / temperature_b1
+    blocks = softmax_blocks(logits_bv, inv_temperature_b1)
+    greedy_b = first_argmax(logits_bv)
 
-    def draw(scaled_bv):
+    def draw(logits_bv):
         truncating = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
-        truncated_bv = jax.lax.cond(
-            jnp.any(truncating & ~greedy_b1), lambda x: truncate(x, settings), lambda x: x, scaled_bv
+        return jax.lax.cond(
+            jnp.any(truncating & ~greedy_b1),
+            lambda x: inverse_cdf_draw(truncate(x / temperature_b1, settings), keys_b, _ones_b1(x)),
+            lambda x: inverse_cdf_draw(x, keys_b, inv_temperature_b1, blocks),
+            logits_bv,
         )
-        return inverse_cdf_draw(truncated_bv, keys_b)
 
-    drawn_b = jax.lax.cond(jnp.all(greedy_b1), lambda x: greedy_b, draw, scaled_bv)
+    drawn_b = jax.lax.cond(jnp.all(greedy_b1), lambda x: greedy_b, draw, logits_bv)
     tokens_b = jnp.where(greedy_b1[:, 0], greedy_b, drawn_b)
-    return tokens_b, _logprob_b(scaled_bv, tokens_b)
+    return tokens_b, log_softmax_at(logits_bv, tokens_b, inv_temperature_b1, blocks)
