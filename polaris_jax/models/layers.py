@@ -2,6 +2,12 @@
 
 Projections are einsums over named weights; a weight `w` may carry a LoRA pair `w_lora_a`, `w_lora_b`
 in the same layer dict, applied as x@w + (alpha/rank)·(x@a)@b without materialising the sum.
+
+Multi-LoRA (several adapters in one batch): the pairs are stacked [A, ...] with each adapter's scale
+folded into its B (`models.lora.stack_adapters`), and the layer dict carries ADAPTER_ROWS, int32 [B]:
+row b uses adapter ADAPTER_ROWS[b]. Every adapter's x@a is computed and the rows' own are kept by a
+one-hot mask: decoding is bound by reading weights, and this reads each adapter's factors once, where
+gathering factors per row would read them once per row.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from polaris_jax.models.flash_attention import flash_attention
 from polaris_jax.models.rope import apply_rope
 
 LAYER_INPUT = "layer_input"  # the name of a layer's input residual stream, for remat policies
+ADAPTER_ROWS = "adapter_rows_b"  # multi-LoRA: each row's adapter, beside the layer's weights
 
 # einsum of the base weight, then of the LoRA A and B factors (rank axis "r").
 _PROJ = {
@@ -47,11 +54,26 @@ def project(config, layer: dict, name: str, x):
     else:  # fp32 accumulation: also the fast bf16 path on XLA CPU.
         y = jnp.einsum(base_eq, x, layer[name].astype(dtype), preferred_element_type=jnp.float32)
     if name + "_lora_a" in layer:
-        low = jnp.einsum(a_eq, x, layer[name + "_lora_a"].astype(dtype), preferred_element_type=jnp.float32)
-        y = y + lora_scale(config) * jnp.einsum(
-            b_eq, low.astype(dtype), layer[name + "_lora_b"].astype(dtype), preferred_element_type=jnp.float32
-        )
+        y = y + lora_delta(config, layer, name, x, a_eq, b_eq)
     return y.astype(dtype)
+
+
+def lora_delta(config, weights: dict, name: str, x, a_eq: str, b_eq: str):
+    """(alpha/rank)·(x@a)@b in float32 for the pair `name`_lora_a/b in `weights`, or with stacked pairs and
+    ADAPTER_ROWS in `weights`, each row's own adapter (scale already in b)."""
+    dtype = x.dtype
+    a, b = weights[name + "_lora_a"].astype(dtype), weights[name + "_lora_b"].astype(dtype)
+    rows_b = weights.get(ADAPTER_ROWS)
+    if rows_b is None:
+        low = jnp.einsum(a_eq, x, a, preferred_element_type=jnp.float32)
+        return lora_scale(config) * jnp.einsum(b_eq, low.astype(dtype), b, preferred_element_type=jnp.float32)
+    (x_s, a_s), low_s = a_eq.split("->")[0].split(","), a_eq.split("->")[1]
+    (low_in, b_s), out_s = b_eq.split("->")[0].split(","), b_eq.split("->")[1]
+    each_low = jnp.einsum(f"{x_s},z{a_s}->{low_s[:-1]}zr", x, a, preferred_element_type=jnp.float32)
+    onehot_bz = jax.nn.one_hot(rows_b, a.shape[0], dtype=jnp.float32)
+    lead = len(low_s) - 1  # b, t: the one-hot broadcasts over t and r
+    each_low = each_low * onehot_bz.reshape((-1,) + (1,) * (lead - 1) + (a.shape[0], 1))
+    return jnp.einsum(f"{low_in[:-1]}zr,z{b_s}->{out_s}", each_low.astype(dtype), b, preferred_element_type=jnp.float32)
 
 
 def attention_block(config, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta):
@@ -117,8 +139,20 @@ def mlp_block(config, layer, x_btd):
 
 
 def decoder_layer(
-    config, kind, layer, x_btd, cos_btd, sin_btd, segment_ids_bt, cache_layer, cache_meta, routed_btk=None
+    config,
+    kind,
+    layer,
+    x_btd,
+    cos_btd,
+    sin_btd,
+    segment_ids_bt,
+    cache_layer,
+    cache_meta,
+    routed_btk=None,
+    adapter_rows_b=None,
 ):
+    if adapter_rows_b is not None:
+        layer = {**layer, ADAPTER_ROWS: adapter_rows_b}
     x_btd = checkpoint_name(x_btd, LAYER_INPUT)  # what remat_policy=offload keeps, in host memory
     h = rms_norm(x_btd, layer["attn_norm"], config.rms_norm_eps)
     attn_out, new_cache_layer = attention_block(

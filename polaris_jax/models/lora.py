@@ -17,7 +17,7 @@ import string
 import jax
 import jax.numpy as jnp
 
-from polaris_jax.models.params import init_params, is_lora_leaf
+from polaris_jax.models.params import init_params, is_lora_leaf, param_shapes
 
 
 def add_lora(config, params, rng, *, rank: int, alpha: float = 32.0, targets=None):
@@ -88,3 +88,48 @@ def merge_lora(config, params):
         out["lm_head"] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
         merged_config = merged_config.replace(tie_word_embeddings=False)
     return merged_config, out
+
+
+def stack_adapters(config, adapters: list, *, rank: int, targets) -> dict:
+    """The leaves of a multi-LoRA model (models.layers, `forward(adapter_rows_b=...)`): every adapter leaf
+    of a rank-`rank` LoRA on `targets`, stacked over `adapters` on the axis after the layers axis.
+
+    adapters: per slot, (alpha / rank, adapter leaves laid out as in the params) or None (a zero slot).
+    A smaller rank is padded with zeros and each scale is folded into B, so slot i's delta is adapter i's.
+    MoE expert adapters are refused (their rows are regrouped by expert, away from their adapter)."""
+    shapes = param_shapes(config.replace(lora_rank=rank, lora_alpha=float(rank), lora_targets=tuple(targets)))
+    out = {}
+    for group, leaf in shapes.items():
+        names = [n for n in leaf if "_lora_" in n] if isinstance(leaf, dict) else [group] if "_lora_" in group else []
+        for name in names:
+            if isinstance(leaf, dict) and "router" in leaf and name.split("_lora_")[0] in ("gate", "up", "down"):
+                raise ValueError(f"{group}.{name}: multi-LoRA batching does not cover MoE expert adapters")
+            shape = leaf[name].shape if isinstance(leaf, dict) else leaf.shape
+            lead = 1 if isinstance(leaf, dict) else 0  # the layers axis
+            slots = [_slot(a, group, name, shape, lead) for a in adapters]
+            stacked = jnp.stack(slots, axis=lead)
+            if isinstance(leaf, dict):
+                out.setdefault(group, {})[name] = stacked
+            else:
+                out[name] = stacked
+    return out
+
+
+def _slot(entry, group: str, name: str, shape, lead: int):
+    """One slot of a stacked leaf (`shape` includes the layers axis when lead is 1): the adapter's leaf with
+    its rank padded and B scaled, or zeros where the slot or the adapter has none."""
+    leaves = None if entry is None else entry[1].get(group, {}) if lead else entry[1]
+    value = None if leaves is None else leaves.get(name)
+    if value is None:
+        return jnp.zeros(shape, jnp.float32)
+    value = jnp.asarray(value, jnp.float32)
+    rank_axis = lead if name.endswith("_lora_b") else value.ndim - 1
+    pad = shape[rank_axis] - value.shape[rank_axis]
+    if (
+        pad < 0
+        or value.ndim != len(shape)
+        or any(value.shape[i] != shape[i] for i in range(len(shape)) if i != rank_axis)
+    ):
+        raise ValueError(f"{group}.{name}: shape {value.shape} does not fit the stack's {tuple(shape)}")
+    value = jnp.pad(value, [(0, pad if i == rank_axis else 0) for i in range(value.ndim)])
+    return value * entry[0] if name.endswith("_lora_b") else value

@@ -19,7 +19,7 @@ import numpy as np
 
 from polaris_jax.models import attention as attn_lib
 from polaris_jax.models import context_parallel, cpu_gemm, embedding, moe, paged_attention
-from polaris_jax.models.layers import LAYER_INPUT, decoder_layer, lora_scale, rms_norm
+from polaris_jax.models.layers import ADAPTER_ROWS, LAYER_INPUT, decoder_layer, lora_delta, rms_norm
 from polaris_jax.models.rope import rope_cos_sin
 from polaris_jax.models.sharding import constrain, current_activation_mesh
 
@@ -66,7 +66,7 @@ def unstack_layers(params) -> dict:
     return out
 
 
-def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed):
+def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed, adapter_rows_b):
     """The same layers as `_scan_run`, one at a time, over per-layer params and caches."""
     count = len(layers) if isinstance(layers, (list, tuple)) else jax.tree.leaves(layers)[0].shape[0]
     layer_fn = functools.partial(decoder_layer, config, kind)
@@ -77,7 +77,9 @@ def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_k
         layer = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda p: p[i], layers)
         kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
         routed_btk = None if routed is None else routed[i]
-        x_btd, new_kv, stats = layer_fn(layer, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk)
+        x_btd, new_kv, stats = layer_fn(
+            layer, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk, adapter_rows_b
+        )
         if new_kv is not None:
             new_k.append(new_kv[0])
             new_v.append(new_kv[1])
@@ -89,10 +91,12 @@ def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_k
     return x_btd, ((pack(new_k), pack(new_v)), stats)
 
 
-def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed):
+def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed, adapter_rows_b):
     def body(x, xs):
         layer, kv, routed_btk = xs
-        x, new_kv, stats = decoder_layer(config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk)
+        x, new_kv, stats = decoder_layer(
+            config, kind, layer, x, cos, sin, segment_ids_bt, kv, cache_meta, routed_btk, adapter_rows_b
+        )
         return constrain(x, _RESIDUAL_AXES), (new_kv, stats)
 
     if config.remat_policy != "none":
@@ -100,16 +104,13 @@ def _scan_run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, cache_kv, ca
     return jax.lax.scan(body, x_btd, (stack, cache_kv, routed))
 
 
-def lm_head(config, params, hidden_btd) -> jnp.ndarray:
+def lm_head(config, params, hidden_btd, adapter_rows_b=None) -> jnp.ndarray:
     """Final projection to float32 logits [B, T, V] (a tied model's `lm_head` copy, if any: `unstack_layers`),
-    plus its LoRA (`lm_head_lora_a/b`) when present."""
+    plus its LoRA (`lm_head_lora_a/b`, stacked with `adapter_rows_b`: see models.layers) when present."""
     logits_btv = _unembed(config, params, hidden_btd)
     if "lm_head_lora_a" in params:
-        dtype = hidden_btd.dtype
-        low_btr = jnp.einsum("btd,dr->btr", hidden_btd, params["lm_head_lora_a"].astype(dtype))
-        logits_btv = logits_btv + lora_scale(config) * jnp.einsum(
-            "btr,rv->btv", low_btr, params["lm_head_lora_b"].astype(dtype), preferred_element_type=jnp.float32
-        )
+        weights = params if adapter_rows_b is None else {**params, ADAPTER_ROWS: adapter_rows_b}
+        logits_btv = logits_btv + lora_delta(config, weights, "lm_head", hidden_btd, "btd,dr->btr", "btr,rv->btv")
     return logits_btv
 
 
@@ -145,6 +146,7 @@ def forward(
     return_hidden: bool = False,
     return_aux: bool = False,
     routed_experts=None,
+    adapter_rows_b=None,
 ):
     """Runs the decoder.
 
@@ -164,6 +166,8 @@ def forward(
     routed_experts: router replay: int [MoE layers, B, T, k] expert ids (e.g. recorded by the engine while
       sampling) used instead of the router's top-k; -1 entries route as usual. The weights are the router's
       probabilities of the replayed experts, so the router still trains.
+    adapter_rows_b: multi-LoRA: int32 [B], row b's adapter, when the params' adapter leaves are stacked
+      (`models.lora.stack_adapters`).
     """
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
@@ -203,7 +207,9 @@ def forward(
                 else (cache["k"][first : first + count], cache["v"][first : first + count])
             )
         run = _unrolled_run if per_layer_cache or isinstance(stack, (list, tuple)) else _scan_run
-        x_btd, (run_kv, stats) = run(config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed)
+        x_btd, (run_kv, stats) = run(
+            config, kind, stack, x_btd, cos, sin, segment_ids_bt, kv, cache_meta, routed, adapter_rows_b
+        )
         if cache is not None:
             new_k.append(run_kv[0])
             new_v.append(run_kv[1])
@@ -219,7 +225,7 @@ def forward(
     if zigzag is not None:
         x_btd = constrain(x_btd[:, np.argsort(zigzag)], _RESIDUAL_AXES)
     hidden_btd = constrain(rms_norm(x_btd, params["final_norm"], config.rms_norm_eps), _RESIDUAL_AXES)
-    out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd)
+    out = hidden_btd if return_hidden else lm_head(config, params, hidden_btd, adapter_rows_b)
     if not return_aux:
         return out, new_cache
     aux = {"router_aux_loss": router_aux_loss(config, stats_list) if stats_list else jnp.zeros((), jnp.float32)}

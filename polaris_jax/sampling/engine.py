@@ -173,15 +173,9 @@ class Engine:
         if request.id is None:
             request = dataclasses.replace(request, id=f"request-{next(self._auto_ids)}")
         request.check(self.config.vocab_size, self.settings.max_seq_len)
+        self.settings.check_request(request)
         if request.id in self._requests:
             raise RequestError(f"request {request.id!r}: that id is already in use")
-        if len(request.eos_token_ids) > self.settings.max_eos_ids:
-            raise RequestError(
-                f"request {request.id!r}: {len(request.eos_token_ids)} eos_token_ids, more than max_eos_ids="
-                f"{self.settings.max_eos_ids}"
-            )
-        if request.n > self.settings.max_slots:
-            raise RequestError(f"request {request.id!r}: n={request.n} exceeds max_slots={self.settings.max_slots}")
         if len(self._waiting) >= self.settings.max_queue:
             raise QueueFull(f"request {request.id!r}: {len(self._waiting)} requests already wait (max_queue)")
         completions = [Completion(request, j) for j in range(request.n)]
@@ -237,6 +231,7 @@ class Engine:
             np.zeros(chunk, np.int32),
             np.full(chunk, -1, np.int32),
             np.zeros((chunk, self._max_pages), np.int32),
+            self._adapters(chunk),
         )
         self._pages, _ = engine_steps.prefill(
             self.config,
@@ -322,6 +317,7 @@ class Engine:
         token_c = np.zeros(chunk, np.int32)
         position_c = np.full(chunk, -1, np.int32)
         table_cp = np.full((chunk, self._max_pages), NULL_PAGE, np.int32)
+        adapter_c = self._adapters(chunk)
         used, done, spans = 0, [], []
         for leader in self._prefilling:
             if used == chunk:
@@ -332,20 +328,22 @@ class Engine:
             token_c[span] = context[leader.prefilled : leader.prefilled + take]
             position_c[span] = np.arange(leader.prefilled, leader.prefilled + take)
             table_cp[span] = self.pool.page_table_array([leader.key], self._max_pages)
+            if adapter_c is not None:
+                adapter_c[span] = leader.request.adapter
             spans.append((leader, leader.prefilled, take))
             leader.prefilled += take
             used += take
             if leader.prefilled == len(context) - 1:
                 done.append(leader)
         if used:
-            batch = put((token_c, position_c, table_cp), self.mesh, self.rules, rows=True)
+            batch = put((token_c, position_c, table_cp, adapter_c), self.mesh, self.rules, rows=True)
             self._pages, experts_clk = engine_steps.prefill(
                 self.config, self.params, self._pages, *batch, mesh=self.mesh, rules=self.rules, record=self._record
             )
             if self._record:
                 experts_clk, start = to_host(experts_clk), 0
                 for leader, first, take in spans:
-                    _record(leader.completion, first, experts_clk[start : start + take])
+                    leader.completion.record_experts(first, experts_clk[start : start + take])
                     start += take
         for leader in done:
             self._prefill_done(leader)
@@ -405,7 +403,7 @@ class Engine:
         generated = 0
         for b, (sample, budget) in enumerate(reserved):
             if self._record:  # the experts of the tokens fed: the last one, then the new ones
-                _record(sample.completion, sample.context_len - 1, experts_brlk[b, :budget])
+                sample.completion.record_experts(sample.context_len - 1, experts_brlk[b, :budget])
             generated += self._accept(sample, tokens_br[b, :budget].tolist(), logprobs_br[b, :budget].tolist(), deltas)
         return generated, rows
 
@@ -423,6 +421,9 @@ class Engine:
                 sample.num_new,
             )
             eos_ids_b[b, : len(request.eos_token_ids)] = request.eos_token_ids
+        adapter_b = self._adapters(rows)
+        if adapter_b is not None:
+            adapter_b[: len(reserved)] = [s.request.adapter for s, _ in reserved]
         keys = [s.key for s, _ in reserved] + [None] * (rows - len(reserved))
         return engine_steps.DecodeBatch(
             token_b=token_b,
@@ -434,7 +435,12 @@ class Engine:
             num_new_b=num_new_b,
             eos_ids_b=eos_ids_b,
             settings=RowSettings.stack([s.settings for s, _ in reserved], rows),
+            adapter_b=adapter_b,
         )
+
+    def _adapters(self, rows: int):
+        """Each row's adapter slot (multi-LoRA; None without a stack)."""
+        return np.zeros(rows, np.int32) if self.settings.adapter_slots else None
 
     def _accept(self, sample: _Sample, tokens: list[int], logprobs: list[float], deltas: list[Delta]) -> int:
         """Appends a block's tokens up to the first stop; finishes the sample if it stopped."""
@@ -486,15 +492,3 @@ class Engine:
         sample.prefilled, sample.followers, sample.copies = 0, [], []
         self._waiting.appendleft([sample] + followers)
         self.totals.update(preemptions=1)
-
-
-def _record(completion: Completion, start: int, experts_nlk: np.ndarray) -> None:
-    """Writes the experts of context positions start.. into `completion.routed_experts` (int16, -1 = none)."""
-    end = start + len(experts_nlk)
-    held = completion.routed_experts
-    if held is None or len(held) < end:
-        grown = np.full((max(end, 2 * (0 if held is None else len(held))), *experts_nlk.shape[1:]), -1, np.int16)
-        if held is not None:
-            grown[: len(held)] = held
-        completion.routed_experts = held = grown
-    held[start:end] = experts_nlk

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from polaris_jax.models.config import PAGED_ATTENTION_IMPLS
+from polaris_jax.sampling.requests import RequestError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class EngineSettings:
     record_experts: MoE only: record each fed token's experts in `Completion.routed_experts` (router replay).
     attention_kernel: decode attention over the pages: auto (the platform's Pallas kernel where it fits) | xla
       (the plain-JAX reference) | gpu | tpu (that Pallas kernel; refused where it cannot run).
+    adapter_slots: multi-LoRA: the params hold this many adapters stacked (`models.lora.stack_adapters`)
+      and each request decodes with its `Request.adapter`, all in the same batch; 0: no stack.
     """
 
     max_slots: int = 64
@@ -40,6 +43,7 @@ class EngineSettings:
     max_eos_ids: int = 8
     record_experts: bool = False
     attention_kernel: str = "auto"
+    adapter_slots: int = 0
 
     def buckets(self, shards: int = 1) -> tuple[int, ...]:
         sizes = self.slot_buckets or tuple(self.max_slots // d for d in (8, 4, 2, 1))
@@ -60,6 +64,8 @@ class EngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineSettings.{name}={value!r} must be a positive integer")
+        if isinstance(self.adapter_slots, bool) or not isinstance(self.adapter_slots, int) or self.adapter_slots < 0:
+            raise ValueError(f"EngineSettings.adapter_slots={self.adapter_slots!r} must be an integer >= 0")
         if self.attention_kernel not in PAGED_ATTENTION_IMPLS:
             raise ValueError(f"attention_kernel={self.attention_kernel!r} is not one of {PAGED_ATTENTION_IMPLS}")
         if self.record_experts and not config.is_moe:
@@ -78,6 +84,20 @@ class EngineSettings:
             raise ValueError(
                 f"num_pages={self.num_pages} cannot hold one sequence of max_seq_len={self.max_seq_len} "
                 f"({per_seq} pages of {self.page_size} tokens plus the null page)"
+            )
+
+    def check_request(self, request) -> None:
+        """What a valid request (`Request.check`) must also meet on this engine; RequestError names it."""
+        name = f"request {request.id!r}"
+        if len(request.eos_token_ids) > self.max_eos_ids:
+            raise RequestError(
+                f"{name}: {len(request.eos_token_ids)} eos_token_ids, more than max_eos_ids={self.max_eos_ids}"
+            )
+        if request.n > self.max_slots:
+            raise RequestError(f"{name}: n={request.n} exceeds max_slots={self.max_slots}")
+        if request.adapter and not 0 <= request.adapter < self.adapter_slots:
+            raise RequestError(
+                f"{name}: adapter={request.adapter!r} is not one of the engine's {self.adapter_slots} adapter slots"
             )
 
 

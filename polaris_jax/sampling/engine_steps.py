@@ -42,6 +42,7 @@ class DecodeBatch:
     seed_b, sample_b, num_new_b: the row's key is fold_in(fold_in(key(seed), sample), num_new + i).
     eos_ids_b: int32 [B, max_eos_ids] EOS ids, -1 padded.
     settings: RowSettings.
+    adapter_b: int32 [B] adapter slots when the params hold a stack of adapters, else None.
     """
 
     token_b: jax.Array
@@ -53,6 +54,7 @@ class DecodeBatch:
     num_new_b: jax.Array
     eos_ids_b: jax.Array
     settings: RowSettings
+    adapter_b: jax.Array | None = None  # multi-LoRA: each row's adapter slot
 
 
 def page_shardings(kv_pages: dict, mesh, rules) -> dict:
@@ -67,7 +69,7 @@ def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
     return jax.lax.with_sharding_constraint(kv_pages, page_shardings(kv_pages, mesh, rules))
 
 
-def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, logits: bool, mesh, rules, record):
+def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, adapter_b, *, logits, mesh, rules, record):
     """(logits or hidden, pages, experts_blk int32 [B, MoE layers, k] of each fed token when `record`)."""
     cache = dict(kv_pages, page_table_bp=table_bp)
     with moe.mesh_context(config, mesh, rules):
@@ -80,15 +82,29 @@ def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, *, log
             cache=cache,
             return_hidden=not logits,
             return_aux=True,
+            adapter_rows_b=adapter_b,
         )
     experts_blk = aux["routed_experts"][:, :, 0].swapaxes(0, 1) if record else None
     return out, dict(k=cache["k"], v=cache["v"]), experts_blk
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "record"), donate_argnames=("kv_pages",))
-def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=None, rules=DEFAULT_RULES, record=False):
-    """Writes the chunk's tokens (position -1: padding) into their pages; returns (pages, experts_clk: each
-    token's experts [C, MoE layers, k] when `record` (router replay), else None)."""
+def prefill(
+    config,
+    params,
+    kv_pages,
+    token_c,
+    position_c,
+    table_cp,
+    adapter_c=None,
+    *,
+    mesh=None,
+    rules=DEFAULT_RULES,
+    record=False,
+):
+    """Writes the chunk's tokens (position -1: padding) into their pages (adapter_c: each token's adapter slot
+    under multi-LoRA); returns (pages, experts_clk: each token's experts [C, MoE layers, k] when `record`
+    (router replay), else None)."""
     live_c = position_c >= 0
     _, kv_pages, experts_clk = _run(
         config,
@@ -98,6 +114,7 @@ def prefill(config, params, kv_pages, token_c, position_c, table_cp, *, mesh=Non
         position_c,
         table_cp,
         live_c,
+        adapter_c,
         logits=False,
         mesh=mesh,
         rules=rules,
@@ -135,6 +152,7 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
             position_b,
             batch.table_bp,
             live_b,
+            batch.adapter_b,
             logits=True,
             mesh=mesh,
             rules=rules,

@@ -34,6 +34,7 @@ class Request:
 
     prefix: tokens already generated (n must be 1): the request resumes a partial rollout, continuing
       its token count (and so its random keys) from len(prefix); `Completion.resume()` builds one.
+    adapter: multi-LoRA: the engine's adapter slot to decode with (`EngineSettings.adapter_slots`).
     """
 
     prompt: Sequence[int]
@@ -49,6 +50,7 @@ class Request:
     sample_offset: int = 0
     id: object = None
     prefix: Sequence[int] = ()
+    adapter: int = 0
 
     def settings(self) -> SamplingSettings:
         return SamplingSettings.create(self.temperature, self.top_p, self.top_k, self.min_p)
@@ -74,7 +76,7 @@ class Request:
         ids("eos_token_ids", self.eos_token_ids, allow_empty=True)
         for i, seq in enumerate(self.stop_sequences):
             ids(f"stop_sequences[{i}]", seq, allow_empty=False)
-        for field, low in (("max_new_tokens", 1), ("n", 1), ("seed", 0), ("sample_offset", 0)):
+        for field, low in (("max_new_tokens", 1), ("n", 1), ("seed", 0), ("sample_offset", 0), ("adapter", 0)):
             value = getattr(self, field)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
                 raise RequestError(f"{name}: {field}={value!r} must be an integer >= {low}")
@@ -123,6 +125,17 @@ class Completion:
     # Router replay (EngineSettings.record_experts): int16 [positions, MoE layers, k], the experts each context
     # token (prompt, then tokens but the last) was routed to when fed; -1 where none was recorded.
     routed_experts: np.ndarray | None = None
+
+    def record_experts(self, start: int, experts_nlk: np.ndarray) -> None:
+        """Writes the experts of context positions start.. into `routed_experts` (int16, -1 = none)."""
+        end = start + len(experts_nlk)
+        held = self.routed_experts
+        if held is None or len(held) < end:
+            grown = np.full((max(end, 2 * (0 if held is None else len(held))), *experts_nlk.shape[1:]), -1, np.int16)
+            if held is not None:
+                grown[: len(held)] = held
+            self.routed_experts = held = grown
+        held[start:end] = experts_nlk
 
     def resume(self, **changes) -> Request:
         """A request that continues this partial sample from its tokens (same keys, same settings)."""

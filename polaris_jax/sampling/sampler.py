@@ -32,6 +32,9 @@ _last_unstacked: dict = {}
 
 
 def _unstacked(params, pack: bool):
+    """The decode layout of `params`. The base weights' copy is cached; adapter leaves (small, and new at
+    every adapter change) are sliced per layer afresh, so changing an adapter never repacks the base."""
+    params, adapter = _split_adapter(params)
     leaves = jax.tree.leaves(params)
     hit = _last_unstacked.get("entry")
     if (
@@ -40,14 +43,50 @@ def _unstacked(params, pack: bool):
         and len(hit[0]) == len(leaves)
         and all(r() is x for r, x in zip(hit[0], leaves))
     ):
-        return hit[1]
+        return _with_adapter_layers(hit[1], adapter)
     _last_unstacked.clear()  # free the old copy before making the new one
     per_layer = (_unstack_and_pack if pack else _unstack)(params)
     if leaves and all(isinstance(x, jax.Array) for x in leaves):
         token = object()
         _last_unstacked.update(entry=([weakref.ref(x) for x in leaves], per_layer, pack), token=token)
         weakref.finalize(leaves[0], _forget_unstacked, token)
-    return per_layer
+    return _with_adapter_layers(per_layer, adapter)
+
+
+def _split_adapter(params):
+    """(params without LoRA leaves, the LoRA leaves in the same layout)."""
+    base, adapter = {}, {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            base[key] = {n: x for n, x in value.items() if "_lora_" not in n}
+            lora = {n: x for n, x in value.items() if "_lora_" in n}
+            if lora:
+                adapter[key] = lora
+        else:
+            (adapter if "_lora_" in key else base)[key] = value
+    return base, adapter
+
+
+@jax.jit
+def _adapter_per_layer(adapter):
+    return {
+        k: [jax.tree.map(lambda x, i=i: x[i], v) for i in range(jax.tree.leaves(v)[0].shape[0])]
+        if isinstance(v, dict)
+        else v
+        for k, v in adapter.items()
+    }
+
+
+def _with_adapter_layers(per_layer: dict, adapter: dict) -> dict:
+    if not adapter:
+        return per_layer
+    out = dict(per_layer)
+    for key, value in _adapter_per_layer(adapter).items():
+        if isinstance(value, list):
+            out[key] = tuple({**layer, **leaves} for layer, leaves in zip(per_layer[key], value))
+        else:
+            out[key] = value
+    return out
 
 
 def _forget_unstacked(token):

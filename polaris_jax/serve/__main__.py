@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api_key", default=os.environ.get("POLARIS_API_KEY"), help="required of clients when set")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="checkpoints, the SQLite database, serve.log")
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite:///WORKDIR/serve.db)")
-    p.add_argument("--max_loras", type=int, default=4, help="adapter sampling engines kept at once")
+    p.add_argument("--max_loras", type=int, default=4, help="adapter slots of the multi-LoRA sampling engine")
     p.add_argument("--max_slots", type=int, default=defaults.max_slots, help="samples decoding at once")
     p.add_argument("--num_pages", type=int, default=0, help="KV pages (0: enough for max_slots full sequences)")
     p.add_argument("--page_size", type=int, default=defaults.page_size)

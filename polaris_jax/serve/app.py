@@ -7,7 +7,7 @@ route but /health needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (else 40
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +48,11 @@ class Served:
     @property
     def max_slots(self) -> int:
         return self.engine.engine.settings.max_slots
+
+
+@contextlib.asynccontextmanager
+async def _base_lease(engine: EngineThread):
+    yield engine, 0
 
 
 def _sse(obj) -> str:
@@ -97,7 +102,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
 
     @app.get("/metrics")
     def prometheus_metrics():
-        adapters = list(tinker.sampling.engines.values()) if tinker is not None else []
+        adapters = tinker.sampling.adapter_engines if tinker is not None else []
         text = metrics.render(served.engine, adapters, tinker.training if tinker is not None else None)
         return fastapi.Response(text, media_type="text/plain; version=0.0.4")
 
@@ -109,16 +114,17 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
         data = [Model(id=m, object="model", created=created, owned_by="polaris_jax") for m in served.base.names]
         return {"object": "list", "data": [m.model_dump() for m in data]}
 
-    async def engine_for(model: str) -> EngineThread:
-        """The base model's engine, or (a `tinker://.../sampler_weights/...` path) its adapter's engine."""
+    def lease_for(model: str):
+        """The lease of (engine thread, adapter slot) for the base model or a `tinker://.../sampler_weights/...`
+        path (`Sampling.lease`)."""
         if model in served.base.names:
-            return served.engine
+            return _base_lease(served.engine)
         if tinker is not None and model.startswith("tinker://"):
             try:
                 weights = tinker.sampling.path_weights(model)
             except BadInput as e:
                 raise api.ApiError(404, f"model: {e}", "model", "not_found") from None
-            return await asyncio.to_thread(tinker.sampling.engine, weights)
+            return tinker.sampling.lease(weights)
         raise api.ApiError(404, f"model: {model!r} is not served (GET /v1/models)", "model", "not_found")
 
     def engine_requests(body, prompts: list[list[int]], field: str, max_tokens: int | None, rid: str):
@@ -145,13 +151,21 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
         return requests
 
     async def respond(body, http, requests, rid, done, piece_chunk, chunk_cls):
-        """Runs the requests; the full response (done(choices)) or an SSE stream of piece_chunk's."""
-        streams = await (await engine_for(body.model)).submit_all(requests)
+        """Runs the requests; the full response (done(choices)) or an SSE stream of piece_chunk's. The engine
+        lease (an adapter's slot) is held until the last token is out."""
+        held = contextlib.AsyncExitStack()
+        engine, slot = await held.enter_async_context(lease_for(body.model))
+        try:
+            streams = await engine.submit_all([dataclasses.replace(r, adapter=slot) for r in requests])
+        except BaseException:
+            await held.aclose()
+            raise
         choices = [ChoiceText(served.tokenizer, body.stops) for _ in range(len(requests) * body.n)]
         prompt_tokens = sum(len(r.prompt) for r in requests)
         if not body.stream:
-            async for _ in drive(streams, choices, body.n, http.is_disconnected):
-                pass
+            async with held:
+                async for _ in drive(streams, choices, body.n, http.is_disconnected):
+                    pass
             if await http.is_disconnected():
                 return fastapi.Response(status_code=499)
             return done(choices, prompt_tokens)
@@ -169,6 +183,8 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
                     yield _sse(api.usage_chunk(chunk_cls, rid, body.model, prompt_tokens, choices))
             except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
                 yield f"data: {json.dumps(api.ApiError(500, str(e), None, 'server_error').body())}\n\n"
+            finally:
+                await held.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

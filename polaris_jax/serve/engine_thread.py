@@ -13,6 +13,7 @@ and hands each delta to the request's asyncio queue with `loop.call_soon_threads
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -164,6 +165,15 @@ class EngineThread:
     def abort(self, request_id) -> None:
         self._inbox.put(("abort", request_id, None))
 
+    def call(self, fn) -> concurrent.futures.Future:
+        """Runs fn(engine) on the engine's thread between two steps (e.g. new weights); the future holds its
+        result or error."""
+        if not self.healthy:
+            raise EngineStopped(f"the engine is not serving: {self.error or 'not ready'}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, future))
+        return future
+
     # ----- the engine thread -----
 
     def _run(self) -> None:
@@ -182,6 +192,15 @@ class EngineThread:
         for deliver in self._sinks.values():
             deliver(EngineStopped("the engine stopped"))
         self._sinks.clear()
+        while True:  # what came in after the last step waits no longer
+            try:
+                kind, _, deliver = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "call":
+                deliver.set_exception(EngineStopped("the engine stopped"))
+            elif kind == "submit":
+                deliver(EngineStopped("the engine stopped"))
 
     def _take(self, block: bool) -> None:
         """Applies every waiting submission and abort (waiting briefly for one when the engine is idle)."""
@@ -199,6 +218,11 @@ class EngineThread:
                     continue
                 self._sinks[payload.id] = deliver
                 deliver(_ACCEPTED)
+            elif kind == "call":
+                try:
+                    deliver.set_result(payload(self.engine))
+                except Exception as e:  # noqa: BLE001 - the caller's to handle
+                    deliver.set_exception(e)
             elif kind == "abort" and payload in self._sinks:
                 del self._sinks[payload]
                 logging.info("aborting request %s", payload)

@@ -1,16 +1,19 @@
 """Tinker sampling clients: samplers over the base model, a saved adapter or a live snapshot; `asample`.
 
 A sampler's weights are the base model's or an adapter. Sampling runs on the continuous-batching
-engine: the base model's engine (the one the OpenAI routes use), or an engine over the base weights
-with the adapter merged in, made on first use and kept for up to `max_loras` adapters (the least
-recently used idle one is closed beyond that). Engines of one base model share compiled programs.
-Prompt logprobs (and their top-k) come from one forward pass over the prompt with the adapter.
+engine: the base model's engine (the one the OpenAI routes use) or, for adapters, one multi-LoRA
+engine whose `max_loras` adapter slots decode in the same batches (`serve/lora_engine.py`). MoE expert
+adapters, which the stack does not cover, get an engine over the base weights with the adapter merged
+in, made on first use and kept for up to `max_loras` adapters (the least recently used idle one is
+closed beyond that). `lease(weights)` gives the engine and slot to submit to. Prompt logprobs (and
+their top-k) come from one forward pass over the prompt with the adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import random
 import uuid
@@ -26,6 +29,7 @@ from polaris_jax.serve.base_model import BaseModel
 from polaris_jax.serve.choices import ChoiceText, drive
 from polaris_jax.serve.engine_thread import EngineThread
 from polaris_jax.serve.futures import PROTO, Futures
+from polaris_jax.serve.lora_engine import LoraEngine, supports
 from polaris_jax.serve.store import SamplerRow, Store
 from polaris_jax.serve.tinker_proto import BadInput, sample_response
 from polaris_jax.train import adapters
@@ -58,8 +62,13 @@ class Sampling:
         self.samplers: dict[str, Weights] = {}
         self._by_path: dict[str, Weights] = {}
         self._live: collections.deque[str] = collections.deque()
-        self.engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()
+        self.engines: collections.OrderedDict[str, EngineThread] = collections.OrderedDict()  # merged ones
+        self.lora = LoraEngine(base, base_engine.engine.settings, max_loras, self._adapter)
         self._tokenizer = None
+
+    @property
+    def adapter_engines(self) -> list[EngineThread]:
+        return list(self.engines.values()) + ([self.lora.thread] if self.lora.thread is not None else [])
 
     # ----- samplers -----
 
@@ -93,6 +102,8 @@ class Sampling:
             thread = self.engines.pop(old.key, None) if old is not None else None
             if thread is not None:
                 thread.close()  # requests still on it end with EngineStopped
+            if old is not None:
+                self.lora.forget(old.key)
         self.store.put(SamplerRow(id=sampler_id, session_id=session_id, base_model=self.base.name))
         return sampler_id
 
@@ -118,10 +129,19 @@ class Sampling:
             weights.adapter, _ = ckpt.load(self.base.config, self._checkpoint(weights.key), with_optimizer=False)
         return weights.adapter
 
-    def engine(self, weights: Weights) -> EngineThread:
-        """The engine for these weights (made, and warm, on first use; runs in a worker thread)."""
+    @contextlib.asynccontextmanager
+    async def lease(self, weights: Weights):
+        """(engine thread, adapter slot) to submit these weights' requests to, held until the block ends."""
         if weights.key == "base":
-            return self.base_engine
+            yield self.base_engine, 0
+        elif supports(self.base.config, weights.spec):
+            async with self.lora.lease(weights) as slot:
+                yield self.lora.thread, slot
+        else:
+            yield await asyncio.to_thread(self._merged_engine, weights), 0
+
+    def _merged_engine(self, weights: Weights) -> EngineThread:
+        """An engine over the base weights with this adapter merged in (made, and warm, on first use)."""
         thread = self.engines.get(weights.key)
         if thread is None:
             config = weights.spec.model_config(self.base.config)
@@ -137,6 +157,8 @@ class Sampling:
         return thread
 
     def queue_full(self, weights: Weights) -> bool:
+        if weights.key != "base" and supports(self.base.config, weights.spec):
+            return self.lora.queue_full()
         thread = self.base_engine if weights.key == "base" else self.engines.get(weights.key)
         if thread is None:
             return False
@@ -208,11 +230,11 @@ class Sampling:
         that completes a stop string in its decoded text (that token included, as vLLM returns them)."""
         weights, request, top = call.weights, call.request, call.top
         try:
-            engine = await asyncio.to_thread(self.engine, weights)
-            streams = await engine.submit_all([request])
             choices = [ChoiceText(call.tokenizer, call.stop_texts) for _ in range(request.n)]
-            async for _ in drive(streams, choices, request.n):
-                pass
+            async with self.lease(weights) as (engine, slot):
+                streams = await engine.submit_all([dataclasses.replace(request, adapter=slot)])
+                async for _ in drive(streams, choices, request.n):
+                    pass
             seqs = [[c.tokens, c.logprobs, c.finish or "length"] for c in choices]
             prompt_lp, topk = None, None
             if top >= 0:
@@ -236,3 +258,4 @@ class Sampling:
     def close(self) -> None:
         for thread in self.engines.values():
             thread.close()
+        self.lora.close()

@@ -302,6 +302,37 @@ def test_a_stop_string_ends_where_the_text_contains_it_whatever_tokens_spell_it(
     assert seq.tokens == tokens[: cut + 1] and seq.stop_reason == "stop", (stop, seq.tokens, tokens)
 
 
+def test_adapters_of_different_ranks_decode_together_each_as_its_own(server):
+    """Two clients' live adapters (ranks 2 and 8, one also on the unembedding) and the base model, sampled at
+    once: the adapters share one multi-LoRA engine, and each sample's logprobs are its own adapter's
+    (compute_logprobs: a forward pass with that adapter alone)."""
+    service = _service(server)
+    samplers, prompt = [], [7, 70, 700, 7000]
+    for rank, seed, unembed in ((2, 11, False), (8, 12, True)):
+        client = service.create_lora_training_client(
+            base_model=server["model"], rank=rank, seed=seed, train_unembed=unembed
+        ).result()
+        seq = prompt + [seed, 5 * seed]
+        client.forward_backward([_datum(seq, weights=[1.0] * 5)], "cross_entropy").result()
+        client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+        samplers.append(client.save_weights_and_get_sampling_client().result())
+    samplers.append(service.create_sampling_client(base_model=server["model"]).result())
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=3, stop=[])
+    futures = [s.sample(types.ModelInput.from_ints(prompt), 2, params) for s in samplers]  # in flight together
+    outs = [f.result() for f in futures]
+    own = []
+    for sampler, out in zip(samplers, outs):
+        for seq in out.sequences:
+            check = sampler.compute_logprobs(types.ModelInput.from_ints(prompt + seq.tokens)).result()
+            np.testing.assert_allclose(seq.logprobs, check[len(prompt) :], atol=1e-4)
+        own.append(np.asarray(check[len(prompt) :]))
+    # The adapters differ: the second adapter scores the base sample's last tokens otherwise.
+    other = samplers[1].compute_logprobs(types.ModelInput.from_ints(prompt + outs[2].sequences[1].tokens)).result()
+    assert np.max(np.abs(np.asarray(other[len(prompt) :]) - own[2])) > 1e-2
+    text = httpx.get(f"{server['state']['base']}/metrics").text
+    assert "polaris_adapter_engines 1\n" in text  # every adapter so far: one engine
+
+
 def test_prometheus_metrics_count_the_work(server):
     text = httpx.get(f"{server['state']['base']}/metrics").text  # after the tests above: training and sampling
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
