@@ -39,6 +39,15 @@ class RunRow(SQLModel, table=True):
     created: float
 
 
+class RunMetadataRow(SQLModel, table=True):
+    """A training run's `user_metadata` (create_model's), a JSON object of strings (a table of its own, so
+    databases written before it still open)."""
+
+    __tablename__ = "run_metadata"
+    model_id: str = Field(primary_key=True)
+    user_metadata: str = "{}"
+
+
 class CheckpointRow(SQLModel, table=True):
     """A saved `tinker://MODEL_ID/{weights|sampler_weights}/NAME`; `directory` is its orbax directory."""
 

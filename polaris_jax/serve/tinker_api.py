@@ -16,6 +16,7 @@ import uuid
 import fastapi
 from fastapi.responses import JSONResponse, Response
 
+from polaris_jax.serve import training_runs
 from polaris_jax.serve.base_model import BaseModel
 from polaris_jax.serve.futures import Futures
 from polaris_jax.serve.store import SessionRow, Store
@@ -114,8 +115,17 @@ def tinker_router(t: Tinker, dependencies) -> fastapi.APIRouter:
         body = await json_body(http)
         session_id = _field(body, "session_id")
         seq = _field(body, "model_seq_id", int)
+        training_runs.save_metadata(t.store, f"{session_id}:train:{seq}", body.get("user_metadata"))  # checked first
         request_id = t.training.create_model(session_id, seq, body.get("base_model"), body.get("lora_config") or {})
         return _future(request_id, model_id=f"{session_id}:train:{seq}")
+
+    @api.get("/training_runs/{model_id}")
+    def training_run(model_id: str):
+        return training_runs.training_run(t.store, model_id)
+
+    @api.get("/training_runs/{model_id}/checkpoints")
+    def training_run_checkpoints(model_id: str):
+        return training_runs.checkpoints(t.store, model_id)
 
     @api.post("/get_info")
     async def get_info(http: fastapi.Request):

@@ -333,6 +333,26 @@ def test_adapters_of_different_ranks_decode_together_each_as_its_own(server):
     assert "polaris_adapter_engines 1\n" in text  # every adapter so far: one engine
 
 
+def test_rest_client_reads_training_runs_and_their_checkpoints(server):
+    """What tinker-cookbook reads back when it resumes: the run's user_metadata (its renderer name), its last
+    training and sampler checkpoints, and the checkpoint list, through the SDK's RestClient."""
+    service = _service(server)
+    metadata = {"renderer_name": "qwen3", "recipe": "unit"}
+    client = service.create_lora_training_client(base_model=server["model"], rank=RANK, user_metadata=metadata).result()
+    state = client.save_state("first").result().path
+    weights = client.save_weights_for_sampler("for-sampling").result().path
+    rest = service.create_rest_client()
+    model_id = client.get_info().model_id
+    run = rest.get_training_run(model_id).result()
+    assert (run.training_run_id, run.lora_rank, run.is_lora, run.user_metadata) == (model_id, RANK, True, metadata)
+    assert (run.last_checkpoint.tinker_path, run.last_sampler_checkpoint.tinker_path) == (state, weights)
+    assert rest.get_training_run_by_tinker_path(weights).result().training_run_id == model_id
+    listed = rest.list_checkpoints(model_id).result().checkpoints
+    assert [(c.tinker_path, c.checkpoint_type) for c in listed] == [(state, "training"), (weights, "sampler")]
+    with pytest.raises(tinker.BadRequestError, match="training_run_id"):
+        rest.get_training_run("sess-none:train:0").result()
+
+
 def test_prometheus_metrics_count_the_work(server):
     text = httpx.get(f"{server['state']['base']}/metrics").text  # after the tests above: training and sampling
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
