@@ -3,12 +3,14 @@ each row the logits of its adapter merged into the base weights (`merge_lora`, W
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polaris_jax.models import ModelConfig, forward, init_params
+from polaris_jax.models import ModelConfig, forward, init_params, param_shapes
 from polaris_jax.models.lora import merge_lora, stack_adapters
 from polaris_jax.train import adapters
 
@@ -20,34 +22,42 @@ SPECS = (
 )
 
 
-def _adapter(config, spec):
-    """A trained-looking adapter: B drawn too (a fresh one is zero and changes nothing)."""
-    adapter = adapters.init_adapter(config, spec)
-    keys = iter(jax.random.split(jax.random.key(spec.seed + 100), 64))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: 0.3 * jax.random.normal(next(keys), x.shape) if "lora_b" in str(path[-1]) else x, adapter
-    )
+def random_adapter(config, spec) -> dict:
+    """A trained-looking adapter for `spec` (numpy draws: eager jax.random compiles once per shape). B is
+    drawn too: a fresh adapter's B is zero and changes nothing."""
+    rng = np.random.RandomState(spec.seed)
+    draw = lambda name, shape: jnp.asarray(rng.randn(*shape).astype(np.float32) * (0.3 if "lora_b" in name else 0.1))
+    adapter = {}
+    for group, leaf in param_shapes(spec.model_config(config)).items():
+        if isinstance(leaf, dict):
+            lora = {name: draw(name, s.shape) for name, s in leaf.items() if "_lora_" in name}
+            if lora:
+                adapter[group] = lora
+        elif "_lora_" in group:
+            adapter[group] = draw(group, leaf.shape)
+    return adapter
 
 
-def _logits(config, params, tokens_bt, **kw):
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config, params, tokens_bt, adapter_rows_b=None):
     positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    return forward(config, params, tokens_bt, positions_bt, **kw)[0]
+    return forward(config, params, tokens_bt, positions_bt, adapter_rows_b=adapter_rows_b)[0]
 
 
 def test_each_row_gets_its_own_adapters_merged_logits():
     config = ModelConfig.tiny("qwen3")
-    base = init_params(config, jax.random.key(0))
+    base = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     tokens_bt = jax.random.randint(jax.random.key(1), (5, 7), 0, config.vocab_size)
     slots, expected = [None], [_logits(config, base, tokens_bt)]  # slot 0: the base model
     for spec in SPECS:
-        adapter = _adapter(config, spec)
+        adapter = random_adapter(config, spec)
         slots.append((spec.alpha / spec.rank, adapter))
         merged_config, merged = merge_lora(spec.model_config(config), adapters.with_adapter(base, adapter))
         expected.append(_logits(merged_config, merged, tokens_bt))
     stacked = stack_adapters(config, slots, rank=8, targets=ALL_TARGETS)
     params = adapters.with_adapter(base, stacked)
     rows_b = jnp.array([2, 0, 3, 1, 3], jnp.int32)
-    got = jax.jit(lambda p, t, r: _logits(config, p, t, adapter_rows_b=r))(params, tokens_bt, rows_b)
+    got = _logits(config, params, tokens_bt, rows_b)
     for b, slot in enumerate(np.asarray(rows_b)):
         np.testing.assert_allclose(got[b], expected[slot][b], atol=1e-4, rtol=1e-4, err_msg=f"row {b}")
     # The adapters differ enough that a row given another's slot is far off.
@@ -60,7 +70,7 @@ def test_expert_adapters_and_misfit_leaves_are_refused():
         stack_adapters(moe, [None], rank=4, targets=ALL_TARGETS)
     assert stack_adapters(moe, [None], rank=4, targets=("q", "k", "v", "o"))  # attention is fine
     config = ModelConfig.tiny("qwen3")
-    big = _adapter(config, adapters.AdapterSpec(rank=8))
+    big = random_adapter(config, adapters.AdapterSpec(rank=8))
     misfit = r"dense_layers\.\w+_lora_a: shape \(2, \d+, 8\) does not fit the stack.s \(2, \d+, 4\)"
     with pytest.raises(ValueError, match=misfit):
         stack_adapters(config, [(4.0, big)], rank=4, targets=ALL_TARGETS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,6 +13,7 @@ from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.engine_settings import EngineSettings
 from polaris_jax.sampling.requests import Request, RequestError
 from polaris_jax.train import adapters
+from tests.models.test_multi_lora import random_adapter
 from tests.sampling.test_engine import SMALL, finish
 
 SPECS = (  # slot 0 is the base model
@@ -21,15 +21,6 @@ SPECS = (  # slot 0 is the base model
     adapters.AdapterSpec(rank=4, seed=2, train_unembed=True, alpha=8.0),
 )
 STACKED = dataclasses.replace(SMALL, adapter_slots=len(SPECS) + 1)
-
-
-def _trained(config, spec):
-    """An adapter whose B is drawn too (a fresh one is zero and changes nothing)."""
-    adapter = adapters.init_adapter(config, spec)
-    keys = iter(jax.random.split(jax.random.key(spec.seed + 50), 64))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: 0.5 * jax.random.normal(next(keys), x.shape) if "lora_b" in str(path[-1]) else x, adapter
-    )
 
 
 def _requests(rng, vocab):
@@ -52,7 +43,7 @@ def _requests(rng, vocab):
 
 def test_each_request_decodes_as_its_merged_adapter_alone(tied):
     config, base = tied.config, tied.params
-    trained = [_trained(config, spec) for spec in SPECS]
+    trained = [random_adapter(config, spec) for spec in SPECS]
     slots = [None] + [(spec.alpha / spec.rank, a) for spec, a in zip(SPECS, trained)]
     targets = adapters.AdapterSpec(train_unembed=True).targets
     stack = stack_adapters(config, slots, rank=4, targets=targets)

@@ -24,6 +24,7 @@ def _memory_kinds(tree) -> set:
     return {leaf.sharding.memory_kind for leaf in jax.tree.leaves(tree)}
 
 
+@pytest.mark.slow  # values unchanged by the offload: two full loops; the planner test counts it in the default tier
 def test_optimizer_state_waits_on_the_host_during_rollouts_and_nothing_changes(tmp_path, monkeypatch):
     original, seen = grpo_loop.collect, []
 
