@@ -10,7 +10,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,parity,serve]"
+	$(PY) -m pip install -q -e ".[dev,parity,serve,cookbook]"
+	$(PY) -m pip install -q --no-deps "tinker-cookbook==0.6.1"  # see the cookbook extra in pyproject.toml
 	touch $@
 
 demo: setup
