@@ -44,7 +44,10 @@ Sections (`--sections`, comma-separated):
   ratio polaris / skyrl.
 - serving: `--requests` text completions (/v1/completions; seeded random-word prompts of 8-24 words;
   max_tokens drawn per request, numpy seed `--seed`, from a lognormal with median `--median` and log-sd
-  `--sigma`, clipped to [1, `--max_new`]; temperature 1) sent with at most C in flight for each C in
+  `--sigma`, clipped to [1, `--max_new`]; `--temperature`, default 1: full-vocabulary sampling on both sides,
+  as the checkpoint's generation_config sets do_sample and no top-k for transformers; 0: greedy on both,
+  with a generation_config without do_sample, which transformers serves on its faster greedy path)
+  sent with at most C in flight for each C in
   `--concurrency`, against this server and `transformers serve`, after an untimed warm-up pass of the same
   requests. Output tok/s (usage.completion_tokens over the wall time of the batch), p50/p99 latency per
   request (non-streaming: to the full answer), the ratio at the largest C, and the same requests sent one
@@ -117,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--median", type=float, default=24.0, help="median drawn max_tokens")
     parser.add_argument("--sigma", type=float, default=1.0, help="log-sd of the lognormal max_tokens")
     parser.add_argument("--max_new", type=int, default=160, help="the cap on drawn max_tokens")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy on both sides")
     parser.add_argument("--max_seq_len", type=int, default=256, help="our server's context (the tiny model's)")
     parser.add_argument("--max_slots", type=int, default=64, help="our server's --max_slots")
     parser.add_argument("--no_sequential", action="store_true", help="skip the one-at-a-time pass")
@@ -275,7 +279,7 @@ def serving_workload(args) -> list[dict]:
     drawn = rng.lognormal(np.log(args.median), args.sigma, args.requests)
     lengths = np.clip(np.rint(drawn), 1, args.max_new).astype(int)
     prompts = [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 25)))) for _ in range(args.requests)]
-    return [dict(prompt=p, max_tokens=int(n)) for p, n in zip(prompts, lengths)]
+    return [dict(prompt=p, max_tokens=int(n), temperature=args.temperature) for p, n in zip(prompts, lengths)]
 
 
 async def _send_all(base: str, model: str, requests: list[dict], concurrency: int) -> dict:
@@ -287,7 +291,7 @@ async def _send_all(base: str, model: str, requests: list[dict], concurrency: in
 
         async def one(req):
             async with gate:
-                body = dict(model=model, prompt=req["prompt"], max_tokens=req["max_tokens"], temperature=1.0)
+                body = {k: req[k] for k in ("prompt", "max_tokens", "temperature")} | dict(model=model)
                 start = time.perf_counter()
                 try:
                     r = await client.post("/v1/completions", json=body)
@@ -361,7 +365,7 @@ def section_serving(args, model: Path, work: Path) -> None:
             ),
             total_max_tokens=int(lengths.sum()),
             prompt_words="8-24",
-            endpoint="/v1/completions, temperature 1, non-streaming",
+            endpoint=f"/v1/completions, temperature {args.temperature}, non-streaming",
             eos="none in generation_config (no stop before max_tokens)" if not args.model else "the model's",
         )
     )
@@ -403,7 +407,7 @@ def main(argv=None):
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     try:
-        model = Path(args.model).resolve() if args.model else build_model(work / "tiny_qwen3")
+        model = Path(args.model).resolve() if args.model else build_model(work / "tiny_qwen3", args.temperature > 0)
         log(f"model {model}; work dir {work}")
         for name in sections:
             start = time.perf_counter()

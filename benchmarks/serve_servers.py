@@ -53,8 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_model(directory: Path) -> Path:
-    """The tiny random Qwen3 with the real tokenizer, and no EOS ids (every request runs to max_tokens)."""
+def build_model(directory: Path, sampling: bool = True) -> Path:
+    """The tiny random Qwen3 with the real tokenizer, no EOS ids (every request runs to max_tokens), and with
+    `sampling`, do_sample and no top-k: `transformers serve` takes do_sample from here (a request's
+    temperature alone leaves it greedy; GenerationConfig's default top_k is 50). Without it, greedy
+    requests take transformers' faster greedy-only path."""
     sys.path.insert(0, str(ROOT))
     from polaris_jax.data.tokenizer import qwen_tokenizer_offline
     from tests.serve.server_helpers import tiny_checkpoint
@@ -62,7 +65,8 @@ def build_model(directory: Path) -> Path:
     tokenizer = qwen_tokenizer_offline("qwen3")
     tokenizer.save(directory)
     tiny_checkpoint(directory, tokenizer.vocab_size)
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": []}))
+    extra = {"do_sample": True, "top_k": 0, "top_p": 1.0} if sampling else {}
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [], **extra}))
     config = json.loads((directory / "config.json").read_text())  # transformers 4.x (SkyRL tx) reads rope_theta
     config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 10000.0))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
