@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletionChunk
+from starlette.background import BackgroundTask
 
 from polaris_jax.data.tokenizer import Tokenizer
 from polaris_jax.sampling.requests import QueueFull, Request, RequestError
@@ -187,7 +188,8 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
                 await held.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # The lease is also released after the response, for a client gone before the stream began.
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(held.aclose))
 
     @v1.post("/completions")
     async def completions(body: api.CompletionRequest, http: fastapi.Request):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from polaris_jax.sampling import generate
 
@@ -62,6 +63,7 @@ def sharded_run() -> dict:
     )
 
 
+@pytest.mark.slow  # ~18 s; the engine on the same mesh (test_engine_mesh.py) runs in make test
 def test_generate_on_eight_device_mesh(tied):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)

@@ -15,19 +15,10 @@ import json
 
 import pytest
 
-tinker = pytest.importorskip("tinker")
-cookbook = pytest.importorskip("tinker_cookbook")
-pytest.importorskip("transformers")
+from polaris_jax.data.tokenizer import qwen_tokenizer_offline
+from tests.serve.server_helpers import free_port, running_server, tiny_checkpoint
 
-import tinker_cookbook.rl.train as rl_train  # noqa: E402
-import tinker_cookbook.supervised.train as sl_train  # noqa: E402
-from tinker_cookbook.recipes.math_rl.arithmetic_env import ArithmeticDatasetBuilder  # noqa: E402
-from tinker_cookbook.supervised.data import FromConversationFileBuilder  # noqa: E402
-from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig  # noqa: E402
-
-from polaris_jax.data.tokenizer import qwen_tokenizer_offline  # noqa: E402
-from tests.serve.server_helpers import free_port, running_server, tiny_checkpoint  # noqa: E402
-
+# The cookbook (torch, transformers, datasets) is imported in the tests, not at collection (make test deselects them).
 pytestmark = pytest.mark.slow
 KEY = "tml-cookbook-key"  # the SDK wants the tml- prefix; the cookbook passes no key, so it comes from the env
 RENDERER = "qwen3"
@@ -35,6 +26,10 @@ RENDERER = "qwen3"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    pytest.importorskip("tinker")
+    pytest.importorskip("transformers")
+    sl_train = pytest.importorskip("tinker_cookbook.supervised.train")
+    rl_train = pytest.importorskip("tinker_cookbook.rl.train")
     path = tmp_path_factory.mktemp("cookbook") / "tiny_qwen3"
     path.mkdir()
     tokenizer = qwen_tokenizer_offline("qwen3")
@@ -57,6 +52,10 @@ def _metrics(log_path) -> list[dict]:
 
 
 def test_the_cookbooks_supervised_loop_lowers_its_held_out_nll(served):
+    import tinker_cookbook.supervised.train as sl_train
+    from tinker_cookbook.supervised.data import FromConversationFileBuilder
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
     data = served["root"] / "conversations.jsonl"
     with data.open("w") as f:  # whatever the question, the same answer: learnable in a few steps
         for i in range(20):
@@ -98,6 +97,9 @@ def test_the_cookbooks_supervised_loop_lowers_its_held_out_nll(served):
 
 
 def test_the_cookbooks_rl_loop_samples_what_it_trains_and_resumes(served):
+    import tinker_cookbook.rl.train as rl_train
+    from tinker_cookbook.recipes.math_rl.arithmetic_env import ArithmeticDatasetBuilder
+
     log_path = served["root"] / "rl"
 
     def run():
