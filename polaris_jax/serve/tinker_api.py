@@ -24,6 +24,8 @@ from polaris_jax.serve.tinker_proto import BadInput, parse_forward_backward
 from polaris_jax.serve.tinker_sampling import Sampling
 from polaris_jax.serve.tinker_training import Training
 
+SDK_VERSION = "0.38.0"  # the tinker SDK whose REST surface this module serves
+
 
 @dataclasses.dataclass
 class Tinker:
@@ -218,5 +220,14 @@ def tinker_router(t: Tinker, dependencies) -> fastapi.APIRouter:
         if status == "pending":
             return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
         return Response(payload, media_type=content_type)
+
+    @api.api_route("/{route:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    def unknown_route(route: str, http: fastapi.Request):
+        """Last: a route this server lacks, most often an SDK of another version calling its own surface."""
+        sdk = http.headers.get("x-stainless-package-version", "unknown")
+        detail = f"/api/v1/{route} is not served: this server speaks the REST surface of tinker=={SDK_VERSION}"
+        if sdk != SDK_VERSION:
+            detail += f" and this client is tinker {sdk} (pip install tinker=={SDK_VERSION})"
+        return JSONResponse({"detail": detail}, 404)
 
     return api

@@ -354,6 +354,19 @@ def test_rest_client_reads_training_runs_and_their_checkpoints(server):
         rest.get_training_run("sess-none:train:0").result()
 
 
+def test_a_route_of_another_sdk_version_gets_a_404_that_says_so(server):
+    """An SDK of another version calls routes this server lacks (tinker 0.16's, e.g.): a JSON 404 naming the
+    route, the client's version (the Stainless header every tinker SDK sends) and the one to install."""
+    headers = {"X-API-Key": KEY, "X-Stainless-Package-Version": "0.16.1"}
+    r = httpx.post(f"{server['state']['base']}/api/v1/old_style_route", json={}, headers=headers)
+    assert r.status_code == 404
+    assert r.json()["detail"] == (
+        "/api/v1/old_style_route is not served: this server speaks the REST surface of tinker==0.38.0 and this "
+        "client is tinker 0.16.1 (pip install tinker==0.38.0)"
+    )
+    assert httpx.get(f"{server['state']['base']}/api/v1/healthz", headers=headers).status_code == 200
+
+
 def test_prometheus_metrics_count_the_work(server):
     text = httpx.get(f"{server['state']['base']}/metrics").text  # after the tests above: training and sampling
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
