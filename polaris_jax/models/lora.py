@@ -90,29 +90,38 @@ def merge_lora(config, params):
     return merged_config, out
 
 
+_EXPERT_TARGETS = ("gate", "up", "down")  # a MoE layer's MLP targets are its experts
+
+
+def can_stack(config, targets) -> bool:
+    """Whether adapters on `targets` can be stacked: not on a MoE model's expert projections (their rows are
+    regrouped by expert, away from their adapter)."""
+    return not (config.is_moe and any(t in _EXPERT_TARGETS for t in targets))
+
+
 def stack_adapters(config, adapters: list, *, rank: int, targets) -> dict:
     """The leaves of a multi-LoRA model (models.layers, `forward(adapter_rows_b=...)`): every adapter leaf
     of a rank-`rank` LoRA on `targets`, stacked over `adapters` on the axis after the layers axis.
 
     adapters: per slot, (alpha / rank, adapter leaves laid out as in the params) or None (a zero slot).
     A smaller rank is padded with zeros and each scale is folded into B, so slot i's delta is adapter i's.
-    MoE expert adapters are refused (their rows are regrouped by expert, away from their adapter)."""
+    Targets that `can_stack` refuses raise ValueError."""
+    if not can_stack(config, targets):
+        raise ValueError(f"targets {tuple(targets)}: multi-LoRA batching does not cover MoE expert adapters")
     shapes = param_shapes(config.replace(lora_rank=rank, lora_alpha=float(rank), lora_targets=tuple(targets)))
     out = {}
     for group, leaf in shapes.items():
-        names = [n for n in leaf if "_lora_" in n] if isinstance(leaf, dict) else [group] if "_lora_" in group else []
-        for name in names:
-            if isinstance(leaf, dict) and "router" in leaf and name.split("_lora_")[0] in ("gate", "up", "down"):
-                raise ValueError(f"{group}.{name}: multi-LoRA batching does not cover MoE expert adapters")
-            shape = leaf[name].shape if isinstance(leaf, dict) else leaf.shape
-            lead = 1 if isinstance(leaf, dict) else 0  # the layers axis
-            slots = [_slot(a, group, name, shape, lead) for a in adapters]
-            stacked = jnp.stack(slots, axis=lead)
-            if isinstance(leaf, dict):
-                out.setdefault(group, {})[name] = stacked
-            else:
-                out[name] = stacked
+        if isinstance(leaf, dict):  # a layer stack: the adapter axis goes after the layers axis
+            stacked = {n: _stack(adapters, group, n, s.shape, 1) for n, s in leaf.items() if "_lora_" in n}
+            if stacked:
+                out[group] = stacked
+        elif "_lora_" in group:
+            out[group] = _stack(adapters, group, group, leaf.shape, 0)
     return out
+
+
+def _stack(adapters, group: str, name: str, shape, lead: int):
+    return jnp.stack([_slot(a, group, name, shape, lead) for a in adapters], axis=lead)
 
 
 def _slot(entry, group: str, name: str, shape, lead: int):

@@ -61,9 +61,14 @@ def unstack_layers(params) -> dict:
         out["lm_head"] = params["embed"].T
     for name, stack in params.items():
         if name.endswith("_layers") and not isinstance(stack, (list, tuple)):
-            count = jax.tree.leaves(stack)[0].shape[0]
-            out[name] = tuple(jax.tree.map(lambda p, i=i: p[i], stack) for i in range(count))
+            out[name] = per_layer(stack)
     return out
+
+
+def per_layer(stack: dict) -> tuple:
+    """A stack of layer params ([L, ...] leaves) as a tuple of L per-layer dicts."""
+    count = jax.tree.leaves(stack)[0].shape[0]
+    return tuple(jax.tree.map(lambda p, i=i: p[i], stack) for i in range(count))
 
 
 def _unrolled_run(config, kind, layers, x_btd, cos, sin, segment_ids_bt, cache_kv, cache_meta, routed, adapter_rows_b):

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 
 from polaris_jax.models import cpu_gemm
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, shard_count, to_host
-from polaris_jax.models.transformer import unstack_layers
+from polaris_jax.models.transformer import per_layer, unstack_layers
 from polaris_jax.sampling import decode_loop
 from polaris_jax.sampling.buckets import Buckets, round_up
 from polaris_jax.sampling.strategies import SamplingSettings
@@ -45,12 +45,12 @@ def _unstacked(params, pack: bool):
     ):
         return _with_adapter_layers(hit[1], adapter)
     _last_unstacked.clear()  # free the old copy before making the new one
-    per_layer = (_unstack_and_pack if pack else _unstack)(params)
+    layers = (_unstack_and_pack if pack else _unstack)(params)
     if leaves and all(isinstance(x, jax.Array) for x in leaves):
         token = object()
-        _last_unstacked.update(entry=([weakref.ref(x) for x in leaves], per_layer, pack), token=token)
+        _last_unstacked.update(entry=([weakref.ref(x) for x in leaves], layers, pack), token=token)
         weakref.finalize(leaves[0], _forget_unstacked, token)
-    return _with_adapter_layers(per_layer, adapter)
+    return _with_adapter_layers(layers, adapter)
 
 
 def _split_adapter(params):
@@ -69,21 +69,16 @@ def _split_adapter(params):
 
 @jax.jit
 def _adapter_per_layer(adapter):
-    return {
-        k: [jax.tree.map(lambda x, i=i: x[i], v) for i in range(jax.tree.leaves(v)[0].shape[0])]
-        if isinstance(v, dict)
-        else v
-        for k, v in adapter.items()
-    }
+    return {k: per_layer(v) if isinstance(v, dict) else v for k, v in adapter.items()}
 
 
-def _with_adapter_layers(per_layer: dict, adapter: dict) -> dict:
+def _with_adapter_layers(layers: dict, adapter: dict) -> dict:
     if not adapter:
-        return per_layer
-    out = dict(per_layer)
+        return layers
+    out = dict(layers)
     for key, value in _adapter_per_layer(adapter).items():
-        if isinstance(value, list):
-            out[key] = tuple({**layer, **leaves} for layer, leaves in zip(per_layer[key], value))
+        if isinstance(value, tuple):
+            out[key] = tuple({**layer, **leaves} for layer, leaves in zip(layers[key], value))
         else:
             out[key] = value
     return out

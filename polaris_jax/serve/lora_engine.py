@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 
-from polaris_jax.models.lora import stack_adapters
+from polaris_jax.models.lora import can_stack, stack_adapters
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.serve.engine_thread import EngineThread
 from polaris_jax.train import adapters
@@ -24,7 +24,7 @@ from polaris_jax.train import adapters
 
 def supports(config, spec: adapters.AdapterSpec) -> bool:
     """Whether an adapter can share the stack (MoE expert adapters are sampled from a merged copy)."""
-    return not (config.is_moe and spec.train_mlp)
+    return can_stack(config, spec.targets)
 
 
 class LoraEngine:
