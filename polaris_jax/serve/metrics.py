@@ -1,8 +1,9 @@
 """`GET /metrics`: Prometheus text exposition of the engines, the trainer queue and training latencies.
 
 Gauges: the engine's waiting queue, live slots and KV pages (base engine); the trainer's queued
-requests; counters: prefill and decode tokens, preemptions (every engine), and summaries (count, sum in
-seconds) of forward_backward and optim_step. Decode tokens/s is `rate(polaris_decode_tokens_total)`.
+requests; counters: prefill and decode tokens, preemptions (every engine), forward(_backward) calls that
+ran several clients' requests together and those requests (multi-LoRA training), and summaries (count, sum
+in seconds) of forward_backward and optim_step. Decode tokens/s is `rate(polaris_decode_tokens_total)`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def render(base_engine, adapter_engines, training=None) -> str:
         lines += [
             "# TYPE polaris_trainer_queue_length gauge",
             _line("polaris_trainer_queue_length", training.worker.depth()),
+            "# TYPE polaris_forward_backward_batched_calls_total counter",
+            _line("polaris_forward_backward_batched_calls_total", training.batched[0]),
+            "# TYPE polaris_forward_backward_batched_requests_total counter",
+            _line("polaris_forward_backward_batched_requests_total", training.batched[1]),
         ]
         for kind, (count, seconds) in training.latency_s.items():
             lines += [

@@ -5,6 +5,13 @@
     worker.skip(model_id, seq_id)           # a request refused at submit: its seq_id is used up
     worker.submit_now(task)                 # unordered (creating a client)
 
+    worker = OrderedWorker(run_together=fn)  # fn(items): several clients' requests as one call
+    worker.submit(model_id, seq_id, task, together=(key, item))
+
+A request submitted with `together` may run with the other clients' requests that are next in their own
+order and carry the same key (multi-LoRA: one forward_backward over every adapter): `run_together` gets
+their items, and each request's own task is not run. Order within each client is unchanged.
+
 The tinker SDK pipelines (a client's optim_step may arrive before its forward_backward's result is
 fetched) and sends a forward_backward's chunks in parallel, so requests can arrive out of order; the
 worker holds them until the gap fills. A gap that never fills (a request lost before it reached us)
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -24,13 +32,25 @@ from collections.abc import Callable
 @dataclasses.dataclass
 class _Queue:
     next_seq: int | None = None
-    waiting: dict = dataclasses.field(default_factory=dict)  # seq_id -> (arrival time, task)
+    waiting: dict = dataclasses.field(default_factory=dict)  # seq_id -> (arrival time, task, together)
     skipped: set = dataclasses.field(default_factory=set)
+
+    def peek(self):
+        """(arrival time, task, together) of the next request in order if it arrived, else None."""
+        while self.next_seq in self.skipped:
+            self.skipped.discard(self.next_seq)
+            self.next_seq += 1
+        return self.waiting.get(self.next_seq)
+
+    def take(self, seq_id: int):
+        _, task, together = self.waiting.pop(seq_id)
+        self.next_seq = max(self.next_seq, seq_id + 1)
+        return task, together
 
 
 class OrderedWorker:
-    def __init__(self, first_seq: int = 1, gap_timeout_s: float = 5.0):
-        self.first_seq, self.gap_timeout_s = first_seq, gap_timeout_s
+    def __init__(self, first_seq: int = 1, gap_timeout_s: float = 5.0, run_together: Callable | None = None):
+        self.first_seq, self.gap_timeout_s, self.run_together = first_seq, gap_timeout_s, run_together
         self._queues: dict[str, _Queue] = collections.defaultdict(lambda: _Queue(first_seq))
         self._now: collections.deque[Callable] = collections.deque()
         self._cond = threading.Condition()
@@ -47,9 +67,9 @@ class OrderedWorker:
         with self._cond:
             self._queues[model_id].next_seq = seq_id
 
-    def submit(self, model_id: str, seq_id: int, task: Callable) -> None:
+    def submit(self, model_id: str, seq_id: int, task: Callable, together: tuple | None = None) -> None:
         with self._cond:
-            self._queues[model_id].waiting[seq_id] = (time.monotonic(), task)
+            self._queues[model_id].waiting[seq_id] = (time.monotonic(), task, together)
             self._cond.notify()
 
     def skip(self, model_id: str, seq_id: int) -> None:
@@ -73,22 +93,26 @@ class OrderedWorker:
             return self._now.popleft()
         now = time.monotonic()
         for q in self._queues.values():
-            while q.next_seq in q.skipped:
-                q.skipped.discard(q.next_seq)
-                q.next_seq += 1
-            if q.next_seq in q.waiting:
-                _, task = q.waiting.pop(q.next_seq)
-                q.next_seq += 1
-                return task
+            if q.peek() is not None:
+                return self._with_others(q, *q.take(q.next_seq))
             if q.waiting:
                 first = min(q.waiting)
                 if first < q.next_seq or now - q.waiting[first][0] > self.gap_timeout_s:
                     if first > q.next_seq:
                         logging.warning("seq_ids %d..%d never arrived; running %d", q.next_seq, first - 1, first)
-                    _, task = q.waiting.pop(first)
-                    q.next_seq = max(q.next_seq, first + 1)
-                    return task
+                    return self._with_others(q, *q.take(first))
         return None
+
+    def _with_others(self, first: _Queue, task: Callable, together) -> Callable:
+        """The task, or one call running it with the next requests of other clients that share its key."""
+        if together is None or self.run_together is None:
+            return task
+        items = [together[1]]
+        for q in self._queues.values():
+            entry = None if q is first else q.peek()
+            if entry is not None and entry[2] is not None and entry[2][0] == together[0]:
+                items.append(q.take(q.next_seq)[1][1])
+        return task if len(items) == 1 else functools.partial(self.run_together, items)
 
     def _run(self) -> None:
         while True:

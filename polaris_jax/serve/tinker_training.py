@@ -5,6 +5,10 @@ changed), then queued on the `OrderedWorker` in its client's seq_id order, and i
 its future. Each client holds its own adapter, AdamW state and accumulated gradients; the base
 weights are shared. A forward_backward is split into micro-batches of at most `max_batch_tokens`
 padded tokens whose gradients add up, so one request cannot take more memory than that.
+
+Multi-LoRA training: forward(_backward) requests of different clients that are next in their own order
+when the worker is free, with the same loss and loss config, run as one call over their adapters stacked
+(`adapters.Stack`: each row trains its own client's adapter). Expert adapters of a MoE model run alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polaris_jax.models.lora import can_stack
 from polaris_jax.serve import tinker_checkpoints as ckpt
 from polaris_jax.serve.base_model import BaseModel
 from polaris_jax.serve.futures import PROTO, Futures
@@ -42,9 +47,10 @@ class Training:
     def __init__(self, base: BaseModel, store: Store, futures: Futures, workdir: str, max_batch_tokens: int = 16384):
         self.base, self.store, self.futures, self.workdir = base, store, futures, workdir
         self.max_batch_tokens = max_batch_tokens
-        self.worker = OrderedWorker()
+        self.worker = OrderedWorker(run_together=self._forward_backward_together)
         self.runs: dict[str, Run] = {}
         self.latency_s = {"forward_backward": [0, 0.0], "optim_step": [0, 0.0]}  # kind -> [count, seconds]
+        self.batched = [0, 0]  # forward(_backward) calls that ran several clients' requests, and those requests
 
     def _timed(self, kind: str, started: float) -> None:
         self.latency_s[kind][0] += 1
@@ -89,8 +95,10 @@ class Training:
 
         return task
 
-    def _ordered(self, model_id, seq_id, kind: str, check, fn) -> str:
-        """Checks the request (check() raises BadInput: its seq_id is then used up) and queues fn."""
+    def _ordered(self, model_id, seq_id, kind: str, check, fn, together=None) -> str:
+        """Checks the request (check() raises BadInput: its seq_id is then used up) and queues fn.
+        together: (key, request): a forward(_backward) that may run with the other clients' requests of an
+        equal key (None: alone), as one `_forward_backward_together`; key() is read after the check."""
         try:
             check()
         except BadInput:
@@ -100,7 +108,9 @@ class Training:
         if not isinstance(seq_id, int) or isinstance(seq_id, bool):
             raise BadInput(f"seq_id: {seq_id!r} is not an integer")
         request_id = self.futures.create(kind)
-        self.worker.submit(model_id, seq_id, self._task(request_id, fn))
+        key = together[0]() if together else None
+        item = None if key is None else (key, (request_id, together[1]))
+        self.worker.submit(model_id, seq_id, self._task(request_id, fn), item)
         return request_id
 
     # ----- creating clients -----
@@ -210,38 +220,82 @@ class Training:
                 if length > limit:
                     raise BadInput(f"data[{i}].model_input: {length} tokens exceed the context limit {limit}")
 
-        kind = "forward" if req.forward_only else "forward_backward"
-        return self._ordered(req.model_id, req.seq_id, kind, check, lambda: self._forward_backward(req))
+        def key():
+            if not can_stack(self.base.config, self.runs[req.model_id].spec.targets):
+                return None
+            return req.forward_only, req.loss_fn, json.dumps(loss_config(req.loss_fn, req.loss_fn_config))
 
-    def _micro_batches(self, datums: list[dict]) -> list[list[dict]]:
+        kind = "forward" if req.forward_only else "forward_backward"
+        run_alone = lambda: self._forward_backward([req])[0]  # noqa: E731
+        return self._ordered(req.model_id, req.seq_id, kind, check, run_alone, (key, req))
+
+    def _micro_batches(self, rows: list[tuple[int, dict]]) -> list[list[tuple[int, dict]]]:
+        """(request index, datum) rows in micro-batches of at most max_batch_tokens padded tokens."""
         batches, current, longest = [], [], 0
-        for d in datums:
-            longest_if = max(longest, len(d["tokens"]))
-            if current and (len(current) + 1) * longest_if > self.max_batch_tokens:
+        for row in rows:
+            n = len(row[1]["tokens"])
+            if current and (len(current) + 1) * max(longest, n) > self.max_batch_tokens:
                 batches.append(current)
-                current, longest_if = [], len(d["tokens"])
-            current.append(d)
-            longest = longest_if
+                current, longest = [], 0
+            current.append(row)
+            longest = max(longest, n)
         return batches + [current]
 
-    def _forward_backward(self, req: FwdBwdRequest):
+    def _forward_backward(self, reqs: list[FwdBwdRequest]) -> list[tuple[str, bytes]]:
+        """Runs requests of distinct clients with one loss and config (one request: its adapter alone; several:
+        stacked) and returns each one's result. Gradients are kept only once every micro-batch ran, so a
+        failure leaves each client's accumulated gradients as they were."""
         started = time.monotonic()
-        run, loss = self.runs[req.model_id], TOKEN_LOSSES[req.loss_fn]
+        runs, req = [self.runs[r.model_id] for r in reqs], reqs[0]
+        loss = TOKEN_LOSSES[req.loss_fn]
         cfg = {k: np.float32(v) for k, v in loss_config(req.loss_fn, req.loss_fn_config).items()}
         keys = loss.inputs + tuple(loss.optional_inputs)
-        logprobs, total, grads = [], 0.0, run.grads
-        for datums in self._micro_batches(req.datums):
-            batch = adapters.pad_batch(datums, keys, loss.optional_inputs)
-            step = adapters.forward if req.forward_only else adapters.forward_backward
-            out = step(run.config, req.loss_fn, self.base.params, run.adapter, batch, cfg)
+        if len(runs) == 1:
+            config, adapter, stack = runs[0].config, runs[0].adapter, None
+        else:
+            config, adapter = self.base.config, tuple(run.adapter for run in runs)
+            stack = adapters.Stack.of([run.spec for run in runs])
+        step = adapters.forward if req.forward_only else adapters.forward_backward
+        logprobs, totals = [[] for _ in reqs], [0.0] * len(reqs)
+        grads = [run.grads for run in runs]
+        for micro in self._micro_batches([(i, d) for i, r in enumerate(reqs) for d in r.datums]):
+            batch = adapters.pad_batch([d for _, d in micro], keys, loss.optional_inputs)
+            if stack is not None:
+                batch["adapter_rows_b"] = np.zeros(len(batch["tokens_bt"]), np.int32)
+                batch["adapter_rows_b"][: len(micro)] = [i for i, _ in micro]
+            out = step(config, req.loss_fn, self.base.params, adapter, batch, cfg, stack)
+            lp_bt, loss_b = np.asarray(out["logprobs_bt"]), np.asarray(out["loss_b"])
+            for row, (i, d) in enumerate(micro):
+                logprobs[i].append(lp_bt[row, : len(d["tokens"])])
+                totals[i] += float(loss_b[row])
             if not req.forward_only:
-                grads = out["grads"] if grads is None else adapters.add_grads(grads, out["grads"])
-            lp_bt = np.asarray(out["logprobs_bt"])
-            logprobs += [lp_bt[i, : len(d["tokens"])] for i, d in enumerate(datums)]
-            total += float(out["loss"])
-        run.grads = grads  # only once every micro-batch ran: a failure leaves the accumulated gradients as they were
-        self._timed("forward_backward", started)
-        return PROTO, forward_backward_output(logprobs, {"loss:sum": total})
+                new = (out["grads"],) if stack is None else out["grads"]
+                for i in {i for i, _ in micro}:  # an adapter with no rows here got zeros
+                    grads[i] = new[i] if grads[i] is None else adapters.add_grads(grads[i], new[i])
+        if not req.forward_only:
+            for run, g in zip(runs, grads):
+                run.grads = g
+        for _ in reqs:
+            self._timed("forward_backward", started)
+        return [(PROTO, forward_backward_output(lp, {"loss:sum": t})) for lp, t in zip(logprobs, totals)]
+
+    def _forward_backward_together(self, items: list[tuple[str, FwdBwdRequest]]) -> None:
+        """The worker's call for several clients' requests: one batched run, each result in its own future.
+        If the batched run fails, each request runs alone (so one client's failure is not everyone's)."""
+        started = time.monotonic()
+        try:
+            outputs = self._forward_backward([req for _, req in items])
+        except Exception:  # noqa: BLE001 - retried one by one below, where each failure reaches its own client
+            logging.exception("forward_backward of %d clients together failed; running each alone", len(items))
+            for request_id, req in items:
+                self._task(request_id, lambda req=req: self._forward_backward([req])[0])()
+            return
+        self.batched[0] += 1
+        self.batched[1] += len(items)
+        seconds = round(time.monotonic() - started, 4)
+        for (request_id, _), out in zip(items, outputs):
+            self.futures.finish(request_id, "done", *out)
+            logging.info(json.dumps({"future": request_id, "ran_s": seconds, "together": len(items)}))
 
     def optim_step(self, model_id, seq_id, adam_params: dict) -> str:
         hyper = {}

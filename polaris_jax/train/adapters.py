@@ -6,8 +6,11 @@ Its rank, alpha and targets are an `AdapterSpec`, so two adapters of equal spec 
 
     spec = AdapterSpec(rank=8, seed=0)
     adapter = init_adapter(base_config, spec)
-    out = forward_backward(base_config, spec, "cross_entropy", base_params, adapter, batch, loss_cfg)
+    out = forward_backward(spec.model_config(base_config), "cross_entropy", base_params, adapter, batch, loss_cfg)
     grads = add_grads(grads, out["grads"])        # gradients accumulate until the optimizer step
+    # several clients' adapters in one call, each row training its own:
+    out = forward_backward(base_config, name, base_params, (a1, a2), batch | {"adapter_rows_b": rows_b}, cfg,
+                           stack=Stack.of([spec1, spec2]))
     adapter, opt_state, norm = adam_step(adapter, opt_state, grads, adam_hyper(...))
 
 Batches are padded (`pad_batch`) to a few shapes, so a run compiles a handful of programs.
@@ -24,6 +27,7 @@ import numpy as np
 import optax
 
 from polaris_jax.models.config import UNEMBED_TARGET
+from polaris_jax.models.lora import stack_adapters
 from polaris_jax.models.params import map_specs
 from polaris_jax.models.transformer import forward as forward_model
 from polaris_jax.train.losses import token_stats
@@ -115,30 +119,59 @@ def pad_batch(datums: list[dict], keys: tuple[str, ...], fills: dict) -> dict:
     return out
 
 
-def _loss_and_logprobs(config, loss_name, base_params, adapter, batch, loss_cfg):
-    params = with_adapter(base_params, adapter)
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Several adapters in one call (multi-LoRA): per adapter its scale (alpha / rank), and the stack's
+    rank and targets (the largest and the union; `models.lora.stack_adapters`)."""
+
+    scales: tuple[float, ...]
+    rank: int
+    targets: tuple[str, ...]
+
+    @classmethod
+    def of(cls, specs) -> Stack:
+        targets = tuple(dict.fromkeys(t for s in specs for t in s.targets))
+        return cls(tuple(s.alpha / s.rank for s in specs), max(s.rank for s in specs), targets)
+
+
+def _loss_and_logprobs(config, loss_name, base_params, adapter, batch, loss_cfg, stack):
+    if stack is None:
+        params, rows_b = with_adapter(base_params, adapter), None
+    else:  # row b trains adapter batch["adapter_rows_b"][b]; the gradient reaches only that adapter
+        leaves = stack_adapters(config, list(zip(stack.scales, adapter)), rank=stack.rank, targets=stack.targets)
+        params, rows_b = with_adapter(base_params, leaves), batch["adapter_rows_b"]
     stats = token_stats(
-        config, params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"], batch["targets_bt"]
+        config,
+        params,
+        batch["tokens_bt"],
+        batch["positions_bt"],
+        batch["segment_ids_bt"],
+        batch["targets_bt"],
+        adapter_rows_b=rows_b,
     )
     lp_bt = stats["logprobs"] * batch["mask_bt"]
-    loss_bt = TOKEN_LOSSES[loss_name].fn(lp_bt, batch, loss_cfg) * batch["mask_bt"]
-    return loss_bt.sum(), lp_bt
+    loss_b = (TOKEN_LOSSES[loss_name].fn(lp_bt, batch, loss_cfg) * batch["mask_bt"]).sum(axis=1)
+    return loss_b.sum(), (lp_bt, loss_b)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "loss_name"))
-def forward(config, loss_name, base_params, adapter, batch, loss_cfg):
-    """{loss, logprobs_bt}: the loss and per-token logprobs, no gradient."""
-    loss, lp_bt = _loss_and_logprobs(config, loss_name, base_params, adapter, batch, loss_cfg)
-    return {"loss": loss, "logprobs_bt": lp_bt}
+@functools.partial(jax.jit, static_argnames=("config", "loss_name", "stack"))
+def forward(config, loss_name, base_params, adapter, batch, loss_cfg, stack: Stack | None = None):
+    """{loss, loss_b, logprobs_bt}: the summed and per-row loss and per-token logprobs, no gradient.
+
+    One adapter (`config` carries its LoRA fields), or with `stack` a tuple of adapters over the base
+    config, row b using adapter batch["adapter_rows_b"][b]."""
+    loss, (lp_bt, loss_b) = _loss_and_logprobs(config, loss_name, base_params, adapter, batch, loss_cfg, stack)
+    return {"loss": loss, "loss_b": loss_b, "logprobs_bt": lp_bt}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "loss_name"))
-def forward_backward(config, loss_name, base_params, adapter, batch, loss_cfg):
-    """{loss, logprobs_bt, grads}: gradients of the summed loss with respect to the adapter."""
-    (loss, lp_bt), grads = jax.value_and_grad(_loss_and_logprobs, argnums=3, has_aux=True)(
-        config, loss_name, base_params, adapter, batch, loss_cfg
+@functools.partial(jax.jit, static_argnames=("config", "loss_name", "stack"))
+def forward_backward(config, loss_name, base_params, adapter, batch, loss_cfg, stack: Stack | None = None):
+    """`forward`'s outputs and `grads`: the summed loss's gradients with respect to the adapter (with
+    `stack`, a tuple: each adapter's gradient from its own rows)."""
+    (loss, (lp_bt, loss_b)), grads = jax.value_and_grad(_loss_and_logprobs, argnums=3, has_aux=True)(
+        config, loss_name, base_params, adapter, batch, loss_cfg, stack
     )
-    return {"loss": loss, "logprobs_bt": lp_bt, "grads": grads}
+    return {"loss": loss, "loss_b": loss_b, "logprobs_bt": lp_bt, "grads": grads}
 
 
 @jax.jit

@@ -36,8 +36,8 @@ class LossSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-def _chunk_stats(config, params, hidden_bcd, targets_bc, temperature: float, with_entropy: bool):
-    logits_bcv = lm_head(config, params, hidden_bcd)
+def _chunk_stats(config, params, hidden_bcd, targets_bc, temperature: float, with_entropy: bool, adapter_rows_b):
+    logits_bcv = lm_head(config, params, hidden_bcd, adapter_rows_b)
     if temperature != 1.0:
         logits_bcv = logits_bcv / temperature
     lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
@@ -58,9 +58,10 @@ def hidden_token_stats(
     chunk_size: int = 512,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    adapter_rows_b=None,
 ) -> dict:
     """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D], computed in
-    j chunks of c positions (`_jbcd`)."""
+    j chunks of c positions (`_jbcd`). adapter_rows_b: multi-LoRA rows (`models.transformer.forward`)."""
     b, t, d = hidden_btd.shape
     chunk = min(chunk_size, t)
     num_chunks = -(-t // chunk)
@@ -74,7 +75,7 @@ def hidden_token_stats(
     @jax.checkpoint
     def body(carry, xs):
         hidden_bcd, targets_bc = xs
-        return carry, _chunk_stats(config, params, hidden_bcd, targets_bc, temperature, with_entropy)
+        return carry, _chunk_stats(config, params, hidden_bcd, targets_bc, temperature, with_entropy, adapter_rows_b)
 
     _, stats_jbc = jax.lax.scan(body, None, (hidden_jbcd, targets_jbc))
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_jbc)
@@ -91,10 +92,18 @@ def token_stats(
     chunk_size: int = 512,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    adapter_rows_b=None,
 ) -> dict:
     """Runs the model and returns per-token {logprobs, lse[, entropy]} [B, T] plus `router_aux_loss` (scalar)."""
     hidden_btd, _, aux = forward(
-        config, params, tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt, return_hidden=True, return_aux=True
+        config,
+        params,
+        tokens_bt,
+        positions_bt,
+        segment_ids_bt=segment_ids_bt,
+        return_hidden=True,
+        return_aux=True,
+        adapter_rows_b=adapter_rows_b,
     )
     stats = hidden_token_stats(
         config,
@@ -104,6 +113,7 @@ def token_stats(
         chunk_size=chunk_size,
         temperature=temperature,
         with_entropy=with_entropy,
+        adapter_rows_b=adapter_rows_b,
     )
     stats["router_aux_loss"] = aux["router_aux_loss"]
     if "router" in aux:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 
 import httpx
 import jax
@@ -332,6 +333,57 @@ def test_adapters_of_different_ranks_decode_together_each_as_its_own(server):
     assert np.max(np.abs(np.asarray(other[len(prompt) :]) - own[2])) > 1e-2
     text = httpx.get(f"{server['state']['base']}/metrics").text
     assert "polaris_adapter_engines 1\n" in text  # every adapter so far: one engine
+
+
+def test_clients_forward_backward_calls_that_coincide_run_as_one_and_train_each_its_own(server):
+    """Multi-LoRA training: two clients' forward_backward calls (ranks 2 and 4, other targets) that arrive
+    while the trainer is busy run as one stacked call, and each client ends where a twin trained alone
+    ends (its loss, logprobs and, after optim_step, its weights)."""
+    service = _service(server)
+    make = lambda rank, seed, mlp: service.create_lora_training_client(  # noqa: E731
+        base_model=server["model"], rank=rank, seed=seed, train_mlp=mlp
+    )
+    a, b, twin_a, twin_b, busy = [
+        f.result()
+        for f in (make(2, 21, True), make(RANK, 22, False), make(2, 21, True), make(RANK, 22, False), make(2, 0, True))
+    ]
+    rng = np.random.RandomState(5)
+    data = {}
+    for name, n in (("a", 9), ("b", 14)):
+        seqs = [rng.randint(0, 151_000, size=n + k).tolist() for k in range(2)]
+        data[name] = [_datum(s, logprobs=-rng.rand(len(s) - 1), advantages=rng.randn(len(s) - 1)) for s in seqs]
+    adam = types.AdamParams(learning_rate=5e-2)
+    counted = lambda: _metric(server, "polaris_forward_backward_batched_requests_total")  # noqa: E731
+    before = counted()
+    # A forward of a shape no test compiled before keeps the trainer busy for seconds; a and b arrive meanwhile.
+    long_rows = [_datum(rng.randint(0, 151_000, size=MAX_SEQ_LEN).tolist(), weights=np.ones(MAX_SEQ_LEN - 1))] * 7
+    blocker = busy.forward(long_rows, "cross_entropy")  # another loss: it runs alone
+    time.sleep(1.0)
+    together = [
+        a.forward_backward(data["a"], "importance_sampling"),
+        b.forward_backward(data["b"], "importance_sampling"),
+    ]
+    steps = [a.optim_step(adam), b.optim_step(adam)]
+    blocker.result()
+    outs = [f.result() for f in together]
+    [f.result() for f in steps]
+    assert counted() >= before + 2
+    probe = [_datum([3, 30, 300, 3000, 30_000, 7], weights=np.ones(5))]
+    for client, twin, name, out in ((a, twin_a, "a", outs[0]), (b, twin_b, "b", outs[1])):
+        alone = twin.forward_backward(data[name], "importance_sampling").result()
+        twin.optim_step(adam).result()
+        assert out.metrics["loss:sum"] == pytest.approx(alone.metrics["loss:sum"], rel=1e-5, abs=1e-5)
+        for got, want in zip(out.loss_fn_outputs, alone.loss_fn_outputs):
+            np.testing.assert_allclose(got["logprobs"].to_numpy(), want["logprobs"].to_numpy(), atol=1e-5)
+        trained = client.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        expected = twin.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        np.testing.assert_allclose(trained, expected, atol=1e-4)
+        assert np.abs(trained - _model_logprobs(server, [3, 30, 300, 3000, 30_000, 7])).max() > 1e-3  # it moved
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(f"{server['state']['base']}/metrics").text
+    return float(dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))[name])
 
 
 def test_rest_client_reads_training_runs_and_their_checkpoints(server):

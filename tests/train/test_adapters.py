@@ -147,3 +147,37 @@ def test_unembed_lora_applies_and_merges(tied):
     no_unembed = {**adapter, "lm_head_lora_b": jnp.zeros_like(adapter["lm_head_lora_b"])}
     without = logits(lora_config, adapters.with_adapter(base, no_unembed), tokens)
     assert float(jnp.abs(unmerged - without).max()) > 1e-3  # the unembedding adapter changes the logits
+
+
+def test_stacked_adapters_train_each_on_its_own_rows():
+    """Multi-LoRA forward_backward: two adapters (ranks 8 and 4, other targets and alphas, one on the
+    unembedding) in one call give each row its own adapter's loss and logprobs and each adapter the gradient
+    of its rows alone, as separate calls do."""
+    from tests.models.test_multi_lora import SPECS, random_adapter
+
+    specs = SPECS[1:]
+
+    config = ModelConfig.tiny()
+    base = init_params(config, jax.random.key(0))
+    trained = [random_adapter(config, spec) for spec in specs]
+    rng = np.random.RandomState(4)
+    rows = _rows(rng, (6, 9, 4, 7, 5), config.vocab_size)
+    owner = [1, 0, 1, 1, 0]
+    keys, name, cfg = ("logprobs", "advantages"), "ppo", loss_config("ppo", {"clip_low_threshold": 0.7})
+    batch = adapters.pad_batch(rows, keys, {})
+    batch["adapter_rows_b"] = np.zeros(len(batch["tokens_bt"]), np.int32)
+    batch["adapter_rows_b"][: len(rows)] = owner
+    out = adapters.forward_backward(config, name, base, tuple(trained), batch, cfg, adapters.Stack.of(specs))
+    for k, (spec, adapter) in enumerate(zip(specs, trained)):
+        mine = [i for i, o in enumerate(owner) if o == k]
+        alone = adapters.forward_backward(
+            spec.model_config(config), name, base, adapter, adapters.pad_batch([rows[i] for i in mine], keys, {}), cfg
+        )
+        np.testing.assert_allclose(np.asarray(out["loss_b"])[mine], np.asarray(alone["loss_b"])[: len(mine)], rtol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(out["logprobs_bt"])[mine], np.asarray(alone["logprobs_bt"])[: len(mine)], atol=2e-5
+        )
+        assert jax.tree.structure(out["grads"][k]) == jax.tree.structure(alone["grads"])
+        for got, want in zip(jax.tree.leaves(out["grads"][k]), jax.tree.leaves(alone["grads"])):
+            assert float(jnp.abs(want).max()) > 0
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
