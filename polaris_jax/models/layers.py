@@ -5,9 +5,10 @@ in the same layer dict, applied as x@w + (alpha/rank)·(x@a)@b without materiali
 
 Multi-LoRA (several adapters in one batch): the pairs are stacked [A, ...] with each adapter's scale
 folded into its B (`models.lora.stack_adapters`), and the layer dict carries ADAPTER_ROWS, int32 [B]:
-row b uses adapter ADAPTER_ROWS[b]. Every adapter's x@a is computed and the rows' own are kept by a
-one-hot mask: decoding is bound by reading weights, and this reads each adapter's factors once, where
-gathering factors per row would read them once per row.
+row b uses adapter ADAPTER_ROWS[b]. Decoding (one token a row) computes every adapter's x@a and keeps
+the rows' own by a one-hot mask: it is bound by reading weights, and this reads each adapter's factors
+once, where gathering factors per row would read them once per row. With many tokens a row (prefill,
+training) each row's factors are gathered instead, so the compute is one adapter's, not every slot's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from polaris_jax.models.rope import apply_rope
 
 LAYER_INPUT = "layer_input"  # the name of a layer's input residual stream, for remat policies
 ADAPTER_ROWS = "adapter_rows_b"  # multi-LoRA: each row's adapter, beside the layer's weights
+_GATHERED_B_LIMIT = 2**24  # elements of B factors gathered per row at most (beyond: the one-hot form)
 
 # einsum of the base weight, then of the LoRA A and B factors (rank axis "r").
 _PROJ = {
@@ -69,10 +71,17 @@ def lora_delta(config, weights: dict, name: str, x, a_eq: str, b_eq: str):
         return lora_scale(config) * jnp.einsum(b_eq, low.astype(dtype), b, preferred_element_type=jnp.float32)
     (x_s, a_s), low_s = a_eq.split("->")[0].split(","), a_eq.split("->")[1]
     (low_in, b_s), out_s = b_eq.split("->")[0].split(","), b_eq.split("->")[1]
-    each_low = jnp.einsum(f"{x_s},z{a_s}->{low_s[:-1]}zr", x, a, preferred_element_type=jnp.float32)
-    onehot_bz = jax.nn.one_hot(rows_b, a.shape[0], dtype=jnp.float32)
-    lead = len(low_s) - 1  # b, t: the one-hot broadcasts over t and r
-    each_low = each_low * onehot_bz.reshape((-1,) + (1,) * (lead - 1) + (a.shape[0], 1))
+    slots, rows = a.shape[0], rows_b.shape[0]
+    onehot_bz = jax.nn.one_hot(rows_b, slots, dtype=jnp.float32).reshape((rows,) + (1,) * (len(low_s) - 2) + (slots, 1))
+    if x.shape[1] > 1:  # many tokens a row (prefill, training): x@a with the row's own factor, gathered
+        low = jnp.einsum(f"{x_s},b{a_s}->{low_s}", x, a[rows_b], preferred_element_type=jnp.float32)
+        if rows * b[0].size <= _GATHERED_B_LIMIT:
+            return jnp.einsum(
+                f"{low_in},b{b_s}->{out_s}", low.astype(dtype), b[rows_b], preferred_element_type=jnp.float32
+            )
+        each_low = low[..., None, :] * onehot_bz  # a wide b (the unembedding's): not copied per row
+    else:  # decoding: every adapter's x@a, each row keeping its own (each factor read once)
+        each_low = jnp.einsum(f"{x_s},z{a_s}->{low_s[:-1]}zr", x, a, preferred_element_type=jnp.float32) * onehot_bz
     return jnp.einsum(f"{low_in[:-1]}zr,z{b_s}->{out_s}", each_low.astype(dtype), b, preferred_element_type=jnp.float32)
 
 

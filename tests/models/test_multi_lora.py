@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polaris_jax.models import ModelConfig, forward, init_params, param_shapes
+from polaris_jax.models import ModelConfig, forward, init_params, layers, param_shapes
 from polaris_jax.models.lora import merge_lora, stack_adapters
 from polaris_jax.train import adapters
 
@@ -44,10 +44,17 @@ def _logits(config, params, tokens_bt, adapter_rows_b=None):
     return forward(config, params, tokens_bt, positions_bt, adapter_rows_b=adapter_rows_b)[0]
 
 
-def test_each_row_gets_its_own_adapters_merged_logits():
+@pytest.mark.parametrize(
+    "tokens, gathered_b_limit",
+    [(7, None), (6, 0), (1, None)],  # factors gathered per row; the B side by one-hot; decoding (one token a row)
+    ids=["gathered", "one_hot_b", "one_token"],
+)
+def test_each_row_gets_its_own_adapters_merged_logits(tokens, gathered_b_limit, monkeypatch):
+    if gathered_b_limit is not None:  # each case has its own shape, so no case reuses another's trace
+        monkeypatch.setattr(layers, "_GATHERED_B_LIMIT", gathered_b_limit)
     config = ModelConfig.tiny("qwen3")
     base = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
-    tokens_bt = jax.random.randint(jax.random.key(1), (5, 7), 0, config.vocab_size)
+    tokens_bt = jax.random.randint(jax.random.key(1), (5, tokens), 0, config.vocab_size)
     slots, expected = [None], [_logits(config, base, tokens_bt)]  # slot 0: the base model
     for spec in SPECS:
         adapter = random_adapter(config, spec)
