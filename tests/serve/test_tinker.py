@@ -1,10 +1,10 @@
 """The Tinker REST surface, end to end: a server subprocess on a tiny random Qwen3, driven by the official
 `tinker` SDK (pinned in the dev extra).
 
-References: losses are recomputed here with numpy from Tinker's published formulas over logprobs from
-the project's model functions (`polaris_jax.models.logits`); optim_step is checked against optax's
-AdamW; greedy sampling against transformers' generate(). The restart test runs last: it kills the
-server and starts another on the same workdir and database.
+References (tests/serve/tinker_reference.py): losses recomputed with numpy from Tinker's published
+formulas over logprobs from the project's model functions (`polaris_jax.models.logits`); optim_step is
+checked against optax's AdamW; greedy sampling against transformers' generate(). The restart test runs
+last: it kills the server and starts another on the same workdir and database.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ pytest.importorskip("transformers")
 from tinker import types  # noqa: E402
 
 from polaris_jax.data.tokenizer import qwen_tokenizer_offline  # noqa: E402
-from polaris_jax.models import load_hf, logits  # noqa: E402
-from polaris_jax.train.adapters import AdapterSpec, init_adapter, with_adapter  # noqa: E402
+from polaris_jax.models import load_hf  # noqa: E402
+from polaris_jax.train.adapters import AdapterSpec, init_adapter  # noqa: E402
 from tests.serve.server_helpers import EOS, free_port, running_server, tiny_checkpoint  # noqa: E402
+from tests.serve.tinker_reference import RANK, datum, jax_logprobs, model_logprobs, reference_loss  # noqa: E402
 
 KEY = "tml-test-key"
-RANK = 4
 MAX_SEQ_LEN = 128
 
 
@@ -68,40 +68,6 @@ def _service(server):
     return service
 
 
-def _datum(seq, **inputs):
-    inputs = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(seq[:-1]), loss_fn_inputs={"target_tokens": seq[1:], **inputs}
-    )
-
-
-def _model_logprobs(server, seq, adapter=None):
-    """Per-token logprobs of seq[1:] given seq[:-1], from the project's model functions."""
-    config, params = server["config"], server["params"]
-    if adapter is not None:
-        config, params = AdapterSpec(rank=RANK, train_unembed=True).model_config(config), with_adapter(params, adapter)
-    out = logits(config, params, jnp.asarray([seq[:-1]]))
-    logp = jax.nn.log_softmax(out[0], axis=-1)
-    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0])
-
-
-def _reference_loss(name, lp, inputs, config):
-    """Tinker's documented per-token losses (tinker-docs losses/*), summed."""
-    q, adv = inputs.get("logprobs"), inputs.get("advantages")
-    if name == "cross_entropy":
-        return float(np.sum(-lp * inputs["weights"]))
-    ratio = np.exp(lp - q) if q is not None else None
-    lo, hi = config.get("clip_low_threshold", 0.8), config.get("clip_high_threshold", 1.2)
-    if name == "importance_sampling":
-        return float(np.sum(-ratio * adv))
-    if name == "ppo":
-        return float(np.sum(-np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv)))
-    if name == "cispo":
-        return float(np.sum(-np.clip(ratio, lo, hi) * lp * adv))
-    assert name == "dro"
-    return float(np.sum(-(lp * adv - 0.5 * config.get("beta", 0.05) * (lp - q) ** 2)))
-
-
 def test_capabilities_info_and_offline_tokenizer(server):
     rest = tinker.RestClient(base_url=server["state"]["base"], api_key=KEY)
     names = [m.model_name for m in rest.get_server_capabilities().result().supported_models]
@@ -117,7 +83,7 @@ def test_builtin_losses_match_model_functions(server):
     client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK).result()
     rng = np.random.RandomState(0)
     seqs = [rng.randint(0, 151_000, size=n).tolist() for n in (7, 12)]
-    lps = [_model_logprobs(server, s) for s in seqs]  # a new adapter leaves the model unchanged (B = 0)
+    lps = [model_logprobs(server, s) for s in seqs]  # a new adapter leaves the model unchanged (B = 0)
     cases = [
         ("cross_entropy", {}),
         ("importance_sampling", {}),
@@ -134,8 +100,8 @@ def test_builtin_losses_match_model_functions(server):
                 if name == "cross_entropy"
                 else {"logprobs": lp + rng.uniform(-0.3, 0.3, n), "advantages": rng.randn(n)}
             )
-            data.append(_datum(s, **inputs))
-            expected += _reference_loss(name, lp, {k: v.astype(np.float32) for k, v in inputs.items()}, config)
+            data.append(datum(s, **inputs))
+            expected += reference_loss(name, lp, {k: v.astype(np.float32) for k, v in inputs.items()}, config)
         out = client.forward(data, name, loss_fn_config=config or None).result()
         assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4), name
         for got, lp in zip(out.loss_fn_outputs, lps):
@@ -148,19 +114,19 @@ def test_optim_step_equals_optax_adamw_and_clients_do_not_leak(server):
     b = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=3).result()
     seq = [11, 2000, 3000, 4000, 5000, 6000, 7000]
     weights = np.array([0, 0, 1, 1, 1, 1], np.float32)
-    a.forward_backward([_datum(seq, weights=weights)], "cross_entropy").result()
+    a.forward_backward([datum(seq, weights=weights)], "cross_entropy").result()
     adam = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
     a.optim_step(adam).result()
-    got_a = a.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
-    got_b = b.forward([_datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    got_a = a.forward([datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    got_b = b.forward([datum(seq, weights=weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
 
     adapter = init_adapter(server["config"], AdapterSpec(rank=RANK, seed=3, train_unembed=True))
-    grads = jax.grad(lambda ad: -jnp.sum(jnp.asarray(weights) * _jax_logprobs(server, seq, ad)))(adapter)
+    grads = jax.grad(lambda ad: -jnp.sum(jnp.asarray(weights) * jax_logprobs(server, seq, ad)))(adapter)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.8, b2=0.9, eps=1e-8, weight_decay=0.1))
     updates, _ = tx.update(grads, tx.init(adapter), adapter)
     stepped = optax.apply_updates(adapter, updates)
-    np.testing.assert_allclose(got_a.to_numpy(), _model_logprobs(server, seq, stepped), atol=2e-4)
-    np.testing.assert_allclose(got_b.to_numpy(), _model_logprobs(server, seq), atol=1e-4)  # b never trained
+    np.testing.assert_allclose(got_a.to_numpy(), model_logprobs(server, seq, stepped), atol=2e-4)
+    np.testing.assert_allclose(got_b.to_numpy(), model_logprobs(server, seq), atol=1e-4)  # b never trained
     assert np.abs(got_a.to_numpy() - got_b.to_numpy()).max() > 1e-2  # the step did move a
 
 
@@ -170,7 +136,7 @@ def test_forward_backward_custom_equals_builtin(server):
     custom = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=4).result()
     seq = [5, 600, 7000, 80_000, 9, 10]
     weights = np.array([0.5, -1.0, 2.0, 1.0, 0.0], np.float32)  # arbitrary signed weights
-    data = [_datum(seq, weights=weights)]
+    data = [datum(seq, weights=weights)]
     builtin.forward_backward(data, "cross_entropy").result()
 
     def loss_fn(data, logprobs_list):
@@ -178,7 +144,7 @@ def test_forward_backward_custom_equals_builtin(server):
         return loss, {"custom_loss:sum": float(loss.detach())}
 
     out = custom.forward_backward_custom(data, loss_fn).result()
-    expected = -float(np.sum(_model_logprobs(server, seq) * weights))
+    expected = -float(np.sum(model_logprobs(server, seq) * weights))
     assert out.metrics["custom_loss:sum"] == pytest.approx(expected, rel=1e-4)
     for client in (builtin, custom):
         client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -186,12 +152,6 @@ def test_forward_backward_custom_equals_builtin(server):
         c.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy() for c in (builtin, custom)
     ]
     np.testing.assert_allclose(got[0], got[1], atol=1e-5)
-
-
-def _jax_logprobs(server, seq, adapter):
-    config = AdapterSpec(rank=RANK, train_unembed=True).model_config(server["config"])
-    out = logits(config, with_adapter(server["params"], adapter), jnp.asarray([seq[:-1]]))
-    return jnp.take_along_axis(jax.nn.log_softmax(out[0], -1), jnp.asarray(seq[1:])[:, None], axis=-1)[:, 0]
 
 
 ANSWER = [4242, 4343]  # the toy task: whatever the prompt, answer these two tokens
@@ -208,14 +168,14 @@ def _weights(seq):
 def test_supervised_loop_lowers_heldout_nll_and_live_sampler_samples_it(server):
     client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK, seed=1).result()
     rng = np.random.RandomState(1)
-    held_out = [_datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
+    held_out = [datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
 
     def nll():
         return client.forward(held_out, "cross_entropy").result().metrics["loss:sum"] / (8 * len(ANSWER))
 
     before = nll()
     for _ in range(6):  # the cookbook's pipelining: optim_step is sent before forward_backward's result
-        batch = [_datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
+        batch = [datum(s, weights=_weights(s)) for s in _toy(rng, 8)]
         fwd_bwd = client.forward_backward(batch, "cross_entropy")
         step = client.optim_step(types.AdamParams(learning_rate=3e-2))
         assert fwd_bwd.result().metrics["loss:sum"] > 0
@@ -227,7 +187,7 @@ def test_supervised_loop_lowers_heldout_nll_and_live_sampler_samples_it(server):
     prompt = _toy(rng, 1)[0][:4]
     seq = prompt + ANSWER
     lp = sampler.compute_logprobs(types.ModelInput.from_ints(seq)).result()
-    fwd = client.forward([_datum(seq, weights=_weights(seq))], "cross_entropy").result()
+    fwd = client.forward([datum(seq, weights=_weights(seq))], "cross_entropy").result()
     assert lp[0] is None
     np.testing.assert_allclose(lp[1:], fwd.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-4)
     params = types.SamplingParams(max_tokens=len(ANSWER), temperature=0.0, stop=[])
@@ -243,7 +203,7 @@ def test_openai_serves_a_tinker_sampler_path(server):
     openai = pytest.importorskip("openai")
     client = _service(server).create_lora_training_client(base_model=server["model"], rank=RANK, seed=6).result()
     seq = [1, 20, 300, 4000, 50_000]
-    client.forward_backward([_datum(seq, weights=[1.0] * 4)], "cross_entropy").result()
+    client.forward_backward([datum(seq, weights=[1.0] * 4)], "cross_entropy").result()
     client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
     path = client.save_weights_for_sampler("for-openai").result().path
     sampler = _service(server).create_sampling_client(model_path=path).result()
@@ -315,7 +275,7 @@ def test_adapters_of_different_ranks_decode_together_each_as_its_own(server):
             base_model=server["model"], rank=rank, seed=seed, train_unembed=unembed
         ).result()
         seq = prompt + [seed, 5 * seed]
-        client.forward_backward([_datum(seq, weights=[1.0] * 5)], "cross_entropy").result()
+        client.forward_backward([datum(seq, weights=[1.0] * 5)], "cross_entropy").result()
         client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
         samplers.append(client.save_weights_and_get_sampling_client().result())
     samplers.append(service.create_sampling_client(base_model=server["model"]).result())
@@ -351,12 +311,12 @@ def test_clients_forward_backward_calls_that_coincide_run_as_one_and_train_each_
     data = {}
     for name, n in (("a", 9), ("b", 14)):
         seqs = [rng.randint(0, 151_000, size=n + k).tolist() for k in range(2)]
-        data[name] = [_datum(s, logprobs=-rng.rand(len(s) - 1), advantages=rng.randn(len(s) - 1)) for s in seqs]
+        data[name] = [datum(s, logprobs=-rng.rand(len(s) - 1), advantages=rng.randn(len(s) - 1)) for s in seqs]
     adam = types.AdamParams(learning_rate=5e-2)
     counted = lambda: _metric(server, "polaris_forward_backward_batched_requests_total")  # noqa: E731
     before = counted()
     # A forward of a shape no test compiled before keeps the trainer busy for seconds; a and b arrive meanwhile.
-    long_rows = [_datum(rng.randint(0, 151_000, size=MAX_SEQ_LEN).tolist(), weights=np.ones(MAX_SEQ_LEN - 1))] * 7
+    long_rows = [datum(rng.randint(0, 151_000, size=MAX_SEQ_LEN).tolist(), weights=np.ones(MAX_SEQ_LEN - 1))] * 7
     blocker = busy.forward(long_rows, "cross_entropy")  # another loss: it runs alone
     time.sleep(1.0)
     together = [
@@ -368,7 +328,7 @@ def test_clients_forward_backward_calls_that_coincide_run_as_one_and_train_each_
     outs = [f.result() for f in together]
     [f.result() for f in steps]
     assert counted() >= before + 2
-    probe = [_datum([3, 30, 300, 3000, 30_000, 7], weights=np.ones(5))]
+    probe = [datum([3, 30, 300, 3000, 30_000, 7], weights=np.ones(5))]
     for client, twin, name, out in ((a, twin_a, "a", outs[0]), (b, twin_b, "b", outs[1])):
         alone = twin.forward_backward(data[name], "importance_sampling").result()
         twin.optim_step(adam).result()
@@ -378,7 +338,7 @@ def test_clients_forward_backward_calls_that_coincide_run_as_one_and_train_each_
         trained = client.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         expected = twin.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         np.testing.assert_allclose(trained, expected, atol=1e-4)
-        assert np.abs(trained - _model_logprobs(server, [3, 30, 300, 3000, 30_000, 7])).max() > 1e-3  # it moved
+        assert np.abs(trained - model_logprobs(server, [3, 30, 300, 3000, 30_000, 7])).max() > 1e-3  # it moved
 
 
 def _metric(server, name: str) -> float:
@@ -453,11 +413,11 @@ def _log_lines(server):
 def test_bad_inputs_get_4xx_naming_the_field_and_serving_goes_on(server):
     service = _service(server)
     client = service.create_lora_training_client(base_model=server["model"], rank=RANK).result()
-    good = [_datum([1, 2, 3, 4], weights=[1, 1, 1])]
+    good = [datum([1, 2, 3, 4], weights=[1, 1, 1])]
     bad = {
-        "model_input length": [_datum([1, 2, 3, 4], weights=[1, 1])],
-        "outside the vocabulary": [_datum([1, 2, 10**7], weights=[1, 1])],
-        "'advantages'": [_datum([1, 2, 3], logprobs=[0, 0])],
+        "model_input length": [datum([1, 2, 3, 4], weights=[1, 1])],
+        "outside the vocabulary": [datum([1, 2, 10**7], weights=[1, 1])],
+        "'advantages'": [datum([1, 2, 3], logprobs=[0, 0])],
     }
     for expected, data in bad.items():
         loss = "cross_entropy" if "advantages" not in expected else "importance_sampling"
@@ -484,7 +444,7 @@ def test_restart_keeps_checkpoints_futures_and_resumes_identically(server):
     service = _service(server)
     client = service.create_lora_training_client(base_model=server["model"], rank=RANK, seed=5).result()
     rng = np.random.RandomState(5)
-    batch = [_datum(s, weights=_weights(s)) for s in _toy(rng, 4)]
+    batch = [datum(s, weights=_weights(s)) for s in _toy(rng, 4)]
     adam = types.AdamParams(learning_rate=2e-2)
     client.forward_backward(batch, "cross_entropy").result()
     client.optim_step(adam).result()
