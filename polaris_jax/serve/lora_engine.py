@@ -16,10 +16,15 @@ import asyncio
 import contextlib
 import dataclasses
 
+import jax
+
 from polaris_jax.models.lora import can_stack, stack_adapters
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.serve.engine_thread import EngineThread
 from polaris_jax.train import adapters
+
+# One program per slot layout: eagerly, each leaf's pad, scale and stack dispatched (and compiled) on its own.
+_stack = jax.jit(stack_adapters, static_argnames=("config", "rank", "targets"))
 
 
 def supports(config, spec: adapters.AdapterSpec) -> bool:
@@ -98,7 +103,7 @@ class LoraEngine:
         held = list(self._held)
         held[slot] = (spec.alpha / spec.rank, self._load(weights))
         rank, targets = max(self.rank, spec.rank), tuple(dict.fromkeys(self.targets + spec.targets))
-        stack = stack_adapters(self.base.config, held, rank=rank, targets=targets)
+        stack = _stack(self.base.config, held, rank=rank, targets=targets)
         params = adapters.with_adapter(self.base.params, stack)
         if self.thread is None:
             self.thread = EngineThread(Engine(self.base.config, params, self.settings), warmup=False)

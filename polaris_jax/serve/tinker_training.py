@@ -150,8 +150,14 @@ class Training:
         self.worker.submit_now(self._task(request_id, create))
         return request_id
 
+    def _placed(self, tree):
+        """The tree committed to the base weights' device, as every step's outputs are: an uncommitted
+        fresh or loaded adapter would compile forward_backward and adam_step a second time at step 2."""
+        return jax.device_put(tree, jax.tree.leaves(self.base.params)[0].sharding)
+
     def _install(self, model_id, spec, adapter, opt_state, row: RunRow) -> None:
         self.store.put(row)
+        adapter, opt_state = self._placed((adapter, opt_state))
         self.runs[model_id] = Run(model_id, spec, spec.model_config(self.base.config), adapter, opt_state)
         self.worker.start_at(model_id, 1)
 
@@ -194,8 +200,8 @@ class Training:
         def load():
             run, row = self.runs[model_id], self.store.get(CheckpointRow, path)
             adapter, opt_state = ckpt.load(self.base.config, row, optimizer)
-            run.adapter, run.grads = adapter, None
-            run.opt_state = opt_state if optimizer else adapters.init_opt_state(adapter)
+            opt_state = opt_state if optimizer else adapters.init_opt_state(adapter)
+            (run.adapter, run.opt_state), run.grads = self._placed((adapter, opt_state)), None
             return {"path": path, "model_id": model_id}
 
         return self._ordered(model_id, seq_id, "load_weights", check, load)

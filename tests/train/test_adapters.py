@@ -149,6 +149,7 @@ def test_unembed_lora_applies_and_merges(tied):
     assert float(jnp.abs(unmerged - without).max()) > 1e-3  # the unembedding adapter changes the logits
 
 
+@pytest.mark.slow  # ~20 s of compiles; the SDK test of coinciding clients covers the same path in make test
 def test_stacked_adapters_train_each_on_its_own_rows():
     """Multi-LoRA forward_backward: two adapters (ranks 8 and 4, other targets and alphas, one on the
     unembedding) in one call give each row its own adapter's loss and logprobs and each adapter the gradient
