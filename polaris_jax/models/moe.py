@@ -7,7 +7,10 @@ the whole mesh when tracing under `activation_sharding` (no global sort, no all-
 - each device keeps its own tokens (batch over data/fsdp/expert, length over sequence, copies over tensor;
   rows the batch axes cannot split reach every EP device whole, and each dispatches 1/EP of them);
 - it holds E/EP experts (EP = the mesh axes the rules give `experts`), their weights gathered along embed
-  (FSDP) and split along mlp over tensor;
+  (FSDP) and split along mlp over tensor. The gather runs inside the shard_map along a new leading axis:
+  XLA lays an all-gather out with the gathered dimension most major, and gathering embed in place pushes
+  that layout onto a layer scan's stacked [L, ...] weights, which it then copies whole before the loop
+  (every layer's weight shards held twice for the whole step);
 - dropless (the default): with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of
   n·k rows per destination (every pair may go to one device), one all_to_all over the expert axes delivers
   them, the local experts run as grouped matmuls (models.grouped_matmul), a second all_to_all returns the
@@ -37,18 +40,19 @@ from polaris_jax.models import grouped_matmul
 from polaris_jax.models.config import ConfigError
 from polaris_jax.models.sharding import activation_sharding, current_activation_mesh, logical_to_spec
 
-# Logical axes of each expert weight inside the shard_map: embed gathered (None), mlp split over tensor.
-_LOCAL_AXES = {
-    "gate": ("experts", None, "mlp"),
-    "up": ("experts", None, "mlp"),
-    "down": ("experts", "mlp", None),
+# Logical axes of each expert weight as stored (models.params, less the layer axis): the shard_map takes
+# them so and `_gather_embed` makes embed whole inside it; mlp stays split over tensor.
+_WEIGHT_AXES = {
+    "gate": ("experts", "embed", "mlp"),
+    "up": ("experts", "embed", "mlp"),
+    "down": ("experts", "mlp", "embed"),
     # LoRA in Tinker's layout: the hidden-size factor shared by all experts, the other per expert.
-    "gate_lora_a": (None, None),
-    "up_lora_a": (None, None),
+    "gate_lora_a": ("embed", None),
+    "up_lora_a": ("embed", None),
     "down_lora_a": ("experts", "mlp", None),
     "gate_lora_b": ("experts", None, "mlp"),
     "up_lora_b": ("experts", None, "mlp"),
-    "down_lora_b": (None, None),
+    "down_lora_b": (None, "embed"),
 }
 
 
@@ -82,7 +86,7 @@ def moe_block(config, layer, x_btd, token_mask_bt, routed_btk=None):
     """Returns (output [B, T, D], stats): router statistics for the load-balancing loss and the routing
     metrics (`router_counts`, `routing_metrics`), and `experts_btk`, the ids each token used."""
     probs_bte, top_w_btk, top_e_btk = route(config, layer, x_btd, routed_btk)
-    experts = {name: layer[name] for name in _LOCAL_AXES if name in layer}
+    experts = {name: layer[name] for name in _WEIGHT_AXES if name in layer}
     context = current_activation_mesh()
     if context is None:
         out_btd, dropped = _experts(config, (), 1, (), (), 1, x_btd, top_e_btk, top_w_btk, experts)
@@ -145,7 +149,8 @@ def expert_axes(mesh, rules, num_experts: int) -> tuple[tuple[str, ...], int]:
 def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
     ep_axes, ep = expert_axes(mesh, rules, config.num_experts)
     token_spec = logical_to_spec(("batch", "length", None), mesh, rules, x_btd.shape)
-    weight_specs = {name: logical_to_spec(_LOCAL_AXES[name], mesh, rules, w.shape) for name, w in experts.items()}
+    weight_specs = {name: logical_to_spec(_WEIGHT_AXES[name], mesh, rules, w.shape) for name, w in experts.items()}
+    embed_axes = {name: _embed_axes(_WEIGHT_AXES[name], spec) for name, spec in weight_specs.items()}
     tp_axes = _axes(weight_specs["gate"][2])
     token_axes = _axes(token_spec[0]) + _axes(token_spec[1])
     copies = mesh.size // int(np.prod([mesh.shape[a] for a in token_axes]))  # devices holding the same tokens
@@ -157,7 +162,7 @@ def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
     )
     local = functools.partial(_split_tokens, ep_axes, ep, local) if split else local
     fn = jax.shard_map(
-        local,
+        functools.partial(_gather_embed, embed_axes, local),
         mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, weight_specs),
         out_specs=(token_spec, PartitionSpec()),
@@ -181,6 +186,28 @@ def _split_tokens(ep_axes, ep, experts_fn, x_btd, top_e_btk, top_w_btk, experts)
 
 def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _embed_axes(axes, spec) -> tuple[int, tuple[str, ...]] | None:
+    """(dimension, mesh axes) that split a weight's embed dimension, or None when it is whole."""
+    if "embed" not in axes or not _axes(spec[axes.index("embed")]):
+        return None
+    return axes.index("embed"), _axes(spec[axes.index("embed")])
+
+
+def _gather_embed(embed_axes, experts_fn, x_btd, top_e_btk, top_w_btk, experts):
+    """`experts_fn` with this device's expert weights whole along embed: each weight's shards gathered along a
+    new leading axis (the most major, so the stored weights keep their layout), then moved beside the rest."""
+    whole = {}
+    for name, w in experts.items():
+        if embed_axes[name] is None:
+            whole[name] = w
+            continue
+        dim, axes = embed_axes[name]
+        shards = jax.lax.all_gather(w, axes, axis=0, tiled=False)  # [shards, ..., D / shards, ...]
+        shape = w.shape[:dim] + (shards.shape[0] * w.shape[dim],) + w.shape[dim + 1 :]
+        whole[name] = jnp.moveaxis(shards, 0, dim).reshape(shape)
+    return experts_fn(x_btd, top_e_btk, top_w_btk, whole)
 
 
 def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, top_w_btk, experts):
