@@ -6,6 +6,8 @@ artifact) is not in the figure."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.fake_devices import run_on_8_devices
 
 LORA = dict(lora_rank=4, lora_alpha=4.0, lora_targets=("q", "k", "v", "o"))  # frozen experts: no weight gradients
@@ -30,6 +32,7 @@ def worker() -> dict:
     return dict(per_layer=(temps[4] - temps[2]) / 2, expert_weights_per_layer=3 * e * d * f * 4)
 
 
+@pytest.mark.slow  # ~17 s of compiles on 8 fake devices (make test budget); CI runs it
 def test_expert_weights_are_not_copied_whole_before_the_layer_loop():
     out = run_on_8_devices("tests.models.test_expert_weight_layout", "worker()")
     assert out["per_layer"] < 0.5 * out["expert_weights_per_layer"], out

@@ -40,7 +40,7 @@ def _model(arch="qwen3_moe", targets=TARGETS, unembed=False):
 @pytest.mark.parametrize(
     "arch,targets,unembed",
     [
-        ("qwen3_moe", TARGETS, False),
+        pytest.param("qwen3_moe", TARGETS, False, marks=pytest.mark.slow),  # every case ~20 s: the slow tier
         pytest.param("qwen3_moe", ("q", "o", "up"), True, marks=pytest.mark.slow),  # up alone: gate's half zero
         pytest.param("qwen3_moe", ("down",), False, marks=pytest.mark.slow),
         pytest.param("qwen3", TARGETS, False, marks=pytest.mark.slow),

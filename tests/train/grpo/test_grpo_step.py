@@ -270,6 +270,7 @@ def _worker(*args):
     return out.stdout
 
 
+@pytest.mark.slow  # ~21 s on 2 cores (make test budget); CI runs it
 def test_eight_fake_devices_match_one():
     out = _worker()
     assert "MATCH" in out, out[-2000:]
