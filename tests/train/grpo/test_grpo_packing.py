@@ -40,9 +40,11 @@ def _run(settings, batch):
     "algo",
     [
         dict(loss_agg_mode="token-mean"),
-        dict(loss_agg_mode="seq-mean-token-mean", microbatches=2),
-        dict(loss_agg_mode="seq-mean-token-sum-norm", minibatches=2, microbatches=2),
-        # Two more losses in the slow tier (make test-slow): the packing path they take is the one above.
+        # The rest in the slow tier (make test-slow, which CI runs): ~15 s of compiles each.
+        pytest.param(dict(loss_agg_mode="seq-mean-token-mean", microbatches=2), marks=pytest.mark.slow),
+        pytest.param(
+            dict(loss_agg_mode="seq-mean-token-sum-norm", minibatches=2, microbatches=2), marks=pytest.mark.slow
+        ),
         pytest.param(dict(loss_agg_mode="token-mean", policy_loss="gspo", minibatches=2), marks=pytest.mark.slow),
         pytest.param(
             dict(loss_agg_mode="token-mean", policy_loss="cispo", num_iterations=2, off_policy="tis", microbatches=2),
@@ -65,6 +67,7 @@ def test_packed_update_equals_the_padded_one(algo):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), packed_params, padded_params)
 
 
+@pytest.mark.slow  # ~17 s (make test budget); CI runs it
 def test_a_token_budget_per_micro_pass_equals_the_padded_update():
     """algo.micro_tokens = 3 x pack_tokens: micro passes of 3 packed rows, as many as the batch's K needs."""
     batch = _batch()
