@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from polaris_jax.models.context_parallel import sequence_axis
+from polaris_jax.models.sharding import constrain
 from polaris_jax.models.transformer import forward, lm_head
 
 
@@ -61,24 +63,42 @@ def hidden_token_stats(
     adapter_rows_b=None,
 ) -> dict:
     """Per-token {logprobs, lse[, entropy]} float32 [B, T] from final hidden states [B, T, D], computed in
-    j chunks of c positions (`_jbcd`). adapter_rows_b: multi-LoRA rows (`models.transformer.forward`)."""
+    j chunks of c positions (`_jbscd`). adapter_rows_b: multi-LoRA rows (`models.transformer.forward`).
+
+    When a `sequence` mesh axis splits the rows into s parts, each part is chunked on its own and a chunk
+    takes c positions of every part ([B, s, c]): each device then computes its own tokens' logits. A chunk
+    of c consecutive positions would lie on one device, and every device would compute (and hold) it."""
     b, t, d = hidden_btd.shape
-    chunk = min(chunk_size, t)
-    num_chunks = -(-t // chunk)
-    pad = num_chunks * chunk - t
+    split = sequence_axis()
+    parts = split[1] if split is not None and t % split[1] == 0 else 1
+    part_len = t // parts
+    chunk = min(chunk_size, part_len)
+    num_chunks = -(-part_len // chunk)
+    pad = num_chunks * chunk - part_len
+    hidden_bsld = hidden_btd.reshape(b, parts, part_len, d)
+    targets_bsl = targets_bt.reshape(b, parts, part_len)
     if pad:
-        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    hidden_jbcd = hidden_btd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-    targets_jbc = targets_bt.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+        hidden_bsld = jnp.pad(hidden_bsld, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        targets_bsl = jnp.pad(targets_bsl, ((0, 0), (0, 0), (0, pad)))
+    hidden_jbscd = hidden_bsld.reshape(b, parts, num_chunks, chunk, d).transpose(2, 0, 1, 3, 4)
+    targets_jbsc = targets_bsl.reshape(b, parts, num_chunks, chunk).transpose(2, 0, 1, 3)
+    hidden_jbscd = constrain(hidden_jbscd, (None, "batch", "length", None, "embed"))
+    targets_jbsc = constrain(targets_jbsc, (None, "batch", "length", None))
 
     @jax.checkpoint
     def body(carry, xs):
-        hidden_bcd, targets_bc = xs
-        return carry, _chunk_stats(config, params, hidden_bcd, targets_bc, temperature, with_entropy, adapter_rows_b)
+        hidden_bscd, targets_bsc = xs
+        hidden_bcd = hidden_bscd.reshape(b, parts * chunk, d)
+        stats = _chunk_stats(
+            config, params, hidden_bcd, targets_bsc.reshape(b, parts * chunk), temperature, with_entropy, adapter_rows_b
+        )
+        return carry, jax.tree.map(lambda x: x.reshape(b, parts, chunk), stats)
 
-    _, stats_jbc = jax.lax.scan(body, None, (hidden_jbcd, targets_jbc))
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t], stats_jbc)
+    _, stats_jbsc = jax.lax.scan(body, None, (hidden_jbscd, targets_jbsc))
+    return jax.tree.map(
+        lambda x: x.transpose(1, 2, 0, 3).reshape(b, parts, num_chunks * chunk)[:, :, :part_len].reshape(b, t),
+        stats_jbsc,
+    )
 
 
 def token_stats(

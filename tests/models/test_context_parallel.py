@@ -1,7 +1,8 @@
 """Context parallelism (models.context_parallel): a 4K-token packed row split over sequence=4 of 8 fake CPU
 devices gives the SFT loss and gradients of the unsplit model on one device, for Ulysses and for ring
-attention, with segment ids (several documents and padding per row). Bad splits are refused before
-compile with a message naming the problem."""
+attention, with segment ids (several documents and padding per row), and each device does an eighth of the
+matmul work (the chunked loss computes each device's own positions, not every chunk of its rows). Bad
+splits are refused before compile with a message naming the problem."""
 
 from __future__ import annotations
 
@@ -42,17 +43,26 @@ def worker() -> dict:
 
     from polaris_jax.models import init_params, make_mesh, param_shardings
     from polaris_jax.models.sharding import DEFAULT_RULES, activation_sharding
+    from polaris_jax.tools.hlo_flops import matmul_flops
     from polaris_jax.train import losses, partitioning
 
     results = {}
+    # 384-position loss chunks: each device's 1,024 positions end in a padded chunk.
+    settings = losses.LossSettings(chunk_size=384)
     batch = packed_batch(2, LENGTH, 256)
     for scheme in ("ulysses", "ring"):
         config = ModelConfig.tiny(
-            num_heads=8, num_kv_heads=4, attention_impl="flash", attention_block_q=256, attention_block_kv=256
+            num_heads=8,
+            num_kv_heads=4,
+            vocab_size=8192,  # the unembedding is then ~a third of the matmul work
+            attention_impl="flash",
+            attention_block_q=256,
+            attention_block_kv=256,
         ).replace(sequence_parallelism=scheme)
         params = init_params(config, jax.random.key(0), std=0.05)
-        loss_fn = lambda p, b, config=config: losses.sft_loss(config, p, b)[0]
-        reference = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+        loss_fn = lambda p, b, config=config: losses.sft_loss(config, p, b, settings)[0]
+        reference_compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, batch).compile()
+        reference = reference_compiled(params, batch)
 
         mesh = make_mesh({"fsdp": 2, "sequence": 4})
 
@@ -75,6 +85,7 @@ def worker() -> dict:
             grad_err=max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(flat, flat_ref)),
             grad_scale=max(float(np.max(np.abs(np.asarray(b)))) for b in flat_ref),
             uses_collective=collective in hlo,
+            matmul_share=matmul_flops(hlo) * 8 / matmul_flops(reference_compiled.as_text()),
         )
         try:  # a row length SP does not divide: refused at trace time
             bad = {k: v[:, : LENGTH - 2] for k, v in batch.items()}
@@ -97,6 +108,9 @@ def test_sequence_split_equals_one_device(split_results, scheme):
     assert r["uses_collective"], r
     assert abs(r["loss"] - r["reference_loss"]) <= 1e-5 * abs(r["reference_loss"]), r
     assert r["grad_err"] <= 1e-4 * r["grad_scale"], r
+    if scheme == "ulysses":  # flash attention on both sides: its uncounted inner loops cancel (tools.hlo_flops)
+        # An eighth of the work per device (1.0); every device computing every loss chunk of its rows made it 3.2.
+        assert 0.9 <= r["matmul_share"] <= 1.1, r
 
 
 @pytest.mark.slow
