@@ -38,7 +38,7 @@ from polaris_jax.models.lora import lora_mask
 from polaris_jax.models.params import param_shapes
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings, shard_count
 from polaris_jax.sampling.sampler import batch_shards
-from polaris_jax.tools import hlo_flops, rollout_plan
+from polaris_jax.tools import analytic_memory, hlo_flops, rollout_plan
 from polaris_jax.tools.compiled_memory import (
     flops,
     host_offloaded_bytes,
@@ -234,6 +234,7 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
     mem = train["xla"]
     host_activations = train["host_activations"]  # XLA:CPU counts them as device temps; a GPU/TPU does not
     train_peak = peak(mem) - host_activations
+    analytic = analytic_memory.estimate(request, mesh, train, rules) or {}
     # What stays on the training devices while the rollout decodes.
     rollout_optimizer = 0 if request.offload_optimizer else train["optimizer_state"]
     out = {
@@ -259,6 +260,10 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
         "xla_output_bytes": mem["output"],
         "xla_alias_bytes": mem["alias"],
         "train_peak_bytes": train_peak,
+        # The closed-form estimate (tools/analytic_memory.py; None outside its scope): XLA's temporaries hold
+        # the gradients too, so analytic_activations_bytes counts them beside the activations.
+        "analytic_activations_bytes": analytic["gradients"] + analytic["activations"] if analytic else None,
+        "analytic_train_peak_bytes": analytic.get("train_peak"),
         "xla_flops_per_device": train["xla_flops_per_device"],
         "matmul_flops_per_device": train["matmul_flops_per_device"],
         "model_flops_per_step": train["model_flops_per_step"],
@@ -374,6 +379,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("activations (XLA temp) / device", format_bytes(result["activations_bytes"])),
         ("  offloaded to host / device", format_bytes(result["host_activations_bytes"])),
         ("train step peak / device", format_bytes(result["train_peak_bytes"])),
+        ("  analytic estimate (no compile) / device", format_bytes(result.get("analytic_train_peak_bytes"))),
     ]
     if "kv_cache_bytes" in result:
         rows += [
