@@ -34,6 +34,7 @@ import math
 
 from jax.sharding import Mesh
 
+from polaris_jax.models import context_parallel
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, shard_count
 from polaris_jax.sampling.sampler import batch_shards
 
@@ -75,17 +76,29 @@ def micro_pass(request, mesh: Mesh, rules=DEFAULT_RULES) -> tuple[int, int, int,
     return max(rows, 1), positions, min(chunk, positions), passes
 
 
+def out_of_scope(model_config) -> str | None:
+    """Why the estimate does not cover this model, or None."""
+    if model_config.is_moe or model_config.remat_policy not in ESTIMATED_REMAT:
+        kind = "an MoE model" if model_config.is_moe else f"remat_policy={model_config.remat_policy!r}"
+        return f"the analytic estimate covers dense models under remat {ESTIMATED_REMAT}, not {kind}; plan it compiled"
+    return None
+
+
 def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | None:
     """Per-device bytes: {gradients, saved_residuals, loss_phase, layer_phase, activations, train_peak}.
 
     `exact` holds the state's own shard sizes (`params`, `trainable_params`, `optimizer_state`, `batch`:
     `memory_plan.plan_train_step`'s). None where the model or remat policy is outside the estimate."""
     cfg = request.model_config
-    if cfg.is_moe or cfg.remat_policy not in ESTIMATED_REMAT:
+    if out_of_scope(cfg):
         return None
+    tp, seq = _shards(mesh, rules, "vocab"), _shards(mesh, rules, "length")
+    if seq > 1:  # what the step's trace would refuse (a ConfigError, a ValueError), refused here too
+        update = request.update
+        row = update.pack_tokens if update is not None and update.pack_tokens else request.seq_len
+        context_parallel.check(cfg, row, seq, cfg.num_heads // tp, cfg.num_kv_heads // tp)
     rows, positions, chunk, passes = micro_pass(request, mesh, rules)
     tokens = rows * positions
-    tp = _shards(mesh, rules, "vocab")
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     compute_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4

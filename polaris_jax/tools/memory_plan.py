@@ -137,16 +137,59 @@ def plan_train_step(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optim
     pairs = request.batch_size * request.seq_len * (request.seq_len + 1) // 2
     model_flops = metrics_lib.step_flops(cfg, tokens, pairs, lora=bool(cfg.lora_rank))
     return {
-        "params": per_device_bytes(state["params"]) + per_device_bytes(state["frozen"]),
-        "trainable_params": per_device_bytes(state["params"]),
-        "optimizer_state": per_device_bytes(state["opt_state"]),
-        "batch": per_device_bytes(batch),
+        **state_bytes(state, batch),
         "xla": memory(compiled),
         "host_activations": host_offloaded_bytes(traced.jaxpr) // activation_shards,
         "xla_flops_per_device": flops(compiled),
         "matmul_flops_per_device": hlo_flops.matmul_flops(compiled.as_text()),
         "model_flops_per_step": model_flops,
         "compile_s": compile_s,
+    }
+
+
+def state_bytes(state, batch) -> dict:
+    """This device's shards of the abstract train state and batch (exact, from their shardings)."""
+    return {
+        "params": per_device_bytes(state["params"]) + per_device_bytes(state["frozen"]),
+        "trainable_params": per_device_bytes(state["params"]),
+        "optimizer_state": per_device_bytes(state["opt_state"]),
+        "batch": per_device_bytes(batch),
+    }
+
+
+def plan_analytic(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
+    """The closed-form plan alone (tools/analytic_memory.py), in about a second: nothing is compiled and no
+    rollout is planned. `train_peak_bytes` and `activations_bytes` are then the estimate's (`"estimate":
+    "analytic"`). Raises ValueError outside the estimate's scope (MoE, remat none / dots)."""
+    cfg = request.model_config
+    optimizer, _ = optimizer or make_optimizer(peak_lr=1e-5, total_steps=1000, warmup_ratio=0.01)
+    state, _, _ = abstract_train_state(cfg, optimizer, mesh, rules)
+    if request.update is None:
+        batch = abstract_batch(mesh, rules, request.batch_size, request.seq_len)
+    else:
+        batch = abstract_update_batch(request, mesh, rules)
+    exact = state_bytes(state, batch)
+    if analytic_memory.out_of_scope(cfg):
+        raise ValueError(analytic_memory.out_of_scope(cfg))
+    estimate = analytic_memory.estimate(request, mesh, exact, rules)
+    activations = estimate["gradients"] + estimate["activations"]
+    return {
+        "estimate": "analytic",
+        "mesh": dict(mesh.shape),
+        "devices": int(mesh.devices.size),
+        "lora_rank": cfg.lora_rank,
+        "batch_size": request.batch_size,
+        "seq_len": request.seq_len,
+        "remat_policy": cfg.remat_policy,
+        "params_bytes": exact["params"],
+        "trainable_params_bytes": exact["trainable_params"],
+        "optimizer_state_bytes": exact["optimizer_state"],
+        "batch_bytes": exact["batch"],
+        **{f"analytic_{k}_bytes": v for k, v in estimate.items() if k not in ("activations", "train_peak")},
+        "analytic_activations_bytes": activations,
+        "analytic_train_peak_bytes": estimate["train_peak"],
+        "activations_bytes": activations,
+        "train_peak_bytes": estimate["train_peak"],
     }
 
 
@@ -338,6 +381,23 @@ def fit(result: dict, hardware: str) -> dict:
         out[f"{phase}_fits"] = fits
         out[f"{phase}_overflow"] = None if fits else max(terms[phase], key=terms[phase].get)
     return out
+
+
+def analytic_rows(result: dict) -> list[tuple[str, str]]:
+    """(label, value) rows for printing a `plan_analytic` result."""
+    rows = [
+        ("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
+        ("batch x seq_len", f"{result['batch_size']} x {result['seq_len']}"),
+    ]
+    rows += [
+        (f"{key.removesuffix('_bytes').replace('_', ' ')} / device", format_bytes(value))
+        for key, value in result.items()
+        if key.endswith("_bytes") and not key.startswith(("activations", "train_peak", "device_memory"))
+    ]
+    if "hardware" in result:
+        verdict = "fits" if result["train_fits"] else f"does not fit: {result['train_overflow']} is the largest term"
+        rows.append((f"train peak on {result['hardware']} ({format_bytes(result['device_memory_bytes'])})", verdict))
+    return rows
 
 
 def format_bytes(num: float | None) -> str:

@@ -25,6 +25,7 @@ that does not fit) say whether it fits.
 `--mesh=auto --devices=N` plans the train step on every fsdp x expert x sequence layout of N devices the
 model allows and keeps the one with the smallest train-step peak (`tools/mesh_search.py`); the JSON line
 gains `mesh_search` (one row per candidate: its mesh and train peak, or the error that refused it).
+`--analytic` prints only the closed-form estimate (`tools/analytic_memory.py`), in seconds, without compiling.
 See `docs/planner.md` for what the numbers mean and where a GPU/TPU compiler will differ.
 """
 
@@ -80,6 +81,12 @@ _HARDWARE = flags.DEFINE_enum(
 )
 _STAGE = flags.DEFINE_integer(
     "stage", -1, "GRPO configs: the schedule stage to plan (0-based; default -1: the longest stage)."
+)
+_ANALYTIC = flags.DEFINE_bool(
+    "analytic",
+    False,
+    "Only the closed-form estimate (tools/analytic_memory.py: dense models, full or offload remat), in about a "
+    "second: nothing compiles and no rollout is planned; with --mesh=auto the search uses it too.",
 )
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
 
@@ -239,7 +246,7 @@ def main(argv):
     import jax
 
     from polaris_jax.models.sharding import make_mesh, sharding_rules
-    from polaris_jax.tools import memory_plan, mesh_search
+    from polaris_jax.tools import analytic_memory, memory_plan, mesh_search
 
     model_config = model_config_for(config, _MODEL.value)
     if _REMAT.value:
@@ -274,10 +281,13 @@ def main(argv):
     devices = jax.devices()
     rules, optimizer = sharding_rules(config), optimizer_for(config)
     search_table = None
+    train_only = dataclasses.replace(request, engine=None, rollout_batch=0, rollout_len=0)
+    plan_train = memory_plan.plan_analytic if _ANALYTIC.value else memory_plan.plan
+    if _ANALYTIC.value and analytic_memory.out_of_scope(model_config):
+        raise app.UsageError(analytic_memory.out_of_scope(model_config))
     if auto_mesh:  # the train step alone on each candidate; the rollout is planned on the one kept
-        train_only = dataclasses.replace(request, engine=None, rollout_batch=0, rollout_len=0)
         peak_of = (
-            lambda shape: memory_plan.plan(  # noqa: E731
+            lambda shape: plan_train(  # noqa: E731
                 train_only, make_mesh(shape, devices[:train_devices]), rules, optimizer
             )["train_peak_bytes"]
         )
@@ -287,7 +297,10 @@ def main(argv):
     rollout_mesh = None
     if rollout_shape and request.engine is not None:
         rollout_mesh = make_mesh(rollout_shape, devices[train_devices:] if disjoint else devices[:train_devices])
-    result = memory_plan.plan(request, mesh, rules, optimizer, rollout_mesh=rollout_mesh)
+    if _ANALYTIC.value:
+        result = memory_plan.plan_analytic(train_only, mesh, rules, optimizer)
+    else:
+        result = memory_plan.plan(request, mesh, rules, optimizer, rollout_mesh=rollout_mesh)
     result["model"] = _MODEL.value or config.model.preset or config.model.init_from
     if search_table is not None:
         result["mesh_search"] = search_table
@@ -298,8 +311,9 @@ def main(argv):
         for row in search_table or ():
             figure = memory_plan.format_bytes(row["train_peak_bytes"]) if "train_peak_bytes" in row else row["error"]
             print(f"mesh candidate {row['mesh']}: train peak {figure}")
-        width = max(len(label) for label, _ in memory_plan.summary_rows(result))
-        for label, value in memory_plan.summary_rows(result):
+        rows = memory_plan.summary_rows(result) if not _ANALYTIC.value else memory_plan.analytic_rows(result)
+        width = max(len(label) for label, _ in rows)
+        for label, value in rows:
             print(f"{label:<{width}}  {value}")
     print(json.dumps(result, sort_keys=True))
 

@@ -11,10 +11,13 @@ offloaded remat, and Polaris-4B's packed GRPO update at its 53K-token stage. ~1.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
 from tests.fake_devices import run_on_8_devices
+from tests.tools.test_plan import REPO_ROOT
 
 # (preset, layers, seq_len, rows, microbatches, loss chunk, mesh, compute dtype, remat policy)
 SFT_CASES = {
@@ -98,3 +101,29 @@ def test_the_estimate_covers_dense_models_under_full_or_offloaded_remat_only():
     assert estimate(dataclasses.replace(dense, remat_policy="offload"))["saved_residuals"] == 0
     assert estimate(dataclasses.replace(dense, remat_policy="none")) is None
     assert estimate(ModelConfig.tiny("qwen3_moe", remat_policy="full")) is None
+
+
+def test_analytic_flag_plans_polaris_without_compiling():
+    """`--analytic`: the closed-form plan in seconds; the exact terms are Qwen3-4B's published shape."""
+    from tests.tools.test_plan import _plan, _qwen3_params
+
+    flags = ("--config=configs/polaris_qwen3_4b.py", "--model=qwen3_4b", "--mesh=fsdp=2,sequence=4", "--analytic")
+    r = _plan(*flags)
+    assert r["estimate"] == "analytic" and r["devices"] == 8 and r["seq_len"] == 53_248
+    params = _qwen3_params(151936, 2560, 36, 32, 8, 128, 9728, tied=True)
+    assert params * 4 / 8 <= r["params_bytes"] <= params * 4 / 8 * 1.01  # float32, split over all 8
+    terms = r["params_bytes"] + r["optimizer_state_bytes"] + r["batch_bytes"] + r["analytic_activations_bytes"]
+    assert r["train_peak_bytes"] == r["analytic_train_peak_bytes"] == terms
+    assert r["analytic_saved_residuals_bytes"] == 36 * 53_248 // 4 * 2560 * 4  # layers x own tokens x D, float32
+    assert r["train_fits"] is True and "rollout_peak_bytes" not in r
+
+
+def test_analytic_flag_refuses_what_it_does_not_model():
+    proc = subprocess.run(
+        [sys.executable, "-m", "polaris_jax.tools.plan", "--config=configs/sft_tiny.py", "--analytic"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "remat_policy='none'" in proc.stderr, proc.stderr[-2000:]
