@@ -123,4 +123,11 @@ def plan_engine(request, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     prefill = engine_steps.prefill.lower(cfg, params, pages, *prefill_inputs, **statics).compile()
     params_bytes = per_device_bytes(params)
     live = {"prefill": peak(memory(prefill)) - params_bytes, "decode": peak(memory(decode)) - params_bytes}
-    return {"kv_cache": per_device_bytes(pages), "params": params_bytes, "live_beside_params": live, "rows": rows}
+    return {
+        "kv_cache": per_device_bytes(pages),
+        "params": params_bytes,
+        "live_beside_params": live,
+        "rows": rows,
+        # What the compiled decode takes beside the params: the pool and the (small) batch of slots.
+        "decode_arguments_beside_params": memory(decode)["argument"] - params_bytes,
+    }

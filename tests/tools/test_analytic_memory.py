@@ -1,7 +1,8 @@
 """The planner's closed-form figures (tools/analytic_memory.py) against the compiler's own: each scaled-down
 step below is compiled ahead of time on 8 fake CPU devices (`memory_plan.plan`), and its analytic
 activations and train-step peak are within 10% of `compiled.memory_analysis()`'s, and the state's exact
-shard sizes (params + optimizer state + batch) add up to the compiled step's argument bytes.
+shard sizes (params + optimizer state + batch) add up to the compiled step's argument bytes, and the paged
+engine's pool is what its compiled decode program takes.
 
 The shapes are real architectures at two or three layers, none of them a shape the buffer counts were read
 from: tensor parallelism, Qwen2 with biases in bf16, sequence parallelism with gradient accumulation,
@@ -62,6 +63,14 @@ def worker() -> dict:
     mesh = make_mesh({"fsdp": 2, "sequence": 4})
     plan = memory_plan.plan(request, mesh, sharding_rules(recipe), plan_cli.optimizer_for(recipe))
     results["polaris_grpo_update"] = dict(_figures(plan), pack_tokens=plan["pack_tokens"])
+
+    # The engine's page pool (exact, from its shardings) against what its compiled decode takes.
+    from polaris_jax.sampling.engine_settings import EngineSettings
+    from polaris_jax.tools import rollout_plan
+
+    engine = EngineSettings(max_slots=16, num_pages=2048, page_size=64, max_seq_len=8192)
+    rollout = rollout_plan.plan_engine(dataclasses.replace(request, engine=engine), mesh, sharding_rules(recipe))
+    results["engine_pool"] = {k: rollout[k] for k in ("kv_cache", "decode_arguments_beside_params")}
     return results
 
 
@@ -81,6 +90,12 @@ def test_analytic_figures_are_within_10_percent_of_the_compiled_step(compiled_an
         assert 0.9 <= ratio <= 1.1, (figure, ratio, r)
     # The exact terms: the state's shards are what the compiled step takes (plus the rng key).
     assert 0 <= r["xla_argument_bytes"] - r["state_bytes"] <= 64, r
+
+
+@pytest.mark.slow
+def test_the_page_pool_figure_is_what_the_compiled_decode_takes(compiled_and_analytic):
+    r = compiled_and_analytic["engine_pool"]
+    assert r["kv_cache"] > 0 and 0.9 <= r["kv_cache"] / r["decode_arguments_beside_params"] <= 1.0, r
 
 
 def test_the_estimate_covers_dense_models_under_full_or_offloaded_remat_only():
