@@ -12,7 +12,8 @@ Rows past sum(group_sizes_g) belong to no group and come out zero. Kernels (`Mod
   times that of the rows (64x at 64 experts: `benchmarks/moe.py`).
 - "tiled": block-sparse in plain JAX, any backend: each group's rows are padded to a multiple of a tile
   and every tile is one entry of a batched matmul against its group's weight (gathered per tile). Cost
-  ~ (rows + G·tile)·in·out; the weight gather is bounded (GATHER_BYTES per step, tiles in chunks beyond).
+  ~ (rows + G·tile)·in·out; the weight gather is bounded (GATHER_BYTES per step, tiles in chunks beyond,
+  gathered again in the backward pass).
 - "auto": ragged_dot where the function is lowered for TPU, tiled elsewhere (`jax.lax.platform_dependent`
   picks at lowering, not from the host's backend).
 """
@@ -85,7 +86,10 @@ class TiledLayout:
             pad = chunks * chunk - self.tiles
             x_ctmi = jnp.pad(x_tmi, ((0, pad), (0, 0), (0, 0))).reshape(chunks, chunk, self.tile, -1)
             group_ct = jnp.pad(self.group_t, (0, pad)).reshape(chunks, chunk)
-            y = jax.lax.map(lambda args: tiles_mm(*args), (x_ctmi, group_ct)).reshape(chunks * chunk, self.tile, -1)
+            # Rematerialised: the backward gathers each chunk's weights again rather than keeping every chunk's
+            # (all tiles' weights, [tiles, in, out], the bound undone: 3.2 GiB per matmul at Qwen3-30B-A3B, 2K).
+            body = jax.checkpoint(lambda args: tiles_mm(*args))
+            y = jax.lax.map(body, (x_ctmi, group_ct)).reshape(chunks * chunk, self.tile, -1)
             y = y[: self.tiles]
         return y.reshape(self.tiles * self.tile, -1).astype(x_ri.dtype)
 
