@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from polaris_jax.models import context_parallel
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, shard_count
 from polaris_jax.sampling.sampler import batch_shards
+from polaris_jax.train.grpo.packing import packed_rows
 
 LOGITS_BUFFERS = 2.3  # logits, their cotangent, the softmax (in part: some share a buffer with the next chunk)
 HIDDEN_BUFFERS = 2.0  # the final hidden states and their cotangent
@@ -61,8 +62,6 @@ def micro_pass(request, mesh: Mesh, rules=DEFAULT_RULES) -> tuple[int, int, int,
         passes, length, chunk = request.microbatches, request.seq_len, request.loss_chunk
         rows = math.ceil(request.batch_size / passes / shards)
     elif update.pack_tokens:
-        from polaris_jax.train.grpo.packing import packed_rows
-
         # The planner's packed batch: every sequence at full length (memory_plan.abstract_update_batch).
         per_row = max(1, update.pack_tokens // request.seq_len)
         needed = -(-(request.batch_size // update.minibatches) // per_row)
@@ -101,17 +100,17 @@ def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | No
     tokens = rows * positions
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    compute_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
+    half_compute = cfg.compute_dtype in ("bfloat16", "float16")
     frozen_base = bool(cfg.lora_rank)
+    # A weight gathered for the phase, its unsharded float32 gradient (trained), a compute-dtype copy (bf16).
+    weight_copies = 1 + (0 if frozen_base else 1) + (0.5 if half_compute else 0)
 
     unembed = v * d * 4 / tp
-    copies = 1 + (0 if frozen_base else 1) + (0.5 if compute_bytes == 2 else 0)
-    loss_phase = copies * unembed + LOGITS_BUFFERS * rows * chunk * v / tp * 4 + HIDDEN_BUFFERS * tokens * d * 4
+    loss_phase = weight_copies * unembed + LOGITS_BUFFERS * rows * chunk * v / tp * 4 + HIDDEN_BUFFERS * tokens * d * 4
 
     layer_weights = (d * (q + 2 * kv) + q * d + 3 * d * f) * 4 / tp
     per_token = MLP_BUFFERS * f / tp + EMBED_BUFFERS * d + (QUERY_BUFFERS * q + KV_BUFFERS * kv) / tp
-    share = BF16_LAYER_SHARE if compute_bytes == 2 else 1.0
-    weight_copies = 1 + (0 if frozen_base else 1) + (0.5 if compute_bytes == 2 else 0)
+    share = BF16_LAYER_SHARE if half_compute else 1.0
     layer_phase = weight_copies * layer_weights + share * tokens * per_token * 4
 
     saved = 0 if cfg.remat_policy == "offload" else cfg.num_layers * tokens * d * SAVED_BYTES
