@@ -84,7 +84,8 @@ def out_of_scope(model_config) -> str | None:
 
 
 def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | None:
-    """Per-device bytes: {gradients, saved_residuals, loss_phase, layer_phase, activations, train_peak}.
+    """Per-device bytes: {gradients, saved_residuals, loss_phase, layer_phase, activations, temporaries,
+    train_peak}.
 
     `exact` holds the state's own shard sizes (`params`, `trainable_params`, `optimizer_state`, `batch`:
     `memory_plan.plan_train_step`'s). None where the model or remat policy is outside the estimate."""
@@ -126,5 +127,6 @@ def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | No
         "loss_phase": int(loss_phase),
         "layer_phase": int(layer_phase),
         "activations": int(activations),
+        "temporaries": int(gradients + activations),  # what XLA's temp holds: gradients beside activations
         "train_peak": int(peak),
     }

@@ -169,10 +169,9 @@ def plan_analytic(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimiz
     else:
         batch = abstract_update_batch(request, mesh, rules)
     exact = state_bytes(state, batch)
-    if analytic_memory.out_of_scope(cfg):
-        raise ValueError(analytic_memory.out_of_scope(cfg))
     estimate = analytic_memory.estimate(request, mesh, exact, rules)
-    activations = estimate["gradients"] + estimate["activations"]
+    if estimate is None:
+        raise ValueError(analytic_memory.out_of_scope(cfg))
     return {
         "estimate": "analytic",
         "mesh": dict(mesh.shape),
@@ -185,10 +184,9 @@ def plan_analytic(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimiz
         "trainable_params_bytes": exact["trainable_params"],
         "optimizer_state_bytes": exact["optimizer_state"],
         "batch_bytes": exact["batch"],
-        **{f"analytic_{k}_bytes": v for k, v in estimate.items() if k not in ("activations", "train_peak")},
-        "analytic_activations_bytes": activations,
-        "analytic_train_peak_bytes": estimate["train_peak"],
-        "activations_bytes": activations,
+        **{f"analytic_{k}_bytes": v for k, v in estimate.items() if k not in ("activations", "temporaries")},
+        "analytic_activations_bytes": estimate["temporaries"],
+        "activations_bytes": estimate["temporaries"],
         "train_peak_bytes": estimate["train_peak"],
     }
 
@@ -305,7 +303,7 @@ def plan(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None, 
         "train_peak_bytes": train_peak,
         # The closed-form estimate (tools/analytic_memory.py; None outside its scope): XLA's temporaries hold
         # the gradients too, so analytic_activations_bytes counts them beside the activations.
-        "analytic_activations_bytes": analytic["gradients"] + analytic["activations"] if analytic else None,
+        "analytic_activations_bytes": analytic.get("temporaries"),
         "analytic_train_peak_bytes": analytic.get("train_peak"),
         "xla_flops_per_device": train["xla_flops_per_device"],
         "matmul_flops_per_device": train["matmul_flops_per_device"],

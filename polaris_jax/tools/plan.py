@@ -283,8 +283,8 @@ def main(argv):
     search_table = None
     train_only = dataclasses.replace(request, engine=None, rollout_batch=0, rollout_len=0)
     plan_train = memory_plan.plan_analytic if _ANALYTIC.value else memory_plan.plan
-    if _ANALYTIC.value and analytic_memory.out_of_scope(model_config):
-        raise app.UsageError(analytic_memory.out_of_scope(model_config))
+    if _ANALYTIC.value and (reason := analytic_memory.out_of_scope(model_config)):
+        raise app.UsageError(reason)
     if auto_mesh:  # the train step alone on each candidate; the rollout is planned on the one kept
         peak_of = (
             lambda shape: plan_train(  # noqa: E731
