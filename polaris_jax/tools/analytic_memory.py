@@ -18,14 +18,23 @@ devices at scaled-down shapes (within 10%).
                               gradient, and per token `MLP_BUFFERS` x F + `EMBED_BUFFERS` x D + `QUERY_BUFFERS`
                               x heads x head_dim + `KV_BUFFERS` x kv_heads x head_dim float32 values: the
                               recomputed forward and its cotangents
-  activations                 saved residuals + the larger phase
+  MoE layer phase             an MoE layer's backward (models/moe.py): its attention as above, the experts it
+                              holds (E / EP, gathered along embed) like a layer's weights, and per dispatched
+                              row (R = EP x n x k: every pair one device could send each EP peer, dropless)
+                              `MOE_ROW_BUFFERS` x D, per tile-padded row (the tiled grouped matmul)
+                              `MOE_TILE_BUFFERS` x F, per routed pair `MOE_PAIR_BUFFERS` x D float32 values
+  activations                 saved residuals + the largest phase (+ gradient accumulators over micro
+                              passes: the unembedding's, unsharded, and under MoE the experts' shards)
   train peak                  params + optimizer state + batch + gradients + activations
 
 The buffer counts are what XLA keeps live at those two peaks on CPU (read from its buffer assignment and
 from how the compiled temporaries grow with each size; XLA:CPU holds most bf16 work in float32, so bf16
 compute keeps `BF16_LAYER_SHARE` of the float32 layer working set). A GPU or TPU compiler fuses more and
-holds less. Only dense models under full or offloaded remat are estimated: the other policies save most of
-each layer and MoE layers hold routing buffers, so there the estimate is None and the compiled figures stand.
+holds less. The MoE counts are fitted to the compiled steps of Qwen3-30B-A3B-shaped layers. Outside the
+estimate (None; the compiled figures stand): remat policies other than full and offload (they save most of
+each layer), a capacity factor (that path frees part of its gathered experts before its peak and its buffers
+fit no count within 10%), and MoE models with dense layers mixed in (the compiled step holds more than
+either kind's phase).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ import math
 
 from jax.sharding import Mesh
 
-from polaris_jax.models import context_parallel
+from polaris_jax.models import context_parallel, moe
+from polaris_jax.models.grouped_matmul import tile_size
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec, shard_count
 from polaris_jax.sampling.sampler import batch_shards
 from polaris_jax.train.grpo.packing import packed_rows
@@ -48,6 +58,12 @@ KV_BUFFERS = 6.3  # k and v (k normed and rotated), their cotangents
 BF16_LAYER_SHARE = 0.7
 SAVED_BYTES = 4  # XLA:CPU holds the stacked layer inputs in float32 under bf16 compute too (a GPU: 2 bytes)
 ESTIMATED_REMAT = ("full", "offload")
+# Dropless MoE: the send, receive, sorted, tiled and returned rows and their cotangents; the grouped matmuls'
+# gate / up / product outputs; the pairs gathered before dispatch and combined after.
+MOE_ROW_BUFFERS = 10.2
+MOE_TILE_BUFFERS = 4.1
+MOE_PAIR_BUFFERS = 4.0
+BF16_MOE_SHARE = 0.85
 
 
 def _shards(mesh: Mesh, rules, axis: str) -> int:
@@ -77,10 +93,16 @@ def micro_pass(request, mesh: Mesh, rules=DEFAULT_RULES) -> tuple[int, int, int,
 
 def out_of_scope(model_config) -> str | None:
     """Why the estimate does not cover this model, or None."""
-    if model_config.is_moe or model_config.remat_policy not in ESTIMATED_REMAT:
-        kind = "an MoE model" if model_config.is_moe else f"remat_policy={model_config.remat_policy!r}"
-        return f"the analytic estimate covers dense models under remat {ESTIMATED_REMAT}, not {kind}; plan it compiled"
-    return None
+    cfg = model_config
+    if cfg.remat_policy not in ESTIMATED_REMAT:
+        kind = f"remat {ESTIMATED_REMAT}, not remat_policy={cfg.remat_policy!r}"
+    elif cfg.is_moe and cfg.moe_capacity_factor > 0:
+        kind = f"dropless MoE dispatch, not moe_capacity_factor={cfg.moe_capacity_factor}"
+    elif cfg.is_moe and cfg.num_layers_of("dense"):
+        kind = f"MoE models whose layers are all MoE, not {cfg.num_layers_of('dense')} dense layers mixed in"
+    else:
+        return None
+    return f"the analytic estimate covers {kind}; plan it compiled"
 
 
 def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | None:
@@ -109,16 +131,25 @@ def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | No
     unembed = v * d * 4 / tp
     loss_phase = weight_copies * unembed + LOGITS_BUFFERS * rows * chunk * v / tp * 4 + HIDDEN_BUFFERS * tokens * d * 4
 
-    layer_weights = (d * (q + 2 * kv) + q * d + 3 * d * f) * 4 / tp
-    per_token = MLP_BUFFERS * f / tp + EMBED_BUFFERS * d + (QUERY_BUFFERS * q + KV_BUFFERS * kv) / tp
+    attention_weights = (d * (q + 2 * kv) + q * d) * 4 / tp
+    attention_per_token = EMBED_BUFFERS * d + (QUERY_BUFFERS * q + KV_BUFFERS * kv) / tp
     share = BF16_LAYER_SHARE if half_compute else 1.0
-    layer_phase = weight_copies * layer_weights + share * tokens * per_token * 4
+    if cfg.is_moe:  # every layer MoE (out_of_scope)
+        layer_phase, expert_shard = _moe_layer(
+            cfg, mesh, rules, tokens, weight_copies, attention_weights, attention_per_token
+        )
+        expert_gradients = 0 if frozen_base else cfg.num_layers * expert_shard
+    else:
+        dense_weights = attention_weights + 3 * d * f * 4 / tp
+        per_token = attention_per_token + MLP_BUFFERS * f / tp
+        layer_phase = weight_copies * dense_weights + share * tokens * per_token * 4
+        expert_gradients = 0
 
     saved = 0 if cfg.remat_policy == "offload" else cfg.num_layers * tokens * d * SAVED_BYTES
     gradients = exact["trainable_params"]
     # Over micro passes XLA accumulates the unembedding's gradient unsharded (its reduce-scatter sunk out of
-    # the loop), live through both phases.
-    accumulator = unembed if passes > 1 and not frozen_base else 0
+    # the loop) and the experts' gradients (they leave the experts' shard_map per pass), live through both phases.
+    accumulator = unembed + expert_gradients if passes > 1 and not frozen_base else 0
     activations = saved + accumulator + max(loss_phase, layer_phase)
     peak = exact["params"] + exact["optimizer_state"] + exact["batch"] + gradients + activations
     return {
@@ -130,3 +161,28 @@ def estimate(request, mesh: Mesh, exact: dict, rules=DEFAULT_RULES) -> dict | No
         "temporaries": int(gradients + activations),  # what XLA's temp holds: gradients beside activations
         "train_peak": int(peak),
     }
+
+
+def _moe_layer(cfg, mesh, rules, tokens, weight_copies, attention_weights, attention_per_token) -> tuple[float, float]:
+    """(bytes of one MoE layer's backward phase, bytes of one layer's expert weight shards on a device)."""
+    ep_axes, ep = moe.expert_axes(mesh, rules, cfg.num_experts)
+    tp, embed_shards = _shards(mesh, rules, "mlp"), _shards(mesh, rules, "embed")
+    spec = logical_to_spec(("batch", "length"), mesh, rules)
+    token_axes = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+    # Rows the batch axes cannot split reach every EP device whole; each dispatches 1/EP of them (models/moe.py).
+    n = -(-tokens // ep) if ep > 1 and not token_axes & set(ep_axes) else tokens
+    e, k, d, f = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    local = e // ep
+    rows = n * k * ep
+    tile = tile_size(rows, local)
+    padded = (-(-rows // tile) + local) * tile
+    expert_weights = 3 * local * d * f * 4 / tp
+    values = (
+        tokens * attention_per_token
+        + MOE_ROW_BUFFERS * rows * d
+        + MOE_TILE_BUFFERS * padded * f / tp
+        + MOE_PAIR_BUFFERS * n * k * d
+    )
+    share = BF16_MOE_SHARE if cfg.compute_dtype in ("bfloat16", "float16") else 1.0
+    phase = weight_copies * (attention_weights + expert_weights) + share * values * 4
+    return phase, expert_weights / embed_shards

@@ -160,7 +160,7 @@ def state_bytes(state, batch) -> dict:
 def plan_analytic(request: PlanRequest, mesh: Mesh, rules=DEFAULT_RULES, optimizer=None) -> dict:
     """The closed-form plan alone (tools/analytic_memory.py), in about a second: nothing is compiled and no
     rollout is planned. `train_peak_bytes` and `activations_bytes` are then the estimate's (`"estimate":
-    "analytic"`). Raises ValueError outside the estimate's scope (MoE, remat none / dots)."""
+    "analytic"`). Raises ValueError outside the estimate's scope (`analytic_memory.out_of_scope`)."""
     cfg = request.model_config
     optimizer, _ = optimizer or make_optimizer(peak_lr=1e-5, total_steps=1000, warmup_ratio=0.01)
     state, _, _ = abstract_train_state(cfg, optimizer, mesh, rules)

@@ -85,8 +85,8 @@ _STAGE = flags.DEFINE_integer(
 _ANALYTIC = flags.DEFINE_bool(
     "analytic",
     False,
-    "Only the closed-form estimate (tools/analytic_memory.py: dense models, full or offload remat), in about a "
-    "second: nothing compiles and no rollout is planned; with --mesh=auto the search uses it too.",
+    "Only the closed-form estimate (tools/analytic_memory.py: full or offload remat, dense or dropless MoE), in "
+    "about a second: nothing compiles and no rollout is planned; with --mesh=auto the search uses it too.",
 )
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table and a JSON line; json: the line only.")
 

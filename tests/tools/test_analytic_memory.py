@@ -6,8 +6,10 @@ engine's pool is what its compiled decode program takes.
 
 The shapes are real architectures at two or three layers, none of them a shape the buffer counts were read
 from: tensor parallelism, Qwen2 with biases in bf16, sequence parallelism with gradient accumulation,
-offloaded remat, and Polaris-4B's packed GRPO update at its 53K-token stage. ~1.5 minutes of compiles:
-`make test-slow`, which CI runs."""
+offloaded remat, Polaris-4B's packed GRPO update at its 53K-token stage, and two expert-parallel (dropless)
+MoE steps: Qwen3-235B-A22B's layers under LoRA in bf16 on fsdp=2 x expert=4 (the MoE counts were fitted on
+Qwen3-30B-A3B's), and Qwen3-30B-A3B with a sequence split. ~2 minutes of compiles: `make test-slow`, which
+CI runs."""
 
 from __future__ import annotations
 
@@ -20,12 +22,36 @@ import pytest
 from tests.fake_devices import run_on_8_devices
 from tests.tools.test_plan import REPO_ROOT
 
-# (preset, layers, seq_len, rows, microbatches, loss chunk, mesh, compute dtype, remat policy)
+# (preset, layers, seq_len, rows, microbatches, loss chunk, mesh, compute dtype, remat policy, LoRA rank)
 SFT_CASES = {
-    "tensor_parallel": ("qwen3_1p7b", 2, 4096, 8, 1, 512, {"fsdp": 4, "tensor": 2}, "float32", "full"),
-    "qwen2_bf16": ("qwen2p5_math_1p5b", 2, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "full"),
-    "sequence_accumulated": ("qwen3_0p6b", 3, 8192, 16, 2, 1024, {"fsdp": 2, "sequence": 4}, "float32", "full"),
-    "offload_bf16": ("qwen3_1p7b", 3, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "offload"),
+    "tensor_parallel": ("qwen3_1p7b", 2, 4096, 8, 1, 512, {"fsdp": 4, "tensor": 2}, "float32", "full", 0),
+    "qwen2_bf16": ("qwen2p5_math_1p5b", 2, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "full", 0),
+    "sequence_accumulated": ("qwen3_0p6b", 3, 8192, 16, 2, 1024, {"fsdp": 2, "sequence": 4}, "float32", "full", 0),
+    "offload_bf16": ("qwen3_1p7b", 3, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "offload", 0),
+    "moe_expert_parallel_lora": (
+        "qwen3_235b_a22b",
+        2,
+        2048,
+        8,
+        1,
+        512,
+        {"fsdp": 2, "expert": 4},
+        "bfloat16",
+        "full",
+        32,
+    ),
+    "moe_expert_sequence": (
+        "qwen3_30b_a3b",
+        3,
+        4096,
+        8,
+        1,
+        512,
+        {"fsdp": 2, "expert": 2, "sequence": 2},
+        "float32",
+        "full",
+        0,
+    ),
 }
 FIGURES = ("activations_bytes", "analytic_activations_bytes", "train_peak_bytes", "analytic_train_peak_bytes")
 
@@ -47,8 +73,9 @@ def worker() -> dict:
     from tests.config_files import config_module
 
     results = {}
-    for name, (model, layers, length, rows, micro, chunk, mesh, dtype, remat) in SFT_CASES.items():
-        config = preset(model, num_layers=layers, compute_dtype=dtype, remat_policy=remat)
+    for name, (model, layers, length, rows, micro, chunk, mesh, dtype, remat, rank) in SFT_CASES.items():
+        lora = dict(lora_rank=rank, lora_alpha=float(rank)) if rank else {}
+        config = preset(model, num_layers=layers, compute_dtype=dtype, remat_policy=remat, **lora)
         request = memory_plan.PlanRequest(config, rows, length, microbatches=micro, loss_chunk=chunk)
         size = 1
         for axis_size in mesh.values():
@@ -98,7 +125,7 @@ def test_the_page_pool_figure_is_what_the_compiled_decode_takes(compiled_and_ana
     assert r["kv_cache"] > 0 and 0.9 <= r["kv_cache"] / r["decode_arguments_beside_params"] <= 1.0, r
 
 
-def test_the_estimate_covers_dense_models_under_full_or_offloaded_remat_only():
+def test_the_estimate_covers_full_or_offloaded_remat_and_dropless_all_moe_models_only():
     from polaris_jax.models.config import ModelConfig
     from polaris_jax.models.sharding import make_mesh
     from polaris_jax.tools import analytic_memory, memory_plan
@@ -115,7 +142,17 @@ def test_the_estimate_covers_dense_models_under_full_or_offloaded_remat_only():
     assert full["train_peak"] == 10 + 20 + 1 + 10 + full["activations"]
     assert estimate(dataclasses.replace(dense, remat_policy="offload"))["saved_residuals"] == 0
     assert estimate(dataclasses.replace(dense, remat_policy="none")) is None
-    assert estimate(ModelConfig.tiny("qwen3_moe", remat_policy="full")) is None
+    moe = ModelConfig.tiny("qwen3_moe", remat_policy="full")
+    # Over 2 micro passes of the same rows the experts' gradients (2 layers x 4 experts x 3 x 64 x 32 float32)
+    # and the unembedding's (256 x 64) accumulate beside the rest.
+    one_pass = analytic_memory.estimate(memory_plan.PlanRequest(moe, 2, 64), mesh, exact)
+    two_passes = analytic_memory.estimate(memory_plan.PlanRequest(moe, 4, 64, microbatches=2), mesh, exact)
+    assert two_passes["activations"] - one_pass["activations"] == (2 * 4 * 3 * 64 * 32 + 256 * 64) * 4
+    assert estimate(dataclasses.replace(moe, moe_capacity_factor=1.25)) is None
+    assert estimate(dataclasses.replace(moe, num_layers=2, mlp_only_layers=(0,))) is None
+    assert "moe_capacity_factor=1.25" in analytic_memory.out_of_scope(
+        dataclasses.replace(moe, moe_capacity_factor=1.25)
+    )
 
 
 def test_analytic_flag_plans_polaris_without_compiling():
