@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m polaris_jax.main --config=configs/grpo_tiny.py --workdir=$(WORKDIR)
 
+# Two workers, one test file each at a time (module fixtures such as a started server stay in one worker).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests --timeout=900 --durations=10
+	$(PY) -m pytest tests --timeout=900 --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup  # the tests marked slow (GRPO learning, the multi-host Polaris recipe); CI runs them too
 	$(PY) -m pytest tests --timeout=900 --durations=10 -m slow
