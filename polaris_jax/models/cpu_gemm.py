@@ -4,7 +4,9 @@ At decode batch sizes XLA CPU's GEMM reads weights at 20-28 GB/s on our 2-core m
 35-40 GB/s for a plain read (BENCHMARKS.md). `pack_projections` turns the decode layout's projection
 weights into `PackedWeight`s: column panels [P, K, NT], one contiguous stream each, that the kernel reads
 once per block of 8 rows. `models.layers.project` and `transformer.lm_head` dispatch on the type, so the
-model code is unchanged and the stacked training params never see a packed weight.
+model code is unchanged and the stacked training params never see a packed weight. `greedy_logprob` runs the
+same products for the unembedding of an all-greedy decode step but reduces each row inside the kernel
+(argmax and log-softmax mass per panel), so the [B, V] logits are never written (sampling/engine_steps.py).
 
 The kernel is compiled on first use with the host's C++ compiler (`-march=native`) into
 `$POLARIS_JAX_CACHE` (default ~/.cache/polaris_jax), keyed by its source, jaxlib and the CPU's flags.
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGETS = {jnp.dtype(jnp.float32): "polaris_cpu_gemm", jnp.dtype(jnp.bfloat16): "polaris_cpu_gemm_bf16"}
+MAX_TARGETS = {jnp.dtype(jnp.float32): "polaris_cpu_gemm_max", jnp.dtype(jnp.bfloat16): "polaris_cpu_gemm_max_bf16"}
 MAX_KERNEL_ROWS = 512  # above, XLA's blocked GEMM on a transient unpacked copy is faster (BENCHMARKS.md)
 _SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 # Projection weights packed per layer kind, with how many leading axes each contracts.
@@ -117,7 +120,8 @@ def _library():
         )
         return None
     lib.polaris_cpu_gemm_panel.restype = ctypes.c_int64
-    for target, symbol in zip(TARGETS.values(), (lib.PolarisCpuGemm, lib.PolarisCpuGemmBf16)):
+    symbols = (lib.PolarisCpuGemm, lib.PolarisCpuGemmBf16, lib.PolarisCpuGemmMax, lib.PolarisCpuGemmMaxBf16)
+    for target, symbol in zip([*TARGETS.values(), *MAX_TARGETS.values()], symbols):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
@@ -157,6 +161,30 @@ def matmul(x, weight: PackedWeight) -> jax.Array:
     else:  # long prefills: the kernel re-reads x once per panel
         y_mn = jnp.dot(x_mk, weight.unpacked_kn().astype(jnp.float32), preferred_element_type=jnp.float32)
     return y_mn.reshape(lead + weight.out_shape)
+
+
+def greedy_logprob(x, weight: PackedWeight) -> tuple[jax.Array, jax.Array]:
+    """(argmax_m int32, log_softmax at it float32) of the logits x [M, K] @ weight [K, N], the [M, N] logits
+    never written: the kernel reduces each panel of a row (max, the first column at it, sum of exp(logit -
+    max)) as it computes it, and the panels combine here. The argmax is `jnp.argmax` of `matmul`'s logits
+    (the same products and sums); the logprob equals log_softmax up to float rounding in the sum."""
+    rows, n = x.shape[0], int(np.prod(weight.out_shape))
+    panels = weight.panels_pkt.shape[0]
+    if x.ndim != 2 or len(weight.out_shape) != 1 or rows > MAX_KERNEL_ROWS:
+        raise ValueError(f"greedy_logprob wants x [M <= {MAX_KERNEL_ROWS}, K] and a [K, N] weight, got {x.shape}")
+    outputs = (
+        jax.ShapeDtypeStruct((rows, panels), jnp.float32),
+        jax.ShapeDtypeStruct((rows, panels), jnp.float32),
+        jax.ShapeDtypeStruct((rows, panels), jnp.int32),
+    )
+    call = jax.ffi.ffi_call(MAX_TARGETS[weight.panels_pkt.dtype], outputs)
+    max_mp, sum_mp, arg_mp = call(x.astype(jnp.float32), weight.panels_pkt, n=np.int64(n))
+    max_m1 = jnp.max(max_mp, axis=1, keepdims=True)
+    # The first panel at the row's maximum found its first column (its worker's running max was <= it).
+    first_p = jnp.argmax(max_mp == max_m1, axis=1)
+    token_m = jnp.take_along_axis(arg_mp, first_p[:, None], axis=1)[:, 0]
+    mass_m = jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1)
+    return token_m, -jnp.log(mass_m)
 
 
 def pack_projections(params: dict) -> dict:

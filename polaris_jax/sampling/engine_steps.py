@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from polaris_jax.models import forward, moe
+from polaris_jax.models import cpu_gemm, forward, moe
 from polaris_jax.models.paged_attention import copy_pages
 from polaris_jax.models.sharding import DEFAULT_RULES, logical_to_spec
+from polaris_jax.models.transformer import lm_head
 from polaris_jax.sampling.strategies import RowSettings, sample_rows
 
 PAGE_AXES = ("kv_heads", None, None, None)
@@ -123,6 +124,23 @@ def prefill(
     return _constrain_pages(kv_pages, mesh, rules), experts_clk
 
 
+def _next_tokens(config, params, hidden_bd, keys_b, batch: DecodeBatch):
+    """(tokens_b, logprobs_b) sampled from each row's logits. With a packed lm_head (CPU) and no adapter on it,
+    a call whose rows are all greedy takes the fused kernel (`cpu_gemm.greedy_logprob`: argmax and logprob
+    without writing the [B, V] logits, ~3.7x faster at 64 rows of a 152K vocabulary); the same tokens,
+    logprobs equal up to float rounding."""
+
+    def sampled(h_bd):
+        logits_bv = lm_head(config, params, h_bd[:, None], batch.adapter_b)[:, 0]
+        return sample_rows(logits_bv, keys_b, batch.settings)
+
+    head = params.get("lm_head")
+    if not isinstance(head, cpu_gemm.PackedWeight) or "lm_head_lora_a" in params:
+        return sampled(hidden_bd)
+    all_greedy = jnp.all(batch.settings.temperature == 0.0)
+    return jax.lax.cond(all_greedy, lambda h_bd: cpu_gemm.greedy_logprob(h_bd, head), sampled, hidden_bd)
+
+
 @functools.partial(
     jax.jit, static_argnames=("config", "block", "mesh", "rules", "record"), donate_argnames=("kv_pages",)
 )
@@ -144,7 +162,7 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         i, kv_pages, token_b, done_b, tokens_br, logprobs_br, experts_brlk = carry
         live_b = ~done_b
         position_b = jnp.where(live_b, batch.position_b + i, -1)
-        logits_b1v, kv_pages, experts_blk = _run(
+        hidden_b1d, kv_pages, experts_blk = _run(
             config,
             params,
             kv_pages,
@@ -153,7 +171,7 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
             batch.table_bp,
             live_b,
             batch.adapter_b,
-            logits=True,
+            logits=False,
             mesh=mesh,
             rules=rules,
             record=record,
@@ -161,7 +179,7 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
         if record:
             experts_brlk = experts_brlk.at[:, i].set(experts_blk)
         keys_b = jax.vmap(jax.random.fold_in)(row_key_b, batch.num_new_b + i)
-        new_b, logprob_b = sample_rows(logits_b1v[:, 0], keys_b, batch.settings)
+        new_b, logprob_b = _next_tokens(config, params, hidden_b1d[:, 0], keys_b, batch)
         new_b = jnp.where(live_b, new_b, 0)
         tokens_br = tokens_br.at[:, i].set(new_b)
         logprobs_br = logprobs_br.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))

@@ -110,3 +110,29 @@ def test_bf16_table_lookup_compiles_without_a_float32_copy_of_the_table():
     compiled = lambda p: jax.jit(forward, static_argnums=0).lower(config, p, tokens, tokens).compile().as_text()
     assert table_f32 in compiled(layout)  # what XLA CPU does with a plain bf16 gather
     assert table_f32 not in compiled(jax.jit(cpu_gemm.pack_projections)(layout))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,k,n", [(1, 32, 1000), (3, 64, 517), (13, 40, 33), (64, 32, 20_011)])
+def test_greedy_logprob_is_argmax_and_log_softmax_of_the_logits(rows, k, n, dtype):
+    """The fused kernel never writes the logits; its token is jnp.argmax of `matmul`'s and its logprob
+    jax.nn.log_softmax's at that token (N not a multiple of the panel: the zero padding is no column)."""
+    rng = np.random.default_rng(rows + n)
+    weight = cpu_gemm.pack(jnp.asarray(rng.standard_normal((k, n)), dtype), 1)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    logits = cpu_gemm.matmul(x, weight)
+    token, logprob = jax.jit(cpu_gemm.greedy_logprob)(x, weight)
+    expected = jnp.argmax(logits, axis=-1)
+    np.testing.assert_array_equal(token, expected)
+    log_softmax = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_allclose(logprob, jnp.take_along_axis(log_softmax, expected[:, None], 1)[:, 0], atol=2e-6)
+
+
+def test_greedy_logprob_takes_the_first_of_tied_maxima_across_panels():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 5000)).astype(np.float32)
+    w[:, [4000, 100, 2500]] = 3 * np.abs(w[:, [7]])  # three equal best columns in three panels
+    x = np.abs(rng.standard_normal((5, 32))).astype(np.float32)
+    token, logprob = cpu_gemm.greedy_logprob(jnp.asarray(x), cpu_gemm.pack(jnp.asarray(w), 1))
+    np.testing.assert_array_equal(token, [100] * 5)
+    assert np.all(logprob < -np.log(3) + 1e-6)  # three columns share the top mass

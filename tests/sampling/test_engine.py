@@ -122,6 +122,30 @@ def test_agrees_with_generate(tied, sampling):
     assert [c.finish_reason for c in completions] == out.finish_reasons
 
 
+def test_all_greedy_calls_take_the_fused_argmax_kernel_with_generates_tokens_and_logprobs(tied, monkeypatch):
+    """On CPU the engine's lm_head is packed, and a decode call whose rows are all greedy reduces each row's
+    logits inside `cpu_gemm.greedy_logprob` (never writing them): generate's tokens and logprobs again."""
+    from polaris_jax.models import cpu_gemm
+
+    if not cpu_gemm.available():
+        pytest.skip("needs the CPU backend and a C++ compiler")
+    traced = []
+    fused = cpu_gemm.greedy_logprob
+    monkeypatch.setattr(cpu_gemm, "greedy_logprob", lambda *args: traced.append(args[0].shape) or fused(*args))
+    # Another (equivalent) config: the decode program is traced afresh, so the spy sees it.
+    config = tied.config.replace(max_position_embeddings=tied.config.max_position_embeddings + 1)
+    out = generate(config, tied.params, tied.prompts, max_new_tokens=16, temperature=0.0)
+    engine = Engine(config, tied.params, SMALL)
+    completions = [
+        c for per in engine.run([Request(p, max_new_tokens=16, temperature=0.0) for p in tied.prompts]) for c in per
+    ]
+    engine.pool.check_full()
+    assert traced, "the greedy decode never took the fused kernel"
+    assert [c.tokens for c in completions] == out.tokens
+    for c, expected in zip(completions, out.logprobs):
+        np.testing.assert_allclose(c.logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_eos_and_stop_sequences_match_generate(tied):
     eos, stop = (tied.new_ids[0][4],), ([tied.new_ids[1][5], tied.new_ids[1][6]],)
     kwargs = dict(max_new_tokens=40, temperature=0.0, eos_token_ids=eos, stop_sequences=stop)
