@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from polaris_jax.models.config import PAGED_ATTENTION_IMPLS
 from polaris_jax.sampling.engine import EngineSettings
 
+GIL_SWITCH_INTERVAL_S = 0.0005
 DEFAULT_WORKDIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "polaris_jax", "serve")
 
 
@@ -127,6 +129,9 @@ def main(argv=None) -> None:
     )
     thread = EngineThread(Engine(config, params, settings))
     thread.start()
+    # The engine thread needs the GIL for a moment between device calls; under load the HTTP thread would
+    # otherwise keep it for the default 5 ms switch interval each time, idling the engine.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     names = tuple(dict.fromkeys([args.model, Path(args.model).name]))
     eos = eos_ids(Path(directory), tokenizer)
     base = BaseModel(names, directory, config, params, eos, max_seq_len)
