@@ -246,7 +246,7 @@ def main(argv):
     import jax
 
     from polaris_jax.models.sharding import make_mesh, sharding_rules
-    from polaris_jax.tools import analytic_memory, memory_plan, mesh_search
+    from polaris_jax.tools import analytic_memory, memory_plan, mesh_search, plan_report
 
     model_config = model_config_for(config, _MODEL.value)
     if _REMAT.value:
@@ -306,12 +306,12 @@ def main(argv):
         result["mesh_search"] = search_table
     hardware = _HARDWARE.value or config.get("hardware", "")
     if hardware:
-        result.update(memory_plan.fit(result, hardware))
+        result.update(plan_report.fit(result, hardware))
     if _FORMAT.value == "text":
         for row in search_table or ():
-            figure = memory_plan.format_bytes(row["train_peak_bytes"]) if "train_peak_bytes" in row else row["error"]
+            figure = plan_report.format_bytes(row["train_peak_bytes"]) if "train_peak_bytes" in row else row["error"]
             print(f"mesh candidate {row['mesh']}: train peak {figure}")
-        rows = memory_plan.summary_rows(result) if not _ANALYTIC.value else memory_plan.analytic_rows(result)
+        rows = plan_report.summary_rows(result) if not _ANALYTIC.value else plan_report.analytic_rows(result)
         width = max(len(label) for label, _ in rows)
         for label, value in rows:
             print(f"{label:<{width}}  {value}")

@@ -111,7 +111,7 @@ def test_attention_impl_flag_plans_blockwise_attention_in_linear_memory():
 
 
 def test_hardware_flag_says_which_peak_fits_and_what_overflows():
-    from polaris_jax.tools.memory_plan import fit
+    from polaris_jax.tools.plan_report import fit
 
     plan = _plan("--config=configs/sft_tiny.py", "--mesh=fsdp=1", "--batch_size=2", "--seq_len=64", "--hardware=v6e")
     assert plan["hardware"] == "v6e" and plan["device_memory_bytes"] == 32 * 10**9
