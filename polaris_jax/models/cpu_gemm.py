@@ -184,7 +184,8 @@ def greedy_logprob(x, weight: PackedWeight) -> tuple[jax.Array, jax.Array]:
     first_p = jnp.argmax(max_mp == max_m1, axis=1)
     token_m = jnp.take_along_axis(arg_mp, first_p[:, None], axis=1)[:, 0]
     mass_m = jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1)
-    return token_m, -jnp.log(mass_m)
+    # A row of NaN logits has no maximum: the last id, as `vocab_blocks.first_argmax` gives (its logprob NaN).
+    return jnp.where(token_m >= 0, token_m, n - 1), -jnp.log(mass_m)
 
 
 def pack_projections(params: dict) -> dict:

@@ -136,3 +136,12 @@ def test_greedy_logprob_takes_the_first_of_tied_maxima_across_panels():
     token, logprob = cpu_gemm.greedy_logprob(jnp.asarray(x), cpu_gemm.pack(jnp.asarray(w), 1))
     np.testing.assert_array_equal(token, [100] * 5)
     assert np.all(logprob < -np.log(3) + 1e-6)  # three columns share the top mass
+
+
+def test_greedy_logprob_of_nan_logits_is_a_valid_id():
+    """A hostile checkpoint's NaN logits still give an id inside the vocabulary (the last, as the unfused
+    sampler's argmax does for an all-NaN row), with a NaN logprob for the run's non-finite checks."""
+    w = jnp.full((16, 300), jnp.nan, jnp.float32)
+    token, logprob = cpu_gemm.greedy_logprob(jnp.ones((3, 16), jnp.float32), cpu_gemm.pack(w, 1))
+    np.testing.assert_array_equal(token, [299] * 3)
+    assert np.all(np.isnan(logprob))
