@@ -6,7 +6,8 @@
   chunk have just written. No logits are computed.
 - `decode`: up to `block` tokens for every row of a slot bucket B. Each iteration feeds one token per row
   at its position, samples the next one with the row's own settings and key, and stops early once every
-  row has met its budget or an EOS id.
+  row has met its budget or an EOS id. On CPU, a call whose rows are all greedy reduces the unembedding inside
+  the packed-matmul kernel instead of writing [B, V] logits (`_next_tokens`).
 - `copy`: the copy-on-write page copies of the forks made at admission.
 
 Every shape is fixed per engine (C, the slot buckets, `block`, the page pool, the table width), and
@@ -70,8 +71,9 @@ def _constrain_pages(kv_pages: dict, mesh, rules) -> dict:
     return jax.lax.with_sharding_constraint(kv_pages, page_shardings(kv_pages, mesh, rules))
 
 
-def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, adapter_b, *, logits, mesh, rules, record):
-    """(logits or hidden, pages, experts_blk int32 [B, MoE layers, k] of each fed token when `record`)."""
+def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, adapter_b, *, mesh, rules, record):
+    """(final hidden states [B, 1, D], pages, experts_blk int32 [B, MoE layers, k] of each fed token when
+    `record`)."""
     cache = dict(kv_pages, page_table_bp=table_bp)
     with moe.mesh_context(config, mesh, rules):
         out, cache, aux = forward(
@@ -81,7 +83,7 @@ def _run(config, params, kv_pages, token_b, position_b, table_bp, live_b, adapte
             jnp.maximum(position_b, 0)[:, None],
             segment_ids_bt=live_b[:, None].astype(jnp.int32),
             cache=cache,
-            return_hidden=not logits,
+            return_hidden=True,
             return_aux=True,
             adapter_rows_b=adapter_b,
         )
@@ -116,7 +118,6 @@ def prefill(
         table_cp,
         live_c,
         adapter_c,
-        logits=False,
         mesh=mesh,
         rules=rules,
         record=record,
@@ -135,7 +136,8 @@ def _next_tokens(config, params, hidden_bd, keys_b, batch: DecodeBatch):
         return sample_rows(logits_bv, keys_b, batch.settings)
 
     head = params.get("lm_head")
-    if not isinstance(head, cpu_gemm.PackedWeight) or "lm_head_lora_a" in params:
+    fusable = isinstance(head, cpu_gemm.PackedWeight) and hidden_bd.shape[0] <= cpu_gemm.MAX_KERNEL_ROWS
+    if not fusable or "lm_head_lora_a" in params:
         return sampled(hidden_bd)
     all_greedy = jnp.all(batch.settings.temperature == 0.0)
     return jax.lax.cond(all_greedy, lambda h_bd: cpu_gemm.greedy_logprob(h_bd, head), sampled, hidden_bd)
@@ -171,7 +173,6 @@ def decode(config, params, kv_pages, batch: DecodeBatch, *, block: int, mesh=Non
             batch.table_bp,
             live_b,
             batch.adapter_b,
-            logits=False,
             mesh=mesh,
             rules=rules,
             record=record,
