@@ -22,36 +22,15 @@ import pytest
 from tests.fake_devices import run_on_8_devices
 from tests.tools.test_plan import REPO_ROOT
 
+EP_SEQUENCE_MESH = {"fsdp": 2, "expert": 2, "sequence": 2}
 # (preset, layers, seq_len, rows, microbatches, loss chunk, mesh, compute dtype, remat policy, LoRA rank)
 SFT_CASES = {
     "tensor_parallel": ("qwen3_1p7b", 2, 4096, 8, 1, 512, {"fsdp": 4, "tensor": 2}, "float32", "full", 0),
     "qwen2_bf16": ("qwen2p5_math_1p5b", 2, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "full", 0),
     "sequence_accumulated": ("qwen3_0p6b", 3, 8192, 16, 2, 1024, {"fsdp": 2, "sequence": 4}, "float32", "full", 0),
     "offload_bf16": ("qwen3_1p7b", 3, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "offload", 0),
-    "moe_expert_parallel_lora": (
-        "qwen3_235b_a22b",
-        2,
-        2048,
-        8,
-        1,
-        512,
-        {"fsdp": 2, "expert": 4},
-        "bfloat16",
-        "full",
-        32,
-    ),
-    "moe_expert_sequence": (
-        "qwen3_30b_a3b",
-        3,
-        4096,
-        8,
-        1,
-        512,
-        {"fsdp": 2, "expert": 2, "sequence": 2},
-        "float32",
-        "full",
-        0,
-    ),
+    "moe_ep_lora": ("qwen3_235b_a22b", 2, 2048, 8, 1, 512, {"fsdp": 2, "expert": 4}, "bfloat16", "full", 32),
+    "moe_ep_sequence": ("qwen3_30b_a3b", 3, 4096, 8, 1, 512, EP_SEQUENCE_MESH, "float32", "full", 0),
 }
 FIGURES = ("activations_bytes", "analytic_activations_bytes", "train_peak_bytes", "analytic_train_peak_bytes")
 
