@@ -60,6 +60,39 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj.model_dump(mode='json', warnings=False, exclude_none=True))}\n\n"
 
 
+class RequestLog:
+    """One JSON log line per HTTP request with its id (the client's X-Request-Id, or a new one), returned as
+    the X-Request-Id header; a Tinker future logs that id beside its own when created, and its own when its
+    work ends. Plain ASGI: Starlette's `@app.middleware("http")` wraps every `receive` in a task group, and at
+    64 concurrent completions the event loop spent most of its time there (py-spy: 65% of the HTTP thread
+    busy, most of it in `is_disconnected`), holding the GIL the engine thread needs between device calls."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given or uuid.uuid4().hex[:16]
+        HTTP_REQUEST_ID.set(request_id)
+        started, status = time.monotonic(), 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            fields = dict(request_id=request_id, method=scope["method"], path=scope["path"], status=status)
+            log.info(json.dumps({**fields, "ms": round(1000 * (time.monotonic() - started), 1)}))
+
+
 def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="polaris_jax", docs_url=None, redoc_url=None)
 
@@ -83,18 +116,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
     app.add_exception_handler(BadInput, lambda _, e: JSONResponse({"detail": str(e)}, 400))
     app.add_exception_handler(RequestValidationError, lambda _, e: JSONResponse(api.validation_error(e).body(), 400))
 
-    @app.middleware("http")
-    async def log_request(http: fastapi.Request, call_next):
-        """One JSON log line per HTTP request with its id (the client's X-Request-Id, or a new one); a Tinker
-        future logs that id beside its own when created, and its own when its work ends."""
-        request_id = http.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        HTTP_REQUEST_ID.set(request_id)
-        started = time.monotonic()
-        response = await call_next(http)
-        response.headers["X-Request-Id"] = request_id
-        fields = dict(request_id=request_id, method=http.method, path=http.url.path, status=response.status_code)
-        log.info(json.dumps({**fields, "ms": round(1000 * (time.monotonic() - started), 1)}))
-        return response
+    app.add_middleware(RequestLog)
 
     @app.get("/health")
     def health():
