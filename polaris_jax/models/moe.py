@@ -154,9 +154,7 @@ def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
     tp_axes = _axes(weight_specs["gate"][2])
     token_axes = _axes(token_spec[0]) + _axes(token_spec[1])
     copies = mesh.size // int(np.prod([mesh.shape[a] for a in token_axes]))  # devices holding the same tokens
-    # Rows the batch axes cannot split (a decode bucket, a prefill chunk) reach every EP device whole: each
-    # then dispatches only its 1/EP share and the shares are all-gathered after.
-    split = ep > 1 and not set(ep_axes) & set(token_axes)
+    split = dispatches_a_share(ep_axes, ep, token_spec)
     local = functools.partial(
         _experts, config, ep_axes, ep, tp_axes, tuple(mesh.axis_names), copies // (ep if split else 1)
     )
@@ -169,6 +167,13 @@ def _sharded_experts(config, mesh, rules, x_btd, top_e_btk, top_w_btk, experts):
         check_vma=False,
     )
     return fn(x_btd, top_e_btk, top_w_btk, experts)
+
+
+def dispatches_a_share(ep_axes, ep: int, token_spec) -> bool:
+    """Whether each EP device dispatches only 1/EP of its tokens: rows the batch axes cannot split over the
+    expert axes (a decode bucket, a prefill chunk) reach every EP device whole, and the shares are
+    all-gathered after. `token_spec`: the tokens' PartitionSpec, batch then length."""
+    return ep > 1 and not set(ep_axes) & set(_axes(token_spec[0]) + _axes(token_spec[1]))
 
 
 def _split_tokens(ep_axes, ep, experts_fn, x_btd, top_e_btk, top_w_btk, experts):

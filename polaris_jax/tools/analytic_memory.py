@@ -167,10 +167,8 @@ def _moe_layer(cfg, mesh, rules, tokens, weight_copies, attention_weights, atten
     """(bytes of one MoE layer's backward phase, bytes of one layer's expert weight shards on a device)."""
     ep_axes, ep = moe.expert_axes(mesh, rules, cfg.num_experts)
     tp, embed_shards = _shards(mesh, rules, "mlp"), _shards(mesh, rules, "embed")
-    spec = logical_to_spec(("batch", "length"), mesh, rules)
-    token_axes = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
-    # Rows the batch axes cannot split reach every EP device whole; each dispatches 1/EP of them (models/moe.py).
-    n = -(-tokens // ep) if ep > 1 and not token_axes & set(ep_axes) else tokens
+    token_spec = logical_to_spec(("batch", "length"), mesh, rules)
+    n = -(-tokens // ep) if moe.dispatches_a_share(ep_axes, ep, token_spec) else tokens
     e, k, d, f = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
     local = e // ep
     rows = n * k * ep
