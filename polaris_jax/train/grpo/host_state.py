@@ -1,9 +1,10 @@
 """The host side of a GRPO run's state, saved inside each orbax checkpoint beside the train state.
 
 Everything else a step needs is a pure function of (config, step): sampler seeds, shuffling, the
-Polaris substitution draw. What is left is where the prompt stream stands and the rollout-rescue
-buffer; `HostState` carries both through the checkpoint's `data` item (grain's JSON handler, which
-accepts any object with get_state / set_state), so a resumed run continues exactly.
+Polaris substitution draw. What is left is where the prompt stream stands (with engine replicas, also
+each process's next position) and the rollout-rescue buffer; `HostState` carries both through the
+checkpoint's `data` item (grain's JSON handler, which accepts any object with get_state / set_state), so
+a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class HostState:
     def __init__(self, rescue: PersistentRescueBuffer | None = None):
         self.stage = 0
         self.position = 0
+        self.positions: list[int] = []  # each process's next stream position (engine replicas, `replicas.py`)
         self.rescue = rescue
         self._frozen: bytes | None = None
 
@@ -54,9 +56,14 @@ class HostState:
         payload = {
             "stage": self.stage,
             "position": self.position,
+            "positions": self.positions,
             "rescue": None if self.rescue is None else self.rescue.to_json(),
         }
         return json.dumps(payload).encode()
+
+    def start_stage(self, index: int) -> None:
+        """A new stage reads its own stream from the start."""
+        self.stage, self.position, self.positions = index, 0, []
 
     def snapshot(self) -> HostState:
         copy = HostState()
@@ -70,6 +77,7 @@ class HostState:
     def set_state(self, state: bytes) -> None:
         payload = json.loads(state.decode() if isinstance(state, bytes) else state)
         self.stage, self.position = int(payload["stage"]), int(payload["position"])
+        self.positions = [int(p) for p in payload.get("positions", [])]
         if self.rescue is not None and payload.get("rescue") is not None:
             self.rescue.load_json(payload["rescue"])
 

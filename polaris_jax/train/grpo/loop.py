@@ -43,8 +43,9 @@ from polaris_jax.train.grpo import step as grpo_step
 from polaris_jax.train.grpo.config import stage_at, stages, total_steps, validate_config
 from polaris_jax.train.grpo.host_state import HostState, PersistentRescueBuffer
 from polaris_jax.train.grpo.packing import pack_update_batch
+from polaris_jax.train.grpo.replicas import ReplicaParamsMover
 from polaris_jax.train.grpo.rollout_ahead import RolloutAhead
-from polaris_jax.train.grpo.rollout_mesh import ParamsMover, meshes
+from polaris_jax.train.grpo.rollout_mesh import ParamsMover, engine_replicas, meshes
 from polaris_jax.train.grpo.stream_ahead import StreamingAhead
 from polaris_jax.train.optimizer import optimizer_from_config
 
@@ -97,11 +98,11 @@ class Run:
             jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params) if config.algo.use_reference else None
         )
         self.state = partitioning.init_sharded_state(params, self.optimizer, state_rng, mask, self.shardings)
-        self.to_engine = (
-            None
-            if self.rollout_mesh is self.mesh
-            else ParamsMover(self.model_config, self.rollout_mesh, self.rules, trainable_mask=mask)
-        )
+        self.replicas = engine_replicas(config)  # an engine per process (several processes, streaming)
+        self.to_engine = None
+        if self.rollout_mesh is not self.mesh:
+            mover = ReplicaParamsMover if self.replicas else ParamsMover
+            self.to_engine = mover(self.model_config, self.rollout_mesh, self.rules, trainable_mask=mask)
         del params
         rescue = (
             PersistentRescueBuffer(
@@ -169,8 +170,9 @@ class Run:
             self.state = {**self.state, "opt_state": jax.device_put(self.state["opt_state"], shardings)}
 
     def sampler_params(self):
-        """(params, mesh) for this run's sampler: the engine's mesh (one resharding transfer) or the training mesh."""
-        if self.config.rollout.backend == "engine" and self.to_engine is not None:
+        """(params, mesh) for this run's sampler: the engine's mesh (one resharding transfer) or the training mesh
+        (also with engine replicas: the evaluation steps every process through one schedule)."""
+        if self.config.rollout.backend == "engine" and self.to_engine is not None and not self.replicas:
             return self.to_engine(self.params()), self.rollout_mesh
         return self.params(), self.mesh
 
@@ -268,7 +270,7 @@ def collect(run: Run, step: int, params, version: int, *, mesh=None, sample=None
     host state (prompt stream, rescue buffer) and freezes it with the batch."""
     stage = stage_at(run.stages, step)
     if run.host.stage != stage.index:
-        run.host.stage, run.host.position = stage.index, 0
+        run.host.start_stage(stage.index)
     started = time.perf_counter()
     step_batch = grpo_batch.build_step_batch(
         sample=sample or _sampler(run, stage, step, params, run.mesh if mesh is None else mesh),

@@ -12,6 +12,10 @@ time and bytes go to the step's metrics (`ParamsMover.last`).
     to_engine = ParamsMover(model_config, engine_mesh, rules)
     engine.update_params(to_engine(params), version)
 
+On several processes the streaming loop (k >= 1 on the engine) runs one engine replica per process over
+its local devices (`engine_replicas(config)`; `rollout.mesh` then sizes each replica, empty: data-parallel
+over the process's devices); `replicas.py` moves the weights and shares the rollouts.
+
 `check_rollout_section(config)` refuses a bad section before anything is built, naming the key.
 """
 
@@ -49,6 +53,18 @@ def _fits(sizes: dict[str, int], devices: int) -> bool:
     return devices % known == 0 if -1 in sizes.values() else known == devices
 
 
+def engine_replicas(config) -> bool:
+    """Whether this run streams rollouts through one engine per process (several processes, k >= 1 on the
+    engine): each process's background thread then runs only programs on its own devices."""
+    r = config.rollout
+    return jax.process_count() > 1 and r.backend == "engine" and r.max_staleness >= 1
+
+
+def process_devices(index: int) -> list:
+    """Process `index`'s devices in id order (a replica's local mesh, as every process lays it out)."""
+    return sorted((d for d in jax.devices() if d.process_index == index), key=lambda d: d.id)
+
+
 def check_rollout_section(config, device_count: int | None = None) -> None:
     """Raises ConfigError naming the key for a rollout mesh that cannot be built on these devices, and
     for staleness / in-flight / partial-rollout settings that contradict each other."""
@@ -70,6 +86,8 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
             )
         if not _fits(train, devices - own):
             raise ConfigError(f"mesh {train} does not fit the {devices - own} devices rollout.mesh {sizes} leaves")
+    elif engine_replicas(config):
+        _check_replicas(config, sizes, devices)
     elif sizes and not _fits(sizes, devices):
         raise ConfigError(f"rollout.mesh {sizes} does not divide the {devices} devices")
     if (r.mesh or r.devices == "disjoint") and r.backend != "engine":
@@ -95,10 +113,11 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
             "rollout.max_prompts_in_flight > prompts_per_step and rollout.max_steps_per_response > 1 need "
             "rollout.max_staleness >= 1 (0 is the synchronous loop: one batch, sampled whole by one version)"
         )
-    if r.max_staleness >= 1 and r.backend == "engine" and jax.process_count() > 1:
+    if r.max_staleness >= 1 and r.backend == "static" and jax.process_count() > 1:
         raise ConfigError(
-            "rollout.max_staleness >= 1 on the engine streams rollouts from one process's background thread; "
-            f"this run has {jax.process_count()} processes: use rollout.max_staleness=0 or rollout.backend='static'"
+            "rollout.backend='static' with rollout.max_staleness >= 1 samples on the training mesh from a "
+            f"background thread, whose collectives would interleave with the learner's on {jax.process_count()} "
+            "processes: use rollout.backend='engine' (one engine replica per process)"
         )
     if cap - 1 > r.max_staleness:
         raise ConfigError(
@@ -107,11 +126,35 @@ def check_rollout_section(config, device_count: int | None = None) -> None:
         )
 
 
+def _check_replicas(config, sizes: dict[str, int], devices: int) -> None:
+    """One engine replica per process: each process's devices must hold `rollout.mesh`, and each step's
+    prompts must split evenly over the processes."""
+    r, processes = config.rollout, jax.process_count()
+    counts = {len(process_devices(p)) for p in range(processes)}
+    if len(counts) > 1:
+        raise ConfigError(f"rollout.max_staleness >= 1 runs an engine per process; the processes hold {counts} devices")
+    local = devices // processes
+    if sizes and not _fits(sizes, local):
+        raise ConfigError(
+            f"rollout.mesh {sizes} does not divide the {local} devices of each process (with rollout.max_staleness "
+            f">= 1 on {processes} processes, each process runs its own engine replica)"
+        )
+    if r.prompts_per_step % processes:
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} must split evenly over the {processes} processes' "
+            "engine replicas (rollout.max_staleness >= 1)"
+        )
+
+
 def meshes(config):
-    """(training mesh, engine mesh) as `rollout.mesh` and `rollout.devices` ask (see the module docstring)."""
+    """(training mesh, engine mesh) as `rollout.mesh` and `rollout.devices` ask (see the module docstring);
+    with engine replicas, the engine mesh is over this process's devices."""
     r = config.rollout
     rollout_shape = {a: int(r.mesh[a]) for a in MESH_AXES if a in r.mesh}
     devices = jax.devices()
+    if engine_replicas(config):
+        local = process_devices(jax.process_index())
+        return mesh_from_config(config, devices), make_mesh(rollout_shape or {"data": len(local)}, local)
     if r.devices == "disjoint":
         own = int(np.prod(list(rollout_shape.values())))
         return mesh_from_config(config, devices[: len(devices) - own]), make_mesh(rollout_shape, devices[-own:])

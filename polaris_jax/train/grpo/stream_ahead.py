@@ -13,11 +13,13 @@ the old stage's groups in flight are abandoned with its engine. The batch then g
 shaping as the synchronous loop (rescue, substitution, overlong filter, advantages); with
 `shaping.dynamic_sampling`, zero-variance groups are already dropped on arrival. Stream positions are
 admitted in order, so a resumed run continues after the last admitted prompt (prompts in flight at the
-checkpoint are skipped, not repeated).
+checkpoint are skipped, not repeated). On several processes each one runs its own engine replica over its
+share of the stream, and each take gathers every process's groups (`replicas.py`).
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from polaris_jax.rewards.combine import combine_rewards
@@ -26,6 +28,7 @@ from polaris_jax.rollout import RolloutSettings, assemble_rollouts, long_tail_bu
 from polaris_jax.sampling.engine import Engine
 from polaris_jax.sampling.requests import Request, to_sample_output
 from polaris_jax.train.grpo.config import stage_at
+from polaris_jax.train.grpo.replicas import gather_groups, replica_position
 from polaris_jax.train.grpo.streaming import Group, StreamingRollouts
 
 
@@ -86,6 +89,7 @@ class StreamingAhead:
                 id=group.position,
             )
 
+        index, count = (jax.process_index(), jax.process_count()) if run.replicas else (0, 1)
         keep = None
         if run.config.shaping.dynamic_sampling:
             keep = lambda group: bool(_group_rewards(group, run.config.rewards).std() > 0)  # noqa: E731
@@ -93,15 +97,16 @@ class StreamingAhead:
             engine,
             problem_at=lambda position: stream.take(position, 1)[0],
             request_for=request_for,
-            position=run.host.position,
+            position=replica_position(run.host, index, count),
             first_step=step,
-            groups_per_step=r.prompts_per_step,
+            groups_per_step=r.prompts_per_step // count,
             tokenizer=run.tokenizer,
             pool=run.pool,
-            max_in_flight=r.max_prompts_in_flight,
+            max_in_flight=r.max_prompts_in_flight // count,
             max_steps_per_response=r.max_steps_per_response,
             max_staleness=r.max_staleness,
             keep=keep,
+            stride=count,
         )
         self._stage, self._width = stage.index, width
         return self._producer
@@ -109,7 +114,7 @@ class StreamingAhead:
     def take(self, step: int):
         stage = stage_at(self.run.stages, step)
         if self.run.host.stage != stage.index:
-            self.run.host.stage, self.run.host.position = stage.index, 0
+            self.run.host.start_stage(stage.index)
         producer = self._producer_for(stage, step)
         producer.resume()
         collected = self.collect(step, None, step, sample=lambda position, round_index: self._sample(step, stage))
@@ -119,7 +124,14 @@ class StreamingAhead:
     def _sample(self, step: int, stage):
         """`build_step_batch`'s sample(position, round): the next prompts_per_step fresh groups as a batch."""
         r, producer = self.run.config.rollout, self._producer
-        groups, counters = producer.take(step, r.prompts_per_step)
+        host = self.run.host
+        if self.run.replicas:  # this process's share, then every process's groups
+            groups, counters = producer.take(step, r.prompts_per_step // jax.process_count())
+            groups, counters, host.positions = gather_groups(groups, counters, producer.position)
+            next_position = max(host.positions)
+        else:
+            groups, counters = producer.take(step, r.prompts_per_step)
+            next_position = producer.position
         completions = [g.completions for g in groups]
         out = to_sample_output(completions, stage.max_response_len)
         problems = [g.problem for g in groups]
@@ -142,8 +154,10 @@ class StreamingAhead:
         info["rollout/partial_fraction"] = float(np.mean(np.asarray(spans) > 0))
         for key in ("admitted", "carried", "dropped_stale", "dropped_uninformative", "pushes"):
             info[f"rollout/{key}"] = float(counters.get(key, 0))
+        if self.run.replicas:
+            info["rollout/replicas"] = float(counters["replicas"])
         # build_step_batch advances the position by prompts_per_step; the stream advanced by what was admitted.
-        self.run.host.position = producer.position - r.prompts_per_step
+        host.position = next_position - r.prompts_per_step
         return rollouts, problems, info
 
     def after_update(self, step: int, total_steps: int, params_fn, version: int) -> None:

@@ -17,6 +17,7 @@ A background thread owns one `Engine` (on the rollout mesh) and keeps it fed:
   one response may span: a push that would exceed it for some running response waits until that
   response finishes, and admission pauses meanwhile (so a cap of 1 mixes no versions in a response: verl's
   one-step-off-policy pipeline). Nothing sampled is thrown away or restarted for it.
+- Replicas: with one engine per process (`replicas.py`), process i admits every `stride`-th position from i.
 - Staleness: `take(step, count)` returns the first `count` ready groups in completion order whose every
   token was sampled by a version >= step - max_staleness; an older group is dropped and counted.
 """
@@ -70,10 +71,11 @@ class StreamingRollouts:
         max_steps_per_response: int,
         max_staleness: int,
         keep: Callable[[Group], bool] | None = None,
+        stride: int = 1,
     ):
         self.engine, self.tokenizer, self.pool = engine, tokenizer, pool
         self._problem_at, self._request_for, self._keep = problem_at, request_for, keep
-        self.position = position  # the next stream position to admit
+        self.position, self.stride = position, stride  # the next stream position to admit; the step to the one after
         self._next_step, self._per_step = first_step, groups_per_step  # the learner's next take
         self.max_in_flight, self.cap, self.max_staleness = max_in_flight, max_steps_per_response, max_staleness
         self._cv = threading.Condition()
@@ -215,7 +217,7 @@ class StreamingRollouts:
             self.engine.submit(self._request_for(group))
             with self._cv:
                 self._in_engine[group.position] = group
-            self.position += 1
+            self.position += self.stride
             self._count("admitted")
 
     def _finish_groups(self) -> None:
