@@ -35,7 +35,9 @@ import numpy as np
 TARGETS = {jnp.dtype(jnp.float32): "polaris_cpu_gemm", jnp.dtype(jnp.bfloat16): "polaris_cpu_gemm_bf16"}
 MAX_TARGETS = {jnp.dtype(jnp.float32): "polaris_cpu_gemm_max", jnp.dtype(jnp.bfloat16): "polaris_cpu_gemm_max_bf16"}
 MAX_KERNEL_ROWS = 512  # above, XLA's blocked GEMM on a transient unpacked copy is faster (BENCHMARKS.md)
-_SOURCE = Path(__file__).with_name("cpu_gemm.cc")
+PAGED_TARGET = "polaris_cpu_paged_decode"
+PAGED_LIMITS = dict(group=64, group_dims=8192, page_size=1024)  # cpu_paged.cc's stack buffers
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemm.cc", "cpu_paged.cc")]
 # Projection weights packed per layer kind, with how many leading axes each contracts.
 _ATTENTION = {"q": 1, "k": 1, "v": 1, "o": 2}
 _MLP = {"gate": 1, "up": 1, "down": 1}
@@ -91,7 +93,8 @@ def _build(compiler: str) -> Path:
     """Compiles the kernel once per (source, jaxlib, CPU); the .so appears atomically."""
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", f"-I{include}"]
-    parts = [_SOURCE.read_text(), importlib.metadata.version("jaxlib"), compiler, *flags[:-1], _cpu_flags()]
+    sources = [source.read_text() for source in _SOURCES]
+    parts = [*sources, importlib.metadata.version("jaxlib"), compiler, *flags[:-1], _cpu_flags()]
     key = hashlib.sha256("\0".join(parts).encode())
     out = _cache_dir() / f"cpu_gemm-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -99,7 +102,8 @@ def _build(compiler: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        command = [compiler, *flags, *map(str, _SOURCES), "-o", str(built)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(built, out)
     return out
 
@@ -121,7 +125,8 @@ def _library():
         return None
     lib.polaris_cpu_gemm_panel.restype = ctypes.c_int64
     symbols = (lib.PolarisCpuGemm, lib.PolarisCpuGemmBf16, lib.PolarisCpuGemmMax, lib.PolarisCpuGemmMaxBf16)
-    for target, symbol in zip([*TARGETS.values(), *MAX_TARGETS.values()], symbols):
+    symbols = (*symbols, lib.PolarisCpuPagedDecode)
+    for target, symbol in zip([*TARGETS.values(), *MAX_TARGETS.values(), PAGED_TARGET], symbols):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
@@ -186,6 +191,20 @@ def greedy_logprob(x, weight: PackedWeight) -> tuple[jax.Array, jax.Array]:
     mass_m = jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1)
     # A row of NaN logits has no maximum: the last id, as `vocab_blocks.first_argmax` gives (its logprob NaN).
     return jnp.where(token_m >= 0, token_m, n - 1), -jnp.log(mass_m)
+
+
+def paged_decode(q_bhd, k_pages_kpsd, v_pages_kpsd, page_table_bp, visible_b) -> jax.Array:
+    """Decode attention over pages read in place (`cpu_paged.cc`): float32 [B, H, D] for the already scaled
+    float32 queries q_bhd against float32 pages [KV, P, S, D], each row seeing its first `visible_b`
+    positions (0: zeros) through its int32 table [B, NP]."""
+    call = jax.ffi.ffi_call(PAGED_TARGET, jax.ShapeDtypeStruct(q_bhd.shape, jnp.float32))
+    return call(
+        q_bhd.astype(jnp.float32),
+        k_pages_kpsd,
+        v_pages_kpsd,
+        page_table_bp.astype(jnp.int32),
+        visible_b.astype(jnp.int32),
+    )
 
 
 def pack_projections(params: dict) -> dict:

@@ -12,7 +12,12 @@ Kernels (`KERNELS`, a `Registry`; each entry declares its `platforms` and an `un
 - "tpu": `jax.experimental.pallas.ops.tpu.paged_attention` (Mosaic). head_dim a multiple of 128 (lanes),
   page_size of 16 (a bf16 sublane tile). It casts K and V to bfloat16 after the DMA, even float32 pages.
 
-Both are decode kernels: one query token per row (t == 1) that sees a row's first `length` positions.
+- "cpu": `models.cpu_gemm.paged_decode`, a C++ FFI kernel (`cpu_paged.cc`) that reads each row's pages in
+  place through its table (no gathered copy), float32 pages. Not staged by "auto" (an FFI call is not split
+  over a mesh, so SPMD would gather the pool onto every device): the engine names it when it runs on one CPU
+  device (`decode_kernel`).
+
+All three are decode kernels: one query token per row (t == 1) that sees a row's first `length` positions.
 Our call maps onto theirs as follows: the length is min(lengths_b, position + 1), clipped to the table
 (so a padding row, position -1, has length 0 and gets zeros, which we also force: the kernels' own
 zero for an empty row is an accident of their initialisation); the scale is folded into q (the kernels
@@ -35,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
 from jax.experimental.pallas.ops.tpu import paged_attention as tpu_paged
 
+from polaris_jax.models import cpu_gemm
 from polaris_jax.models import paged_attention as reference
 from polaris_jax.models.config import ConfigError
 from polaris_jax.registry import Registry
@@ -103,6 +109,20 @@ def _finish(out_bhd, visible_b, q_bthd):
     return out_bhd[:, None].astype(q_bthd.dtype)
 
 
+def _cpu_unfit(q_bthd, k_pages_kpsd, v_pages_kpsd) -> str:
+    kv_heads, _, page_size, head_dim = k_pages_kpsd.shape
+    if reason := _common_unfit(q_bthd, k_pages_kpsd, v_pages_kpsd):
+        return reason
+    if k_pages_kpsd.dtype != jnp.float32:
+        return f"{k_pages_kpsd.dtype} pages: the CPU kernel reads float32 pages"
+    group, limits = q_bthd.shape[2] // kv_heads, cpu_gemm.PAGED_LIMITS
+    if group > limits["group"] or group * head_dim > limits["group_dims"] or page_size > limits["page_size"]:
+        return f"{group} query heads per kv head x head_dim {head_dim}, page_size {page_size}: beyond {limits}"
+    if not cpu_gemm.available():
+        return "the CPU kernel needs the CPU backend and a C++ compiler for models/cpu_paged.cc"
+    return ""
+
+
 @KERNELS.register("gpu", platforms=("cuda",), unfit=_gpu_unfit)
 def gpu_kernel(
     q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, *, scale, interpret=False
@@ -160,12 +180,22 @@ def tpu_kernel(
     return _finish(out_bhd, visible_b, q_bthd)
 
 
+@KERNELS.register("cpu", platforms=("cpu",), unfit=_cpu_unfit, auto=False)
+def cpu_kernel(q_bthd, k_pages_kpsd, v_pages_kpsd, page_table_bp, lengths_b, query_positions_bt, *, scale):
+    rows = (q_bthd, page_table_bp, lengths_b, query_positions_bt)
+    page_size = k_pages_kpsd.shape[2]  # one page a block: the kernel reads each row's pages through its table
+    q_bhd, table_bp, visible_b = _decode_inputs(
+        *rows, scale=scale, q_dtype=jnp.float32, page_size=page_size, block_pages=1
+    )
+    return _finish(cpu_gemm.paged_decode(q_bhd, k_pages_kpsd, v_pages_kpsd, table_bp, visible_b), visible_b, q_bthd)
+
+
 def branches(q_bthd, k_pages_kpsd, v_pages_kpsd, *, scale) -> dict:
-    """platform -> the kernel call staged for it: only kernels whose `unfit` finds nothing to object to."""
+    """platform -> the kernel call staged for it ("auto"): only kernels whose `unfit` finds nothing to object to."""
     out = {}
     for name in KERNELS.names():
         meta = KERNELS.meta(name)
-        if not meta["unfit"](q_bthd, k_pages_kpsd, v_pages_kpsd):
+        if meta.get("auto", True) and not meta["unfit"](q_bthd, k_pages_kpsd, v_pages_kpsd):
             out.update({platform: functools.partial(KERNELS.get(name), scale=scale) for platform in meta["platforms"]})
     return out
 
@@ -182,11 +212,21 @@ def check_kernel(impl: str, platform: str | None, q_bthd, k_pages_kpsd, v_pages_
         raise ConfigError(f"paged attention kernel {impl!r} does not take these shapes: {reason}")
 
 
-def check_decode_kernel(impl: str, platform: str | None, config, num_pages: int, page_size: int, kv_dtype) -> None:
-    """`check_kernel` for an engine's decode: one query token per row against its pool of pages."""
-    q = jax.ShapeDtypeStruct((1, 1, config.num_heads, config.head_dim), config.dtype)
-    kv = jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, page_size, config.head_dim), kv_dtype)
+def decode_kernel(impl: str, platform: str, devices: int, config, num_pages: int, page_size: int, kv_dtype) -> str:
+    """The engine's decode kernel (one query token per row against its pool of pages) over `devices` devices of
+    `platform`: a named kernel that cannot run here is a ConfigError (before any compile); "auto" on one CPU
+    device becomes "cpu" where that kernel takes the shapes."""
+    q, kv = _decode_shapes(config, num_pages, page_size, kv_dtype)
     check_kernel(impl, platform, q, kv, kv)
+    if impl == "auto" and platform == "cpu" and devices == 1 and not _cpu_unfit(q, kv, kv):
+        return "cpu"
+    return impl
+
+
+def _decode_shapes(config, num_pages: int, page_size: int, kv_dtype):
+    """(q, pages) of an engine's decode step as ShapeDtypeStructs, for the kernels' `unfit` checks."""
+    q = jax.ShapeDtypeStruct((1, 1, config.num_heads, config.head_dim), config.dtype)
+    return q, jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, page_size, config.head_dim), kv_dtype)
 
 
 def attend_by_platform(

@@ -113,18 +113,18 @@ class Engine:
         settings = settings or EngineSettings()
         self._shards = batch_shards(mesh, rules)
         settings.check(config, self._shards)
-        if settings.attention_kernel != "auto":
-            config = config.replace(paged_attention_impl=settings.attention_kernel)
-        self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        paged_kernels.check_decode_kernel(  # a named kernel that cannot run here: a ConfigError before any compile
-            config.paged_attention_impl,
+        kernel = paged_kernels.decode_kernel(  # a ConfigError before any compile; auto on one CPU: cpu_paged.cc
+            config.paged_attention_impl if settings.attention_kernel == "auto" else settings.attention_kernel,
             platform,
+            1 if mesh is None else mesh.size,
             config,
             settings.num_pages,
             settings.page_size,
             kv_dtype(config) or config.dtype,
         )
+        config = config.replace(paged_attention_impl=kernel)
+        self.config, self.settings, self.mesh, self.rules = config, settings, mesh, rules
         self._buckets = settings.buckets(self._shards)
         self._max_pages = -(-settings.max_seq_len // settings.page_size)
         self.pool = PagePool(settings.num_pages, settings.page_size)

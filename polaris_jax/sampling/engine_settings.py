@@ -26,8 +26,9 @@ class EngineSettings:
     max_eos_ids: EOS ids a request may give (a fixed shape of the decode call).
     slot_buckets: decode batch sizes (default: max_slots and its halves, down to max_slots / 8).
     record_experts: MoE only: record each fed token's experts in `Completion.routed_experts` (router replay).
-    attention_kernel: decode attention over the pages: auto (the platform's Pallas kernel where it fits) | xla
-      (the plain-JAX reference) | gpu | tpu (that Pallas kernel; refused where it cannot run).
+    attention_kernel: decode attention over the pages: auto (the platform's Pallas kernel where it fits; on one
+      CPU device the C++ kernel, models/cpu_paged.cc) | xla (the plain-JAX reference) | gpu | tpu | cpu (that
+      kernel; refused where it cannot run).
     adapter_slots: multi-LoRA: the params hold this many adapters stacked (`models.lora.stack_adapters`)
       and each request decodes with its `Request.adapter`, all in the same batch; 0: no stack.
     """

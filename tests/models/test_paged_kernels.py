@@ -1,8 +1,9 @@
-"""The Pallas paged-attention kernels (`models.paged_kernels`) equal the plain-JAX reference in Pallas
-interpret mode on CPU (float32, 1e-5): random page tables over a random pool (every unread position is
-garbage), ragged lengths, GQA, rows sharing prefix pages, a padding row (length 0, position -1) and a row
-whose query sits before its length. `attend_by_platform` is the reference on CPU, bit for bit, and stages
-each kernel only for its platform and only where it fits (checked on the lowered StableHLO)."""
+"""The paged-attention kernels (`models.paged_kernels`) equal the plain-JAX reference: the Pallas ones in
+Pallas interpret mode on CPU, the C++ CPU one (`cpu_paged.cc`) as it runs (float32, 1e-5). Random page tables
+over a random pool (every unread position is garbage), ragged lengths, GQA, rows sharing prefix pages, a
+padding row (length 0, position -1) and a row whose query sits before its length. `attend_by_platform` is
+the reference on CPU under "auto", bit for bit, and stages each Pallas kernel only for its platform and only
+where it fits (checked on the lowered StableHLO); the engine names the CPU kernel on one CPU device."""
 
 import functools
 
@@ -40,10 +41,10 @@ def paged_case(seed, *, rows=6, kv_heads=2, heads=8, head_dim=16, page_size=4, m
     return q_bthd, k_pages, v_pages, table_bp, lengths_b, positions_bt
 
 
-def check_against_reference(kernel, case):
+def check_against_reference(kernel, case, **options):
     scale = case[0].shape[-1] ** -0.5
     want = np.asarray(_reference(*case, scale=scale, pages_per_block=2))
-    got = np.asarray(jax.jit(functools.partial(kernel, scale=scale, interpret=True))(*case))
+    got = np.asarray(jax.jit(functools.partial(kernel, scale=scale, **options))(*case))
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got[0], 0.0)  # the padding row
     np.testing.assert_allclose(got, want, **TOL)
@@ -60,7 +61,7 @@ def check_against_reference(kernel, case):
 def test_gpu_kernel_equals_reference_in_interpret_mode(geometry):
     case = paged_case(1, **geometry)
     assert not paged_kernels.KERNELS.meta("gpu")["unfit"](*case[:3])
-    check_against_reference(paged_kernels.gpu_kernel, case)
+    check_against_reference(paged_kernels.gpu_kernel, case, interpret=True)
 
 
 def test_tpu_kernel_equals_reference_in_interpret_mode():
@@ -70,7 +71,43 @@ def test_tpu_kernel_equals_reference_in_interpret_mode():
     k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (k_pages, v_pages))
     case = (q_bthd, k_pages, v_pages, *rest)
     assert not paged_kernels.KERNELS.meta("tpu")["unfit"](*case[:3])
-    check_against_reference(paged_kernels.tpu_kernel, case)
+    check_against_reference(paged_kernels.tpu_kernel, case, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kv_heads=2, heads=8, head_dim=16, page_size=4, max_pages=7),
+        dict(kv_heads=2, heads=4, head_dim=24, page_size=4, max_pages=7),  # head_dim not a multiple of 16 floats
+        dict(kv_heads=4, heads=4, head_dim=128, page_size=16, max_pages=5, num_pages=24),  # one query head per kv
+    ],
+    ids=["page4", "dim24", "mha128"],
+)
+def test_cpu_kernel_equals_reference(geometry):
+    case = paged_case(5, **geometry)
+    assert not paged_kernels.KERNELS.meta("cpu")["unfit"](*case[:3])
+    check_against_reference(paged_kernels.cpu_kernel, case)
+
+
+def test_the_engine_takes_the_cpu_kernel_on_one_cpu_device_only():
+    from polaris_jax.models.config import ModelConfig
+    from polaris_jax.models.sharding import make_mesh
+    from polaris_jax.sampling import Engine, EngineSettings
+
+    config = ModelConfig.tiny()
+    params = init_params(config, jax.random.key(0))
+    settings = lambda kernel: EngineSettings(max_slots=2, num_pages=8, max_seq_len=64, attention_kernel=kernel)
+    assert Engine(config, params, settings("auto")).config.paged_attention_impl == "cpu"
+    assert Engine(config, params, settings("xla")).config.paged_attention_impl == "xla"
+    assert (
+        Engine(config.replace(paged_attention_impl="xla"), params, settings("auto")).config.paged_attention_impl
+        == "xla"
+    )
+    mesh = make_mesh({"data": 1})
+    assert Engine(config, params, settings("auto"), mesh=mesh).config.paged_attention_impl == "cpu"
+    bf16 = config.replace(compute_dtype="bfloat16")  # bfloat16 pages: the reference
+    q, pages = paged_kernels._decode_shapes(bf16, 8, 16, jnp.bfloat16)
+    assert "float32 pages" in paged_kernels.KERNELS.meta("cpu")["unfit"](q, pages, pages)
 
 
 @pytest.mark.parametrize("t", [1, 3], ids=["decode", "chunk"])
@@ -105,12 +142,12 @@ def test_each_platform_lowers_its_kernel_only_where_it_fits(geometry, t, platfor
 
 
 def test_registry_names_and_reasons():
-    assert paged_kernels.kernel_names() == ["gpu", "tpu"]
+    assert sorted(paged_kernels.kernel_names()) == ["cpu", "gpu", "tpu"]
     q = jax.ShapeDtypeStruct((2, 3, 8, 64), jnp.float32)
     pages = jax.ShapeDtypeStruct((2, 10, 16, 64), jnp.float32)
     assert "t=3" in paged_kernels.KERNELS.meta("gpu")["unfit"](q, pages, pages)
     q1 = jax.ShapeDtypeStruct((2, 1, 8, 64), jnp.float32)
-    assert set(paged_kernels.branches(q1, pages, pages, scale=0.1)) == {"cuda"}
+    assert set(paged_kernels.branches(q1, pages, pages, scale=0.1)) == {"cuda"}  # "auto" never stages "cpu"
 
 
 @pytest.mark.parametrize(
