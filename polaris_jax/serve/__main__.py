@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--attention_kernel",
         default=defaults.attention_kernel,
         choices=PAGED_ATTENTION_IMPLS,
-        help="decode attention: auto (the platform's Pallas kernel) | xla | gpu | tpu",
+        help="decode attention: auto (the platform's kernel) | xla | gpu | tpu | cpu",
     )
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per forward_backward pass")
     p.add_argument("--config", default=None, help="a settings file, e.g. configs/serve.py:h100 (flags given win)")
