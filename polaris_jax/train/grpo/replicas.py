@@ -66,8 +66,8 @@ def replica_position(host, index: int, count: int) -> int:
 def gather_groups(groups: list[Group], counters: dict, position: int) -> tuple[list[Group], dict, list[int]]:
     """Every process's taken groups (process order, then each one's completion order), the counters summed
     (`engine_s`: the slowest process's; `replicas`: how many processes gave groups), and each process's next
-    stream position. A collective: every
-    process calls it once per take."""
+    stream position. A collective: every process calls it once per take. (Pickled: the bytes come only from
+    this job's own processes.)"""
     payload = pickle.dumps(
         ([(g.position, g.problem, g.completions, g.texts, g.scores) for g in groups], dict(counters), int(position))
     )
