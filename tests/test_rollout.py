@@ -172,7 +172,10 @@ def test_the_paged_engine_gives_the_static_engines_rollouts():
         )
     for field in ("prompt_bt", "response_br", "response_len_b", "finish_b", "group_b"):
         np.testing.assert_array_equal(getattr(ours.rollouts, field), getattr(expected.rollouts, field), err_msg=field)
-    np.testing.assert_allclose(ours.rollouts.sampler_logprobs_br, expected.rollouts.sampler_logprobs_br, atol=1e-5)
+    # Float rounding only: the engine's CPU attention kernel sums in another order than static's dense attention,
+    # and the difference grows over 24 decoded tokens (seen: 1.2e-5 on a logprob of -2.3).
+    logprobs = ours.rollouts.sampler_logprobs_br, expected.rollouts.sampler_logprobs_br
+    np.testing.assert_allclose(*logprobs, rtol=1e-5, atol=1e-5)
     assert ours.texts == expected.texts
     assert set(expected.rollouts.finish_reasons) == {"eos", "length"}
     assert ours.info["engine/decode_tokens"] == ours.info["rollout_tokens"]
