@@ -71,9 +71,12 @@ def test_a_grpo_loop_through_the_sdk_raises_held_out_accuracy(tmp_path):
         for step in range(STEPS):
             sampler = training.save_weights_and_get_sampling_client(name=f"step{step}").result()
             batch = train_problems[step * PROMPTS : (step + 1) * PROMPTS]
-            params = types.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)
             prompts = [_prompt(tokenizer, p) for p in batch]
-            futures = [(p, q, sampler.sample(q, GROUP, params)) for p, q in zip(batch, prompts)]
+            # Seeded, so a run's samples (and so its outcome) depend on the code, not on the server's random seeds.
+            futures = [
+                (p, q, sampler.sample(q, GROUP, types.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=s)))
+                for s, (p, q) in enumerate(zip(batch, prompts), start=step * PROMPTS)
+            ]
             datums = []
             for problem, prompt, future in futures:
                 sequences = future.result().sequences
