@@ -29,8 +29,9 @@ Sides, all on the same weights (`init_params`, exported with `save_hf` for trans
   Same page size and page count as the engine; `--hf-max-batch-tokens` caps one forward's tokens.
 
 Every side first runs a warm-up (compiles; not timed in the figures, reported as `warmup_s`): the engine
-and transformers a ramp of short lengths over the same prompts, so the live rows pass through every slot
-bucket; static `generate` the full workload, as its cache buckets are only reached by decoding that far.
+and transformers a ramp of short lengths over the same prompts (the engine then fills each slot bucket once,
+so a custom `--slot-buckets` ladder compiles nothing in a timed round); static `generate` the full
+workload, as its cache buckets are only reached by decoding that far.
 Timed runs follow, `--repeats` rounds with the sides interleaved; the best time of each side is reported
 (every warm-up and round is also logged to stderr as it ends).
 
@@ -200,6 +201,9 @@ class EngineSide:
     def warmup(self) -> float:
         start = time.perf_counter()
         self.engine.run(self.requests(warmup_lengths(self.args, len(self.prompts)), "warmup-"))
+        for rows in self.engine._buckets:  # each slot bucket filled once, so none compiles inside a timed round
+            count = min(len(self.prompts), max(1, rows // self.args.n))
+            self.engine.run(self.requests([2 * self.args.decode_block] * count, f"warmup{rows}-"))
         return time.perf_counter() - start
 
     def measure(self, held, live, unique) -> None:
