@@ -15,25 +15,21 @@ Qwen3-0.6B shape (224 KiB of K and V per position) the default workload would ne
 240 GB. BENCHMARKS.md runs that shape on a smaller workload (its command is there).
 
 Sides, all on the same weights (`init_params`, exported with `save_hf` for transformers):
-- engine: `sampling.engine.Engine.run` with one `Request(max_new_tokens=length)` per prompt. On one CPU
-  device its decode attention is the C++ kernel `models/cpu_paged.cc`; `--sides` may add `engine_xla`,
-  the same engine with the plain-JAX reference attention (`attention_kernel="xla"`), for the kernel's share.
-- static: `sampling.generate` (row compaction on). It takes one max_new_tokens for the batch, so it is
-  called once with the longest drawn length and only each sample's first `length` tokens count as
-  useful: the long-tail waste of static batching is what this measures. (With no EOS, no row finishes
-  early, so compaction never fires.) Its JSON also gives the rate over every token it generated.
+- engine: `sampling.engine.Engine.run`, one `Request(max_new_tokens=length)` per prompt (decode attention on
+  one CPU device: `models/cpu_paged.cc`); `engine_xla`: the same with the plain-JAX reference attention.
+- static: `sampling.generate` (row compaction on). It takes one max_new_tokens for the batch, so it runs once
+  to the longest drawn length and only each sample's first `length` tokens count as useful: the long-tail
+  waste of static batching (no EOS, so compaction never fires). Its JSON also gives all generated tokens/s.
 - transformers: continuous batching through `ContinuousBatchingManager` (what `model.generate_batch`
   wraps, with the same workload hints), paged cache, `attn_implementation="sdpa"` (the paged SDPA path
   of transformers 5.x on CPU), one `add_request(max_new_tokens=length)` per prompt with
   `num_return_sequences=n`: `generate_batch` itself takes one max_new_tokens for all requests.
   Same page size and page count as the engine; `--hf-max-batch-tokens` caps one forward's tokens.
 
-Every side first runs a warm-up (compiles; not timed in the figures, reported as `warmup_s`): the engine
-and transformers a ramp of short lengths over the same prompts (the engine then fills each slot bucket once,
-so a custom `--slot-buckets` ladder compiles nothing in a timed round); static `generate` the full
-workload, as its cache buckets are only reached by decoding that far.
-Timed runs follow, `--repeats` rounds with the sides interleaved; the best time of each side is reported
-(every warm-up and round is also logged to stderr as it ends).
+Every side first runs a warm-up (compiles; not timed, reported as `warmup_s`): the engine fills each slot
+bucket once; transformers a ramp of short lengths over the same prompts; static `generate` the full workload
+(its cache buckets are only reached by decoding that far). Timed runs follow, `--repeats` rounds with the
+sides interleaved; the best time of each side is reported (every warm-up and round is logged to stderr).
 
 Figures per side: tokens/s over useful tokens (sum of drawn lengths x n), time to the last token, and KV
 bytes held per live token, as a mean over steps of (bytes held / live tokens):
@@ -47,9 +43,9 @@ bytes held per live token, as a mean over steps of (bytes held / live tokens):
   drawn length of prompt + t.
 - `own` is one token's K and V bytes; `held_over_own` = bytes per live token / own (target <= 1.3).
 
-The engine's profile (`profile`): time inside its device programs (prefill, decode, page copies; each
-call is waited on, as the engine waits for the decode tokens anyway), and the rest of `step()` (host
-scheduling); decode row occupancy = generated tokens / (bucket rows x decode_block) over decode calls.
+The engine's `profile`: time inside its device programs (prefill, decode, page copies; each call waited on,
+as the engine waits for the decode tokens anyway), the rest of `step()` (host scheduling), and decode row
+occupancy = generated tokens / (bucket rows x decode_block) over decode calls.
 """
 
 from __future__ import annotations
@@ -114,7 +110,7 @@ def workload(args, vocab_size: int):
 
 
 def warmup_lengths(args, count: int) -> list[int]:
-    """A ramp of short lengths (up to 8 decode blocks), so the live rows shrink through every slot bucket."""
+    """transformers' warm-up: a ramp of short lengths (up to 8 decode blocks), so its batch shrinks step by step."""
     top = min(args.max_new, 8 * args.decode_block)
     return [1 + i * (top - 1) // max(count - 1, 1) for i in range(count)]
 
@@ -199,9 +195,9 @@ class EngineSide:
         ]
 
     def warmup(self) -> float:
+        """Fills each slot bucket once (prefill, page copies, decode), so none compiles inside a timed round."""
         start = time.perf_counter()
-        self.engine.run(self.requests(warmup_lengths(self.args, len(self.prompts)), "warmup-"))
-        for rows in self.engine._buckets:  # each slot bucket filled once, so none compiles inside a timed round
+        for rows in self.engine._buckets:
             count = min(len(self.prompts), max(1, rows // self.args.n))
             self.engine.run(self.requests([2 * self.args.decode_block] * count, f"warmup{rows}-"))
         return time.perf_counter() - start
