@@ -77,21 +77,25 @@ class Training:
 
         def task():
             started = time.monotonic()
+
+            def ran():  # logged before the future finishes: a client that has the result finds the line
+                logging.info(json.dumps({"future": request_id, "ran_s": round(time.monotonic() - started, 4)}))
+
             try:
                 out = fn()
             except BadInput as e:
+                ran()
                 self.futures.fail(request_id, str(e), "user")
             except Exception as e:  # noqa: BLE001 - the client learns of it through the future
                 logging.exception("request %s failed", request_id)
+                ran()
                 self.futures.fail(request_id, f"{type(e).__name__}: {e}", "server")
             else:
+                ran()
                 if isinstance(out, tuple):
                     self.futures.finish(request_id, "done", *out)
                 else:
                     self.futures.succeed_json(request_id, out)
-            finally:
-                seconds = round(time.monotonic() - started, 4)
-                logging.info(json.dumps({"future": request_id, "ran_s": seconds}))
 
         return task
 
@@ -300,8 +304,8 @@ class Training:
         self.batched[1] += len(items)
         seconds = round(time.monotonic() - started, 4)
         for (request_id, _), out in zip(items, outputs):
-            self.futures.finish(request_id, "done", *out)
             logging.info(json.dumps({"future": request_id, "ran_s": seconds, "together": len(items)}))
+            self.futures.finish(request_id, "done", *out)
 
     def optim_step(self, model_id, seq_id, adam_params: dict) -> str:
         hyper = {}
