@@ -94,6 +94,7 @@ struct Reduce {
   int32_t* arg_mp;         // [M, P]: the first column at the max, or -1 below the row's running max
   float* running_m;        // [M] per thread: the largest panel max this thread has seen
   int64_t panels;
+  bool mass;  // false: argmax only (sum_mp left 0), when no row of the call wants its logprob
 };
 
 typedef int32_t vint __attribute__((vector_size(64), aligned(4)));
@@ -161,7 +162,8 @@ inline void store(const vfloat (&acc)[kRows][kVecs], Reduce out, int64_t p, int6
     for (int v = 1; v < kVecs; ++v) top = lanes[v] > top ? lanes[v] : top;
     const float best = max_of(top);
     vfloat sum{};
-    for (int v = 0; v < kVecs; ++v) sum += exp_nonpositive(lanes[v] - best);
+    if (out.mass)
+      for (int v = 0; v < kVecs; ++v) sum += exp_nonpositive(lanes[v] - best);
     const float total = sum_of(sum);
     int32_t arg = -1;  // the first index only where this panel can hold the row's maximum
     if (best >= out.running_m[m]) {
@@ -219,7 +221,7 @@ struct Job {
   static Out rows_of(Out out, int64_t m0) { return {out.y + m0 * out.n_dim, out.n_dim}; }
   static Reduce rows_of(Reduce out, int64_t m0) {
     const int64_t at = m0 * out.panels;
-    return {out.max_mp + at, out.sum_mp + at, out.arg_mp + at, out.running_m + m0, out.panels};
+    return {out.max_mp + at, out.sum_mp + at, out.arg_mp + at, out.running_m + m0, out.panels, out.mass};
   }
 
   void run(Sink own) {
@@ -273,10 +275,10 @@ ffi::Error SmallMGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 // x @ W's per-panel reductions for greedy decoding and its logprob, the [M, N] logits never written:
 // max_mp, sum_mp [M, P] float32 and arg_mp [M, P] int32 (see Reduce); `n` is N (a padded panel's tail is
-// not a column).
+// not a column); `mass` 0 skips the sums (argmax only).
 template <ffi::DataType WeightType>
-ffi::Error SmallMGemmMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WeightType> packed, int64_t n,
-                         ffi::ResultBuffer<ffi::F32> max_mp, ffi::ResultBuffer<ffi::F32> sum_mp,
+ffi::Error SmallMGemmMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WeightType> packed,
+                         int64_t mass, int64_t n, ffi::ResultBuffer<ffi::F32> max_mp, ffi::ResultBuffer<ffi::F32> sum_mp,
                          ffi::ResultBuffer<ffi::S32> arg_mp) {
   using W = ffi::NativeType<WeightType>;
   const auto x_dims = x.dimensions(), w_dims = packed.dimensions();
@@ -287,7 +289,7 @@ ffi::Error SmallMGemmMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const int64_t workers = std::min<int64_t>(pool.num_threads(), panels);
   // Each worker's running maxima, so that a panel's first index is found only where it can matter.
   auto running = std::make_shared<std::vector<float>>(std::max<int64_t>(workers, 1) * m_dim, -__builtin_huge_valf());
-  const Reduce base{max_mp->typed_data(), sum_mp->typed_data(), arg_mp->typed_data(), nullptr, panels};
+  const Reduce base{max_mp->typed_data(), sum_mp->typed_data(), arg_mp->typed_data(), nullptr, panels, mass != 0};
   auto job = std::make_shared<Job<W, Reduce>>(x.typed_data(), packed.typed_data(), base, m_dim, x_dims[1], n,
                                               panels, pool.num_threads());
   run_job(pool, job, [base, running, m_dim](int64_t i) {
@@ -319,6 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PolarisCpuGemmMax, SmallMGemmMax<ffi::F32>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("mass")  // attributes bind in name order
                                   .Attr<int64_t>("n")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -329,6 +332,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PolarisCpuGemmMaxBf16, SmallMGemmMax<ffi::BF16>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("mass")  // attributes bind in name order
                                   .Attr<int64_t>("n")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

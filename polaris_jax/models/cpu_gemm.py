@@ -168,11 +168,12 @@ def matmul(x, weight: PackedWeight) -> jax.Array:
     return y_mn.reshape(lead + weight.out_shape)
 
 
-def greedy_logprob(x, weight: PackedWeight) -> tuple[jax.Array, jax.Array]:
+def greedy_logprob(x, weight: PackedWeight, logprob: bool = True) -> tuple[jax.Array, jax.Array]:
     """(argmax_m int32, log_softmax at it float32) of the logits x [M, K] @ weight [K, N], the [M, N] logits
     never written: the kernel reduces each panel of a row (max, the first column at it, sum of exp(logit -
     max)) as it computes it, and the panels combine here. The argmax is `jnp.argmax` of `matmul`'s logits
-    (the same products and sums); the logprob equals log_softmax up to float rounding in the sum."""
+    (the same products and sums); the logprob equals log_softmax up to float rounding in the sum.
+    logprob=False skips the sums (a third of the kernel's time at hidden 32): the logprobs are then NaN."""
     rows, n = x.shape[0], int(np.prod(weight.out_shape))
     panels = weight.panels_pkt.shape[0]
     if x.ndim != 2 or len(weight.out_shape) != 1 or rows > MAX_KERNEL_ROWS:
@@ -183,14 +184,15 @@ def greedy_logprob(x, weight: PackedWeight) -> tuple[jax.Array, jax.Array]:
         jax.ShapeDtypeStruct((rows, panels), jnp.int32),
     )
     call = jax.ffi.ffi_call(MAX_TARGETS[weight.panels_pkt.dtype], outputs)
-    max_mp, sum_mp, arg_mp = call(x.astype(jnp.float32), weight.panels_pkt, n=np.int64(n))
+    max_mp, sum_mp, arg_mp = call(x.astype(jnp.float32), weight.panels_pkt, n=np.int64(n), mass=np.int64(logprob))
     max_m1 = jnp.max(max_mp, axis=1, keepdims=True)
     # The first panel at the row's maximum found its first column (its worker's running max was <= it).
     first_p = jnp.argmax(max_mp == max_m1, axis=1)
     token_m = jnp.take_along_axis(arg_mp, first_p[:, None], axis=1)[:, 0]
     mass_m = jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1)
     # A row of NaN logits has no maximum: the last id, as `vocab_blocks.first_argmax` gives (its logprob NaN).
-    return jnp.where(token_m >= 0, token_m, n - 1), -jnp.log(mass_m)
+    token_m = jnp.where(token_m >= 0, token_m, n - 1)
+    return token_m, -jnp.log(mass_m) if logprob else jnp.full(token_m.shape, jnp.nan, jnp.float32)
 
 
 def paged_decode(q_bhd, k_pages_kpsd, v_pages_kpsd, page_table_bp, visible_b) -> jax.Array:

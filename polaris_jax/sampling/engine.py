@@ -424,6 +424,8 @@ class Engine:
         adapter_b = self._adapters(rows)
         if adapter_b is not None:
             adapter_b[: len(reserved)] = [s.request.adapter for s, _ in reserved]
+        logprob_b = np.zeros(rows, bool)
+        logprob_b[: len(reserved)] = [s.request.logprobs for s, _ in reserved]
         keys = [s.key for s, _ in reserved] + [None] * (rows - len(reserved))
         return engine_steps.DecodeBatch(
             token_b=token_b,
@@ -436,6 +438,7 @@ class Engine:
             eos_ids_b=eos_ids_b,
             settings=RowSettings.stack([s.settings for s, _ in reserved], rows),
             adapter_b=adapter_b,
+            logprob_b=logprob_b,
         )
 
     def _adapters(self, rows: int):

@@ -35,6 +35,8 @@ class Request:
     prefix: tokens already generated (n must be 1): the request resumes a partial rollout, continuing
       its token count (and so its random keys) from len(prefix); `Completion.resume()` builds one.
     adapter: multi-LoRA: the engine's adapter slot to decode with (`EngineSettings.adapter_slots`).
+    logprobs: False lets a decode call whose rows are all greedy and want none skip them (on CPU, the fused
+      kernel's argmax alone: a serving client that asked for no logprobs); this request's may then be NaN.
     """
 
     prompt: Sequence[int]
@@ -51,6 +53,7 @@ class Request:
     id: object = None
     prefix: Sequence[int] = ()
     adapter: int = 0
+    logprobs: bool = True
 
     def settings(self) -> SamplingSettings:
         return SamplingSettings.create(self.temperature, self.top_p, self.top_k, self.min_p)
@@ -80,6 +83,8 @@ class Request:
             value = getattr(self, field)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
                 raise RequestError(f"{name}: {field}={value!r} must be an integer >= {low}")
+        if not isinstance(self.logprobs, (bool, np.bool_)):
+            raise RequestError(f"{name}: logprobs={self.logprobs!r} must be a bool")
         if self.seed >= 2**31 or self.sample_offset >= 2**31:
             raise RequestError(f"{name}: seed and sample_offset must be < 2**31")
         if self.prefix and self.n != 1:

@@ -169,6 +169,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
                     seed=seed,
                     sample_offset=i * body.n,
                     id=f"{rid}/{i}",
+                    logprobs=body.wants_logprobs,  # none asked: greedy calls may skip them
                 )
             )
         return requests
@@ -218,7 +219,7 @@ def create_app(served: Served, tinker: Tinker | None = None) -> fastapi.FastAPI:
         rid = api.new_id("cmpl")
         prompts = api.prompt_ids(body, served.tokenizer)
         requests = engine_requests(body, prompts, "prompt", 16 if body.max_tokens is None else body.max_tokens, rid)
-        logprobs = body.logprobs is not None
+        logprobs = body.wants_logprobs
 
         def done(choices, prompt_tokens):
             return api.completion(rid, body.model, choices, prompt_tokens, logprobs)

@@ -72,12 +72,20 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[list[int]] | list[str]
     logprobs: int | None = pydantic.Field(None, ge=0, le=20)
 
+    @property
+    def wants_logprobs(self) -> bool:  # logprobs=0 still asks for the chosen tokens' own
+        return self.logprobs is not None
+
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = pydantic.Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
     max_completion_tokens: int | None = pydantic.Field(None, ge=1)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
 
 
 def validation_error(exc) -> ApiError:

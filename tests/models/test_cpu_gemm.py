@@ -126,6 +126,9 @@ def test_greedy_logprob_is_argmax_and_log_softmax_of_the_logits(rows, k, n, dtyp
     np.testing.assert_array_equal(token, expected)
     log_softmax = jax.nn.log_softmax(logits, axis=-1)
     np.testing.assert_allclose(logprob, jnp.take_along_axis(log_softmax, expected[:, None], 1)[:, 0], atol=2e-6)
+    token, logprob = jax.jit(cpu_gemm.greedy_logprob, static_argnums=2)(x, weight, False)  # argmax alone
+    np.testing.assert_array_equal(token, expected)
+    assert np.all(np.isnan(logprob))
 
 
 def test_greedy_logprob_takes_the_first_of_tied_maxima_across_panels():
@@ -136,6 +139,9 @@ def test_greedy_logprob_takes_the_first_of_tied_maxima_across_panels():
     token, logprob = cpu_gemm.greedy_logprob(jnp.asarray(x), cpu_gemm.pack(jnp.asarray(w), 1))
     np.testing.assert_array_equal(token, [100] * 5)
     assert np.all(logprob < -np.log(3) + 1e-6)  # three columns share the top mass
+    np.testing.assert_array_equal(
+        cpu_gemm.greedy_logprob(jnp.asarray(x), cpu_gemm.pack(jnp.asarray(w), 1), False)[0], token
+    )
 
 
 def test_greedy_logprob_of_nan_logits_is_a_valid_id():

@@ -124,14 +124,15 @@ def test_agrees_with_generate(tied, sampling):
 
 def test_all_greedy_calls_take_the_fused_argmax_kernel_with_generates_tokens_and_logprobs(tied, monkeypatch):
     """On CPU the engine's lm_head is packed, and a decode call whose rows are all greedy reduces each row's
-    logits inside `cpu_gemm.greedy_logprob` (never writing them): generate's tokens and logprobs again."""
+    logits inside `cpu_gemm.greedy_logprob` (never writing them): generate's tokens and logprobs again. Rows
+    that want no logprobs (a serving client's default) take its argmax-only variant: the same tokens."""
     from polaris_jax.models import cpu_gemm
 
     if not cpu_gemm.available():
         pytest.skip("needs the CPU backend and a C++ compiler")
     traced = []
     fused = cpu_gemm.greedy_logprob
-    monkeypatch.setattr(cpu_gemm, "greedy_logprob", lambda *args: traced.append(args[0].shape) or fused(*args))
+    monkeypatch.setattr(cpu_gemm, "greedy_logprob", lambda *args: traced.append(args) or fused(*args))
     # Another (equivalent) config: the decode program is traced afresh, so the spy sees it.
     config = tied.config.replace(max_position_embeddings=tied.config.max_position_embeddings + 1)
     out = generate(config, tied.params, tied.prompts, max_new_tokens=16, temperature=0.0)
@@ -144,6 +145,12 @@ def test_all_greedy_calls_take_the_fused_argmax_kernel_with_generates_tokens_and
     assert [c.tokens for c in completions] == out.tokens
     for c, expected in zip(completions, out.logprobs):
         np.testing.assert_allclose(c.logprobs, expected, rtol=1e-5, atol=1e-5)
+    quiet = [Request(p, max_new_tokens=16, temperature=0.0, logprobs=False) for p in tied.prompts]
+    quiet_completions = [c for per in engine.run(quiet) for c in per]
+    engine.pool.check_full()
+    assert [c.tokens for c in quiet_completions] == out.tokens
+    # The decode calls' logprobs were skipped (the prefill's first token still has one).
+    assert all(np.isnan(c.logprobs[1:]).all() for c in quiet_completions)
 
 
 def test_eos_and_stop_sequences_match_generate(tied):
