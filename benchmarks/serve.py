@@ -5,7 +5,7 @@ on concurrent OpenAI completions, and a mixed load run with malformed requests.
     .venv/bin/python benchmarks/serve.py --quick          # a smoke run: fewer steps and requests
     .venv/bin/python benchmarks/serve.py --sections serving --skyrl_python= --tf_python=/tmp/venv_tfserve/bin/python
 
-Meant for: the project's 2-core x86-64 CPU VM (24 GiB), every server on CPU, one at a time, the clients in
+Meant for: the project's 2-core x86-64 CPU VM (24 GiB), every server on CPU, one loaded at a time, the clients in
 this process on the same cores (the same client code for both sides of a comparison). Each section prints
 one JSON object; a peer whose venv is missing (or that fails to start) is skipped with a note in its
 section's JSON.
@@ -49,9 +49,12 @@ Sections (`--sections`, comma-separated):
   with a generation_config without do_sample, which transformers serves on its faster greedy path)
   sent with at most C in flight for each C in
   `--concurrency`, against this server and `transformers serve`, after an untimed warm-up pass of the same
-  requests. Output tok/s (usage.completion_tokens over the wall time of the batch), p50/p99 latency per
-  request (non-streaming: to the full answer), the ratio at the largest C, and the same requests sent one
-  at a time to this server (the batching speedup).
+  requests. Both servers stay up; `--rounds` timed passes, interleaved (each C goes to one side, then at once
+  to the other), so the VM's drifting speed falls on both sides of a ratio alike; `idle_peers_cpu_s` shows
+  that the idle side stayed idle. Output tok/s (usage.completion_tokens over the wall time of the batch),
+  p50/p99 latency per request (non-streaming: to the full answer); per side and C the median round; the
+  ratio at the largest C per round and its median; and the same requests sent one at a time to this server
+  (the batching speedup).
 - load: `--load_requests` mixed requests, 16 in flight, against this server: good ones (completions with
   token-id prompts, chat completions, streamed completions) and malformed ones (token ids outside the
   vocabulary, max_tokens 0 or past the context, a body that is not JSON, a missing field). Reports good
@@ -124,6 +127,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_len", type=int, default=256, help="our server's context (the tiny model's)")
     parser.add_argument("--max_slots", type=int, default=64, help="our server's --max_slots")
     parser.add_argument("--no_sequential", action="store_true", help="skip the one-at-a-time pass")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per level and side, interleaved")
     # load
     parser.add_argument("--load_requests", type=int, default=200)
     parser.add_argument("--load_bad_share", type=float, default=0.25)
@@ -132,7 +136,7 @@ def parse_args(argv=None):
     if args.quick:
         args.rl_steps, args.rl_prompts, args.rl_group = 2, 2, 2
         args.requests, args.concurrency, args.max_new, args.median = 16, "4,16", 48, 12.0
-        args.load_requests = 40
+        args.load_requests, args.rounds = 40, 1
     return args
 
 
@@ -332,24 +336,25 @@ def send_all(base: str, model: str, requests: list[dict], concurrency: int) -> d
     return out
 
 
-def serve_side(server: Server, model: str, requests: list[dict], levels: list[int], sequential: bool) -> dict:
-    start = time.perf_counter()
-    warm = send_all(server.base, model, requests, max(levels))
-    out: dict = dict(startup_s=server.startup_s, warmup_s=round(time.perf_counter() - start, 2))
-    if warm["failed"]:
-        out["warmup_failed"] = warm["failed"]
-        out["warmup_first_error"] = warm.get("first_error")
-    out["levels"] = []
-    for c in levels:
-        out["levels"].append(send_all(server.base, model, requests, c))
-        log(f"  {server.name} c={c}: {json.dumps(out['levels'][-1])}")
-    if sequential:
-        out["sequential"] = send_all(server.base, model, requests, 1)
-        log(f"  {server.name} one at a time: {json.dumps(out['sequential'])}")
-        top = out["levels"][-1]["output_tok_per_s"]
-        out["batching_speedup"] = round(top / max(out["sequential"]["output_tok_per_s"], 1e-9), 2)
-    out["rss_mib"] = round(server.rss() / 2**20, 1)
-    return out
+def _median_round(results: list[dict]) -> dict:
+    """The round whose output tok/s is the median (the lower middle one for an even count)."""
+    return sorted(results, key=lambda r: r["output_tok_per_s"])[(len(results) - 1) // 2]
+
+
+def measure_interleaved(servers: dict[str, Server], model: str, requests: list[dict], levels: list[int], rounds: int):
+    """rounds x levels x sides, each level sent to every side back to back (so a drift of the VM's speed falls
+    on both sides of a ratio alike); each result carries the CPU seconds the idle sides spent meanwhile."""
+    by_side: dict[str, list[list[dict]]] = {name: [[] for _ in levels] for name in servers}
+    for r in range(rounds):
+        for i, c in enumerate(levels):
+            for name, server in servers.items():
+                idle = [s for n, s in servers.items() if n != name]
+                idle_before = sum(s.cpu_s() for s in idle)
+                result = send_all(server.base, model, requests, c)
+                result["idle_peers_cpu_s"] = round(sum(s.cpu_s() for s in idle) - idle_before, 2)
+                by_side[name][i].append(result)
+                log(f"  round {r} {name} c={c}: {json.dumps(result)}")
+    return by_side
 
 
 def section_serving(args, model: Path, work: Path) -> None:
@@ -360,6 +365,7 @@ def section_serving(args, model: Path, work: Path) -> None:
         workload=dict(
             requests=len(requests),
             concurrency=levels,
+            rounds=args.rounds,
             max_tokens=dict(
                 median=float(np.median(lengths)), mean=round(float(lengths.mean()), 1), max=int(lengths.max())
             ),
@@ -369,27 +375,48 @@ def section_serving(args, model: Path, work: Path) -> None:
             eos="none in generation_config (no stop before max_tokens)" if not args.model else "the model's",
         )
     )
-    sides = [("polaris", lambda: ours(model, work, args, args.max_slots, "serving"), not args.no_sequential)]
+    makers = {"polaris": lambda: ours(model, work, args, args.max_slots, "serving")}
     missing = peer_missing(args.tf_python)
     if missing:
         out["transformers"] = dict(note=missing)
     else:
-        sides.append(("transformers", lambda: tf_serve(model, work, args.tf_python), False))
-    for name, make, sequential in sides:
-        server = make()
-        try:
-            with running(server, args.startup_timeout):
-                out[name] = serve_side(server, str(model), requests, levels, sequential)
-        except Exception as e:  # noqa: BLE001 - a side that fails is reported, the others still run
-            out[name] = dict(error=f"{type(e).__name__}: {e}"[:2000], log_tail=server.tail())
-            log(f"{name} failed: {e}")
-    with contextlib.suppress(KeyError, IndexError, ZeroDivisionError):
-        ours_top, theirs_top = out["polaris"]["levels"][-1], out["transformers"]["levels"][-1]
-        out[f"polaris_over_transformers_at_{levels[-1]}"] = dict(
-            output_tok_per_s=round(ours_top["output_tok_per_s"] / theirs_top["output_tok_per_s"], 2),
-            p50_latency=round(theirs_top["p50_latency_s"] / ours_top["p50_latency_s"], 2),
-            p99_latency=round(theirs_top["p99_latency_s"] / ours_top["p99_latency_s"], 2),
+        makers["transformers"] = lambda: tf_serve(model, work, args.tf_python)
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Server] = {}
+        for name, make in makers.items():  # every side started and warmed (untimed) before any timed pass
+            server = make()
+            try:
+                stack.enter_context(running(server, args.startup_timeout))
+                start = time.perf_counter()
+                warm = send_all(server.base, str(model), requests, max(levels))
+                out[name] = dict(startup_s=server.startup_s, warmup_s=round(time.perf_counter() - start, 2))
+                if warm["failed"]:
+                    out[name] |= dict(warmup_failed=warm["failed"], warmup_first_error=warm.get("first_error"))
+                servers[name] = server
+            except Exception as e:  # noqa: BLE001 - a side that fails is reported, the others still run
+                out[name] = dict(error=f"{type(e).__name__}: {e}"[:2000], log_tail=server.tail())
+                log(f"{name} failed: {e}")
+        by_side = measure_interleaved(servers, str(model), requests, levels, args.rounds)
+        for name, server in servers.items():
+            out[name] |= dict(levels=[_median_round(results) for results in by_side[name]], rounds=by_side[name])
+            out[name]["rss_mib"] = round(server.rss() / 2**20, 1)
+        if "polaris" in servers and not args.no_sequential:
+            ours_out = out["polaris"]
+            ours_out["sequential"] = send_all(servers["polaris"].base, str(model), requests, 1)
+            log(f"  polaris one at a time: {json.dumps(ours_out['sequential'])}")
+            top = ours_out["levels"][-1]["output_tok_per_s"]
+            ours_out["batching_speedup"] = round(top / max(ours_out["sequential"]["output_tok_per_s"], 1e-9), 2)
+    if {"polaris", "transformers"} <= set(servers):
+        pairs = list(zip(by_side["polaris"][-1], by_side["transformers"][-1]))
+        ratio = lambda key, ours_over: [round(a[key] / b[key] if ours_over else b[key] / a[key], 2) for a, b in pairs]
+        per_round = dict(
+            output_tok_per_s=ratio("output_tok_per_s", True),
+            p50_latency=ratio("p50_latency_s", False),
+            p99_latency=ratio("p99_latency_s", False),
         )
+        out[f"polaris_over_transformers_at_{levels[-1]}"] = {
+            key: float(np.median(values)) for key, values in per_round.items()
+        } | dict(per_round=per_round)
     emit("serving", out)
 
 

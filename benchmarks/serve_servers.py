@@ -73,22 +73,39 @@ def build_model(directory: Path, sampling: bool = True) -> Path:
     return directory
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident bytes of pid and its descendants (0 if gone)."""
+def _family(pid: int) -> list[int]:
+    """pid and its descendants."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
+    family, todo = [], [pid]
     while todo:
-        p = todo.pop()
+        family.append(todo.pop())
+        todo += children.get(family[-1], [])
+    return family
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident bytes of pid and its descendants (0 if gone)."""
+    total = 0
+    for p in _family(pid):
         with contextlib.suppress(OSError, ValueError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        todo += children.get(p, [])
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of pid and its descendants so far (to see that an idle peer stays idle)."""
+    ticks = 0
+    for p in _family(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -131,6 +148,9 @@ class Server:
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid) if self.proc else 0
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.proc else 0.0
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
