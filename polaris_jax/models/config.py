@@ -60,6 +60,7 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     moe_matmul: str = "auto"  # grouped-matmul kernel of the experts (models.grouped_matmul)
     moe_capacity_factor: float = 0.0  # expert parallelism's send buffer; 0 = dropless (models.moe)
+    moe_dispatch_tokens: int = 0  # dropless: each device's tokens dispatched in runs of this many; 0 = all at once
     # Numerics
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -104,6 +105,11 @@ class ModelConfig:
             raise ConfigError(f"moe_matmul={self.moe_matmul!r} is not one of {MOE_MATMULS}")
         if self.moe_capacity_factor < 0:
             raise ConfigError(f"moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0 = dropless)")
+        if self.moe_dispatch_tokens < 0 or (self.moe_dispatch_tokens and self.moe_capacity_factor > 0):
+            raise ConfigError(
+                f"moe_dispatch_tokens={self.moe_dispatch_tokens} must be >= 0 and applies to the dropless dispatch "
+                f"only (moe_capacity_factor={self.moe_capacity_factor}; a capacity is per dispatch)"
+            )
         if min(self.attention_block_q, self.attention_block_kv) < 1:
             raise ConfigError(f"attention blocks ({self.attention_block_q}, {self.attention_block_kv}) must be >= 1")
         if self.num_heads % self.num_kv_heads:

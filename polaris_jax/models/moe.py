@@ -14,7 +14,10 @@ the whole mesh when tracing under `activation_sharding` (no global sort, no all-
 - dropless (the default): with EP > 1 its (token, slot) pairs, sorted by expert, go into a send buffer of
   n·k rows per destination (every pair may go to one device), one all_to_all over the expert axes delivers
   them, the local experts run as grouped matmuls (models.grouped_matmul), a second all_to_all returns the
-  results. Static shapes make the buffers EP times the routed pairs (benchmarks/moe.py);
+  results. Static shapes make the buffers EP times the routed pairs (benchmarks/moe.py).
+  `moe_dispatch_tokens` = N > 0 bounds them: the device's tokens go in runs of N (a scan whose step is
+  rematerialised, so the backward holds one run's buffers at a time, for one more forward of the experts);
+  the results are the same, as every token's experts are;
 - `moe_capacity_factor` = cf > 0 (GShard): each expert takes at most C = ceil(cf·n·k/E) pairs from each
   device, overflow dropped (`moe_dropped`); the [E, C] slots travel in one all_to_all each way and run
   as one batched matmul, so FLOPs and bytes are cf times those of the routed pairs.
@@ -218,9 +221,29 @@ def _gather_embed(embed_axes, experts_fn, x_btd, top_e_btk, top_w_btk, experts):
 def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, top_w_btk, experts):
     """One device's share: its tokens through their experts. Returns (output [b, t, D], dropped pairs)."""
     b, t, d = x_btd.shape
-    k = config.num_experts_per_tok
-    x_nd = x_btd.reshape(b * t, d)
-    expert_r = top_e_btk.reshape(-1)
+    n, k, run = b * t, config.num_experts_per_tok, config.moe_dispatch_tokens
+    x_nd, top_e_nk, top_w_nk = x_btd.reshape(n, d), top_e_btk.reshape(n, k), top_w_btk.reshape(n, k)
+    dispatch = functools.partial(_dispatch, config, ep_axes, ep, experts)
+    if 0 < run < n:  # runs of `run` tokens; the padding tokens' weights are 0
+        runs, pad = -(-n // run), -n % run
+        as_runs = lambda a: jnp.pad(a, ((0, pad), (0, 0))).reshape(runs, run, a.shape[-1])
+        step = jax.checkpoint(lambda carry, xs: (carry, dispatch(*xs)))
+        _, (out_ind, _) = jax.lax.scan(step, None, (as_runs(x_nd), as_runs(top_e_nk), as_runs(top_w_nk)))
+        out_nd, dropped = out_ind.reshape(runs * run, d)[:n], jnp.zeros((), jnp.float32)
+    else:
+        out_nd, dropped = dispatch(x_nd, top_e_nk, top_w_nk)
+    if tp_axes:
+        out_nd = jax.lax.psum(out_nd, tp_axes)
+    if all_axes:
+        dropped = jax.lax.psum(dropped, all_axes) / copies
+    return out_nd.astype(x_btd.dtype).reshape(b, t, d), dropped
+
+
+def _dispatch(config, ep_axes, ep, experts, x_nd, top_e_nk, top_w_nk):
+    """Tokens x_nd [n, D] through their experts (top_e_nk, weights top_w_nk): (float32 [n, D] partial sums
+    over this device's mlp shard, dropped pairs)."""
+    n, k = top_e_nk.shape
+    expert_r = top_e_nk.reshape(-1)
     order_r = jnp.argsort(expert_r, stable=True)  # pairs grouped by expert, hence by destination
     rows_rd = x_nd[order_r // k]
     if config.moe_capacity_factor > 0:
@@ -232,12 +255,7 @@ def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, t
     else:
         y_sorted_rd, dropped = _dropless_exchange(config, ep_axes, ep, experts, rows_rd, expert_r[order_r])
     y_rd = jnp.zeros_like(y_sorted_rd).at[order_r].set(y_sorted_rd, unique_indices=True)
-    out_nd = jnp.einsum("nkd,nk->nd", y_rd.reshape(b * t, k, d).astype(jnp.float32), top_w_btk.reshape(b * t, k))
-    if tp_axes:
-        out_nd = jax.lax.psum(out_nd, tp_axes)
-    if all_axes:
-        dropped = jax.lax.psum(dropped, all_axes) / copies
-    return out_nd.astype(x_btd.dtype).reshape(b, t, d), dropped
+    return jnp.einsum("nkd,nk->nd", y_rd.reshape(n, k, -1).astype(jnp.float32), top_w_nk), dropped
 
 
 def _slots(sorted_group_r, groups: int, cap: int):

@@ -20,7 +20,8 @@ devices at scaled-down shapes (within 10%).
                               recomputed forward and its cotangents
   MoE layer phase             an MoE layer's backward (models/moe.py): its attention as above, the experts it
                               holds (E / EP, gathered along embed) like a layer's weights, and per dispatched
-                              row (R = EP x n x k: every pair one device could send each EP peer, dropless)
+                              row (R = EP x n x k: every pair one device could send each EP peer, dropless;
+                              n is `moe_dispatch_tokens` where that is smaller, but not in the pairs' count)
                               `MOE_ROW_BUFFERS` x D, per tile-padded row (the tiled grouped matmul)
                               `MOE_TILE_BUFFERS` x F, per routed pair `MOE_PAIR_BUFFERS` x D float32 values
   activations                 saved residuals + the largest phase (+ gradient accumulators over micro
@@ -169,9 +170,11 @@ def _moe_layer(cfg, mesh, rules, tokens, weight_copies, attention_weights, atten
     tp, embed_shards = _shards(mesh, rules, "mlp"), _shards(mesh, rules, "embed")
     token_spec = logical_to_spec(("batch", "length"), mesh, rules)
     n = -(-tokens // ep) if moe.dispatches_a_share(ep_axes, ep, token_spec) else tokens
+    # Dispatched in runs, the rematerialised step holds one run's send/receive and tile buffers.
+    run = cfg.moe_dispatch_tokens if 0 < cfg.moe_dispatch_tokens < n else n
     e, k, d, f = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
     local = e // ep
-    rows = n * k * ep
+    rows = run * k * ep
     tile = tile_size(rows, local)
     padded = (-(-rows // tile) + local) * tile
     expert_weights = 3 * local * d * f * 4 / tp

@@ -4,7 +4,7 @@ LoRA on top, and the params placed in their shards. Shared by the SFT and GRPO l
 Config sections read here:
   model:  preset, init_from (HF dir, '' = random init), overrides (ModelConfig fields; vocab_size 0 =
           the tokenizer's, rounded up to 8), param_dtype, compute_dtype, remat_policy, sequence_parallelism,
-          attention_impl, moe_matmul, moe_capacity_factor
+          attention_impl, moe_matmul, moe_capacity_factor, moe_dispatch_tokens
   lora:   rank (0 = full fine-tuning), alpha, targets
 """
 
@@ -42,10 +42,12 @@ def add_model_sections(c: ml_collections.ConfigDict) -> None:
     # Training attention: auto (the platform's kernel where it fits) | dense | flash | splash (TPU) | cudnn (CUDA);
     # see models/attention_kernels.py.
     c.model.attention_impl = "auto"
-    # MoE: the experts' grouped-matmul kernel (auto | ragged_dot | tiled) and expert parallelism's capacity
-    # factor (0 = dropless); see models/moe.py.
+    # MoE: the experts' grouped-matmul kernel (auto | ragged_dot | tiled), expert parallelism's capacity
+    # factor (0 = dropless), and the dropless dispatch's run of tokens per device (0 = all at once; N bounds
+    # its EP x N x k-row buffers); see models/moe.py.
     c.model.moe_matmul = "auto"
     c.model.moe_capacity_factor = 0.0
+    c.model.moe_dispatch_tokens = 0
     # LoRA ("LoRA Without Regret"): use ~10x the full fine-tuning learning rate; see models/lora.py.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning
@@ -64,6 +66,7 @@ def model_knobs(config) -> dict:
         attention_impl=m.get("attention_impl", "auto"),
         moe_matmul=m.get("moe_matmul", "auto"),
         moe_capacity_factor=float(m.get("moe_capacity_factor", 0.0)),
+        moe_dispatch_tokens=int(m.get("moe_dispatch_tokens", 0)),
     )
 
 

@@ -89,3 +89,18 @@ def test_config_field_validation():
         ModelConfig.tiny(remat_policy="sometimes")
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         ModelConfig.tiny("qwen3_moe", num_experts_per_tok=9)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(moe_capacity_factor=-1.0), "moe_capacity_factor=-1.0"),
+        (dict(moe_dispatch_tokens=-8), "moe_dispatch_tokens=-8"),
+        (dict(moe_dispatch_tokens=512, moe_capacity_factor=1.25), "dropless dispatch only"),
+    ],
+)
+def test_bad_moe_knobs_are_named(overrides, match):
+    from polaris_jax.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.tiny("qwen3_moe", **overrides)

@@ -187,6 +187,8 @@ def worker(part: str) -> dict:
         # E/k = 4: every expert can take every token of its source device, so nothing is dropped.
         "capacity=4": _sft(config, mesh, config.replace(moe_capacity_factor=4.0)),
         "capacity=0.5": _sft(config, mesh, config.replace(moe_capacity_factor=0.5)),
+        # 32 tokens per device dispatched in runs of 24: two runs, the second half padding.
+        "dispatch_runs": _sft(config, mesh, config.replace(moe_dispatch_tokens=24)),
         "bad_split": _bad_split(),
     }
 
@@ -252,6 +254,12 @@ def test_a_capacity_factor_holding_every_pair_equals_dropless_and_a_small_one_dr
     # Half the even share per expert and source: at least half of the pairs cannot fit.
     assert small["routing"]["moe_dropped"] >= 0.5, small["routing"]
     assert small["logits_error"] > 1e-3, small
+
+
+@pytest.mark.slow
+def test_dropless_dispatch_in_runs_of_tokens_equals_one_device(results):
+    _check_sft(results["dispatch_runs"])
+    assert results["dispatch_runs"]["routing"]["moe_dropped"] == 0.0
 
 
 @pytest.mark.slow

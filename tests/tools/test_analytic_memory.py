@@ -8,8 +8,9 @@ The shapes are real architectures at two or three layers, none of them a shape t
 from: tensor parallelism, Qwen2 with biases in bf16, sequence parallelism with gradient accumulation,
 offloaded remat, Polaris-4B's packed GRPO update at its 53K-token stage, and two expert-parallel (dropless)
 MoE steps: Qwen3-235B-A22B's layers under LoRA in bf16 on fsdp=2 x expert=4 (the MoE counts were fitted on
-Qwen3-30B-A3B's), and Qwen3-30B-A3B with a sequence split. ~2 minutes of compiles: `make test-slow`, which
-CI runs."""
+Qwen3-30B-A3B's), Qwen3-30B-A3B with a sequence split, and Qwen3-30B-A3B's layers dispatching 8,192 tokens a
+device in runs of 512 (`moe_dispatch_tokens`; how runs enter the count was read from 235B-shaped steps on
+expert=8). ~3 minutes of compiles: `make test-slow`, which CI runs."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ SFT_CASES = {
     "offload_bf16": ("qwen3_1p7b", 3, 4096, 8, 1, 512, {"fsdp": 8}, "bfloat16", "offload", 0),
     "moe_ep_lora": ("qwen3_235b_a22b", 2, 2048, 8, 1, 512, {"fsdp": 2, "expert": 4}, "bfloat16", "full", 32),
     "moe_ep_sequence": ("qwen3_30b_a3b", 3, 4096, 8, 1, 512, EP_SEQUENCE_MESH, "float32", "full", 0),
+    "moe_dispatch_runs": ("qwen3_30b_a3b", 3, 8192, 8, 1, 512, {"fsdp": 2, "expert": 4}, "bfloat16", "full", 32),
 }
+MODEL_OVERRIDES = {"moe_dispatch_runs": dict(moe_dispatch_tokens=512)}  # 8,192 tokens a device in 16 runs
 FIGURES = ("activations_bytes", "analytic_activations_bytes", "train_peak_bytes", "analytic_train_peak_bytes")
 
 
@@ -54,7 +57,8 @@ def worker() -> dict:
     results = {}
     for name, (model, layers, length, rows, micro, chunk, mesh, dtype, remat, rank) in SFT_CASES.items():
         lora = dict(lora_rank=rank, lora_alpha=float(rank)) if rank else {}
-        config = preset(model, num_layers=layers, compute_dtype=dtype, remat_policy=remat, **lora)
+        overrides = {**lora, **MODEL_OVERRIDES.get(name, {})}
+        config = preset(model, num_layers=layers, compute_dtype=dtype, remat_policy=remat, **overrides)
         request = memory_plan.PlanRequest(config, rows, length, microbatches=micro, loss_chunk=chunk)
         size = 1
         for axis_size in mesh.values():
