@@ -22,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,12 +37,6 @@ constexpr int kVecs = kPanel / kVec;     // vectors per panel row
 constexpr int kRows = 8;
 constexpr int64_t kPrefetch = 2048;      // floats ahead in the panel stream
 constexpr int64_t kChunksPerThread = 4;  // panels are claimed in runs: long streams, yet balanced
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
 
 typedef float vfloat __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t vbf16 __attribute__((vector_size(32), aligned(2)));
@@ -240,14 +235,10 @@ struct Job {
   }
 };
 
-// Runs `job` on the calling thread and up to pool.num_threads() helpers; `sink_for(i)` is worker i's sink.
+// Runs `job` on the calling thread and XLA's pool (cpu_pool.h); `sink_for(i)` is worker i's sink.
 template <typename J, typename SinkFor>
 void run_job(ffi::ThreadPool& pool, std::shared_ptr<J> job, SinkFor sink_for) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->panels) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, s = sink_for(i + 1)] { job->run(s); });
-  job->run(sink_for(0));
-  // Every panel is claimed by now; wait for those a running helper still computes.
-  while (job->done.load(std::memory_order_acquire) < job->panels) cpu_relax();
+  polaris_cpu::run_on_pool(pool, job->panels, job->done, [job, sink_for](int64_t i) { job->run(sink_for(i)); });
 }
 
 ffi::Error check_shapes(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims, int64_t n_dim) {

@@ -38,6 +38,7 @@ MAX_KERNEL_ROWS = 512  # above, XLA's blocked GEMM on a transient unpacked copy 
 PAGED_TARGET = "polaris_cpu_paged_decode"
 PAGED_LIMITS = dict(group=64, group_dims=8192, page_size=1024)  # cpu_paged.cc's stack buffers
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemm.cc", "cpu_paged.cc")]
+_HEADERS = [Path(__file__).with_name("cpu_pool.h")]
 # Projection weights packed per layer kind, with how many leading axes each contracts.
 _ATTENTION = {"q": 1, "k": 1, "v": 1, "o": 2}
 _MLP = {"gate": 1, "up": 1, "down": 1}
@@ -93,7 +94,7 @@ def _build(compiler: str) -> Path:
     """Compiles the kernel once per (source, jaxlib, CPU); the .so appears atomically."""
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", f"-I{include}"]
-    sources = [source.read_text() for source in _SOURCES]
+    sources = [source.read_text() for source in _SOURCES + _HEADERS]
     parts = [*sources, importlib.metadata.version("jaxlib"), compiler, *flags[:-1], _cpu_flags()]
     key = hashlib.sha256("\0".join(parts).encode())
     out = _cache_dir() / f"cpu_gemm-{key.hexdigest()[:16]}.so"

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -148,14 +149,7 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   tasks->visible = visible.typed_data();
   tasks->out = out->typed_data();
   tasks->count = s.rows * s.kv_heads;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks->count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([tasks] { tasks->run(); });
-  tasks->run();
-  while (tasks->done.load(std::memory_order_acquire) < tasks->count) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
+  polaris_cpu::run_on_pool(pool, tasks->count, tasks->done, [tasks](int64_t) { tasks->run(); });
   return ffi::Error::Success();
 }
 
