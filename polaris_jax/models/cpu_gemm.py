@@ -190,10 +190,11 @@ def greedy_logprob(x, weight: PackedWeight, logprob: bool = True) -> tuple[jax.A
     # The first panel at the row's maximum found its first column (its worker's running max was <= it).
     first_p = jnp.argmax(max_mp == max_m1, axis=1)
     token_m = jnp.take_along_axis(arg_mp, first_p[:, None], axis=1)[:, 0]
-    mass_m = jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1)
     # A row of NaN logits has no maximum: the last id, as `vocab_blocks.first_argmax` gives (its logprob NaN).
     token_m = jnp.where(token_m >= 0, token_m, n - 1)
-    return token_m, -jnp.log(mass_m) if logprob else jnp.full(token_m.shape, jnp.nan, jnp.float32)
+    if not logprob:
+        return token_m, jnp.full(token_m.shape, jnp.nan, jnp.float32)
+    return token_m, -jnp.log(jnp.sum(sum_mp * jnp.exp(max_mp - max_m1), axis=1))
 
 
 def paged_decode(q_bhd, k_pages_kpsd, v_pages_kpsd, page_table_bp, visible_b) -> jax.Array:

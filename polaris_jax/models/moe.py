@@ -228,8 +228,8 @@ def _experts(config, ep_axes, ep, tp_axes, all_axes, copies, x_btd, top_e_btk, t
         runs, pad = -(-n // run), -n % run
         as_runs = lambda a: jnp.pad(a, ((0, pad), (0, 0))).reshape(runs, run, a.shape[-1])
         step = jax.checkpoint(lambda carry, xs: (carry, dispatch(*xs)))
-        _, (out_ind, _) = jax.lax.scan(step, None, (as_runs(x_nd), as_runs(top_e_nk), as_runs(top_w_nk)))
-        out_nd, dropped = out_ind.reshape(runs * run, d)[:n], jnp.zeros((), jnp.float32)
+        _, (out_ind, dropped_i) = jax.lax.scan(step, None, (as_runs(x_nd), as_runs(top_e_nk), as_runs(top_w_nk)))
+        out_nd, dropped = out_ind.reshape(runs * run, d)[:n], jnp.sum(dropped_i)
     else:
         out_nd, dropped = dispatch(x_nd, top_e_nk, top_w_nk)
     if tp_axes:
